@@ -1,0 +1,93 @@
+//! Row changes and the batches the runner hands to sinks.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Checkpoint, Value};
+
+/// Column name → value. Under `replica: default` an update holds only the key
+/// columns and the columns that changed.
+pub type Row = BTreeMap<String, Value>;
+
+/// What a change does to its row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// Create or fully replace the row (applied as an upsert).
+    Insert,
+    /// Merge the given columns into the row.
+    Update,
+    /// Remove the row (absent is fine).
+    Delete,
+}
+
+impl Operation {
+    /// `insert`, `update` or `delete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// Where a replicated change sits in the Postgres log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogPosition {
+    /// Commit LSN of the transaction.
+    pub lsn: u64,
+    /// Position of the operation inside the transaction.
+    pub op_position: u64,
+}
+
+/// One row change, typed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// Insert, update or delete.
+    pub op: Operation,
+    /// The row's identity: Electric's opaque key string.
+    pub key: String,
+    /// Column values (see [`Row`] for what an update carries).
+    pub value: Row,
+    /// Under `replica: full`, the previous values of the changed columns.
+    pub old_value: Option<Row>,
+    /// Log position, for replicated (not snapshot) changes.
+    pub position: Option<LogPosition>,
+    /// This is the last change of its transaction for this shape (`last: true`).
+    pub last_in_tx: bool,
+}
+
+impl Change {
+    /// A snapshot-style insert of a full row.
+    pub fn insert(key: impl Into<String>, value: Row) -> Self {
+        Change { op: Operation::Insert, key: key.into(), value, old_value: None, position: None, last_in_tx: false }
+    }
+
+    /// An update carrying only the given columns.
+    pub fn update(key: impl Into<String>, value: Row) -> Self {
+        Change { op: Operation::Update, ..Change::insert(key, value) }
+    }
+
+    /// A delete; `value` holds at least the key columns.
+    pub fn delete(key: impl Into<String>, value: Row) -> Self {
+        Change { op: Operation::Delete, ..Change::insert(key, value) }
+    }
+}
+
+/// A unit of work for a sink: changes that end on a transaction-consistent point,
+/// and the checkpoint that must be stored in the same atomic commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Changes in log order. May be empty (a checkpoint-only commit).
+    pub changes: Vec<Change>,
+    /// The stream position after these changes.
+    pub checkpoint: Checkpoint,
+    /// After applying the changes, delete every row not written since the current
+    /// resync began (generation below `checkpoint.generation`), atomically with the
+    /// checkpoint. Set on the first commit point after a resync's snapshot completes.
+    pub sweep: bool,
+    /// The batch ends at `up-to-date`: the sink now matches the shape's head.
+    pub up_to_date: bool,
+}

@@ -1,0 +1,514 @@
+//! Pipeline files: YAML read with figment, `${VAR}` interpolation, strict keys,
+//! and errors that name the file, the key path and what was expected.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::error::{Actual, Kind};
+use figment::providers::{Format, Serialized, Yaml};
+use figment::value::Value as Node;
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// A problem with a configuration file. Its message never contains a configured value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, when the problem is tied to one.
+    pub file: Option<PathBuf>,
+    /// Dotted key path, e.g. `pipelines.projects.sink.url`; empty for the whole file.
+    pub key: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl ConfigError {
+    /// A problem at `key` (no file yet: [`ConfigError::in_file`] adds it).
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { file: None, key: key.into(), message: message.into() }
+    }
+
+    /// Attaches the file the key belongs to.
+    pub fn in_file(mut self, file: &Path) -> Self {
+        self.file.get_or_insert_with(|| file.to_path_buf());
+        self
+    }
+}
+
+/// Joins a parent key path and a child key.
+pub fn join_key(parent: &str, child: &str) -> String {
+    match (parent.is_empty(), child.is_empty()) {
+        (true, _) => child.to_owned(),
+        (_, true) => parent.to_owned(),
+        _ => format!("{parent}.{child}"),
+    }
+}
+
+/// Every setting of the process: the union of all pipeline files given.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Pipelines by id, each remembering the file it came from.
+    pub pipelines: BTreeMap<String, PipelineSpec>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
+    pub metrics: Option<MetricsSpec>,
+    /// Stop every pipeline when one fails (default: the others keep running).
+    pub fail_fast: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    #[serde(default)]
+    pipelines: BTreeMap<String, PipelineFileSpec>,
+    #[serde(default)]
+    metrics: Option<MetricsSpec>,
+    #[serde(default)]
+    fail_fast: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineFileSpec {
+    source: Node,
+    #[serde(default)]
+    transforms: Vec<Node>,
+    sink: Node,
+    #[serde(default)]
+    buffer: Option<usize>,
+    #[serde(default)]
+    retry: RetrySpec,
+}
+
+/// The `metrics:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// Address of the HTTP listener, e.g. `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+}
+
+/// Sink retry backoff: full jitter, doubling from `initial_ms` up to `max_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySpec {
+    /// First backoff ceiling in milliseconds.
+    pub initial_ms: u64,
+    /// Largest backoff ceiling in milliseconds.
+    pub max_ms: u64,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        RetrySpec { initial_ms: defaults::RETRY_INITIAL_MS, max_ms: defaults::RETRY_MAX_MS }
+    }
+}
+
+impl RetrySpec {
+    /// The backoff ceiling before retry number `attempt` (0-based).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let ms = self.initial_ms.saturating_mul(1u64 << attempt.min(32)).min(self.max_ms);
+        Duration::from_millis(ms)
+    }
+}
+
+/// Every default value of the pipeline settings, in one place.
+pub mod defaults {
+    /// Source responses buffered ahead of the sink.
+    pub const BUFFER: usize = 4;
+    /// First sink-retry backoff ceiling.
+    pub const RETRY_INITIAL_MS: u64 = 100;
+    /// Largest sink-retry backoff ceiling.
+    pub const RETRY_MAX_MS: u64 = 30_000;
+}
+
+/// One pipeline as written, with its components still untyped: the registry types
+/// them by their `type:` key.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// `pipelines.<id>`.
+    pub key: String,
+    /// The `source:` mapping.
+    pub source: Node,
+    /// The `transforms:` list.
+    pub transforms: Vec<Node>,
+    /// The `sink:` mapping.
+    pub sink: Node,
+    /// Source responses buffered ahead of the sink.
+    pub buffer: usize,
+    /// Sink retry backoff.
+    pub retry: RetrySpec,
+}
+
+impl Config {
+    /// Reads and merges pipeline files, interpolating `${VAR}` from the process environment.
+    pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
+        Self::load_with_env(files, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], with an explicit variable lookup.
+    pub fn load_with_env(files: &[PathBuf], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        for file in files {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError::new("", format!("cannot read the file: {e}")).in_file(file))?;
+            config.merge(file, &text, env)?;
+        }
+        Ok(config)
+    }
+
+    /// Parses one file's text and adds its pipelines.
+    pub fn merge(&mut self, file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let spec: FileSpec = parse_file(text, env).map_err(|e| e.in_file(file))?;
+        for (id, p) in spec.pipelines {
+            let key = format!("pipelines.{id}");
+            if !valid_id(&id) {
+                return Err(ConfigError::new(
+                    key,
+                    "a pipeline id may only hold letters, digits, '_' and '-' (it names keys and metrics)",
+                )
+                .in_file(file));
+            }
+            if let Some(other) = self.pipelines.get(&id) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("pipeline id is already defined in {}", other.file.display()),
+                )
+                .in_file(file));
+            }
+            let buffer = p.buffer.unwrap_or(defaults::BUFFER);
+            if buffer == 0 {
+                return Err(ConfigError::new(format!("{key}.buffer"), "must be at least 1").in_file(file));
+            }
+            if p.retry.initial_ms == 0 || p.retry.max_ms < p.retry.initial_ms {
+                return Err(ConfigError::new(
+                    format!("{key}.retry"),
+                    "expected 0 < initial_ms <= max_ms",
+                )
+                .in_file(file));
+            }
+            self.pipelines.insert(
+                id,
+                PipelineSpec {
+                    file: file.to_path_buf(),
+                    key,
+                    source: p.source,
+                    transforms: p.transforms,
+                    sink: p.sink,
+                    buffer,
+                    retry: p.retry,
+                },
+            );
+        }
+        if let Some(m) = spec.metrics {
+            if self.metrics.as_ref().is_some_and(|old| old != &m) {
+                return Err(ConfigError::new("metrics", "already set differently by an earlier file").in_file(file));
+            }
+            self.metrics = Some(m);
+        }
+        self.fail_fast |= spec.fail_fast;
+        Ok(())
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn parse_file<T: DeserializeOwned>(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<T, ConfigError> {
+    let raw: Node = Figment::from(Yaml::string(text))
+        .extract_inner::<Node>("default")
+        .or_else(|_| Figment::from(Yaml::string(text)).extract::<Node>())
+        .map_err(|e| describe_figment_error(&e, ""))?;
+    let raw = match raw {
+        // An empty file parses as nothing; treat it as an empty mapping.
+        Node::Empty(..) => Node::from(figment::value::Dict::new()),
+        other => other,
+    };
+    let node = interpolate_node(raw, "", env)?;
+    extract_node(&node, "")
+}
+
+/// Deserializes a configuration node into `T`, reporting errors under `key`.
+///
+/// Strings are read leniently (`"6379"` fills a number), so interpolated values work.
+pub fn extract_node<T: DeserializeOwned>(node: &Node, key: &str) -> Result<T, ConfigError> {
+    if !matches!(node, Node::Dict(..)) {
+        return Err(ConfigError::new(key, format!("expected a mapping, found {}", node_kind(node))));
+    }
+    Figment::from(Serialized::defaults(node))
+        .extract_lossy::<T>()
+        .map_err(|e| describe_figment_error(&e, key))
+}
+
+fn node_kind(node: &Node) -> &'static str {
+    match node {
+        Node::String(..) | Node::Char(..) => "a string",
+        Node::Bool(..) => "a boolean",
+        Node::Num(..) => "a number",
+        Node::Empty(..) => "nothing",
+        Node::Dict(..) => "a mapping",
+        Node::Array(..) => "a list",
+    }
+}
+
+/// Turns a figment error into ours, without echoing any configured value.
+fn describe_figment_error(e: &figment::Error, key: &str) -> ConfigError {
+    let path: Vec<&str> = e.path.iter().map(String::as_str).filter(|p| *p != "default").collect();
+    let mut full = key.to_owned();
+    for p in &path {
+        full = join_key(&full, p);
+    }
+    let message = match &e.kind {
+        Kind::Message(m) => m.clone(),
+        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {}", actual_kind(actual)),
+        Kind::InvalidValue(actual, expected) => format!("expected {expected}, found {}", actual_kind(actual)),
+        Kind::InvalidLength(len, expected) => format!("expected {expected}, found {len} items"),
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value `{found}`; expected one of: {}", expected.join(", "))
+        }
+        Kind::UnknownField(found, expected) => {
+            if path.last() != Some(&found.as_str()) {
+                full = join_key(&full, found);
+            }
+            format!("unknown key; expected one of: {}", expected.join(", "))
+        }
+        Kind::MissingField(field) => {
+            full = join_key(&full, field);
+            "missing required key".to_owned()
+        }
+        Kind::DuplicateField(field) => {
+            full = join_key(&full, field);
+            "key given twice".to_owned()
+        }
+        other => other.to_string(),
+    };
+    ConfigError::new(full, message)
+}
+
+fn actual_kind(actual: &Actual) -> &'static str {
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a number",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit | Actual::Option => "nothing",
+        Actual::Seq => "a list",
+        Actual::Map => "a mapping",
+        _ => "another kind of value",
+    }
+}
+
+fn interpolate_node(node: Node, key: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Node, ConfigError> {
+    Ok(match node {
+        Node::String(tag, s) => Node::String(tag, interpolate(&s, env).map_err(|m| ConfigError::new(key, m))?),
+        Node::Dict(tag, dict) => {
+            let mut out = figment::value::Dict::new();
+            for (k, v) in dict {
+                let child = interpolate_node(v, &join_key(key, &k), env)?;
+                out.insert(k, child);
+            }
+            Node::Dict(tag, out)
+        }
+        Node::Array(tag, items) => Node::Array(
+            tag,
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| interpolate_node(v, &join_key(key, &i.to_string()), env))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => other,
+    })
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`.
+///
+/// A variable that is unset (and has no default) is an error naming the variable.
+pub fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body.find('}').ok_or_else(|| "unterminated `${` (close it with `}`, or write `$$` for a literal `$`)".to_owned())?;
+            let expr = &body[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("`${{{name}}}` is not a valid variable name"));
+            }
+            match (env(name).filter(|v| default.is_none() || !v.is_empty()), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!("environment variable {name} is not set (give a default with ${{{name}:-value}})"))
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "HOST" => Some("db.internal".into()),
+            "EMPTY" => Some(String::new()),
+            "PORT" => Some("6380".into()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        c.merge(Path::new("p.yaml"), text, &env).map(|_| c)
+    }
+
+    #[test]
+    fn interpolation_forms() {
+        assert_eq!(interpolate("redis://${HOST}:6379", &env).unwrap(), "redis://db.internal:6379");
+        assert_eq!(interpolate("${MISSING:-fallback}", &env).unwrap(), "fallback");
+        assert_eq!(interpolate("${EMPTY:-fallback}", &env).unwrap(), "fallback");
+        assert_eq!(interpolate("${EMPTY}", &env).unwrap(), "");
+        assert_eq!(interpolate("${MISSING:-}", &env).unwrap(), "");
+        assert_eq!(interpolate("cost $$5 and $x", &env).unwrap(), "cost $5 and $x");
+        assert_eq!(interpolate("${HOST}${PORT}", &env).unwrap(), "db.internal6380");
+        let err = interpolate("x ${MISSING} y", &env).unwrap_err();
+        assert!(err.contains("MISSING") && err.contains("not set"), "{err}");
+        assert!(interpolate("${HOST", &env).is_err());
+        assert!(interpolate("${A-B}", &env).is_err());
+    }
+
+    const GOOD: &str = "
+pipelines:
+  projects:
+    source:
+      type: electric
+      url: http://localhost:3000/v1/shape
+      table: projects
+    sink:
+      type: memory
+metrics:
+  listen: 127.0.0.1:9464
+";
+
+    #[test]
+    fn reads_a_good_file() {
+        let c = load(GOOD).unwrap();
+        let p = &c.pipelines["projects"];
+        assert_eq!(p.key, "pipelines.projects");
+        assert_eq!(p.buffer, defaults::BUFFER);
+        assert!(p.transforms.is_empty());
+        assert_eq!(c.metrics.unwrap().listen.port(), 9464);
+    }
+
+    #[test]
+    fn missing_variable_names_its_key_path() {
+        let text = GOOD.replace("table: projects", "table: ${TABLE_NAME}");
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.key, "pipelines.projects.source.table");
+        assert!(e.message.contains("TABLE_NAME"), "{e}");
+        assert!(e.to_string().starts_with("p.yaml: pipelines.projects.source.table: "), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_at_every_level() {
+        let e = load(&GOOD.replace("metrics:", "metricz:")).unwrap_err();
+        assert_eq!(e.key, "metricz", "{e}");
+        let e = load(&GOOD.replace("    sink:", "    snk: {}\n    sink:")).unwrap_err();
+        assert_eq!(e.key, "pipelines.projects.snk", "{e}");
+        let e = load(&GOOD.replace("  listen:", "  port: 1\n  listen:")).unwrap_err();
+        assert_eq!(e.key, "metrics.port", "{e}");
+        assert!(e.message.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_hide_the_value() {
+        let e = load(&GOOD.replace("127.0.0.1:9464", "not-an-address-s3cret")).unwrap_err();
+        assert_eq!(e.key, "metrics.listen", "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = load(&GOOD.replace("    sink:", "    buffer: lots\n    sink:")).unwrap_err();
+        assert_eq!(e.key, "pipelines.projects.buffer", "{e}");
+    }
+
+    #[test]
+    fn missing_sections_are_named() {
+        let e = load("pipelines:\n  p:\n    source: {type: electric}\n").unwrap_err();
+        assert_eq!(e.key, "pipelines.p.sink", "{e}");
+        assert!(e.message.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_a_clear_error() {
+        let e = load("pipelines:\n  p: [unclosed\n").unwrap_err();
+        assert_eq!(e.file.as_deref(), Some(Path::new("p.yaml")));
+        assert!(!e.message.is_empty());
+    }
+
+    #[test]
+    fn interpolated_numbers_fill_numeric_keys() {
+        let c = load(&GOOD.replace("    sink:", "    buffer: ${PORT}\n    sink:")).unwrap();
+        assert_eq!(c.pipelines["projects"].buffer, 6380);
+    }
+
+    #[test]
+    fn duplicate_and_bad_ids() {
+        let mut c = Config::default();
+        c.merge(Path::new("a.yaml"), GOOD, &env).unwrap();
+        let e = c.merge(Path::new("b.yaml"), GOOD, &env).unwrap_err();
+        assert!(e.to_string().contains("already defined in a.yaml"), "{e}");
+        let e = load(&GOOD.replace("  projects:", "  \"bad id\":")).unwrap_err();
+        assert_eq!(e.key, "pipelines.bad id");
+    }
+
+    #[test]
+    fn extract_node_reports_nested_paths() {
+        #[derive(Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Inner {
+            port: u16,
+        }
+        #[derive(Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Outer {
+            inner: Inner,
+        }
+        let c = load(&GOOD.replace("type: memory", "type: memory\n      inner: {port: 99999}")).unwrap();
+        let e = extract_node::<Outer>(&c.pipelines["projects"].sink, "pipelines.projects.sink").unwrap_err();
+        assert!(e.key.starts_with("pipelines.projects.sink"), "{e}");
+    }
+}

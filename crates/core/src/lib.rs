@@ -1,0 +1,24 @@
+//! shapesync's core: the data model, the `Source` / `Transform` / `Sink` traits,
+//! the registry that maps config `type:` names to components, configuration
+//! loading, and the pipeline runner. It knows no concrete source or sink.
+
+pub mod change;
+pub mod checkpoint;
+pub mod config;
+pub mod offset;
+pub mod sink;
+pub mod source;
+pub mod transform;
+pub mod value;
+
+pub use change::{Batch, Change, LogPosition, Operation, Row};
+pub use checkpoint::{definition_hash, Checkpoint};
+pub use config::{Config, ConfigError};
+pub use offset::{OpPart, Offset, ParseOffsetError};
+pub use sink::{ShapeInfo, Sink, SinkContext, SinkError};
+pub use source::{ResumePoint, Source, SourceError, SourceEvent, SourceResponse};
+pub use transform::{Transform, TransformError};
+pub use value::{parse_value, ColumnType, Schema, TypeError, Value};
+
+/// Re-exported so plugins use the same `async_trait` as the traits they implement.
+pub use async_trait::async_trait;
