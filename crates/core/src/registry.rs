@@ -1,0 +1,236 @@
+//! The explicit list of component types a binary knows, keyed by the `type:` name
+//! used in pipeline files. Built-ins and plugins register the same way.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use figment::value::Value as Node;
+use serde::de::DeserializeOwned;
+
+use crate::config::{extract_node, join_key, Config, ConfigError, PipelineSpec, RetrySpec};
+use crate::{ShapeInfo, Sink, SinkContext, SinkError, Source, SourceError, Transform};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A source's settings. Deserialized with `deny_unknown_fields` from the `source:`
+/// mapping minus its `type` key.
+#[async_trait]
+pub trait SourceConfig: DeserializeOwned + Send + 'static {
+    /// Checks what deserializing cannot, without I/O. Error keys are relative to `source`.
+    fn check(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+    /// The shape this source streams.
+    fn shape(&self) -> ShapeInfo;
+    /// Creates the source. May do I/O, but must not fail on an unreachable server:
+    /// sources retry transient faults themselves.
+    async fn build(self) -> Result<Box<dyn Source>, SourceError>;
+}
+
+/// A sink's settings, from the `sink:` mapping minus its `type` key.
+#[async_trait]
+pub trait SinkConfig: DeserializeOwned + Send + 'static {
+    /// Checks what deserializing cannot, without I/O. Error keys are relative to `sink`.
+    fn check(&self, _ctx: &SinkContext) -> Result<(), ConfigError> {
+        Ok(())
+    }
+    /// Connects to the store.
+    async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError>;
+}
+
+/// A transform's settings, from one entry of `transforms:` minus its `type` key.
+pub trait TransformConfig: DeserializeOwned + Send + 'static {
+    /// The transform reads whole rows, so it needs `replica: full` upstream.
+    fn needs_full_rows(&self) -> bool {
+        false
+    }
+    /// Creates the transform. Error keys are relative to the list entry.
+    fn build(self) -> Result<Box<dyn Transform>, ConfigError>;
+}
+
+type SourceCtor = Box<dyn Fn(&Node, &str) -> Result<PreparedSource, ConfigError> + Send + Sync>;
+type SinkCtor = Box<dyn Fn(&Node, &str, SinkContext) -> Result<PreparedSink, ConfigError> + Send + Sync>;
+type TransformCtor = Box<dyn Fn(&Node, &str) -> Result<(bool, Box<dyn Transform>), ConfigError> + Send + Sync>;
+
+/// Component types by `type:` name.
+#[derive(Default)]
+pub struct Registry {
+    sources: BTreeMap<String, SourceCtor>,
+    sinks: BTreeMap<String, SinkCtor>,
+    transforms: BTreeMap<String, TransformCtor>,
+}
+
+/// A source whose settings are valid, not yet started.
+pub struct PreparedSource {
+    /// The shape it streams.
+    pub shape: ShapeInfo,
+    build: Box<dyn FnOnce() -> BoxFuture<Result<Box<dyn Source>, SourceError>> + Send>,
+}
+
+impl PreparedSource {
+    /// Creates the source.
+    pub async fn build(self) -> Result<Box<dyn Source>, SourceError> {
+        (self.build)().await
+    }
+}
+
+/// A sink whose settings are valid, not yet connected.
+pub struct PreparedSink {
+    /// The `type:` name.
+    pub type_name: String,
+    build: Box<dyn FnOnce() -> BoxFuture<Result<Arc<dyn Sink>, SinkError>> + Send>,
+}
+
+impl PreparedSink {
+    /// Connects the sink.
+    pub async fn build(self) -> Result<Arc<dyn Sink>, SinkError> {
+        (self.build)().await
+    }
+}
+
+/// A pipeline whose every part checked out; [`crate::runner`] runs it once built.
+pub struct PreparedPipeline {
+    /// The pipeline id.
+    pub id: String,
+    /// Its source.
+    pub source: PreparedSource,
+    /// Its transforms, in order.
+    pub transforms: Vec<Box<dyn Transform>>,
+    /// Its sink.
+    pub sink: PreparedSink,
+    /// Source responses buffered ahead of the sink.
+    pub buffer: usize,
+    /// Sink retry backoff.
+    pub retry: RetrySpec,
+}
+
+fn split_type(node: &Node, key: &str) -> Result<(String, Node), ConfigError> {
+    let Node::Dict(tag, dict) = node else {
+        return Err(ConfigError::new(key, "expected a mapping with a `type` key"));
+    };
+    let mut dict = dict.clone();
+    let type_name = match dict.remove("type") {
+        Some(Node::String(_, s)) => s,
+        Some(_) => return Err(ConfigError::new(join_key(key, "type"), "expected a string")),
+        None => return Err(ConfigError::new(join_key(key, "type"), "missing required key")),
+    };
+    Ok((type_name, Node::Dict(*tag, dict)))
+}
+
+fn unknown_type(key: &str, kind: &str, name: &str, known: Vec<&String>) -> ConfigError {
+    let known: Vec<&str> = known.into_iter().map(String::as_str).collect();
+    ConfigError::new(
+        join_key(key, "type"),
+        format!("unknown {kind} type `{name}`; this binary knows: {}", known.join(", ")),
+    )
+}
+
+fn relative(e: ConfigError, key: &str) -> ConfigError {
+    ConfigError { key: join_key(key, &e.key), ..e }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a source type.
+    pub fn source<C: SourceConfig>(&mut self, name: &str) -> &mut Self {
+        let ctor: SourceCtor = Box::new(|node, key| {
+            let config: C = extract_node(node, key)?;
+            config.check().map_err(|e| relative(e, key))?;
+            let shape = config.shape();
+            Ok(PreparedSource { shape, build: Box::new(move || Box::pin(config.build())) })
+        });
+        self.sources.insert(name.to_owned(), ctor);
+        self
+    }
+
+    /// Registers a sink type.
+    pub fn sink<C: SinkConfig>(&mut self, name: &str) -> &mut Self {
+        let type_name = name.to_owned();
+        let ctor: SinkCtor = Box::new(move |node, key, ctx| {
+            let config: C = extract_node(node, key)?;
+            config.check(&ctx).map_err(|e| relative(e, key))?;
+            Ok(PreparedSink { type_name: type_name.clone(), build: Box::new(move || Box::pin(config.build(ctx))) })
+        });
+        self.sinks.insert(name.to_owned(), ctor);
+        self
+    }
+
+    /// Registers a transform type.
+    pub fn transform<C: TransformConfig>(&mut self, name: &str) -> &mut Self {
+        let ctor: TransformCtor = Box::new(|node, key| {
+            let config: C = extract_node(node, key)?;
+            let full = config.needs_full_rows();
+            Ok((full, config.build().map_err(|e| relative(e, key))?))
+        });
+        self.transforms.insert(name.to_owned(), ctor);
+        self
+    }
+
+    /// Types and checks every pipeline of `config`, without I/O. Returns every
+    /// problem found, each naming its file and key path.
+    pub fn prepare(&self, config: &Config) -> Result<Vec<PreparedPipeline>, Vec<ConfigError>> {
+        let mut ready = Vec::new();
+        let mut errors = Vec::new();
+        for (id, spec) in &config.pipelines {
+            match self.prepare_one(id, spec) {
+                Ok(p) => ready.push(p),
+                Err(e) => errors.push(e.in_file(&spec.file)),
+            }
+        }
+        if errors.is_empty() { Ok(ready) } else { Err(errors) }
+    }
+
+    /// Prepares only the sink of a pipeline (for `checkpoints` and `reset`).
+    pub fn prepare_sink(&self, id: &str, spec: &PipelineSpec) -> Result<PreparedSink, ConfigError> {
+        let source = self.prepare_source(spec)?;
+        self.prepare_sink_with(id, spec, source.shape).map_err(|e| e.in_file(&spec.file))
+    }
+
+    fn prepare_source(&self, spec: &PipelineSpec) -> Result<PreparedSource, ConfigError> {
+        let key = join_key(&spec.key, "source");
+        let (name, node) = split_type(&spec.source, &key)?;
+        let ctor = self
+            .sources
+            .get(&name)
+            .ok_or_else(|| unknown_type(&key, "source", &name, self.sources.keys().collect()))?;
+        ctor(&node, &key)
+    }
+
+    fn prepare_sink_with(&self, id: &str, spec: &PipelineSpec, shape: ShapeInfo) -> Result<PreparedSink, ConfigError> {
+        let key = join_key(&spec.key, "sink");
+        let (name, node) = split_type(&spec.sink, &key)?;
+        let ctor =
+            self.sinks.get(&name).ok_or_else(|| unknown_type(&key, "sink", &name, self.sinks.keys().collect()))?;
+        ctor(&node, &key, SinkContext { pipeline: id.to_owned(), shape })
+    }
+
+    fn prepare_one(&self, id: &str, spec: &PipelineSpec) -> Result<PreparedPipeline, ConfigError> {
+        let source = self.prepare_source(spec)?;
+        let mut transforms = Vec::new();
+        for (i, node) in spec.transforms.iter().enumerate() {
+            let key = join_key(&spec.key, &format!("transforms.{i}"));
+            let (name, node) = split_type(node, &key)?;
+            let ctor = self
+                .transforms
+                .get(&name)
+                .ok_or_else(|| unknown_type(&key, "transform", &name, self.transforms.keys().collect()))?;
+            let (needs_full, transform) = ctor(&node, &key)?;
+            if needs_full && !source.shape.full_rows {
+                return Err(ConfigError::new(
+                    key,
+                    format!("transform `{name}` reads whole rows, but updates carry only changed columns; set `replica: full` on the source"),
+                ));
+            }
+            transforms.push(transform);
+        }
+        let sink = self.prepare_sink_with(id, spec, source.shape.clone())?;
+        Ok(PreparedPipeline { id: id.to_owned(), source, transforms, sink, buffer: spec.buffer, retry: spec.retry })
+    }
+}

@@ -1,0 +1,1 @@
+//! shapesync-electric (placeholder)

@@ -1,0 +1,1 @@
+//! shapesync-sink-memory (placeholder)

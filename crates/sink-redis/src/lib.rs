@@ -1,0 +1,1 @@
+//! shapesync-sink-redis (placeholder)

@@ -1,0 +1,1 @@
+//! shapesync-testkit (placeholder)
