@@ -62,7 +62,14 @@ pub struct Change {
 impl Change {
     /// A snapshot-style insert of a full row.
     pub fn insert(key: impl Into<String>, value: Row) -> Self {
-        Change { op: Operation::Insert, key: key.into(), value, old_value: None, position: None, last_in_tx: false }
+        Change {
+            op: Operation::Insert,
+            key: key.into(),
+            value,
+            old_value: None,
+            position: None,
+            last_in_tx: false,
+        }
     }
 
     /// An update carrying only the given columns.

@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use figment::Figment;
 use figment::error::{Actual, Kind};
 use figment::providers::{Format, Serialized, Yaml};
 use figment::value::Value as Node;
-use figment::Figment;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 /// A problem with a configuration file. Its message never contains a configured value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,7 +163,10 @@ impl Config {
     }
 
     /// As [`Config::load`], with an explicit variable lookup.
-    pub fn load_with_env(files: &[PathBuf], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn load_with_env(
+        files: &[PathBuf],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         for file in files {
             let text = std::fs::read_to_string(file)
@@ -174,7 +177,12 @@ impl Config {
     }
 
     /// Parses one file's text and adds its pipelines.
-    pub fn merge(&mut self, file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    pub fn merge(
+        &mut self,
+        file: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
         let spec: FileSpec = parse_file(text, env).map_err(|e| e.in_file(file))?;
         for (id, p) in spec.pipelines {
             let key = format!("pipelines.{id}");
@@ -197,11 +205,8 @@ impl Config {
                 return Err(ConfigError::new(format!("{key}.buffer"), "must be at least 1").in_file(file));
             }
             if p.retry.initial_ms == 0 || p.retry.max_ms < p.retry.initial_ms {
-                return Err(ConfigError::new(
-                    format!("{key}.retry"),
-                    "expected 0 < initial_ms <= max_ms",
-                )
-                .in_file(file));
+                return Err(ConfigError::new(format!("{key}.retry"), "expected 0 < initial_ms <= max_ms")
+                    .in_file(file));
             }
             self.pipelines.insert(
                 id,
@@ -218,7 +223,9 @@ impl Config {
         }
         if let Some(m) = spec.metrics {
             if self.metrics.as_ref().is_some_and(|old| old != &m) {
-                return Err(ConfigError::new("metrics", "already set differently by an earlier file").in_file(file));
+                return Err(
+                    ConfigError::new("metrics", "already set differently by an earlier file").in_file(file)
+                );
             }
             self.metrics = Some(m);
         }
@@ -231,7 +238,10 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn parse_file<T: DeserializeOwned>(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<T, ConfigError> {
+fn parse_file<T: DeserializeOwned>(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<T, ConfigError> {
     let raw: Node = Figment::from(Yaml::string(text))
         .extract_inner::<Node>("default")
         .or_else(|_| Figment::from(Yaml::string(text)).extract::<Node>())
@@ -316,9 +326,15 @@ fn actual_kind(actual: &Actual) -> &'static str {
     }
 }
 
-fn interpolate_node(node: Node, key: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Node, ConfigError> {
+fn interpolate_node(
+    node: Node,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Node, ConfigError> {
     Ok(match node {
-        Node::String(tag, s) => Node::String(tag, interpolate(&s, env).map_err(|m| ConfigError::new(key, m))?),
+        Node::String(tag, s) => {
+            Node::String(tag, interpolate(&s, env).map_err(|m| ConfigError::new(key, m))?)
+        }
         Node::Dict(tag, dict) => {
             let mut out = figment::value::Dict::new();
             for (k, v) in dict {
@@ -352,7 +368,9 @@ pub fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Stri
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body.find('}').ok_or_else(|| "unterminated `${` (close it with `}`, or write `$$` for a literal `$`)".to_owned())?;
+            let end = body.find('}').ok_or_else(|| {
+                "unterminated `${` (close it with `}`, or write `$$` for a literal `$`)".to_owned()
+            })?;
             let expr = &body[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
@@ -365,7 +383,9 @@ pub fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Stri
                 (Some(v), _) => out.push_str(&v),
                 (None, Some(d)) => out.push_str(d),
                 (None, None) => {
-                    return Err(format!("environment variable {name} is not set (give a default with ${{{name}:-value}})"))
+                    return Err(format!(
+                        "environment variable {name} is not set (give a default with ${{{name}:-value}})"
+                    ));
                 }
             }
             rest = &body[end + 1..];

@@ -13,14 +13,14 @@ pub mod transform;
 pub mod value;
 
 pub use change::{Batch, Change, LogPosition, Operation, Row};
-pub use checkpoint::{definition_hash, Checkpoint};
+pub use checkpoint::{Checkpoint, definition_hash};
 pub use config::{Config, ConfigError};
+pub use offset::{Offset, OpPart, ParseOffsetError};
 pub use registry::{PreparedPipeline, Registry, SinkConfig, SourceConfig, TransformConfig};
-pub use offset::{OpPart, Offset, ParseOffsetError};
 pub use sink::{ShapeInfo, Sink, SinkContext, SinkError};
 pub use source::{ResumePoint, Source, SourceError, SourceEvent, SourceResponse};
 pub use transform::{Transform, TransformError};
-pub use value::{parse_value, ColumnType, Schema, TypeError, Value};
+pub use value::{ColumnType, Schema, TypeError, Value, parse_value};
 
 /// Re-exported so plugins use the same `async_trait` as the traits they implement.
 pub use async_trait::async_trait;

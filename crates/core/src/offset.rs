@@ -149,7 +149,21 @@ mod tests {
 
     #[test]
     fn rejects_malformed_offsets() {
-        for s in ["", "now", "10", "-2", "_1", "1_", "1_-1", "a_1", "1_infinity", "1_2_3", "+1_2", "1 _2", "99999999999999999999_0"] {
+        for s in [
+            "",
+            "now",
+            "10",
+            "-2",
+            "_1",
+            "1_",
+            "1_-1",
+            "a_1",
+            "1_infinity",
+            "1_2_3",
+            "+1_2",
+            "1 _2",
+            "99999999999999999999_0",
+        ] {
             assert!(s.parse::<Offset>().is_err(), "{s:?} should be rejected");
         }
     }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use figment::value::Value as Node;
 use serde::de::DeserializeOwned;
 
-use crate::config::{extract_node, join_key, Config, ConfigError, PipelineSpec, RetrySpec};
+use crate::config::{Config, ConfigError, PipelineSpec, RetrySpec, extract_node, join_key};
 use crate::{ShapeInfo, Sink, SinkContext, SinkError, Source, SourceError, Transform};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -53,7 +53,8 @@ pub trait TransformConfig: DeserializeOwned + Send + 'static {
 
 type SourceCtor = Box<dyn Fn(&Node, &str) -> Result<PreparedSource, ConfigError> + Send + Sync>;
 type SinkCtor = Box<dyn Fn(&Node, &str, SinkContext) -> Result<PreparedSink, ConfigError> + Send + Sync>;
-type TransformCtor = Box<dyn Fn(&Node, &str) -> Result<(bool, Box<dyn Transform>), ConfigError> + Send + Sync>;
+type TransformCtor =
+    Box<dyn Fn(&Node, &str) -> Result<(bool, Box<dyn Transform>), ConfigError> + Send + Sync>;
 
 /// Component types by `type:` name.
 #[derive(Default)]
@@ -156,7 +157,10 @@ impl Registry {
         let ctor: SinkCtor = Box::new(move |node, key, ctx| {
             let config: C = extract_node(node, key)?;
             config.check(&ctx).map_err(|e| relative(e, key))?;
-            Ok(PreparedSink { type_name: type_name.clone(), build: Box::new(move || Box::pin(config.build(ctx))) })
+            Ok(PreparedSink {
+                type_name: type_name.clone(),
+                build: Box::new(move || Box::pin(config.build(ctx))),
+            })
         });
         self.sinks.insert(name.to_owned(), ctor);
         self
@@ -203,11 +207,18 @@ impl Registry {
         ctor(&node, &key)
     }
 
-    fn prepare_sink_with(&self, id: &str, spec: &PipelineSpec, shape: ShapeInfo) -> Result<PreparedSink, ConfigError> {
+    fn prepare_sink_with(
+        &self,
+        id: &str,
+        spec: &PipelineSpec,
+        shape: ShapeInfo,
+    ) -> Result<PreparedSink, ConfigError> {
         let key = join_key(&spec.key, "sink");
         let (name, node) = split_type(&spec.sink, &key)?;
-        let ctor =
-            self.sinks.get(&name).ok_or_else(|| unknown_type(&key, "sink", &name, self.sinks.keys().collect()))?;
+        let ctor = self
+            .sinks
+            .get(&name)
+            .ok_or_else(|| unknown_type(&key, "sink", &name, self.sinks.keys().collect()))?;
         ctor(&node, &key, SinkContext { pipeline: id.to_owned(), shape })
     }
 
@@ -225,12 +236,21 @@ impl Registry {
             if needs_full && !source.shape.full_rows {
                 return Err(ConfigError::new(
                     key,
-                    format!("transform `{name}` reads whole rows, but updates carry only changed columns; set `replica: full` on the source"),
+                    format!(
+                        "transform `{name}` reads whole rows, but updates carry only changed columns; set `replica: full` on the source"
+                    ),
                 ));
             }
             transforms.push(transform);
         }
         let sink = self.prepare_sink_with(id, spec, source.shape.clone())?;
-        Ok(PreparedPipeline { id: id.to_owned(), source, transforms, sink, buffer: spec.buffer, retry: spec.retry })
+        Ok(PreparedPipeline {
+            id: id.to_owned(),
+            source,
+            transforms,
+            sink,
+            buffer: spec.buffer,
+            retry: spec.retry,
+        })
     }
 }

@@ -49,7 +49,9 @@ pub enum SourceEvent {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
     /// The server refused the request (4xx other than 409).
-    #[error("the shape server rejected the request (HTTP {status}): {detail}; fix the pipeline's source settings")]
+    #[error(
+        "the shape server rejected the request (HTTP {status}): {detail}; fix the pipeline's source settings"
+    )]
     Rejected {
         /// HTTP status.
         status: u16,
@@ -57,7 +59,9 @@ pub enum SourceError {
         detail: String,
     },
     /// The server's response does not follow the protocol.
-    #[error("the shape server broke the protocol: {detail}; check that `url` points at an Electric /v1/shape endpoint")]
+    #[error(
+        "the shape server broke the protocol: {detail}; check that `url` points at an Electric /v1/shape endpoint"
+    )]
     Protocol {
         /// What was wrong.
         detail: String,

@@ -127,7 +127,13 @@ fn is_false(b: &bool) -> bool {
 impl ColumnType {
     /// A scalar column of `type_name`.
     pub fn scalar(type_name: &str) -> Self {
-        ColumnType { type_name: type_name.into(), dims: 0, pk_index: None, not_null: false, extra: BTreeMap::new() }
+        ColumnType {
+            type_name: type_name.into(),
+            dims: 0,
+            pk_index: None,
+            not_null: false,
+            extra: BTreeMap::new(),
+        }
     }
 }
 
@@ -182,7 +188,11 @@ pub enum TypeError {
 /// Types a Postgres text value according to its column type.
 pub fn parse_value(column: &str, ty: &ColumnType, text: Option<&str>) -> Result<Value, TypeError> {
     let Some(text) = text else {
-        return if ty.not_null { Err(TypeError::NullInNotNull { column: column.into() }) } else { Ok(Value::Null) };
+        return if ty.not_null {
+            Err(TypeError::NullInNotNull { column: column.into() })
+        } else {
+            Ok(Value::Null)
+        };
     };
     let invalid = |reason| TypeError::Invalid {
         column: column.into(),
