@@ -103,7 +103,10 @@ impl PreparedPipeline {
     pub async fn build(self) -> Result<Pipeline, PipelineError> {
         let source = self.source.build().await?;
         let sink = self.sink.build().await?;
-        Ok(Pipeline::new(self.id, source, sink).with_transforms(self.transforms).with_buffer(self.buffer).with_retry(self.retry))
+        Ok(Pipeline::new(self.id, source, sink)
+            .with_transforms(self.transforms)
+            .with_buffer(self.buffer)
+            .with_retry(self.retry))
     }
 }
 
@@ -177,7 +180,8 @@ impl Pipeline {
         let this = Committer { id, transforms, sink, retry, status };
         let Some(stored) = this.load_checkpoint(&shutdown).await? else { return Ok(()) };
         let shape_hash = source.definition_hash();
-        let mut pos = Position { shape_hash: shape_hash.clone(), generation: 1, resyncing: true, committed: None };
+        let mut pos =
+            Position { shape_hash: shape_hash.clone(), generation: 1, resyncing: true, committed: None };
         match stored {
             Some(cp) if cp.shape_hash == shape_hash => {
                 info!(pipeline = %this.id, handle = %cp.handle, offset = %cp.offset, "resuming from stored checkpoint");
@@ -267,7 +271,6 @@ impl Pipeline {
             }
         }
     }
-
 }
 
 /// The commit side of a running pipeline.
@@ -299,7 +302,10 @@ impl Committer {
 
     /// Reads the stored checkpoint, retrying while the sink is unavailable.
     /// `Ok(None)` means shutdown was requested first.
-    async fn load_checkpoint(&self, shutdown: &CancellationToken) -> Result<Option<Option<Checkpoint>>, PipelineError> {
+    async fn load_checkpoint(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Option<Checkpoint>>, PipelineError> {
         let mut attempt = 0;
         loop {
             match self.sink.checkpoint().await {
@@ -334,8 +340,10 @@ impl Committer {
                 Ok(()) => {
                     histogram!("shapesync_sink_commit_duration_seconds", &labels).record(started.elapsed());
                     histogram!("shapesync_sink_batch_changes", &labels).record(batch.changes.len() as f64);
-                    counter!("shapesync_changes_committed_total", &labels).increment(batch.changes.len() as u64);
-                    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    counter!("shapesync_changes_committed_total", &labels)
+                        .increment(batch.changes.len() as u64);
+                    let now_ms =
+                        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
                     gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(now_ms as f64 / 1000.0);
                     self.status.last_commit_unix_ms.store(now_ms, Ordering::Relaxed);
                     self.status.changes_committed.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
@@ -344,7 +352,8 @@ impl Committer {
                     return Ok(true);
                 }
                 Err(e) if e.is_transient() => {
-                    counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink").increment(1);
+                    counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
+                        .increment(1);
                     warn!(pipeline = %self.id, error = %e, attempt, "sink commit failed; retrying the same batch");
                     if !self.backoff(attempt, shutdown).await {
                         return Ok(false);
@@ -352,7 +361,8 @@ impl Committer {
                     attempt += 1;
                 }
                 Err(e) => {
-                    counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink").increment(1);
+                    counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
+                        .increment(1);
                     return Err(e.into());
                 }
             }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use serde::Deserialize;
 use shapesync_core::registry::Registry;
 use shapesync_core::{
-    async_trait, Batch, Change, Checkpoint, Operation, Row, Sink, SinkConfig, SinkContext, SinkError,
+    Batch, Change, Checkpoint, Operation, Row, Sink, SinkConfig, SinkContext, SinkError, async_trait,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -59,7 +59,10 @@ impl Default for MemoryStore {
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryStore").field("rows", &self.len()).field("up_to_date", &self.is_up_to_date()).finish()
+        f.debug_struct("MemoryStore")
+            .field("rows", &self.len())
+            .field("up_to_date", &self.is_up_to_date())
+            .finish()
     }
 }
 
@@ -269,9 +272,13 @@ mod tests {
         let store = sink.store();
         let mut commits = store.subscribe();
         let update = Change::update("k1", [("title".to_owned(), Value::Text("new".into()))].into());
-        sink.apply(&batch(vec![Change::insert("k1", row(1, "a")), Change::insert("k2", row(2, "b"))], 1, false))
-            .await
-            .unwrap();
+        sink.apply(&batch(
+            vec![Change::insert("k1", row(1, "a")), Change::insert("k2", row(2, "b"))],
+            1,
+            false,
+        ))
+        .await
+        .unwrap();
         sink.apply(&batch(vec![update, Change::delete("k2", row(2, "b"))], 1, false)).await.unwrap();
         assert_eq!(store.get("k1"), Some(row(1, "new")), "update merges, keeping id");
         assert_eq!(store.get("k2"), None);
@@ -283,9 +290,13 @@ mod tests {
     #[tokio::test]
     async fn sweep_removes_only_older_generations() {
         let sink = MemorySink::default();
-        sink.apply(&batch(vec![Change::insert("a", row(1, "a")), Change::insert("b", row(2, "b"))], 1, false))
-            .await
-            .unwrap();
+        sink.apply(&batch(
+            vec![Change::insert("a", row(1, "a")), Change::insert("b", row(2, "b"))],
+            1,
+            false,
+        ))
+        .await
+        .unwrap();
         sink.apply(&batch(vec![Change::insert("a", row(1, "a2"))], 2, false)).await.unwrap();
         assert_eq!(sink.store().len(), 2, "no row disappears before the sweep");
         let mut commits = sink.store().subscribe();

@@ -1,0 +1,465 @@
+//! The pipeline runner against the real memory sink, fed by a scripted source.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shapesync_core::{
+    Batch, Change, Checkpoint, LogPosition, Offset, Pipeline, PipelineError, ResumePoint, Row, RunMode,
+    Schema, Sink, SinkError, Source, SourceError, SourceEvent, SourceResponse, Value, async_trait,
+};
+use shapesync_sink_memory::{MemorySink, MemoryStore};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+type Script = mpsc::UnboundedSender<Result<SourceEvent, SourceError>>;
+
+/// A source that yields whatever the test sends, and records where it was told to resume.
+struct ScriptedSource {
+    events: mpsc::UnboundedReceiver<Result<SourceEvent, SourceError>>,
+    resumed: Arc<Mutex<Vec<Option<ResumePoint>>>>,
+    pulled: Arc<AtomicUsize>,
+    hash: String,
+}
+
+#[async_trait]
+impl Source for ScriptedSource {
+    fn definition_hash(&self) -> String {
+        self.hash.clone()
+    }
+    fn resume(&mut self, from: Option<ResumePoint>) {
+        self.resumed.lock().unwrap().push(from);
+    }
+    async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        match self.events.recv().await {
+            Some(e) => {
+                self.pulled.fetch_add(1, Ordering::SeqCst);
+                e
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+struct Harness {
+    script: Script,
+    resumed: Arc<Mutex<Vec<Option<ResumePoint>>>>,
+    pulled: Arc<AtomicUsize>,
+    source: Option<ScriptedSource>,
+}
+
+fn harness(hash: &str) -> Harness {
+    let (script, events) = mpsc::unbounded_channel();
+    let resumed = Arc::default();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let source = ScriptedSource {
+        events,
+        resumed: Arc::clone(&resumed),
+        pulled: Arc::clone(&pulled),
+        hash: hash.into(),
+    };
+    Harness { script, resumed, pulled, source: Some(source) }
+}
+
+fn row(id: i64, title: &str) -> Row {
+    [("id".to_owned(), Value::Int(id)), ("title".to_owned(), Value::Text(title.into()))].into()
+}
+
+fn key(id: i64) -> String {
+    format!("\"public\".\"items\"/\"{id}\"")
+}
+
+fn ins(id: i64, title: &str) -> Change {
+    Change::insert(key(id), row(id, title))
+}
+
+fn live(mut c: Change, lsn: u64, op: u64, last: bool) -> Change {
+    c.position = Some(LogPosition { lsn, op_position: op });
+    c.last_in_tx = last;
+    c
+}
+
+fn response(
+    handle: &str,
+    offset: &str,
+    changes: Vec<Change>,
+    up_to_date: bool,
+) -> Result<SourceEvent, SourceError> {
+    Ok(SourceEvent::Response(SourceResponse {
+        changes,
+        handle: handle.into(),
+        offset: offset.parse().unwrap(),
+        schema: Arc::new(Schema::default()),
+        up_to_date,
+    }))
+}
+
+fn pipeline(h: &mut Harness, sink: Arc<dyn Sink>) -> Pipeline {
+    Pipeline::new("test", Box::new(h.source.take().unwrap()), sink)
+        .with_retry(shapesync_core::config::RetrySpec { initial_ms: 1, max_ms: 5 })
+}
+
+async fn next_commit(
+    commits: &mut tokio::sync::broadcast::Receiver<Arc<shapesync_sink_memory::Commit>>,
+) -> Arc<shapesync_sink_memory::Commit> {
+    tokio::time::timeout(DEADLINE, commits.recv()).await.expect("commit within deadline").unwrap()
+}
+
+async fn wait_until(mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(DEADLINE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("condition within deadline");
+}
+
+#[tokio::test]
+async fn commits_only_at_transaction_boundaries() {
+    let mut h = harness("h");
+    let store = MemoryStore::new();
+    let mut commits = store.subscribe();
+    let p = pipeline(&mut h, Arc::new(MemorySink::new(store.clone())));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+
+    h.script.send(response("H", "0_0", vec![ins(1, "a"), ins(2, "b")], false)).unwrap();
+    let c = next_commit(&mut commits).await;
+    assert_eq!(c.checkpoint.offset.to_string(), "0_0", "snapshot chunks commit one by one");
+    h.script.send(response("H", "0_inf", vec![], true)).unwrap();
+    assert!(next_commit(&mut commits).await.up_to_date);
+
+    // A transaction split over two responses: the first ends mid-transaction.
+    h.script
+        .send(response(
+            "H",
+            "10_2",
+            vec![live(ins(3, "c"), 10, 0, false), live(ins(4, "d"), 10, 2, false)],
+            false,
+        ))
+        .unwrap();
+    h.script.send(response("H", "10_4", vec![live(ins(5, "e"), 10, 4, true)], true)).unwrap();
+    let c = next_commit(&mut commits).await;
+    assert_eq!(c.checkpoint.offset.to_string(), "10_4", "the partial response was not committed on its own");
+    assert_eq!(c.changes.len(), 3, "the whole transaction commits at once");
+    assert_eq!(store.len(), 5);
+
+    // A response ending on `last: true` commits even without up-to-date.
+    h.script
+        .send(response("H", "11_0", vec![live(Change::delete(key(1), row(1, "a")), 11, 0, true)], false))
+        .unwrap();
+    let c = next_commit(&mut commits).await;
+    assert_eq!(c.checkpoint.offset.to_string(), "11_0");
+    assert!(!c.up_to_date);
+    assert_eq!(store.get(&key(1)), None);
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_unfinished_transaction_is_never_committed_and_is_reread_after_restart() {
+    let mut h = harness("h");
+    let store = MemoryStore::new();
+    let mut commits = store.subscribe();
+    let p = pipeline(&mut h, Arc::new(MemorySink::new(store.clone())));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    h.script.send(response("H", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    next_commit(&mut commits).await;
+    h.script.send(response("H", "20_2", vec![live(ins(2, "b"), 20, 0, false)], false)).unwrap();
+    wait_until(|| h.pulled.load(Ordering::SeqCst) == 2).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(store.get(&key(2)), None, "half a transaction never reaches the sink");
+    assert_eq!(store.checkpoint().unwrap().offset.to_string(), "0_inf");
+
+    // Restart: resumes from the stored checkpoint.
+    let mut h2 = harness("h");
+    let p = pipeline(&mut h2, Arc::new(MemorySink::new(store.clone())));
+    let task = tokio::spawn(p.run(RunMode::UntilUpToDate, CancellationToken::new()));
+    h2.script.send(response("H", "20_2", vec![live(ins(2, "b"), 20, 0, true)], true)).unwrap();
+    task.await.unwrap().unwrap();
+    let resumed = h2.resumed.lock().unwrap()[0].clone().unwrap();
+    assert_eq!((resumed.handle.as_str(), resumed.offset.to_string().as_str()), ("H", "0_inf"));
+    assert_eq!(store.get(&key(2)), Some(row(2, "b")));
+}
+
+#[tokio::test]
+async fn replaying_committed_batches_leaves_the_store_identical() {
+    let store = MemoryStore::new();
+    let events = || {
+        vec![
+            response("H", "0_0", vec![ins(1, "a"), ins(2, "b"), ins(3, "c")], false),
+            response("H", "0_inf", vec![], true),
+            response(
+                "H",
+                "30_4",
+                vec![
+                    live(
+                        Change::update(key(1), [("title".to_owned(), Value::Text("a2".into()))].into()),
+                        30,
+                        0,
+                        false,
+                    ),
+                    live(Change::delete(key(2), row(2, "")), 30, 2, false),
+                    live(ins(4, "d"), 30, 4, true),
+                ],
+                true,
+            ),
+        ]
+    };
+    let mut h = harness("h");
+    for e in events() {
+        h.script.send(e).unwrap();
+    }
+    let sink = Arc::new(MemorySink::new(store.clone()));
+    let mut p = pipeline(&mut h, sink.clone());
+    p = p.with_buffer(1);
+    // Run until the live transaction is in.
+    let mut commits = store.subscribe();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    loop {
+        if next_commit(&mut commits).await.checkpoint.offset.to_string() == "30_4" {
+            break;
+        }
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let first = store.rows();
+    let first_cp = store.checkpoint();
+
+    // At-least-once: a restart may see everything again. Nothing changes.
+    let mut h2 = harness("h");
+    for e in events() {
+        h2.script.send(e).unwrap();
+    }
+    let p = pipeline(&mut h2, sink);
+    let mut commits = store.subscribe();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    loop {
+        if next_commit(&mut commits).await.checkpoint.offset.to_string() == "30_4" {
+            break;
+        }
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(store.rows(), first);
+    assert_eq!(store.get(&key(1)).unwrap()["title"], Value::Text("a2".into()));
+    assert_eq!(store.checkpoint().map(|c| c.offset), first_cp.map(|c| c.offset));
+}
+
+#[tokio::test]
+async fn must_refetch_marks_and_sweeps_without_ever_emptying_the_store() {
+    let mut h = harness("h");
+    let store = MemoryStore::new();
+    let mut commits = store.subscribe();
+    let p = pipeline(&mut h, Arc::new(MemorySink::new(store.clone())));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    h.script.send(response("H1", "0_0", vec![ins(1, "a"), ins(2, "b"), ins(3, "c")], false)).unwrap();
+    h.script.send(response("H1", "0_inf", vec![], true)).unwrap();
+    while !next_commit(&mut commits).await.up_to_date {}
+
+    // A reader polls all the while: rows 1 and 3 exist before and after, so must never vanish.
+    let done = CancellationToken::new();
+    let reader = {
+        let (store, done) = (store.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !done.is_cancelled() {
+                store.read(|rows| {
+                    assert!(
+                        rows.contains_key(&key(1)) && rows.contains_key(&key(3)),
+                        "reader saw a missing row: {rows:?}"
+                    );
+                });
+                reads += 1;
+                tokio::task::yield_now().await;
+            }
+            reads
+        })
+    };
+
+    h.script.send(Ok(SourceEvent::MustRefetch)).unwrap();
+    h.script.send(response("H2", "0_0", vec![ins(1, "a")], false)).unwrap();
+    let c = next_commit(&mut commits).await;
+    assert!(c.checkpoint.resyncing && c.checkpoint.generation == 2 && c.checkpoint.handle == "H2");
+    assert!(store.get(&key(2)).is_some(), "old rows stay until the new snapshot completes");
+    h.script.send(response("H2", "0_1", vec![ins(3, "c2")], false)).unwrap();
+    next_commit(&mut commits).await;
+    h.script.send(response("H2", "0_inf", vec![], true)).unwrap();
+    let c = next_commit(&mut commits).await;
+    assert_eq!(c.swept, vec![key(2)], "exactly the vanished row is swept, with the checkpoint");
+    assert!(!c.checkpoint.resyncing);
+    done.cancel();
+    assert!(reader.await.unwrap() > 0);
+    assert_eq!(store.rows().into_keys().collect::<Vec<_>>(), vec![key(1), key(3)]);
+    assert_eq!(store.get(&key(3)).unwrap()["title"], Value::Text("c2".into()));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_changed_shape_definition_resyncs_from_scratch() {
+    let store = MemoryStore::new();
+    let sink = Arc::new(MemorySink::new(store.clone()));
+    let mut h = harness("old-hash");
+    h.script.send(response("H", "0_inf", vec![ins(1, "a"), ins(2, "b")], true)).unwrap();
+    pipeline(&mut h, sink.clone()).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
+
+    let mut h = harness("new-hash");
+    h.script.send(response("N", "0_inf", vec![ins(2, "b")], true)).unwrap();
+    pipeline(&mut h, sink).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
+    assert_eq!(h.resumed.lock().unwrap()[0], None, "never resumes another definition's offset");
+    assert_eq!(store.rows().into_keys().collect::<Vec<_>>(), vec![key(2)]);
+    let cp = store.checkpoint().unwrap();
+    assert_eq!((cp.shape_hash.as_str(), cp.generation, cp.resyncing), ("new-hash", 2, false));
+}
+
+/// A memory sink that fails the first `failures` calls as if its store were down,
+/// recording the stored checkpoint each time it fails.
+struct FlakySink {
+    inner: MemorySink,
+    failures: AtomicUsize,
+    seen_while_failing: Mutex<Vec<Option<Offset>>>,
+}
+
+#[async_trait]
+impl Sink for FlakySink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        self.inner.checkpoint().await
+    }
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            self.seen_while_failing.lock().unwrap().push(self.inner.store().checkpoint().map(|c| c.offset));
+            return Err(SinkError::Unavailable("connection refused".into()));
+        }
+        self.inner.apply(batch).await
+    }
+    async fn reset(&self) -> Result<(), SinkError> {
+        self.inner.reset().await
+    }
+}
+
+#[tokio::test]
+async fn a_failing_sink_that_recovers_loses_nothing() {
+    let store = MemoryStore::new();
+    let sink = Arc::new(FlakySink {
+        inner: MemorySink::new(store.clone()),
+        failures: AtomicUsize::new(0),
+        seen_while_failing: Mutex::default(),
+    });
+    let mut h = harness("h");
+    h.script.send(response("H", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    let mut commits = store.subscribe();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(pipeline(&mut h, sink.clone()).run(RunMode::Follow, stop.clone()));
+    next_commit(&mut commits).await;
+
+    sink.failures.store(5, Ordering::SeqCst);
+    h.script
+        .send(response(
+            "H",
+            "40_2",
+            vec![live(ins(2, "b"), 40, 0, false), live(ins(3, "c"), 40, 2, true)],
+            true,
+        ))
+        .unwrap();
+    let c = next_commit(&mut commits).await;
+    assert_eq!(c.checkpoint.offset.to_string(), "40_2");
+    let seen = sink.seen_while_failing.lock().unwrap().clone();
+    assert_eq!(seen.len(), 5, "retried until the sink came back");
+    assert!(
+        seen.iter().all(|o| o.map(|o| o.to_string()) == Some("0_inf".into())),
+        "checkpoint never moved while failing: {seen:?}"
+    );
+    assert_eq!(store.len(), 3);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+struct BrokenSink;
+
+#[async_trait]
+impl Sink for BrokenSink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        Ok(None)
+    }
+    async fn apply(&self, _: &Batch) -> Result<(), SinkError> {
+        Err(SinkError::Rejected("value too large".into()))
+    }
+    async fn reset(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_permanent_sink_error_stops_the_pipeline_with_a_clear_failure() {
+    let mut h = harness("h");
+    h.script.send(response("H", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    let p = pipeline(&mut h, Arc::new(BrokenSink));
+    let status = p.status();
+    let err = p.run(RunMode::Follow, CancellationToken::new()).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Sink(SinkError::Rejected(_))));
+    assert!(status.failure().unwrap().contains("value too large"));
+}
+
+#[tokio::test]
+async fn a_source_error_stops_the_pipeline() {
+    let mut h = harness("h");
+    h.script.send(Err(SourceError::Rejected { status: 400, detail: "table: missing".into() })).unwrap();
+    let err = pipeline(&mut h, Arc::new(MemorySink::default()))
+        .run(RunMode::Follow, CancellationToken::new())
+        .await;
+    assert!(matches!(err, Err(PipelineError::Source(SourceError::Rejected { status: 400, .. }))));
+}
+
+/// A sink whose applies wait until the test opens the gate.
+struct GatedSink {
+    inner: MemorySink,
+    gate: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl Sink for GatedSink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        Ok(None)
+    }
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        self.gate.acquire().await.unwrap().forget();
+        self.inner.apply(batch).await
+    }
+    async fn reset(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_source_never_reads_further_ahead_than_the_buffer() {
+    let mut h = harness("h");
+    for i in 0..50 {
+        h.script.send(response("H", &format!("0_{i}"), vec![ins(i, "x")], false)).unwrap();
+    }
+    let sink = Arc::new(GatedSink { inner: MemorySink::default(), gate: tokio::sync::Semaphore::new(0) });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(pipeline(&mut h, sink.clone()).with_buffer(2).run(RunMode::Follow, stop.clone()));
+    // One response in the sink, two in the channel, one pulled and waiting to be sent.
+    let bound = 1 + 2 + 1;
+    wait_until(|| h.pulled.load(Ordering::SeqCst) >= bound).await;
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.pulled.load(Ordering::SeqCst), bound, "source read past the budget");
+    sink.gate.add_permits(5);
+    wait_until(|| h.pulled.load(Ordering::SeqCst) == bound + 5).await;
+    stop.cancel();
+    sink.gate.add_permits(100);
+    task.await.unwrap().unwrap();
+}
