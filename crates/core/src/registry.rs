@@ -125,7 +125,10 @@ fn unknown_type(key: &str, kind: &str, name: &str, known: Vec<&String>) -> Confi
     let known: Vec<&str> = known.into_iter().map(String::as_str).collect();
     ConfigError::new(
         join_key(key, "type"),
-        format!("unknown {kind} type `{name}`; this binary knows: {}", known.join(", ")),
+        match known.is_empty() {
+            true => format!("unknown {kind} type `{name}`; this binary has no {kind} types registered"),
+            false => format!("unknown {kind} type `{name}`; this binary knows: {}", known.join(", ")),
+        },
     )
 }
 

@@ -1,0 +1,378 @@
+//! The `shapesync` command line: `run`, `validate`, `checkpoints`, `reset`.
+//!
+//! Plugins ship their own binary by building a [`Registry`] (usually
+//! [`builtin_registry`] plus their own types) and calling [`run_with`].
+
+mod serve;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use shapesync_core::{Config, PipelineStatus, Registry, RunMode};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// The registry of the stock binary: every built-in source, transform and sink.
+pub fn builtin_registry() -> Registry {
+    let mut registry = Registry::new();
+    shapesync_sink_memory::register(&mut registry);
+    registry
+}
+
+#[derive(Parser)]
+#[command(
+    name = "shapesync",
+    version,
+    about = "Keep caches in sync with Postgres through ElectricSQL shapes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SHAPESYNC_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `shapesync_core=debug`.
+    #[arg(long, global = true, default_value = "info", env = "SHAPESYNC_LOG")]
+    log: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run pipelines until stopped (SIGINT/SIGTERM finish the commit in flight, then exit 0).
+    Run {
+        /// Pipeline files (YAML). Several files merge; each may hold several pipelines.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Sync every pipeline to up-to-date, commit, and exit 0 (warm-ups, cron, tests).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Check pipeline files without side effects; exits non-zero on any problem.
+    Validate {
+        /// Pipeline files (YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print each pipeline's stored position (handle, offset) as its sink holds it.
+    Checkpoints {
+        /// Pipeline files (YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a pipeline's rows and checkpoint from its sink (it resyncs on next run).
+    Reset {
+        /// Pipeline files (YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The pipeline to reset.
+        #[arg(long)]
+        pipeline: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Parses the command line and runs it with `registry`. Exit codes: 0 success,
+/// 1 a pipeline or command failed, 2 bad usage or configuration.
+pub fn run_with(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, registry)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads and checks the files; on failure prints every problem and returns exit code 2.
+fn load(
+    files: &[PathBuf],
+    registry: &Registry,
+) -> Result<(Config, Vec<shapesync_core::PreparedPipeline>), ExitCode> {
+    let config = Config::load(files).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    if config.pipelines.is_empty() {
+        eprintln!("error: no pipelines defined in {}", display_files(files));
+        return Err(ExitCode::from(2));
+    }
+    let prepared = registry.prepare(&config).map_err(|errors| {
+        for e in errors {
+            eprintln!("error: {e}");
+        }
+        ExitCode::from(2)
+    })?;
+    Ok((config, prepared))
+}
+
+fn display_files(files: &[PathBuf]) -> String {
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Validate { files } => {
+            let (config, _) = match load(&files, &registry) {
+                Ok(x) => x,
+                Err(code) => return Ok(code),
+            };
+            let ids: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
+            println!("ok: {} pipeline(s): {}", ids.len(), ids.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { files, once } => {
+            let (config, prepared) = match load(&files, &registry) {
+                Ok(x) => x,
+                Err(code) => return Ok(code),
+            };
+            run(config, prepared, once).await
+        }
+        Command::Checkpoints { files, json } => {
+            let (config, _) = match load(&files, &registry) {
+                Ok(x) => x,
+                Err(code) => return Ok(code),
+            };
+            if !json {
+                println!("{:<24} {:<28} {:<24} {:>10}  state", "PIPELINE", "HANDLE", "OFFSET", "GENERATION");
+            }
+            for (id, spec) in &config.pipelines {
+                let sink = registry
+                    .prepare_sink(id, spec)?
+                    .build()
+                    .await
+                    .with_context(|| format!("pipeline {id}"))?;
+                let cp = sink.checkpoint().await.with_context(|| format!("pipeline {id}"))?;
+                if json {
+                    let value = serde_json::json!({
+                        "pipeline": id,
+                        "handle": cp.as_ref().map(|c| c.handle.clone()),
+                        "offset": cp.as_ref().map(|c| c.offset.to_string()),
+                        "generation": cp.as_ref().map(|c| c.generation),
+                        "resyncing": cp.as_ref().map(|c| c.resyncing),
+                    });
+                    println!("{value}");
+                } else {
+                    match cp {
+                        Some(c) => println!(
+                            "{:<24} {:<28} {:<24} {:>10}  {}",
+                            id,
+                            c.handle,
+                            c.offset.to_string(),
+                            c.generation,
+                            if c.resyncing { "resyncing" } else { "synced" }
+                        ),
+                        None => println!("{id:<24} {:<28} {:<24} {:>10}  never synced", "-", "-", "-"),
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reset { files, pipeline, yes } => {
+            let (config, _) = match load(&files, &registry) {
+                Ok(x) => x,
+                Err(code) => return Ok(code),
+            };
+            let spec = config.pipelines.get(&pipeline).ok_or_else(|| {
+                anyhow!(
+                    "no pipeline `{pipeline}` in {}; known: {}",
+                    display_files(&files),
+                    config.pipelines.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            if !yes {
+                confirm(&pipeline)?;
+            }
+            let sink = registry.prepare_sink(&pipeline, spec)?.build().await?;
+            sink.reset().await?;
+            println!("reset {pipeline}: rows and checkpoint removed; the next run resyncs it");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn confirm(pipeline: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to reset `{pipeline}` without confirmation: pass --yes");
+    }
+    eprint!(
+        "This deletes every row and the checkpoint of pipeline `{pipeline}` from its sink. Type the pipeline id to confirm: "
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != pipeline {
+        bail!("not confirmed; nothing was changed");
+    }
+    Ok(())
+}
+
+async fn run(
+    config: Config,
+    prepared: Vec<shapesync_core::PreparedPipeline>,
+    once: bool,
+) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let mut statuses: Vec<(String, Arc<PipelineStatus>)> = Vec::new();
+    let mut pipelines = Vec::new();
+    for p in prepared {
+        let id = p.id.clone();
+        let pipeline = tokio::select! {
+            built = p.build() => built.with_context(|| format!("pipeline {id}: cannot start"))?,
+            _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+        };
+        statuses.push((id, pipeline.status()));
+        pipelines.push(pipeline);
+    }
+    if let Some(m) = &config.metrics {
+        serve::start(m.listen, statuses.clone(), shutdown.clone()).await?;
+    }
+    let progress = tokio::spawn(report_progress(statuses.clone(), shutdown.clone()));
+    let mode = if once { RunMode::UntilUpToDate } else { RunMode::Follow };
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in pipelines {
+        let id = p.id().to_owned();
+        let token = shutdown.clone();
+        tasks.spawn(async move { (id, p.run(mode, token).await) });
+    }
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (id, result) = joined.context("a pipeline task panicked")?;
+        match result {
+            Ok(()) if once => info!(pipeline = %id, "up to date"),
+            Ok(()) => info!(pipeline = %id, "stopped"),
+            Err(e) => {
+                failed += 1;
+                error!(pipeline = %id, error = %e, "pipeline failed");
+                if config.fail_fast {
+                    warn!("fail_fast is set: stopping every pipeline");
+                    shutdown.cancel();
+                }
+            }
+        }
+    }
+    shutdown.cancel();
+    let _ = progress.await;
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                info!("stopping: finishing commits in flight (signal again to exit at once)");
+                shutdown.cancel();
+            } else {
+                warn!("second signal: exiting now; uncommitted changes will be re-read on restart");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// Shows initial-sync progress: spinners on a terminal, periodic log lines otherwise.
+async fn report_progress(statuses: Vec<(String, Arc<PipelineStatus>)>, shutdown: CancellationToken) {
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let multi = indicatif::MultiProgress::new();
+    let bars: Vec<_> = statuses
+        .iter()
+        .map(|(id, _)| {
+            let bar = multi.add(indicatif::ProgressBar::new_spinner());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_prefix(id.clone());
+            bar
+        })
+        .collect();
+    if !tty {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut tick =
+        tokio::time::interval(if tty { Duration::from_millis(200) } else { Duration::from_secs(10) });
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        let mut syncing = 0;
+        for ((id, status), bar) in statuses.iter().zip(&bars) {
+            if bar.is_finished() {
+                continue;
+            }
+            let n = status.changes_committed();
+            let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
+            if status.has_reached_up_to_date() {
+                bar.finish_with_message(format!("up to date ({n} changes in {:.1?})", started.elapsed()));
+                if !tty {
+                    info!(pipeline = %id, changes = n, "initial sync complete");
+                }
+            } else if let Some(f) = status.failure() {
+                bar.abandon_with_message(format!("failed: {f}"));
+            } else {
+                syncing += 1;
+                bar.set_message(format!("syncing: {n} changes committed ({rate:.0}/s)"));
+                bar.tick();
+                if !tty {
+                    info!(pipeline = %id, changes = n, rate = rate as u64, "initial sync in progress");
+                }
+            }
+        }
+        if syncing == 0 && bars.iter().all(|b| b.is_finished()) {
+            break;
+        }
+    }
+    for bar in &bars {
+        if !bar.is_finished() {
+            bar.abandon();
+        }
+    }
+}

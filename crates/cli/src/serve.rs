@@ -1,0 +1,74 @@
+//! `/metrics`, `/healthz` and `/readyz` on the `metrics.listen` address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use shapesync_core::PipelineStatus;
+use tokio_util::sync::CancellationToken;
+
+type Statuses = Arc<Vec<(String, Arc<PipelineStatus>)>>;
+
+/// Installs the Prometheus recorder and serves the endpoints until shutdown.
+pub async fn start(
+    listen: SocketAddr,
+    statuses: Vec<(String, Arc<PipelineStatus>)>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
+    let statuses: Statuses = Arc::new(statuses);
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(render(&handle))))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(statuses);
+    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(())
+}
+
+fn render(handle: &PrometheusHandle) -> String {
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// 200 once every pipeline has been up to date at least once and none has failed.
+async fn ready(State(statuses): State<Statuses>) -> (StatusCode, Json<serde_json::Value>) {
+    let mut all_ready = true;
+    let pipelines: serde_json::Map<String, serde_json::Value> = statuses
+        .iter()
+        .map(|(id, s)| {
+            let failure = s.failure();
+            let ready = s.has_reached_up_to_date() && failure.is_none();
+            all_ready &= ready;
+            let state = match (&failure, s.has_reached_up_to_date(), s.is_up_to_date()) {
+                (Some(_), _, _) => "failed",
+                (None, false, _) => "initial sync",
+                (None, true, true) => "up to date",
+                (None, true, false) => "catching up",
+            };
+            (
+                id.clone(),
+                serde_json::json!({ "ready": ready, "state": state, "changes_committed": s.changes_committed(), "failure": failure }),
+            )
+        })
+        .collect();
+    let code = if all_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(serde_json::json!({ "ready": all_ready, "pipelines": pipelines })))
+}
