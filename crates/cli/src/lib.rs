@@ -99,7 +99,27 @@ pub fn run_with(registry: Registry) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command, registry)) {
+    runtime.block_on(execute(cli.command, registry))
+}
+
+/// Runs a command line (`args[0]` is the program name) inside an existing runtime,
+/// without installing a logger: for tests and embedding.
+pub async fn run_args<I, T>(args: I, registry: Registry) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Cli::try_parse_from(args) {
+        Ok(cli) => execute(cli.command, registry).await,
+        Err(e) => {
+            let _ = e.print();
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn execute(command: Command, registry: Registry) -> ExitCode {
+    match dispatch(command, registry).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

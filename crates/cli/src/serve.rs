@@ -20,11 +20,14 @@ pub async fn start(
     statuses: Vec<(String, Arc<PipelineStatus>)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let handle = PrometheusBuilder::new()
+    let recorder = PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .context("metrics buckets")?
-        .install_recorder()
-        .context("cannot install the metrics recorder")?;
+        .build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!("a metrics recorder is already installed in this process; /metrics will be empty");
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
