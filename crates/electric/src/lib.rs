@@ -1,1 +1,27 @@
-//! shapesync-electric (placeholder)
+//! A client for [Electric](https://electric-sql.com)'s HTTP Shape API.
+//!
+//! [`ShapeStream`] follows one shape: the initial snapshot (or a stored resume
+//! point), then live long-polling. Every server response comes out as one
+//! [`shapesync_core::SourceResponse`] whose changes are typed through the
+//! `electric-schema` header. Transient faults (5xx, 429, timeouts, dropped
+//! connections) are retried forever with full-jitter backoff at the same offset;
+//! a 409 (or an out-of-bounds offset) yields [`ShapeEvent::MustRefetch`] and the
+//! stream restarts the shape with a unique `cache-buster`; other 4xx and protocol
+//! violations end the stream with a typed [`ShapeError`].
+//!
+//! The stream implements [`shapesync_core::Source`], and [`ElectricSourceConfig`]
+//! is the `type: electric` pipeline source.
+
+mod backoff;
+mod config;
+mod error;
+mod message;
+mod options;
+mod request;
+mod stream;
+
+pub use config::ElectricSourceConfig;
+pub use error::ShapeError;
+pub use options::{BackoffConfig, LogMode, Replica, ShapeOptions, StartFrom, defaults, quote_identifier};
+pub use request::redact_url;
+pub use stream::{ShapeEvent, ShapeStream, headers};

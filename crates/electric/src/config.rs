@@ -1,0 +1,198 @@
+//! `type: electric` in pipeline files.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use shapesync_core::registry::SourceConfig;
+use shapesync_core::{ConfigError, ShapeInfo, Source, SourceError};
+use url::Url;
+
+use crate::{LogMode, Replica, ShapeOptions, ShapeStream};
+
+/// The `source:` mapping of an Electric pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElectricSourceConfig {
+    /// The full shape endpoint, e.g. `http://localhost:3000/v1/shape`.
+    pub url: String,
+    /// `table` or `schema.table`.
+    pub table: String,
+    /// SQL filter with `$n` placeholders.
+    #[serde(default, rename = "where")]
+    pub where_clause: Option<String>,
+    /// Placeholder values by number (`1: open`).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Selected columns (must include the primary key).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// `default` or `full`.
+    #[serde(default)]
+    pub replica: Replica,
+    /// `full` or `changes_only`.
+    #[serde(default)]
+    pub log: LogMode,
+    /// Electric API secret.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Request timeout in seconds (default 45; keep it above the server's 20 s hold).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+impl ElectricSourceConfig {
+    /// The stream options these settings describe; errors name the key at fault.
+    pub fn to_options(&self) -> Result<ShapeOptions, ConfigError> {
+        let url: Url = self.url.parse().map_err(|_| {
+            ConfigError::new("url", "expected an http:// or https:// URL (it does not parse)")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+            return Err(ConfigError::new("url", "expected an http:// or https:// URL with a host"));
+        }
+        if self.table.trim().is_empty() {
+            return Err(ConfigError::new("table", "must not be empty"));
+        }
+        let mut options = ShapeOptions::new(url, self.table.clone());
+        options.where_clause = self.where_clause.clone();
+        for (n, value) in &self.params {
+            let number = n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ConfigError::new(format!("params.{n}"), "parameter keys are placeholder numbers: 1, 2, …")
+            })?;
+            options.params.insert(number, value.clone());
+        }
+        if let Some(columns) = &self.columns {
+            if columns.is_empty() {
+                return Err(ConfigError::new("columns", "list at least the primary-key columns, or omit it"));
+            }
+            if let Some(i) = columns.iter().position(|c| c.is_empty()) {
+                return Err(ConfigError::new(format!("columns.{i}"), "must not be empty"));
+            }
+        }
+        options.columns = self.columns.clone();
+        options.replica = self.replica;
+        options.log = self.log;
+        options.secret = self.secret.clone();
+        for (name, value) in &self.headers {
+            options = options.header(name, value).map_err(|_| {
+                ConfigError::new(format!("headers.{name}"), "not a valid HTTP header name and value")
+            })?;
+        }
+        if let Some(secs) = self.timeout_secs {
+            if secs == 0 {
+                return Err(ConfigError::new("timeout_secs", "must be at least 1"));
+            }
+            options.request_timeout = Duration::from_secs(secs);
+        }
+        options.validate().map_err(|e| ConfigError::new("", e.to_string()))?;
+        Ok(options)
+    }
+}
+
+#[async_trait]
+impl SourceConfig for ElectricSourceConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        self.to_options().map(|_| ())
+    }
+
+    fn shape(&self) -> ShapeInfo {
+        ShapeInfo {
+            table: self.table.clone(),
+            columns: self.columns.clone(),
+            full_rows: self.replica == Replica::Full,
+        }
+    }
+
+    async fn build(self) -> Result<Box<dyn Source>, SourceError> {
+        let options = self.to_options().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
+        Ok(Box::new(ShapeStream::new(options)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shapesync_core::Registry;
+    use shapesync_core::config::extract_node;
+
+    use super::*;
+
+    fn from_yaml(yaml: &str) -> Result<ElectricSourceConfig, ConfigError> {
+        use figment::providers::Format;
+        let node: figment::value::Value =
+            figment::Figment::from(figment::providers::Yaml::string(yaml)).extract().unwrap();
+        let config: ElectricSourceConfig = extract_node(&node, "")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn reads_every_key() {
+        let c = from_yaml(
+            r#"
+url: http://localhost:3000/v1/shape
+table: public.items
+where: "status = $1"
+params: {1: open}
+columns: [id, Status-Check]
+replica: full
+log: changes_only
+secret: s3cret
+headers: {Authorization: Bearer x}
+timeout_secs: 30
+"#,
+        )
+        .unwrap();
+        let o = c.to_options().unwrap();
+        assert_eq!(o.params[&1], "open");
+        assert_eq!(o.replica, Replica::Full);
+        assert_eq!(o.log, LogMode::ChangesOnly);
+        assert_eq!(o.request_timeout, Duration::from_secs(30));
+        assert_eq!(o.headers["authorization"], "Bearer x");
+        assert_eq!(o.columns_param().unwrap(), "id,\"Status-Check\"");
+        assert_eq!(
+            c.shape(),
+            ShapeInfo {
+                table: "public.items".into(),
+                columns: Some(vec!["id".into(), "Status-Check".into()]),
+                full_rows: true
+            }
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_reported_without_echoing_them() {
+        for url in ["not a url s3cret", "ftp://u:s3cret@h/x", "redis://u:s3cret@h"] {
+            let e = from_yaml(&format!("url: \"{url}\"\ntable: t\n")).unwrap_err();
+            assert_eq!(e.key, "url", "{e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_their_key() {
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\ntabel: x\n").unwrap_err();
+        assert_eq!(e.key, "tabel", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nreplica: half\n").unwrap_err();
+        assert_eq!(e.key, "replica", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nparams: {x: 1}\n").unwrap_err();
+        assert_eq!(e.key, "params.x", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\ncolumns: []\n").unwrap_err();
+        assert_eq!(e.key, "columns", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\ntimeout_secs: 0\n").unwrap_err();
+        assert_eq!(e.key, "timeout_secs", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nheaders: {\"bad name\": v}\n").unwrap_err();
+        assert_eq!(e.key, "headers.bad name", "{e}");
+        let e = from_yaml("table: t\n").unwrap_err();
+        assert_eq!(e.key, "url", "{e}");
+    }
+
+    #[test]
+    fn registers_in_a_registry() {
+        let mut r = Registry::new();
+        r.source::<ElectricSourceConfig>("electric");
+    }
+}

@@ -1,0 +1,68 @@
+//! The errors a shape stream can end with. Transient faults never appear here: the
+//! stream retries them itself, forever.
+
+use std::collections::BTreeMap;
+
+use shapesync_core::SourceError;
+
+/// A failure that retrying the same request cannot fix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShapeError {
+    /// The options are unusable (checked before any request).
+    #[error("invalid shape options: {0}; fix them and create the stream again")]
+    InvalidOptions(String),
+    /// The server refused the request (400, 401, 403, 404, or another 4xx).
+    #[error(
+        "the shape server rejected the request (HTTP {status}){}: {message}; fix the shape options",
+        param.as_deref().map(|p| format!(" because of `{p}`")).unwrap_or_default()
+    )]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The offending parameter, when the server named one (or `secret` for 401).
+        param: Option<String>,
+        /// The server's explanation (secrets removed).
+        message: String,
+        /// Every `errors` entry of the body: parameter → messages.
+        errors: BTreeMap<String, Vec<String>>,
+    },
+    /// A 2xx response lacked a header the protocol requires.
+    #[error(
+        "the shape server's HTTP {status} response has no `{header}` header; check that the url points at an Electric /v1/shape endpoint and that proxies pass Electric's headers through"
+    )]
+    MissingHeader {
+        /// The missing header.
+        header: &'static str,
+        /// The response status.
+        status: u16,
+    },
+    /// The server's response breaks the protocol in another way.
+    #[error(
+        "the shape server broke the protocol: {0}; check that the url points at an Electric /v1/shape endpoint"
+    )]
+    Protocol(String),
+}
+
+impl ShapeError {
+    /// A protocol error with a message.
+    pub(crate) fn protocol(detail: impl Into<String>) -> Self {
+        ShapeError::Protocol(detail.into())
+    }
+}
+
+impl From<ShapeError> for SourceError {
+    fn from(e: ShapeError) -> Self {
+        match e {
+            ShapeError::InvalidOptions(detail) => SourceError::Setup { detail },
+            ShapeError::Rejected { status, param, message, .. } => SourceError::Rejected {
+                status,
+                detail: match param {
+                    Some(p) => format!("{p}: {message}"),
+                    None => message,
+                },
+            },
+            e @ ShapeError::MissingHeader { .. } => SourceError::Protocol { detail: e.to_string() },
+            ShapeError::Protocol(detail) => SourceError::Protocol { detail },
+        }
+    }
+}

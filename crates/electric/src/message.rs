@@ -1,0 +1,314 @@
+//! Parsing a response body (a JSON array of messages) straight into typed changes.
+//!
+//! This is the hot path. Messages deserialize into borrowed strings (no
+//! `serde_json::Value` trees); each value is typed once, through the schema, into
+//! the core [`Row`].
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::error::Category;
+use shapesync_core::{Change, LogPosition, Operation, Row, Schema};
+
+/// What one body held.
+#[derive(Debug, Default)]
+pub(crate) struct ParsedBody {
+    /// Changes in log order.
+    pub changes: Vec<Change>,
+    /// The body ended with an `up-to-date` control message.
+    pub up_to_date: bool,
+    /// The body held a `must-refetch` control message.
+    pub must_refetch: bool,
+}
+
+/// Why a body could not be used.
+#[derive(Debug, PartialEq)]
+pub(crate) enum BodyError {
+    /// Not JSON at all, or cut short: may be a transient fault (a proxy page, a drop).
+    Malformed(String),
+    /// Well-formed JSON that breaks the protocol or the schema: retrying cannot help.
+    Invalid(String),
+}
+
+/// A string borrowed from the body when it has no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(V).map(Str)
+    }
+}
+
+/// A `value` / `old_value` object: column → text or null, in body order.
+struct RawRow<'a>(Vec<(Str<'a>, Option<Str<'a>>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawRow<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = RawRow<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of column values (strings or null)")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut cols = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<Str<'a>, Option<Str<'a>>>()? {
+                    cols.push(entry);
+                }
+                Ok(RawRow(cols))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// `lsn` / `op_position`: the server sends a decimal string or a number.
+struct Num(u64);
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = u64;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a non-negative integer or a decimal string")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+                Ok(v)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+                v.parse().map_err(|_| E::custom("expected a decimal integer string"))
+            }
+        }
+        d.deserialize_any(V).map(Num)
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct RawHeaders<'a> {
+    #[serde(borrow)]
+    operation: Option<Str<'a>>,
+    #[serde(borrow)]
+    control: Option<Str<'a>>,
+    event: Option<IgnoredAny>,
+    lsn: Option<Num>,
+    op_position: Option<Num>,
+    last: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(borrow)]
+    key: Option<Str<'a>>,
+    #[serde(borrow)]
+    value: Option<RawRow<'a>>,
+    #[serde(borrow)]
+    old_value: Option<RawRow<'a>>,
+    #[serde(borrow, default)]
+    headers: RawHeaders<'a>,
+}
+
+/// Parses a body. An empty body is `[]`.
+pub(crate) fn parse_body(body: &[u8], schema: &Schema) -> Result<ParsedBody, BodyError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ParsedBody::default());
+    }
+    let messages: Vec<RawMessage<'_>> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            BodyError::Malformed(format!("the body is not valid JSON ({e})"))
+        }
+        Category::Data => BodyError::Invalid(format!("the body is not an array of shape messages ({e})")),
+    })?;
+    let mut parsed = ParsedBody { changes: Vec::with_capacity(messages.len()), ..Default::default() };
+    for msg in messages {
+        let h = &msg.headers;
+        if let Some(control) = &h.control {
+            match control.0.as_ref() {
+                "up-to-date" => parsed.up_to_date = true,
+                "must-refetch" => {
+                    parsed.must_refetch = true;
+                    return Ok(parsed);
+                }
+                other => tracing::trace!(control = other, "ignoring control message"),
+            }
+            continue;
+        }
+        let Some(operation) = &h.operation else {
+            if h.event.is_none() {
+                tracing::debug!("ignoring a message with neither operation nor control");
+            }
+            continue;
+        };
+        // A change after up-to-date would be a protocol oddity; it simply reopens the batch.
+        parsed.up_to_date = false;
+        parsed.changes.push(type_change(operation, &msg, schema)?);
+    }
+    Ok(parsed)
+}
+
+fn type_change(operation: &Str<'_>, msg: &RawMessage<'_>, schema: &Schema) -> Result<Change, BodyError> {
+    let op = match operation.0.as_ref() {
+        "insert" => Operation::Insert,
+        "update" => Operation::Update,
+        "delete" => Operation::Delete,
+        other => {
+            return Err(BodyError::Invalid(format!(
+                "unknown operation {:?}; upgrade shapesync-electric",
+                other.chars().take(32).collect::<String>()
+            )));
+        }
+    };
+    let key = msg.key.as_ref().ok_or_else(|| BodyError::Invalid("a change message has no key".into()))?;
+    let value = match &msg.value {
+        Some(raw) => type_row(raw, schema)?,
+        None => Row::new(),
+    };
+    let old_value = msg.old_value.as_ref().map(|raw| type_row(raw, schema)).transpose()?;
+    let h = &msg.headers;
+    let position = match (&h.lsn, &h.op_position) {
+        (Some(lsn), Some(op)) => Some(LogPosition { lsn: lsn.0, op_position: op.0 }),
+        (Some(lsn), None) => Some(LogPosition { lsn: lsn.0, op_position: 0 }),
+        _ => None,
+    };
+    Ok(Change {
+        op,
+        key: key.0.clone().into_owned(),
+        value,
+        old_value,
+        position,
+        last_in_tx: h.last == Some(true),
+    })
+}
+
+fn type_row(raw: &RawRow<'_>, schema: &Schema) -> Result<Row, BodyError> {
+    let mut row = Row::new();
+    for (column, text) in &raw.0 {
+        let value = schema
+            .parse(&column.0, text.as_ref().map(|t| t.0.as_ref()))
+            .map_err(|e| BodyError::Invalid(e.to_string()))?;
+        row.insert(column.0.clone().into_owned(), value);
+    }
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use shapesync_core::Value;
+
+    use super::*;
+
+    fn schema() -> Schema {
+        serde_json::from_str(
+            r#"{"id":{"type":"int8","pk_index":0,"not_null":true},
+                "ok":{"type":"bool"},"tags":{"type":"text","dims":1},
+                "doc":{"type":"jsonb"},"amt":{"type":"numeric","precision":10,"scale":2},
+                "title":{"type":"text"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn parse(body: &str) -> Result<ParsedBody, BodyError> {
+        parse_body(body.as_bytes(), &schema())
+    }
+
+    #[test]
+    fn types_values_through_the_schema() {
+        let body = r#"[{"key":"\"public\".\"t\"/\"9007199254740993\"",
+            "value":{"id":"9007199254740993","ok":"t","tags":"{\"a,b\",NULL}","doc":"{\"n\":1.50}",
+                     "amt":"12.30","title":"say \"hi\"","extra":"kept"},
+            "headers":{"operation":"insert","relation":["public","t"]}}]"#;
+        let p = parse(body).unwrap();
+        let c = &p.changes[0];
+        assert_eq!(c.op, Operation::Insert);
+        assert_eq!(c.key, "\"public\".\"t\"/\"9007199254740993\"");
+        assert_eq!(c.value["id"], Value::Int(9_007_199_254_740_993));
+        assert_eq!(c.value["ok"], Value::Bool(true));
+        assert_eq!(c.value["tags"], Value::Array(vec![Value::Text("a,b".into()), Value::Null]));
+        assert_eq!(c.value["doc"], Value::Json("{\"n\":1.50}".into()));
+        assert_eq!(c.value["amt"], Value::Numeric("12.30".into()));
+        assert_eq!(c.value["title"], Value::Text("say \"hi\"".into()));
+        assert_eq!(c.value["extra"], Value::Text("kept".into()));
+        assert_eq!(c.position, None);
+        assert!(!c.last_in_tx);
+        assert!(!p.up_to_date);
+    }
+
+    #[test]
+    fn positions_last_flags_and_old_values() {
+        let body = r#"[
+          {"key":"k1","value":{"id":"1","title":"b"},"old_value":{"title":"a"},
+           "headers":{"operation":"update","txids":[7],"lsn":"24008184","op_position":0}},
+          {"key":"k2","value":{"id":"2"},"headers":{"operation":"delete","lsn":24008184,"op_position":2,"last":true}},
+          {"headers":{"control":"up-to-date","global_last_seen_lsn":"24008184"}}]"#;
+        let p = parse(body).unwrap();
+        assert!(p.up_to_date);
+        let [a, b] = &p.changes[..] else { panic!() };
+        assert_eq!(a.position, Some(LogPosition { lsn: 24_008_184, op_position: 0 }));
+        assert_eq!(a.old_value.as_ref().unwrap()["title"], Value::Text("a".into()));
+        assert!(!a.last_in_tx);
+        assert_eq!(b.op, Operation::Delete);
+        assert_eq!(b.position, Some(LogPosition { lsn: 24_008_184, op_position: 2 }));
+        assert!(b.last_in_tx);
+    }
+
+    #[test]
+    fn empty_bodies_and_unknown_messages_are_harmless() {
+        assert!(parse("").unwrap().changes.is_empty());
+        assert!(parse(" \n").unwrap().changes.is_empty());
+        assert!(parse("[]").unwrap().changes.is_empty());
+        let p = parse(
+            r#"[{"headers":{"control":"snapshot-end","xmin":"1","xmax":"2","xip_list":[]}},
+                {"headers":{"event":"move-in","patterns":[{"pos":0,"value":"h"}]}},
+                {"headers":{"control":"brand-new-thing"}},
+                {"headers":{"control":"up-to-date"}}]"#,
+        )
+        .unwrap();
+        assert!(p.changes.is_empty());
+        assert!(p.up_to_date);
+    }
+
+    #[test]
+    fn must_refetch_in_a_body_is_reported() {
+        assert!(parse(r#"[{"headers":{"control":"must-refetch"}}]"#).unwrap().must_refetch);
+    }
+
+    #[test]
+    fn broken_json_is_malformed_but_wrong_shapes_are_invalid() {
+        assert!(matches!(parse("[{\"key\":"), Err(BodyError::Malformed(_))));
+        assert!(matches!(parse("<html>502</html>"), Err(BodyError::Malformed(_))));
+        assert!(matches!(parse("{\"metadata\":{}}"), Err(BodyError::Invalid(_))));
+        assert!(matches!(
+            parse(r#"[{"key":"k","value":{"id":1},"headers":{"operation":"insert"}}]"#),
+            Err(BodyError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse(r#"[{"key":"k","value":{"id":"1"},"headers":{"operation":"upsert"}}]"#),
+            Err(BodyError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn null_in_a_not_null_column_is_invalid() {
+        let e = parse(r#"[{"key":"k","value":{"id":null},"headers":{"operation":"insert"}}]"#).unwrap_err();
+        let BodyError::Invalid(msg) = e else { panic!("{e:?}") };
+        assert!(msg.contains("NOT NULL"), "{msg}");
+    }
+}

@@ -1,0 +1,304 @@
+//! What a [`crate::ShapeStream`] streams and how it behaves: the shape definition,
+//! where to start, and the retry/timeout policy.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use shapesync_core::Offset;
+use url::Url;
+
+use crate::ShapeError;
+
+/// Defaults, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Request timeout: above the server's 20 s long-poll hold (as the TS client's 45 s).
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
+    /// First backoff ceiling (TS: 1 s).
+    pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+    /// Largest backoff ceiling (TS: 32 s).
+    pub const BACKOFF_CAP: Duration = Duration::from_secs(32);
+    /// Longest `retry-after` honoured (TS: 1 h).
+    pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
+    /// Consecutive malformed bodies retried before giving up with a protocol error.
+    pub const MALFORMED_BODY_RETRIES: u32 = 3;
+}
+
+/// `replica`: what updates and deletes carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Replica {
+    /// Updates carry the key and changed columns; deletes the key.
+    #[default]
+    Default,
+    /// Updates carry the full row plus `old_value`; deletes the full old row.
+    Full,
+}
+
+impl Replica {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replica::Default => "default",
+            Replica::Full => "full",
+        }
+    }
+}
+
+/// `log`: whether the shape starts with a snapshot of existing rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogMode {
+    /// Snapshot, then changes.
+    #[default]
+    Full,
+    /// Changes only, no snapshot rows.
+    ChangesOnly,
+}
+
+impl LogMode {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogMode::Full => "full",
+            LogMode::ChangesOnly => "changes_only",
+        }
+    }
+}
+
+/// Where a fresh stream (one without a resume point) starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartFrom {
+    /// `offset=-1`: the whole shape, snapshot first.
+    #[default]
+    Beginning,
+    /// `offset=now`: skip existing data, stream only changes from now on.
+    Now,
+}
+
+/// Full-jitter exponential backoff for transient faults (5xx, 429, network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackoffConfig {
+    /// Ceiling of the first wait; doubles on each consecutive failure.
+    pub base: Duration,
+    /// Largest ceiling.
+    pub cap: Duration,
+    /// Longest `retry-after` honoured; longer ones are cut to this.
+    pub retry_after_cap: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            base: defaults::BACKOFF_BASE,
+            cap: defaults::BACKOFF_CAP,
+            retry_after_cap: defaults::RETRY_AFTER_CAP,
+        }
+    }
+}
+
+/// Everything a [`crate::ShapeStream`] needs. Build with [`ShapeOptions::new`] and set
+/// the public fields you need.
+#[derive(Clone, Debug)]
+pub struct ShapeOptions {
+    /// The full shape endpoint, e.g. `http://localhost:3000/v1/shape`. Query
+    /// parameters already on it are kept.
+    pub url: Url,
+    /// `table` or `schema.table` (quote names with capitals: `"MyTable"`).
+    pub table: String,
+    /// SQL `where` filter, with `$1`, `$2`, … placeholders.
+    pub where_clause: Option<String>,
+    /// Placeholder values by number, sent as `params[1]=…`.
+    pub params: BTreeMap<u32, String>,
+    /// Selected columns (must include the primary key); quoted on the wire when needed.
+    pub columns: Option<Vec<String>>,
+    /// `replica` mode.
+    pub replica: Replica,
+    /// `log` mode.
+    pub log: LogMode,
+    /// API secret (`secret` parameter). Never logged.
+    pub secret: Option<String>,
+    /// Extra request headers (e.g. `Authorization`). Never logged.
+    pub headers: HeaderMap,
+    /// Where to start when not resuming.
+    pub start: StartFrom,
+    /// Per-request timeout; keep it above the server's long-poll hold (20 s).
+    pub request_timeout: Duration,
+    /// Retry policy for transient faults.
+    pub backoff: BackoffConfig,
+    /// Consecutive malformed (non-JSON) bodies retried before a protocol error.
+    pub malformed_body_retries: u32,
+}
+
+impl ShapeOptions {
+    /// Options for `table` at `url`, everything else default.
+    pub fn new(url: Url, table: impl Into<String>) -> Self {
+        ShapeOptions {
+            url,
+            table: table.into(),
+            where_clause: None,
+            params: BTreeMap::new(),
+            columns: None,
+            replica: Replica::Default,
+            log: LogMode::Full,
+            secret: None,
+            headers: HeaderMap::new(),
+            start: StartFrom::Beginning,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+            backoff: BackoffConfig::default(),
+            malformed_body_retries: defaults::MALFORMED_BODY_RETRIES,
+        }
+    }
+
+    /// Adds a request header; fails (without echoing the value) when the name or
+    /// value is not valid HTTP.
+    pub fn header(mut self, name: &str, value: &str) -> Result<Self, ShapeError> {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ShapeError::InvalidOptions(format!("header name {name:?} is not valid HTTP")))?;
+        let v = HeaderValue::from_str(value).map_err(|_| {
+            ShapeError::InvalidOptions(format!("the value of header {name:?} is not valid HTTP"))
+        })?;
+        self.headers.insert(n, v);
+        Ok(self)
+    }
+
+    /// Checks the options without I/O.
+    pub fn validate(&self) -> Result<(), ShapeError> {
+        if !matches!(self.url.scheme(), "http" | "https") {
+            return Err(ShapeError::InvalidOptions("url must be an http:// or https:// URL".into()));
+        }
+        if self.url.scheme() == "https" && !cfg!(any(feature = "rustls", feature = "native-tls")) {
+            return Err(ShapeError::InvalidOptions(
+                "url is https but shapesync-electric was built without TLS; enable its `rustls` feature"
+                    .into(),
+            ));
+        }
+        if self.table.trim().is_empty() {
+            return Err(ShapeError::InvalidOptions("table must not be empty".into()));
+        }
+        if self.params.contains_key(&0) {
+            return Err(ShapeError::InvalidOptions("params are numbered from 1 ($1, $2, …)".into()));
+        }
+        if let Some(cols) = &self.columns
+            && (cols.is_empty() || cols.iter().any(|c| c.is_empty()))
+        {
+            return Err(ShapeError::InvalidOptions("columns must be a non-empty list of names".into()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ShapeError::InvalidOptions("request_timeout must be positive".into()));
+        }
+        if self.backoff.base.is_zero() || self.backoff.cap < self.backoff.base {
+            return Err(ShapeError::InvalidOptions("backoff needs 0 < base <= cap".into()));
+        }
+        Ok(())
+    }
+
+    /// The `columns` parameter: identifiers joined by commas, quoted when they are
+    /// not plain lower-case names (already-quoted names are kept).
+    pub fn columns_param(&self) -> Option<String> {
+        self.columns
+            .as_ref()
+            .map(|cols| cols.iter().map(|c| quote_identifier(c)).collect::<Vec<_>>().join(","))
+    }
+
+    /// Stable hash of the shape's identity (table, where, params, columns, replica,
+    /// log): a stored resume point only holds for the same hash.
+    pub fn definition_hash(&self) -> String {
+        let params: Vec<String> = self.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let params = serde_json::to_string(&params).expect("strings serialize");
+        let columns = self.columns_param().unwrap_or_default();
+        shapesync_core::definition_hash(&[
+            ("table", &self.table),
+            ("where", self.where_clause.as_deref().unwrap_or("")),
+            ("params", &params),
+            ("columns", &columns),
+            ("replica", self.replica.as_str()),
+            ("log", self.log.as_str()),
+        ])
+    }
+
+    /// Where a fresh stream starts, as a request offset.
+    pub(crate) fn start_offset(&self) -> Option<Offset> {
+        match self.start {
+            StartFrom::Beginning => Some(Offset::Start),
+            StartFrom::Now => None,
+        }
+    }
+}
+
+/// Quotes `name` for the `columns` parameter unless it is a plain lower-case
+/// identifier or already quoted.
+pub fn quote_identifier(name: &str) -> String {
+    let plain = name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'$');
+    let quoted = name.len() >= 2 && name.starts_with('"') && name.ends_with('"');
+    if plain || quoted { name.to_owned() } else { format!("\"{}\"", name.replace('"', "\"\"")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> ShapeOptions {
+        ShapeOptions::new("http://localhost:3000/v1/shape".parse().unwrap(), "items")
+    }
+
+    #[test]
+    fn quotes_only_identifiers_that_need_it() {
+        assert_eq!(quote_identifier("id"), "id");
+        assert_eq!(quote_identifier("_a1$"), "_a1$");
+        assert_eq!(quote_identifier("Status-Check"), "\"Status-Check\"");
+        assert_eq!(quote_identifier("Name"), "\"Name\"");
+        assert_eq!(quote_identifier("a,b"), "\"a,b\"");
+        assert_eq!(quote_identifier("1st"), "\"1st\"");
+        assert_eq!(quote_identifier("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(quote_identifier("\"Kept\""), "\"Kept\"");
+        let mut o = opts();
+        o.columns = Some(vec!["id".into(), "Status-Check".into()]);
+        assert_eq!(o.columns_param().unwrap(), "id,\"Status-Check\"");
+    }
+
+    #[test]
+    fn definition_hash_covers_every_identity_field() {
+        let base = opts().definition_hash();
+        let mut o = opts();
+        o.where_clause = Some("x = $1".into());
+        let with_where = o.definition_hash();
+        assert_ne!(base, with_where);
+        o.params.insert(1, "a".into());
+        assert_ne!(with_where, o.definition_hash());
+        let mut o = opts();
+        o.columns = Some(vec!["id".into()]);
+        assert_ne!(base, o.definition_hash());
+        let mut o = opts();
+        o.replica = Replica::Full;
+        assert_ne!(base, o.definition_hash());
+        let mut o = opts();
+        o.log = LogMode::ChangesOnly;
+        assert_ne!(base, o.definition_hash());
+        let mut o = opts();
+        o.secret = Some("s".into());
+        o.request_timeout = Duration::from_secs(1);
+        assert_eq!(base, o.definition_hash(), "secret and timeouts are not identity");
+    }
+
+    #[test]
+    fn validation_rejects_bad_options_without_echoing_values() {
+        assert!(opts().validate().is_ok());
+        let mut o = opts();
+        o.url = "ftp://user:pw@host/x".parse().unwrap();
+        let e = o.validate().unwrap_err().to_string();
+        assert!(!e.contains("pw"), "{e}");
+        let mut o = opts();
+        o.table = " ".into();
+        assert!(o.validate().is_err());
+        let mut o = opts();
+        o.params.insert(0, "x".into());
+        assert!(o.validate().is_err());
+        let e = opts().header("x-token", "bad\nvalue-s3cret").unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+}

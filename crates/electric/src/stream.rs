@@ -1,0 +1,613 @@
+//! [`ShapeStream`]: the request loop, its state machine and its loop guards.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use rand::Rng;
+use reqwest::header::HeaderMap;
+use reqwest::{Client, StatusCode};
+use shapesync_core::{Offset, ResumePoint, Schema, Source, SourceError, SourceEvent, SourceResponse};
+
+use crate::backoff::{Backoff, parse_retry_after};
+use crate::message::{BodyError, parse_body};
+use crate::request::{RequestState, redact_url, shape_url};
+use crate::{ShapeError, ShapeOptions};
+
+/// Response header names.
+pub mod headers {
+    /// The shape handle.
+    pub const HANDLE: &str = "electric-handle";
+    /// The end of the chunk served: the next request's `offset`.
+    pub const OFFSET: &str = "electric-offset";
+    /// The column types (non-live 200s only).
+    pub const SCHEMA: &str = "electric-schema";
+    /// The live cursor to echo (live responses only).
+    pub const CURSOR: &str = "electric-cursor";
+    /// Seconds or HTTP date to wait before retrying.
+    pub const RETRY_AFTER: &str = "retry-after";
+}
+
+/// Retries with a fresh `cache-buster` when a response carries an expired handle.
+const STALE_RETRIES: u32 = 3;
+/// Non-advancing non-live responses within [`FAST_LOOP_WINDOW`] that count as a loop.
+const FAST_LOOP_REQUESTS: usize = 5;
+/// The window of the fast-loop detector.
+const FAST_LOOP_WINDOW: Duration = Duration::from_millis(500);
+/// Fast loops detected before the stream gives up.
+const FAST_LOOP_LIMIT: u32 = 5;
+/// Expired handles remembered.
+const EXPIRED_HANDLES_KEPT: usize = 16;
+
+/// What a [`ShapeStream`] yields.
+#[derive(Clone, Debug)]
+pub enum ShapeEvent {
+    /// One server response, typed: its changes in log order and the position after it.
+    Response(SourceResponse),
+    /// The server discarded the shape's lineage (409, offset out of bounds, or a
+    /// loop guard fired). Drop everything you hold for this shape: the stream has
+    /// reset to `offset=-1` and what it yields next rebuilds the shape.
+    MustRefetch {
+        /// The new handle, when the server named one.
+        new_handle: Option<String>,
+    },
+}
+
+/// A client for one shape: follows it from the snapshot (or a resume point) through
+/// live long-polling, retrying transient faults forever and resetting on 409.
+///
+/// Call [`ShapeStream::next_event`] in a loop. Dropping the future between polls is
+/// safe: state only changes once a response has been fully handled.
+pub struct ShapeStream {
+    options: ShapeOptions,
+    client: Client,
+    definition_hash: String,
+    handle: Option<String>,
+    /// `None` means `offset=now`.
+    offset: Option<Offset>,
+    cursor: Option<String>,
+    schema: Option<Arc<Schema>>,
+    schema_text: Option<String>,
+    live: bool,
+    cache_buster: Option<String>,
+    expired_handles: VecDeque<String>,
+    expired_to_send: Option<String>,
+    stale_retries: u32,
+    self_healed: bool,
+    fast_loop: FastLoop,
+    backoff: Backoff,
+    malformed_bodies: u32,
+    pending_delay: Option<Duration>,
+}
+
+impl std::fmt::Debug for ShapeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShapeStream")
+            .field("url", &redact_url(&self.options.url))
+            .field("table", &self.options.table)
+            .field("handle", &self.handle)
+            .field("offset", &self.offset)
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShapeStream {
+    /// A stream for `options`, starting at [`ShapeOptions::start`]; see
+    /// [`ShapeStream::resume`] to continue from a stored position.
+    pub fn new(options: ShapeOptions) -> Result<Self, ShapeError> {
+        let client = Client::builder()
+            .user_agent(concat!("shapesync-electric/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ShapeError::InvalidOptions(format!("cannot create the HTTP client: {e}")))?;
+        Self::with_client(options, client)
+    }
+
+    /// As [`ShapeStream::new`], with your own `reqwest` client (proxies, TLS roots…).
+    /// The per-request timeout from the options still applies.
+    pub fn with_client(options: ShapeOptions, client: Client) -> Result<Self, ShapeError> {
+        options.validate()?;
+        Ok(ShapeStream {
+            definition_hash: options.definition_hash(),
+            offset: options.start_offset(),
+            backoff: Backoff::new(options.backoff),
+            options,
+            client,
+            handle: None,
+            cursor: None,
+            schema: None,
+            schema_text: None,
+            live: false,
+            cache_buster: None,
+            expired_handles: VecDeque::new(),
+            expired_to_send: None,
+            stale_retries: 0,
+            self_healed: false,
+            fast_loop: FastLoop::default(),
+            malformed_bodies: 0,
+            pending_delay: None,
+        })
+    }
+
+    /// Continues from a stored position (`None`: start afresh). The first request
+    /// after a resume is non-live, so it brings a fresh schema and catches up.
+    pub fn resume(&mut self, from: Option<ResumePoint>) {
+        self.live = false;
+        self.cursor = None;
+        self.schema_text = None;
+        match from {
+            Some(point) => {
+                self.handle = Some(point.handle);
+                self.offset = Some(point.offset);
+                self.schema = Some(Arc::new(point.schema));
+            }
+            None => {
+                self.handle = None;
+                self.offset = self.options.start_offset();
+                self.schema = None;
+            }
+        }
+    }
+
+    /// The options this stream was made with.
+    pub fn options(&self) -> &ShapeOptions {
+        &self.options
+    }
+
+    /// The current shape handle, once known.
+    pub fn handle(&self) -> Option<&str> {
+        self.handle.as_deref()
+    }
+
+    /// The offset the next request starts from (`None` before an `offset=now` request).
+    pub fn offset(&self) -> Option<Offset> {
+        self.offset
+    }
+
+    /// The schema in force, once known.
+    pub fn schema(&self) -> Option<&Arc<Schema>> {
+        self.schema.as_ref()
+    }
+
+    /// The stream has reached the head of the shape and long-polls for changes.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// The position to store for a later [`ShapeStream::resume`], once there is one.
+    pub fn resume_point(&self) -> Option<ResumePoint> {
+        Some(ResumePoint {
+            handle: self.handle.clone()?,
+            offset: self.offset?,
+            schema: self.schema.as_deref()?.clone(),
+        })
+    }
+
+    /// The next event. Waits while the shape is up to date (long-polling), and
+    /// retries 5xx, 429, timeouts and network faults forever with backoff.
+    pub async fn next_event(&mut self) -> Result<ShapeEvent, ShapeError> {
+        loop {
+            if let Some(delay) = self.pending_delay.take() {
+                tokio::time::sleep(delay).await;
+            }
+            let live = self.live;
+            let url = shape_url(
+                &self.options,
+                &RequestState {
+                    offset: self.offset,
+                    handle: self.handle.as_deref(),
+                    live,
+                    cursor: self.cursor.as_deref(),
+                    cache_buster: self.cache_buster.as_deref(),
+                    expired_handle: self
+                        .expired_to_send
+                        .as_deref()
+                        .filter(|_| self.offset == Some(Offset::Start)),
+                },
+            );
+            tracing::debug!(url = %redact_url(&url), live, "shape request");
+            let sent = self
+                .client
+                .get(url)
+                .headers(self.options.headers.clone())
+                .timeout(self.options.request_timeout)
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    self.wait_after_fault(&describe_reqwest_error(&e), None).await;
+                    continue;
+                }
+            };
+            let status = response.status();
+            let header_map = response.headers().clone();
+            tracing::debug!(status = status.as_u16(), "shape response");
+            let body = match response.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    let retry_after = self.retry_after(&header_map);
+                    self.wait_after_fault(&describe_reqwest_error(&e), retry_after).await;
+                    continue;
+                }
+            };
+            if status.is_success() || status == StatusCode::NOT_MODIFIED {
+                if let Some(event) = self.on_success(status, &header_map, &body, live).await? {
+                    return Ok(event);
+                }
+                continue;
+            }
+            match status.as_u16() {
+                409 => {
+                    let new_handle = header_str(&header_map, headers::HANDLE).map(str::to_owned);
+                    tracing::info!("shape must be refetched (HTTP 409)");
+                    return Ok(self.reset(new_handle, true));
+                }
+                408 | 429 | 500..=599 => {
+                    let retry_after = self.retry_after(&header_map);
+                    self.wait_after_fault(&format!("HTTP {}", status.as_u16()), retry_after).await;
+                }
+                400..=499 => {
+                    let rejection = self.rejection(status.as_u16(), &body);
+                    if let ShapeError::Rejected { errors, .. } = &rejection
+                        && errors.get("offset").is_some_and(|m| m.iter().any(|m| m.contains("out of bounds")))
+                    {
+                        tracing::warn!("offset is out of bounds for this shape; refetching it");
+                        return Ok(self.reset(None, false));
+                    }
+                    return Err(rejection);
+                }
+                other => {
+                    return Err(ShapeError::protocol(format!("unexpected HTTP status {other}")));
+                }
+            }
+        }
+    }
+
+    /// Handles a 2xx or 304. `None` means "request again" (a guard fired or a
+    /// malformed body is being retried).
+    async fn on_success(
+        &mut self,
+        status: StatusCode,
+        header_map: &HeaderMap,
+        body: &[u8],
+        live: bool,
+    ) -> Result<Option<ShapeEvent>, ShapeError> {
+        let code = status.as_u16();
+        if matches!(code, 204 | 304) {
+            // Nothing new (a deprecated 204 live timeout, or a revalidated cache hit).
+            self.backoff.reset();
+            let handle = self.handle.clone().ok_or_else(|| {
+                ShapeError::protocol(format!("HTTP {code} before the shape handle was known"))
+            })?;
+            let offset = self.offset.unwrap_or(Offset::Start);
+            let up_to_date = live || code == 204;
+            if !up_to_date && self.fast_loop.record(offset) {
+                return self.on_fast_loop().map(Some);
+            }
+            self.live = up_to_date;
+            return Ok(Some(ShapeEvent::Response(SourceResponse {
+                changes: Vec::new(),
+                handle,
+                offset,
+                schema: self.schema.clone().unwrap_or_default(),
+                up_to_date,
+            })));
+        }
+        let handle = header_str(header_map, headers::HANDLE)
+            .ok_or(ShapeError::MissingHeader { header: headers::HANDLE, status: code })?;
+        let offset_text = header_str(header_map, headers::OFFSET)
+            .ok_or(ShapeError::MissingHeader { header: headers::OFFSET, status: code })?;
+        let offset: Offset = offset_text
+            .parse()
+            .map_err(|e| ShapeError::protocol(format!("bad `{}` header: {e}", headers::OFFSET)))?;
+        let cursor = header_str(header_map, headers::CURSOR);
+        if live && cursor.is_none() {
+            return Err(ShapeError::MissingHeader { header: headers::CURSOR, status: code });
+        }
+        let schema_text = header_str(header_map, headers::SCHEMA);
+        if !live && schema_text.is_none() {
+            return Err(ShapeError::MissingHeader { header: headers::SCHEMA, status: code });
+        }
+
+        if self.expired_handles.iter().any(|h| h == handle) {
+            return self.on_stale_response(handle.to_owned());
+        }
+
+        let schema = match schema_text {
+            Some(text) if self.schema_text.as_deref() != Some(text) || self.schema.is_none() => {
+                let parsed: Schema = serde_json::from_str(text)
+                    .map_err(|e| ShapeError::protocol(format!("bad `{}` header: {e}", headers::SCHEMA)))?;
+                Arc::new(parsed)
+            }
+            _ => self.schema.clone().unwrap_or_default(),
+        };
+
+        let parsed = match parse_body(body, &schema) {
+            Ok(p) => p,
+            Err(BodyError::Invalid(detail)) => return Err(ShapeError::Protocol(detail)),
+            Err(BodyError::Malformed(detail)) => {
+                self.malformed_bodies += 1;
+                if self.malformed_bodies > self.options.malformed_body_retries {
+                    return Err(ShapeError::Protocol(format!(
+                        "{detail}, {} times in a row",
+                        self.malformed_bodies
+                    )));
+                }
+                let retry_after = self.retry_after(header_map);
+                self.wait_after_fault(&detail, retry_after).await;
+                return Ok(None);
+            }
+        };
+        if parsed.must_refetch {
+            tracing::info!("shape must be refetched (must-refetch message)");
+            return Ok(Some(
+                self.reset(Some(handle.to_owned()).filter(|h| Some(h) != self.handle.as_ref()), true),
+            ));
+        }
+
+        // The response is good: commit it to the stream state.
+        self.backoff.reset();
+        self.malformed_bodies = 0;
+        self.stale_retries = 0;
+        let request_offset = self.offset;
+        self.handle = Some(handle.to_owned());
+        self.offset = Some(offset);
+        if let Some(c) = cursor {
+            self.cursor = Some(c.to_owned());
+        }
+        if let Some(text) = schema_text
+            && self.schema_text.as_deref() != Some(text)
+        {
+            self.schema_text = Some(text.to_owned());
+        }
+        self.schema = Some(schema.clone());
+        self.live = parsed.up_to_date;
+        if !live && !parsed.up_to_date && request_offset == Some(offset) && self.fast_loop.record(offset) {
+            return self.on_fast_loop().map(Some);
+        }
+        Ok(Some(ShapeEvent::Response(SourceResponse {
+            changes: parsed.changes,
+            handle: handle.to_owned(),
+            offset,
+            schema,
+            up_to_date: parsed.up_to_date,
+        })))
+    }
+
+    /// A response carried a handle we already saw expire: it came from a cache.
+    fn on_stale_response(&mut self, handle: String) -> Result<Option<ShapeEvent>, ShapeError> {
+        self.stale_retries += 1;
+        if self.stale_retries <= STALE_RETRIES {
+            tracing::warn!(
+                attempt = self.stale_retries,
+                "response carries an expired handle (stale cache); retrying with a cache-buster"
+            );
+            self.cache_buster = Some(new_cache_buster());
+            return Ok(None);
+        }
+        if !self.self_healed {
+            tracing::warn!("caches keep serving an expired handle; resetting the stream once");
+            self.self_healed = true;
+            self.stale_retries = 0;
+            self.expired_handles.retain(|h| *h != handle);
+            return Ok(Some(self.reset(None, false)));
+        }
+        Err(ShapeError::protocol(
+            "caches keep serving a shape handle the server expired, even after a reset; purge the CDN/proxy cache in front of Electric",
+        ))
+    }
+
+    fn on_fast_loop(&mut self) -> Result<ShapeEvent, ShapeError> {
+        let n = self.fast_loop.detections;
+        if n >= FAST_LOOP_LIMIT {
+            return Err(ShapeError::protocol(format!(
+                "the server returned the same offset {FAST_LOOP_REQUESTS} times within {} ms, {n} times over; a proxy may be caching responses wrongly",
+                FAST_LOOP_WINDOW.as_millis()
+            )));
+        }
+        if n == 1 {
+            tracing::warn!("non-live requests are not advancing; resetting the stream");
+            return Ok(self.reset(None, false));
+        }
+        let delay = self.backoff.next_delay(None);
+        tracing::warn!(?delay, "non-live requests are still not advancing; backing off");
+        self.pending_delay = Some(delay);
+        self.live = false;
+        let offset = self.offset.unwrap_or(Offset::Start);
+        Ok(ShapeEvent::Response(SourceResponse {
+            changes: Vec::new(),
+            handle: self.handle.clone().unwrap_or_default(),
+            offset,
+            schema: self.schema.clone().unwrap_or_default(),
+            up_to_date: false,
+        }))
+    }
+
+    /// Back to `offset=-1`, with a fresh cache-buster so no cached response is reused.
+    fn reset(&mut self, new_handle: Option<String>, expire_old: bool) -> ShapeEvent {
+        if let Some(old) = self.handle.take()
+            && expire_old
+            && new_handle.as_ref() != Some(&old)
+        {
+            if self.expired_handles.len() >= EXPIRED_HANDLES_KEPT {
+                self.expired_handles.pop_front();
+            }
+            self.expired_handles.push_back(old.clone());
+            self.expired_to_send = Some(old);
+        }
+        self.handle = new_handle.clone();
+        self.offset = Some(Offset::Start);
+        self.live = false;
+        self.schema = None;
+        self.schema_text = None;
+        self.cache_buster = Some(new_cache_buster());
+        self.fast_loop.times.clear();
+        ShapeEvent::MustRefetch { new_handle }
+    }
+
+    fn retry_after(&self, header_map: &HeaderMap) -> Option<Duration> {
+        header_str(header_map, headers::RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()))
+    }
+
+    async fn wait_after_fault(&mut self, what: &str, retry_after: Option<Duration>) {
+        let delay = self.backoff.next_delay(retry_after);
+        tracing::warn!(
+            failures = self.backoff.failures(),
+            delay_ms = delay.as_millis() as u64,
+            "shape request failed ({what}); retrying at the same offset"
+        );
+        tokio::time::sleep(delay).await;
+    }
+
+    /// A typed rejection from a 4xx body, naming the parameter the server blamed.
+    fn rejection(&self, status: u16, body: &[u8]) -> ShapeError {
+        #[derive(serde::Deserialize)]
+        struct ErrorBody {
+            message: Option<String>,
+            errors: Option<BTreeMap<String, serde_json::Value>>,
+        }
+        let hide = |s: String| match self.options.secret.as_deref() {
+            Some(secret) if !secret.is_empty() => s.replace(secret, "***"),
+            _ => s,
+        };
+        let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+        let errors: BTreeMap<String, Vec<String>> = parsed
+            .as_ref()
+            .and_then(|b| b.errors.as_ref())
+            .map(|errs| {
+                errs.iter()
+                    .map(|(k, v)| {
+                        let msgs = match v {
+                            serde_json::Value::Array(items) => items.iter().map(json_text).collect(),
+                            other => vec![json_text(other)],
+                        };
+                        (k.clone(), msgs.into_iter().map(hide).collect())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let param = errors.keys().next().cloned().or_else(|| (status == 401).then(|| "secret".to_owned()));
+        let message = if !errors.is_empty() {
+            errors.iter().map(|(k, v)| format!("{k} {}", v.join(", "))).collect::<Vec<_>>().join("; ")
+        } else if let Some(m) = parsed.and_then(|b| b.message) {
+            m
+        } else {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            if text.is_empty() {
+                StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("").to_owned()
+            } else {
+                text.chars().take(300).collect()
+            }
+        };
+        ShapeError::Rejected { status, param, message: hide(message), errors }
+    }
+}
+
+fn json_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn header_str<'a>(map: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    map.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn new_cache_buster() -> String {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{now}-{:016x}", rand::rng().random::<u64>())
+}
+
+/// Describes a transport failure without the URL (which may hold secrets).
+fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else if e.is_body() || e.is_decode() {
+        "the response body was cut off"
+    } else {
+        "network error"
+    };
+    let mut detail = kind.to_owned();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    detail
+}
+
+/// Counts non-advancing non-live responses per offset.
+#[derive(Debug, Default)]
+struct FastLoop {
+    offset: Option<Offset>,
+    times: VecDeque<Instant>,
+    detections: u32,
+}
+
+impl FastLoop {
+    /// Records one non-advancing response at `offset`; true when it completes a loop.
+    fn record(&mut self, offset: Offset) -> bool {
+        let now = Instant::now();
+        if self.offset != Some(offset) {
+            self.offset = Some(offset);
+            self.times.clear();
+        }
+        self.times.push_back(now);
+        while self.times.front().is_some_and(|t| now.duration_since(*t) > FAST_LOOP_WINDOW) {
+            self.times.pop_front();
+        }
+        if self.times.len() >= FAST_LOOP_REQUESTS {
+            self.times.clear();
+            self.detections += 1;
+            return true;
+        }
+        false
+    }
+}
+
+#[async_trait]
+impl Source for ShapeStream {
+    fn definition_hash(&self) -> String {
+        self.definition_hash.clone()
+    }
+
+    fn resume(&mut self, from: Option<ResumePoint>) {
+        ShapeStream::resume(self, from);
+    }
+
+    async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        Ok(match self.next_event().await? {
+            ShapeEvent::Response(r) => SourceEvent::Response(r),
+            ShapeEvent::MustRefetch { .. } => SourceEvent::MustRefetch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_loop_needs_five_hits_at_one_offset() {
+        let mut f = FastLoop::default();
+        let o = Offset::new(1, 0);
+        assert!(!(0..4).any(|_| f.record(o)));
+        assert!(!f.record(Offset::new(2, 0)), "another offset starts over");
+        assert!(!(0..3).any(|_| f.record(Offset::new(2, 0))));
+        assert!(f.record(Offset::new(2, 0)));
+        assert_eq!(f.detections, 1);
+    }
+
+    #[test]
+    fn cache_busters_are_unique() {
+        let a: std::collections::HashSet<String> = (0..1000).map(|_| new_cache_buster()).collect();
+        assert_eq!(a.len(), 1000);
+    }
+}
