@@ -1,1 +1,73 @@
-//! shapesync-sink-redis (placeholder)
+//! The Redis sink: a Redis cache that is never stale and needs no TTL.
+//!
+//! # Layouts (`layout:`)
+//! - `hash` (default): one hash per row, one field per column. A SQL NULL is an absent
+//!   field. Values are rendered by [`shapesync_core::Value::render`]: `bool` as
+//!   `true`/`false`; integers as exact decimals (an int8 keeps all 64 bits); floats in
+//!   their shortest exact decimal form, or `NaN`, `Infinity`, `-Infinity`; `numeric` as its
+//!   exact Postgres text; `json`/`jsonb` as their original text; text and every other type
+//!   (uuid, timestamps, bytea, …) as Postgres' text output; arrays as a JSON array.
+//! - `json`: one string per row holding the row as a JSON object with sorted keys,
+//!   serialized by `Value`'s `Serialize`: int8 as an exact JSON number (9007199254740993
+//!   survives), `numeric` as a string, JSON inline, NULL as `null`.
+//! - `table`: one hash per shape, named `<prefix><table>`; one field per row key, holding
+//!   the row's JSON as in `json` (Electric's own Redis example).
+//!
+//! Partial updates (`replica: default`) are merged: in `hash` with `HSET`/`HDEL` of the
+//! given columns; in `json`/`table` the stored JSON is read first and merged in Rust with
+//! every value kept as raw text (never through Lua's cjson, which would round numbers).
+//!
+//! # Keys
+//! `key:` is a template over column values (`project:{id}`, `{org}:{id}`; `{{` and `}}`
+//! are literal braces), rendered with the rules above. The default is
+//! `<table>:<primary-key values joined by ':'>` (`table` layout: just the joined values, as
+//! the field). A template may use non-primary-key columns only with `replica: full`:
+//! `check` enforces this when `primary_key:` is configured, and the first batch enforces
+//! it against the shape's schema otherwise (a `Rejected` error naming the column). Under
+//! `replica: full` an update that changes a key column moves the row. Values are not
+//! escaped, so a `:` inside a value can make composite keys ambiguous.
+//!
+//! Every key starts with `prefix`; with `hash_tag: true` it is followed by the Redis
+//! Cluster hash tag `{<pipeline>}:`, so all of a pipeline's keys share one slot.
+//!
+//! # Progress and atomicity
+//! The checkpoint ([`shapesync_core::Checkpoint::to_json`]) lives at
+//! `<prefix>[{pipeline}:]shapesync:<pipeline>:checkpoint`; nothing else stores progress.
+//! Row membership lives in the hash `<prefix>[{pipeline}:]shapesync:<pipeline>:members`
+//! (row key → generation that last wrote it).
+//! Each atomic unit is one Lua script call running the unit's commands in order, the
+//! checkpoint last; a failing command aborts the script before the checkpoint is written.
+//! - A live batch is one unit.
+//! - A snapshot batch — every change is an insert without a log position, and the
+//!   checkpoint offset is `-1`, `0_N` or `0_inf` — is written in units of `part_size`
+//!   rows so Redis never blocks other clients for long; rows may land ahead of the
+//!   checkpoint (replay is idempotent), and the checkpoint moves with the last unit.
+//! - A batch with `sweep` writes its changes, then `HSCAN`s the membership `part_size`
+//!   entries at a time and `UNLINK`s rows of older generations; the checkpoint goes with
+//!   the last step. Readers see old-but-present rows until then, never an empty cache.
+//!
+//! # Notifications
+//! With `notify: <channel>`, every unit `PUBLISH`es one message per changed row, delivered
+//! when the unit commits: `{"op":"insert"|"update"|"delete","key":"<redis key>"}`, plus
+//! `"field":"<row key>"` in the `table` layout (where `key` is the shape's hash). Rows
+//! removed by a sweep or a reset are published as `delete`.
+//!
+//! # Errors
+//! Connection failures, timeouts, `LOADING`, `BUSY`, `OOM`, `READONLY`, `TRYAGAIN` and
+//! cluster-down replies are `SinkError::Unavailable` (the runner retries the idempotent
+//! batch); other refusals (e.g. `WRONGTYPE` on a key another program owns) and bad
+//! settings are `Rejected`. No error or log line contains the URL.
+
+mod config;
+mod sink;
+mod template;
+
+pub use config::{Layout, RedisSinkConfig, defaults};
+pub use sink::RedisSink;
+
+use shapesync_core::Registry;
+
+/// Registers the sink under `type: redis`.
+pub fn register(registry: &mut Registry) {
+    registry.sink::<RedisSinkConfig>("redis");
+}

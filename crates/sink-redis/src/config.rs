@@ -1,0 +1,282 @@
+//! `type: redis` settings and their validation.
+
+use std::sync::Arc;
+
+use redis::{ConnectionInfo, IntoConnectionInfo};
+use serde::Deserialize;
+use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
+
+use crate::sink::RedisSink;
+use crate::template::KeyTemplate;
+
+/// Default values of the optional settings, in one place.
+pub mod defaults {
+    /// Snapshot rows (and swept rows) per Redis transaction.
+    pub const PART_SIZE: usize = 500;
+    /// How long one Redis command may take before the batch is retried.
+    pub const TIMEOUT_MS: u64 = 10_000;
+
+    pub(crate) fn part_size() -> usize {
+        PART_SIZE
+    }
+    pub(crate) fn timeout_ms() -> u64 {
+        TIMEOUT_MS
+    }
+}
+
+/// How a pipeline's rows are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One Redis hash per row, one field per non-NULL column (rendered by `Value::render`).
+    #[default]
+    Hash,
+    /// One Redis string per row holding the row as a JSON object.
+    Json,
+    /// One Redis hash per shape (named after the table), one field per row key holding
+    /// the row's JSON: the layout of Electric's own Redis example.
+    Table,
+}
+
+/// Settings of a `type: redis` sink. Deliberately not `Debug`: the URL may hold a password.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSinkConfig {
+    /// `redis://[user:password@]host[:port][/db]` or `unix:///path/to.sock`.
+    pub url: String,
+    /// Row layout; `hash` by default.
+    #[serde(default)]
+    pub layout: Layout,
+    /// Key template over column values, e.g. `project:{id}`; `{{`/`}}` are literal
+    /// braces. Default: `<table>:<primary key values joined by ':'>` (for `table`:
+    /// the primary key values only, as the field name).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The table's primary-key columns, in key order. Optional: when given, the key
+    /// template is checked against it at validation time; it is always checked against
+    /// the shape's schema at the first batch.
+    #[serde(default)]
+    pub primary_key: Option<Vec<String>>,
+    /// Prepended to every key this sink writes (rows, membership, checkpoint).
+    #[serde(default)]
+    pub prefix: String,
+    /// Put every key of the pipeline in the Redis Cluster hash tag `{<pipeline>}`,
+    /// right after `prefix`, so one script can touch them all on a cluster.
+    #[serde(default)]
+    pub hash_tag: bool,
+    /// Channel to `PUBLISH` every committed change on (JSON, see the crate docs).
+    #[serde(default)]
+    pub notify: Option<String>,
+    /// Database number; overrides the one in `url`.
+    #[serde(default)]
+    pub database: Option<i64>,
+    /// Snapshot rows per Redis transaction, and membership entries scanned per sweep step.
+    #[serde(default = "defaults::part_size")]
+    pub part_size: usize,
+    /// Response timeout of one Redis command, in milliseconds.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl RedisSinkConfig {
+    /// Settings with every optional key at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisSinkConfig {
+            url: url.into(),
+            layout: Layout::default(),
+            key: None,
+            primary_key: None,
+            prefix: String::new(),
+            hash_tag: false,
+            notify: None,
+            database: None,
+            part_size: defaults::PART_SIZE,
+            timeout_ms: defaults::TIMEOUT_MS,
+        }
+    }
+
+    /// The parsed key template, if one is configured.
+    pub(crate) fn template(&self) -> Result<Option<KeyTemplate>, ConfigError> {
+        self.key
+            .as_deref()
+            .map(KeyTemplate::parse)
+            .transpose()
+            .map_err(|m| ConfigError::new("key", format!("invalid key template: {m}")))
+    }
+
+    /// Where to connect. Errors never contain the URL (it may hold a password).
+    pub(crate) fn connection_info(&self) -> Result<ConnectionInfo, ConfigError> {
+        let info = self.url.as_str().into_connection_info().map_err(|e| {
+            let detail = e.detail().unwrap_or("unparseable");
+            ConfigError::new(
+                "url",
+                format!(
+                    "not a usable Redis URL ({detail}); expected redis://[user:password@]host[:port][/db] or unix:///path/to/redis.sock"
+                ),
+            )
+        })?;
+        Ok(match self.database {
+            Some(db) => {
+                let settings = info.redis_settings().clone().set_db(db);
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        })
+    }
+}
+
+fn must_be_known(
+    columns: &[String],
+    used: impl Iterator<Item = impl AsRef<str>>,
+    key: &str,
+) -> Result<(), ConfigError> {
+    for c in used {
+        let c = c.as_ref();
+        if !columns.iter().any(|k| k == c) {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "column `{c}` is not among the shape's selected columns; add it to the source's `columns`"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl SinkConfig for RedisSinkConfig {
+    fn check(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
+        self.connection_info()?;
+        if self.database.is_some_and(|db| db < 0) {
+            return Err(ConfigError::new("database", "expected a database number of 0 or more"));
+        }
+        if self.part_size == 0 {
+            return Err(ConfigError::new("part_size", "expected at least 1 row per part"));
+        }
+        if self.timeout_ms == 0 {
+            return Err(ConfigError::new("timeout_ms", "expected a timeout of at least 1 ms"));
+        }
+        if self.notify.as_deref() == Some("") {
+            return Err(ConfigError::new(
+                "notify",
+                "expected a channel name; remove the key to disable notifications",
+            ));
+        }
+        if self.hash_tag {
+            if self.prefix.contains(['{', '}']) {
+                return Err(ConfigError::new(
+                    "prefix",
+                    "must not contain `{` or `}` when `hash_tag` is on: Redis Cluster would hash the prefix instead of the pipeline tag",
+                ));
+            }
+            if ctx.pipeline.contains(['{', '}']) || ctx.pipeline.is_empty() {
+                return Err(ConfigError::new(
+                    "hash_tag",
+                    "the pipeline id is used as the hash tag and must be non-empty without `{` or `}`; rename the pipeline",
+                ));
+            }
+        }
+        let template = self.template()?;
+        if let Some(pk) = &self.primary_key {
+            if pk.is_empty() {
+                return Err(ConfigError::new("primary_key", "expected at least one column"));
+            }
+            if let Some(columns) = &ctx.shape.columns {
+                must_be_known(columns, pk.iter(), "primary_key")?;
+            }
+        }
+        if let Some(template) = &template {
+            if let Some(columns) = &ctx.shape.columns {
+                must_be_known(columns, template.columns(), "key")?;
+            }
+            if let (false, Some(pk)) = (ctx.shape.full_rows, &self.primary_key)
+                && let Some(c) = template.columns().find(|c| !pk.iter().any(|k| k == c))
+            {
+                return Err(ConfigError::new(
+                    "key",
+                    format!(
+                        "uses `{c}`, which is not a primary-key column; updates carry only the primary key and changed columns, so set `replica: full` on the source or key by primary-key columns only"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
+        Ok(Arc::new(RedisSink::connect(self, ctx).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shapesync_core::ShapeInfo;
+
+    use super::*;
+
+    fn ctx(full_rows: bool) -> SinkContext {
+        SinkContext {
+            pipeline: "projects".into(),
+            shape: ShapeInfo {
+                table: "projects".into(),
+                columns: Some(vec!["id".into(), "org".into(), "name".into()]),
+                full_rows,
+            },
+        }
+    }
+
+    fn config(yaml: &str) -> RedisSinkConfig {
+        serde_json::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn rejects_unknown_keys() {
+        let r = serde_json::from_str::<RedisSinkConfig>(r#"{"url":"redis://h","ttl":5}"#);
+        assert!(r.is_err());
+        assert!(serde_json::from_str::<RedisSinkConfig>(r#"{"layout":"json"}"#).is_err(), "url is required");
+    }
+
+    #[test]
+    fn bad_urls_are_rejected_without_echoing_the_password() {
+        for url in ["http://u:s3cret@h", "redis://u:s3cret@", "not a url s3cret"] {
+            let e = RedisSinkConfig::new(url).check(&ctx(false)).unwrap_err();
+            assert_eq!(e.key, "url");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+        assert!(RedisSinkConfig::new("redis://u:s3cret@localhost:1/2").check(&ctx(false)).is_ok());
+    }
+
+    #[test]
+    fn non_primary_key_template_needs_full_rows() {
+        let c = config(r#"{"url":"redis://h","key":"p:{org}:{id}","primary_key":["id"]}"#);
+        let e = c.check(&ctx(false)).unwrap_err();
+        assert_eq!(e.key, "key");
+        assert!(e.message.contains("replica: full"), "{e}");
+        assert!(c.check(&ctx(true)).is_ok());
+        let pk_only = config(r#"{"url":"redis://h","key":"p:{id}","primary_key":["id"]}"#);
+        assert!(pk_only.check(&ctx(false)).is_ok());
+    }
+
+    #[test]
+    fn template_columns_must_be_selected() {
+        let c = config(r#"{"url":"redis://h","key":"p:{missing}"}"#);
+        assert_eq!(c.check(&ctx(true)).unwrap_err().key, "key");
+        let c = config(r#"{"url":"redis://h","key":"p:{id"}"#);
+        assert!(c.check(&ctx(true)).unwrap_err().message.contains("unclosed"));
+    }
+
+    #[test]
+    fn hash_tag_rejects_braces_in_prefix() {
+        let c = config(r#"{"url":"redis://h","prefix":"a{b}:","hash_tag":true}"#);
+        assert_eq!(c.check(&ctx(false)).unwrap_err().key, "prefix");
+    }
+
+    #[test]
+    fn numeric_limits_are_checked() {
+        let c = config(r#"{"url":"redis://h","part_size":0}"#);
+        assert_eq!(c.check(&ctx(false)).unwrap_err().key, "part_size");
+        let c = config(r#"{"url":"redis://h","database":-1}"#);
+        assert_eq!(c.check(&ctx(false)).unwrap_err().key, "database");
+    }
+}

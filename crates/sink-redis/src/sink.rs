@@ -1,0 +1,530 @@
+//! The Redis sink: rows, membership and checkpoint written by one Lua script per unit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ErrorKind, RedisError, Script, ServerErrorKind};
+use serde_json::value::RawValue;
+use shapesync_core::{
+    Batch, Change, Checkpoint, Offset, Operation, Row, Schema, Sink, SinkConfig, SinkContext, SinkError,
+    async_trait,
+};
+
+use crate::config::{Layout, RedisSinkConfig};
+use crate::template::{KeyError, KeyTemplate};
+
+/// Runs a list of commands atomically. ARGV holds, per command, its argument count and
+/// then its arguments. A failing command aborts the script, so the checkpoint (always
+/// the last command) is never written past data that failed. KEYS[1] is the checkpoint
+/// key, declared so that a cluster routes the script to the pipeline's slot.
+const APPLY_SCRIPT: &str = r"
+local i, n = 1, #ARGV
+while i <= n do
+  local argc = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + argc))
+  i = i + 1 + argc
+end
+return n
+";
+
+/// How long to wait for a TCP connection before calling Redis unavailable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A Redis cache kept exactly in sync with a shape; see the crate docs for the layout.
+pub struct RedisSink {
+    conn: ConnectionManager,
+    script: Script,
+    layout: Layout,
+    template: Option<KeyTemplate>,
+    primary_key: Option<Vec<String>>,
+    full_rows: bool,
+    table: String,
+    notify: Option<String>,
+    part_size: usize,
+    keys: KeyNames,
+}
+
+/// The names of every key a pipeline owns.
+struct KeyNames {
+    /// `prefix` plus the hash tag: the start of every key.
+    base: String,
+    checkpoint: String,
+    members: String,
+    /// The shape's hash under the `table` layout.
+    table: String,
+}
+
+impl KeyNames {
+    fn new(prefix: &str, hash_tag: bool, pipeline: &str, table: &str) -> Self {
+        let base = if hash_tag { format!("{prefix}{{{pipeline}}}:") } else { prefix.to_owned() };
+        KeyNames {
+            checkpoint: format!("{base}shapesync:{pipeline}:checkpoint"),
+            members: format!("{base}shapesync:{pipeline}:members"),
+            table: format!("{base}{table}"),
+            base,
+        }
+    }
+}
+
+/// The commands of one atomic unit, flattened for [`APPLY_SCRIPT`].
+#[derive(Default)]
+struct Unit {
+    args: Vec<String>,
+}
+
+impl Unit {
+    fn push(&mut self, command: impl IntoIterator<Item = String>) {
+        let at = self.args.len();
+        self.args.push(String::new());
+        self.args.extend(command);
+        self.args[at] = (self.args.len() - at - 1).to_string();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.args.is_empty()
+    }
+}
+
+fn s(text: &str) -> String {
+    text.to_owned()
+}
+
+/// Maps a Redis failure to the runner's retry classes.
+fn classify(e: RedisError) -> SinkError {
+    let transient = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            )
+        )
+        || matches!(e.code(), Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS"));
+    if transient {
+        SinkError::Unavailable(format!("redis: {e}"))
+    } else {
+        SinkError::Rejected(format!("redis refused a command: {e}"))
+    }
+}
+
+/// Snapshot batches are not transactions, so they may be written in parts: every change
+/// is an insert without a log position, and the checkpoint offset is `-1`, `0_N` or `0_inf`.
+pub(crate) fn is_snapshot_batch(batch: &Batch) -> bool {
+    let offset = batch.checkpoint.offset;
+    (offset.is_snapshot() || offset == Offset::SNAPSHOT_END)
+        && batch.changes.iter().all(|c| c.op == Operation::Insert && c.position.is_none())
+}
+
+/// Merges `columns` into a stored JSON row without re-parsing any value, so numbers
+/// keep every digit; keys stay sorted, so the output is byte-stable.
+fn merge_json(stored: Option<&str>, columns: &Row) -> Result<String, String> {
+    let mut row: BTreeMap<String, Box<RawValue>> = match stored {
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| format!("stored row is not a JSON object: {e}"))?
+        }
+        None => BTreeMap::new(),
+    };
+    for (column, value) in columns {
+        row.insert(column.clone(), serde_json::value::to_raw_value(value).map_err(|e| e.to_string())?);
+    }
+    serde_json::to_string(&row).map_err(|e| e.to_string())
+}
+
+fn row_json(row: &Row) -> String {
+    serde_json::to_string(row).expect("rows always serialize")
+}
+
+/// The stored JSON of rows touched in this batch: `None` once deleted.
+type RowState = HashMap<String, Option<String>>;
+
+impl RedisSink {
+    /// Validates `config` and connects. An unreachable server is `Unavailable`.
+    pub async fn connect(config: RedisSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
+        let rejected = |e: shapesync_core::ConfigError| SinkError::Rejected(e.to_string());
+        config.check(&ctx).map_err(rejected)?;
+        let info = config.connection_info().map_err(rejected)?;
+        let address = info.addr().to_string();
+        let client = Client::open(info).map_err(classify)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(Duration::from_millis(config.timeout_ms)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, manager_config).await.map_err(classify)?;
+        tracing::info!(pipeline = %ctx.pipeline, %address, layout = ?config.layout, "redis sink connected");
+        Ok(RedisSink {
+            conn,
+            script: Script::new(APPLY_SCRIPT),
+            layout: config.layout,
+            template: config.template().map_err(rejected)?,
+            primary_key: config.primary_key,
+            full_rows: ctx.shape.full_rows,
+            keys: KeyNames::new(&config.prefix, config.hash_tag, &ctx.pipeline, &ctx.shape.table),
+            table: ctx.shape.table,
+            notify: config.notify,
+            part_size: config.part_size,
+        })
+    }
+
+    /// The key holding the pipeline's checkpoint JSON.
+    pub fn checkpoint_key(&self) -> &str {
+        &self.keys.checkpoint
+    }
+
+    /// The hash mapping each stored row's key to the generation that last wrote it.
+    pub fn members_key(&self) -> &str {
+        &self.keys.members
+    }
+
+    /// The template in force for rows of `schema`, checked against its primary key.
+    fn key_template(&self, schema: &Schema) -> Result<KeyTemplate, SinkError> {
+        let pk = schema.primary_key();
+        if let Some(configured) = &self.primary_key
+            && configured.iter().map(String::as_str).ne(pk.iter().copied())
+        {
+            return Err(SinkError::Rejected(format!(
+                "sink `primary_key` is {configured:?} but the table's primary key is {pk:?}; fix `primary_key`"
+            )));
+        }
+        match &self.template {
+            Some(template) => {
+                if !self.full_rows
+                    && let Some(c) = template.columns().find(|c| !pk.contains(c))
+                {
+                    return Err(SinkError::Rejected(format!(
+                        "key template uses `{c}`, which is not a primary-key column (the primary key is {pk:?}); updates carry only the primary key and changed columns, so set `replica: full` on the source or key by primary-key columns only"
+                    )));
+                }
+                Ok(template.clone())
+            }
+            None if pk.is_empty() => Err(SinkError::Rejected(format!(
+                "table `{}` has no primary key, so there is no default key; set `key` on the sink",
+                self.table
+            ))),
+            None if self.layout == Layout::Table => Ok(KeyTemplate::joined("", &pk)),
+            None => Ok(KeyTemplate::joined(&format!("{}:", self.table), &pk)),
+        }
+    }
+
+    fn row_key(template: &KeyTemplate, row: &Row, change: &Change) -> Result<String, SinkError> {
+        template.render(row).map_err(|e| {
+            SinkError::Rejected(match e {
+                KeyError::Missing(c) => format!(
+                    "the {} of row {} has no value for key column `{c}`; key by columns every change carries (the primary key), or set `replica: full`",
+                    change.op.as_str(),
+                    change.key
+                ),
+                KeyError::Null(c) => {
+                    format!("key column `{c}` is NULL in row {}; key by non-null columns", change.key)
+                }
+            })
+        })
+    }
+
+    fn data_key(&self, id: &str) -> String {
+        format!("{}{id}", self.keys.base)
+    }
+
+    fn publish(&self, unit: &mut Unit, op: Operation, id: &str) {
+        let Some(channel) = &self.notify else { return };
+        let message = match self.layout {
+            Layout::Table => serde_json::json!({ "op": op.as_str(), "key": self.keys.table, "field": id }),
+            Layout::Hash | Layout::Json => serde_json::json!({ "op": op.as_str(), "key": self.data_key(id) }),
+        };
+        unit.push([s("PUBLISH"), channel.clone(), message.to_string()]);
+    }
+
+    /// Stores `json` as row `id` (JSON layouts).
+    fn put_json(&self, unit: &mut Unit, id: &str, json: String, rows: &mut RowState) {
+        match self.layout {
+            Layout::Table => unit.push([s("HSET"), self.keys.table.clone(), id.to_owned(), json.clone()]),
+            _ => unit.push([s("SET"), self.data_key(id), json.clone()]),
+        }
+        rows.insert(id.to_owned(), Some(json));
+    }
+
+    /// Writes `row` as the whole of row `id`.
+    fn put(&self, unit: &mut Unit, id: &str, row: &Row, rows: &mut RowState) {
+        match self.layout {
+            Layout::Hash => {
+                let key = self.data_key(id);
+                unit.push([s("DEL"), key.clone()]);
+                let fields: Vec<String> = row
+                    .iter()
+                    .filter_map(|(c, v)| v.render().map(|v| [c.clone(), v.into_owned()]))
+                    .flatten()
+                    .collect();
+                if !fields.is_empty() {
+                    unit.push([s("HSET"), key].into_iter().chain(fields));
+                }
+            }
+            Layout::Json | Layout::Table => self.put_json(unit, id, row_json(row), rows),
+        }
+    }
+
+    /// Merges the given columns into row `id`.
+    fn merge(&self, unit: &mut Unit, id: &str, columns: &Row, rows: &mut RowState) -> Result<(), SinkError> {
+        match self.layout {
+            Layout::Hash => {
+                let key = self.data_key(id);
+                let (nulls, set): (Vec<_>, Vec<_>) = columns.iter().partition(|(_, v)| v.is_null());
+                if !set.is_empty() {
+                    let fields =
+                        set.into_iter().filter_map(|(c, v)| v.render().map(|v| [c.clone(), v.into_owned()]));
+                    unit.push([s("HSET"), key.clone()].into_iter().chain(fields.flatten()));
+                }
+                if !nulls.is_empty() {
+                    unit.push([s("HDEL"), key].into_iter().chain(nulls.into_iter().map(|(c, _)| c.clone())));
+                }
+            }
+            Layout::Json | Layout::Table => {
+                let stored = rows.get(id).cloned().flatten();
+                let merged = merge_json(stored.as_deref(), columns).map_err(|m| {
+                    SinkError::Rejected(format!(
+                        "cannot merge an update into row key `{id}`: {m}; another writer uses this key, give the sink its own `prefix`"
+                    ))
+                })?;
+                self.put_json(unit, id, merged, rows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes row `id` and its membership.
+    fn remove(&self, unit: &mut Unit, id: &str, rows: &mut RowState) {
+        match self.layout {
+            Layout::Table => unit.push([s("HDEL"), self.keys.table.clone(), id.to_owned()]),
+            Layout::Hash | Layout::Json => unit.push([s("UNLINK"), self.data_key(id)]),
+        }
+        unit.push([s("HDEL"), self.keys.members.clone(), id.to_owned()]);
+        rows.insert(id.to_owned(), None);
+        self.publish(unit, Operation::Delete, id);
+    }
+
+    fn mark(&self, unit: &mut Unit, id: &str, generation: &str, op: Operation) {
+        unit.push([s("HSET"), self.keys.members.clone(), id.to_owned(), generation.to_owned()]);
+        self.publish(unit, op, id);
+    }
+
+    fn write_change(
+        &self,
+        unit: &mut Unit,
+        template: &KeyTemplate,
+        change: &Change,
+        generation: &str,
+        rows: &mut RowState,
+    ) -> Result<(), SinkError> {
+        let id = Self::row_key(template, &change.value, change)?;
+        match change.op {
+            Operation::Insert => {
+                self.put(unit, &id, &change.value, rows);
+                self.mark(unit, &id, generation, Operation::Insert);
+            }
+            Operation::Delete => self.remove(unit, &id, rows),
+            Operation::Update => {
+                // Under `replica: full` an update may change a key column: the row moves.
+                if let Some(old) = &change.old_value {
+                    let mut before = change.value.clone();
+                    before.extend(old.iter().map(|(c, v)| (c.clone(), v.clone())));
+                    let old_id = Self::row_key(template, &before, change)?;
+                    if old_id != id {
+                        self.remove(unit, &old_id, rows);
+                        self.put(unit, &id, &change.value, rows);
+                        self.mark(unit, &id, generation, Operation::Insert);
+                        return Ok(());
+                    }
+                }
+                self.merge(unit, &id, &change.value, rows)?;
+                self.mark(unit, &id, generation, Operation::Update);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the stored JSON of every row an update will merge into (JSON layouts).
+    /// The sink is its keys' only writer, so they cannot change before the unit runs.
+    async fn stored_rows(
+        &self,
+        conn: &mut ConnectionManager,
+        template: &KeyTemplate,
+        changes: &[Change],
+    ) -> Result<RowState, SinkError> {
+        let mut rows = RowState::new();
+        if self.layout == Layout::Hash {
+            return Ok(rows);
+        }
+        let mut ids = Vec::new();
+        for change in changes.iter().filter(|c| c.op == Operation::Update) {
+            let id = Self::row_key(template, &change.value, change)?;
+            if !rows.contains_key(&id) {
+                rows.insert(id.clone(), None);
+                ids.push(id);
+            }
+        }
+        for chunk in ids.chunks(self.part_size) {
+            let mut cmd = match self.layout {
+                Layout::Table => redis::cmd("HMGET").arg(&self.keys.table).to_owned(),
+                _ => redis::cmd("MGET"),
+            };
+            for id in chunk {
+                match self.layout {
+                    Layout::Table => cmd.arg(id),
+                    _ => cmd.arg(self.data_key(id)),
+                };
+            }
+            let values: Vec<Option<String>> = cmd.query_async(conn).await.map_err(classify)?;
+            rows.extend(chunk.iter().cloned().zip(values));
+        }
+        Ok(rows)
+    }
+
+    async fn run(&self, conn: &mut ConnectionManager, unit: &Unit) -> Result<(), SinkError> {
+        let mut invocation = self.script.key(&self.keys.checkpoint);
+        for arg in &unit.args {
+            invocation.arg(arg);
+        }
+        invocation.invoke_async::<redis::Value>(conn).await.map_err(classify)?;
+        Ok(())
+    }
+
+    /// Deletes every member whose generation is below `generation`, `part_size` entries
+    /// per step; the last step also stores `checkpoint`, if given.
+    async fn sweep(
+        &self,
+        conn: &mut ConnectionManager,
+        generation: u64,
+        checkpoint: Option<&str>,
+    ) -> Result<(), SinkError> {
+        let mut cursor = s("0");
+        loop {
+            let (next, flat): (String, Vec<String>) = redis::cmd("HSCAN")
+                .arg(&self.keys.members)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(self.part_size)
+                .query_async(conn)
+                .await
+                .map_err(classify)?;
+            let mut unit = Unit::default();
+            let mut scratch = RowState::new();
+            for pair in flat.chunks_exact(2) {
+                // An unreadable generation cannot be current, so the row goes.
+                if pair[1].parse::<u64>().map_or(true, |g| g < generation) {
+                    self.remove(&mut unit, &pair[0], &mut scratch);
+                }
+            }
+            let done = next == "0";
+            if let (true, Some(json)) = (done, checkpoint) {
+                unit.push([s("SET"), self.keys.checkpoint.clone(), json.to_owned()]);
+            }
+            if !unit.is_empty() {
+                self.run(conn, &unit).await?;
+            }
+            if done {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for RedisSink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        let mut conn = self.conn.clone();
+        let stored: Option<String> =
+            redis::cmd("GET").arg(&self.keys.checkpoint).query_async(&mut conn).await.map_err(classify)?;
+        stored
+            .map(|json| Checkpoint::from_json(&json))
+            .transpose()
+            .map_err(|e| SinkError::CorruptCheckpoint(format!("key `{}`: {e}", self.keys.checkpoint)))
+    }
+
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let template = self.key_template(&batch.checkpoint.schema)?;
+        let generation = batch.checkpoint.generation.to_string();
+        let checkpoint = batch.checkpoint.to_json();
+        let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;
+        let parts: Vec<&[Change]> = if batch.changes.is_empty() {
+            vec![&[]]
+        } else if is_snapshot_batch(batch) {
+            batch.changes.chunks(self.part_size).collect()
+        } else {
+            vec![&batch.changes]
+        };
+        let count = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            let mut unit = Unit::default();
+            for change in part {
+                self.write_change(&mut unit, &template, change, &generation, &mut rows)?;
+            }
+            if i + 1 == count && !batch.sweep {
+                unit.push([s("SET"), self.keys.checkpoint.clone(), checkpoint.clone()]);
+            }
+            if !unit.is_empty() {
+                self.run(&mut conn, &unit).await?;
+            }
+        }
+        if batch.sweep {
+            self.sweep(&mut conn, batch.checkpoint.generation, Some(&checkpoint)).await?;
+        }
+        Ok(())
+    }
+
+    async fn reset(&self) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        // The checkpoint goes first: a reset cut short leaves rows but no progress, so the
+        // next run resyncs instead of trusting rows that are partly gone.
+        let mut unit = Unit::default();
+        unit.push([s("DEL"), self.keys.checkpoint.clone()]);
+        self.run(&mut conn, &unit).await?;
+        self.sweep(&mut conn, u64::MAX, None).await?;
+        let mut unit = Unit::default();
+        unit.push([s("DEL"), self.keys.members.clone()]);
+        self.run(&mut conn, &unit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shapesync_core::Value;
+
+    use super::*;
+
+    #[test]
+    fn json_merge_keeps_big_numbers_and_sorted_keys() {
+        let stored = r#"{"a":9007199254740993,"j":{"x":1.10},"z":"keep"}"#;
+        let mut update = Row::new();
+        update.insert("b".into(), Value::Int(i64::MAX));
+        update.insert("z".into(), Value::Null);
+        assert_eq!(
+            merge_json(Some(stored), &update).unwrap(),
+            r#"{"a":9007199254740993,"b":9223372036854775807,"j":{"x":1.10},"z":null}"#
+        );
+        assert!(merge_json(Some("[1]"), &update).is_err());
+    }
+
+    #[test]
+    fn unit_prefixes_each_command_with_its_length() {
+        let mut unit = Unit::default();
+        unit.push([s("DEL"), s("k")]);
+        unit.push([s("SET"), s("k"), s("v")]);
+        assert_eq!(unit.args, ["2", "DEL", "k", "3", "SET", "k", "v"]);
+    }
+
+    #[test]
+    fn key_names_carry_prefix_and_hash_tag() {
+        let k = KeyNames::new("app:", true, "projects", "items");
+        assert_eq!(k.checkpoint, "app:{projects}:shapesync:projects:checkpoint");
+        assert_eq!(k.table, "app:{projects}:items");
+        let k = KeyNames::new("", false, "p", "items");
+        assert_eq!(k.members, "shapesync:p:members");
+    }
+}

@@ -1,0 +1,147 @@
+//! Key templates: `project:{id}`, `{org_id}:{id}`; `{{` and `}}` are literal braces.
+
+use shapesync_core::{Row, Value};
+
+/// A parsed key template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Column(String),
+}
+
+/// Why a row has no key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// The row does not carry the column.
+    Missing(String),
+    /// The column is SQL NULL.
+    Null(String),
+}
+
+impl KeyTemplate {
+    /// Parses a template; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut column = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some('{') | None => {
+                                return Err("unclosed `{` (write `{{` for a literal brace)".into());
+                            }
+                            Some(c) => column.push(c),
+                        }
+                    }
+                    if column.is_empty() {
+                        return Err("empty `{}` placeholder: name a column, e.g. `{id}`".into());
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Column(column));
+                }
+                '}' => return Err("unmatched `}` (write `}}` for a literal brace)".into()),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
+            return Err(
+                "the template names no column, so every row would get the same key; add e.g. `{id}`".into()
+            );
+        }
+        Ok(KeyTemplate { parts })
+    }
+
+    /// `<prefix>` followed by the given columns joined by `:`.
+    pub fn joined(prefix: &str, columns: &[&str]) -> Self {
+        let mut parts = Vec::new();
+        if !prefix.is_empty() {
+            parts.push(Part::Literal(prefix.to_owned()));
+        }
+        for (i, column) in columns.iter().enumerate() {
+            if i > 0 {
+                parts.push(Part::Literal(":".into()));
+            }
+            parts.push(Part::Column((*column).to_owned()));
+        }
+        KeyTemplate { parts }
+    }
+
+    /// The columns the template reads.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Column(c) => Some(c.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
+    /// The key of `row`: literals as written, columns by [`Value::render`].
+    pub fn render(&self, row: &Row) -> Result<String, KeyError> {
+        let mut key = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => key.push_str(s),
+                Part::Column(c) => {
+                    let value = row.get(c).ok_or_else(|| KeyError::Missing(c.clone()))?;
+                    key.push_str(&Value::render(value).ok_or_else(|| KeyError::Null(c.clone()))?);
+                }
+            }
+        }
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pairs: &[(&str, Value)]) -> Row {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+    }
+
+    #[test]
+    fn renders_composite_keys_and_escaped_braces() {
+        let t = KeyTemplate::parse("org:{org}:{{x}}:{id}").unwrap();
+        assert_eq!(t.columns().collect::<Vec<_>>(), ["org", "id"]);
+        let r = row(&[("org", Value::Text("acme".into())), ("id", Value::Int(7))]);
+        assert_eq!(t.render(&r).unwrap(), "org:acme:{x}:7");
+    }
+
+    #[test]
+    fn rejects_bad_templates() {
+        for bad in ["p:{id", "p:}", "p:{}", "static", "{a{b}}"] {
+            assert!(KeyTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn missing_and_null_columns_are_errors() {
+        let t = KeyTemplate::joined("items:", &["a", "b"]);
+        assert_eq!(t.render(&row(&[("a", Value::Int(1))])), Err(KeyError::Missing("b".into())));
+        let r = row(&[("a", Value::Int(1)), ("b", Value::Null)]);
+        assert_eq!(t.render(&r), Err(KeyError::Null("b".into())));
+        let r = row(&[("a", Value::Int(1)), ("b", Value::Bool(true))]);
+        assert_eq!(t.render(&r).unwrap(), "items:1:true");
+    }
+}
