@@ -20,7 +20,9 @@ use tracing::{error, info, warn};
 /// The registry of the stock binary: every built-in source, transform and sink.
 pub fn builtin_registry() -> Registry {
     let mut registry = Registry::new();
+    registry.source::<shapesync_electric::ElectricSourceConfig>("electric");
     shapesync_sink_memory::register(&mut registry);
+    shapesync_sink_redis::register(&mut registry);
     registry
 }
 

@@ -1,0 +1,171 @@
+//! `shapesync validate` and `run` on bad input: one clear message naming the file and
+//! key path, a non-zero exit, no secret echoed, nothing written.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn shapesync(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shapesync"));
+    cmd.args(args).env_remove("SHAPESYNC_LOG").env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run shapesync")
+}
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn file(name: &str, text: &str) -> TempFile {
+    let path = std::env::temp_dir().join(format!("shapesync-validate-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    TempFile(path)
+}
+
+const GOOD: &str = "
+pipelines:
+  projects:
+    source:
+      type: electric
+      url: http://localhost:3000/v1/shape
+      table: projects
+      where: archived = false
+    sink:
+      type: memory
+";
+
+/// Runs `validate` on `text` and returns (exit code, stderr, path).
+fn validate(name: &str, text: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let f = file(name, text);
+    let out = shapesync(&["validate", f.0.to_str().unwrap()], env);
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stderr).into_owned(), f.0.display().to_string())
+}
+
+fn assert_error(name: &str, text: &str, key: &str, expect: &str) -> String {
+    let (code, stderr, path) = validate(name, text, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&format!("{path}: {key}: ")), "expected file and key `{key}` in: {stderr}");
+    assert!(stderr.contains(expect), "expected `{expect}` in: {stderr}");
+    stderr
+}
+
+#[test]
+fn a_good_file_validates() {
+    let f = file("good", GOOD);
+    let out = shapesync(&["validate", f.0.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok: 1 pipeline(s): projects");
+}
+
+#[test]
+fn malformed_yaml_names_the_file() {
+    let (code, stderr, path) = validate("malformed", "pipelines:\n  projects: [unclosed\n", &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains(&path), "{stderr}");
+}
+
+#[test]
+fn an_unknown_key_names_its_path() {
+    assert_error(
+        "unknown-key",
+        &GOOD.replace("type: memory", "type: memory\n      colour: red"),
+        "pipelines.projects.sink.colour",
+        "unknown key",
+    );
+    assert_error(
+        "unknown-src-key",
+        &GOOD.replace("table: projects", "table: projects\n      tabel: x"),
+        "pipelines.projects.source.tabel",
+        "unknown key",
+    );
+}
+
+#[test]
+fn a_wrong_type_names_its_path() {
+    assert_error(
+        "wrong-type",
+        &GOOD.replace("    sink:", "    buffer: lots\n    sink:"),
+        "pipelines.projects.buffer",
+        "expected",
+    );
+}
+
+#[test]
+fn an_unknown_sink_type_lists_the_known_ones() {
+    let err = assert_error(
+        "unknown-sink",
+        &GOOD.replace("type: memory", "type: mongo"),
+        "pipelines.projects.sink.type",
+        "unknown sink type `mongo`",
+    );
+    assert!(err.contains("memory") && err.contains("redis"), "{err}");
+}
+
+#[test]
+fn a_missing_env_var_without_default_is_named() {
+    let text = GOOD.replace("http://localhost:3000/v1/shape", "${SHAPESYNC_TEST_UNSET_URL}");
+    assert_error("missing-env", &text, "pipelines.projects.source.url", "SHAPESYNC_TEST_UNSET_URL");
+    // With a default, or with the variable set, it validates.
+    let with_default =
+        GOOD.replace("http://localhost:3000/v1/shape", "${SHAPESYNC_TEST_UNSET_URL:-http://h:1/v1/shape}");
+    assert_eq!(validate("env-default", &with_default, &[]).0, 0);
+    let (code, stderr, _) =
+        validate("env-set", &text, &[("SHAPESYNC_TEST_UNSET_URL", "http://e:3000/v1/shape")]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn an_unparseable_url_is_rejected_without_echoing_secrets() {
+    let text = GOOD.replace("http://localhost:3000/v1/shape", "http://admin:hunter2@[::1/v1/shape");
+    let err = assert_error("bad-url", &text, "pipelines.projects.source.url", "URL");
+    assert!(!err.contains("hunter2"), "password leaked: {err}");
+    let text = GOOD.replace("type: memory", "type: redis\n      url: \"rediss://:hunter2@bad host:6379\"");
+    let err = assert_error("bad-redis-url", &text, "pipelines.projects.sink.url", "");
+    assert!(!err.contains("hunter2"), "password leaked: {err}");
+}
+
+#[test]
+fn every_problem_in_every_pipeline_is_reported() {
+    let text = format!(
+        "{GOOD}  second:\n    source: {{type: electric, url: 'nope', table: t}}\n    sink: {{type: memory}}\n  third:\n    source: {{type: electric, url: 'http://h/v1/shape', table: t}}\n    sink: {{type: nosuch}}\n"
+    );
+    let (code, stderr, _) = validate("several", &text, &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("pipelines.second.source.url"), "{stderr}");
+    assert!(stderr.contains("pipelines.third.sink.type"), "{stderr}");
+}
+
+#[test]
+fn run_refuses_a_bad_file_before_starting_anything() {
+    let text = format!(
+        "{GOOD}  broken:\n    source: {{type: electric, url: 'http://127.0.0.1:9/v1/shape', table: t}}\n    sink: {{type: nosuch}}\n"
+    );
+    let f = file("run-bad", &text);
+    let out = shapesync(&["run", "--once", f.0.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pipelines.broken.sink.type"), "{stderr}");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let out = shapesync(&["validate", "/nonexistent/pipeline.yaml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/pipeline.yaml") && stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn every_verb_has_useful_help() {
+    for verb in ["run", "validate", "checkpoints", "reset"] {
+        let out = shapesync(&[verb, "--help"], &[]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Usage: shapesync") && help.len() > 200, "{verb}: {help}");
+    }
+}
