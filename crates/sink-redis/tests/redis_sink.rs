@@ -1,0 +1,660 @@
+//! Integration tests against the real Redis at 127.0.0.1:6379 (and, for the restart
+//! test, a `redis-server` of their own). Each test owns a unique key prefix.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use shapesync_core::{
+    Batch, Change, Checkpoint, LogPosition, Row, Schema, ShapeInfo, Sink, SinkContext, SinkError, Value,
+};
+use shapesync_sink_redis::{Layout, RedisSink, RedisSinkConfig};
+
+const URL: &str = "redis://127.0.0.1:6379";
+
+fn unique(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("sstest-{name}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn schema() -> Schema {
+    serde_json::from_str(
+        r#"{"id":{"type":"int8","pk_index":0},"name":{"type":"text"},"note":{"type":"text"},
+            "tags":{"type":"int4","dims":1},"meta":{"type":"jsonb"},"score":{"type":"float8"},
+            "amount":{"type":"numeric"},"flag":{"type":"bool"}}"#,
+    )
+    .unwrap()
+}
+
+fn composite_schema() -> Schema {
+    serde_json::from_str(
+        r#"{"org":{"type":"text","pk_index":0},"id":{"type":"int4","pk_index":1},"name":{"type":"text"}}"#,
+    )
+    .unwrap()
+}
+
+fn cp(offset: &str, generation: u64, resyncing: bool) -> Checkpoint {
+    Checkpoint {
+        shape_hash: "shape".into(),
+        handle: "h-1".into(),
+        offset: offset.parse().unwrap(),
+        schema: schema(),
+        generation,
+        resyncing,
+    }
+}
+
+fn batch(changes: Vec<Change>, checkpoint: Checkpoint) -> Batch {
+    Batch { changes, checkpoint, sweep: false, up_to_date: true }
+}
+
+fn row(pairs: &[(&str, Value)]) -> Row {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+}
+
+fn live(mut change: Change, lsn: u64, op: u64) -> Change {
+    change.position = Some(LogPosition { lsn, op_position: op });
+    change
+}
+
+const BIG: i64 = 9_007_199_254_740_993;
+
+/// A row exercising every render rule: int8 beyond 2^53, NULL, array, JSON, float, numeric, bool.
+fn full_row(id: i64, name: &str) -> Row {
+    row(&[
+        ("id", Value::Int(id)),
+        ("name", Value::Text(name.into())),
+        ("note", Value::Null),
+        ("tags", Value::Array(vec![Value::Int(1), Value::Null, Value::Int(3)])),
+        ("meta", Value::Json(r#"{"big": 123456789012345678901234567890, "x": [1.50]}"#.into())),
+        ("score", Value::Float(1.5)),
+        ("amount", Value::Numeric("12.30".into())),
+        ("flag", Value::Bool(true)),
+    ])
+}
+
+struct Setup {
+    prefix: String,
+    config: RedisSinkConfig,
+    ctx: SinkContext,
+}
+
+impl Setup {
+    fn new(name: &str, layout: Layout) -> Self {
+        let prefix = format!("{}:", unique(name));
+        let mut config = RedisSinkConfig::new(URL);
+        config.layout = layout;
+        config.prefix = prefix.clone();
+        let ctx = SinkContext {
+            pipeline: "p".into(),
+            shape: ShapeInfo { table: "items".into(), columns: None, full_rows: false },
+        };
+        Setup { prefix, config, ctx }
+    }
+
+    async fn sink(&self) -> RedisSink {
+        RedisSink::connect(self.config.clone(), self.ctx.clone()).await.unwrap()
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}items:{id}", self.prefix)
+    }
+}
+
+async fn redis() -> MultiplexedConnection {
+    redis_at(URL).await
+}
+
+async fn redis_at(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+async fn keys_with_prefix(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let found: Vec<redis::RedisResult<String>> =
+        conn.scan_match(format!("{prefix}*")).await.unwrap().collect().await;
+    let mut keys: Vec<String> = found.into_iter().map(Result::unwrap).collect();
+    keys.sort();
+    keys
+}
+
+/// The exact stored form of every key under `prefix`: equal maps mean byte-identical data.
+///
+/// That is `DUMP`, except for hashes in Redis's `hashtable` encoding: their `DUMP` lists
+/// fields in bucket order, which Redis's incremental rehashing changes even on reads, so
+/// for them it is the encoding plus every field and value, byte for byte, in sorted order.
+async fn dump_all(conn: &mut MultiplexedConnection, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for key in keys_with_prefix(conn, prefix).await {
+        let encoding: String =
+            redis::cmd("OBJECT").arg("ENCODING").arg(&key).query_async(conn).await.unwrap();
+        let bytes = if encoding == "hashtable" {
+            let fields: BTreeMap<Vec<u8>, Vec<u8>> = conn.hgetall(&key).await.unwrap();
+            let mut bytes = encoding.into_bytes();
+            for (field, value) in fields {
+                for part in [field, value] {
+                    bytes.extend((part.len() as u64).to_le_bytes());
+                    bytes.extend(part);
+                }
+            }
+            bytes
+        } else {
+            redis::cmd("DUMP").arg(&key).query_async(conn).await.unwrap()
+        };
+        out.insert(key, bytes);
+    }
+    out
+}
+
+async fn hgetall(conn: &mut MultiplexedConnection, key: &str) -> BTreeMap<String, String> {
+    conn.hgetall(key).await.unwrap()
+}
+
+async fn cleanup(prefix: &str) {
+    let mut conn = redis().await;
+    for key in keys_with_prefix(&mut conn, prefix).await {
+        let _: () = conn.del(key).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn hash_layout_insert_update_delete_with_nulls_partial_updates_and_exact_values() {
+    let setup = Setup::new("hash", Layout::Hash);
+    let sink = setup.sink().await;
+    let mut conn = redis().await;
+    sink.apply(&batch(vec![Change::insert("k1", full_row(BIG, "one"))], cp("0_0", 1, true))).await.unwrap();
+    let stored = hgetall(&mut conn, &setup.key(&BIG.to_string())).await;
+    let expected: BTreeMap<String, String> = [
+        ("id", "9007199254740993"),
+        ("name", "one"),
+        ("tags", "[1,null,3]"),
+        ("meta", r#"{"big": 123456789012345678901234567890, "x": [1.50]}"#),
+        ("score", "1.5"),
+        ("amount", "12.30"),
+        ("flag", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(stored, expected, "NULL `note` is an absent field");
+
+    // Partial updates: set a column, fill a NULL, null a column; the rest survives.
+    let update = Change::update(
+        "k1",
+        row(&[("id", Value::Int(BIG)), ("note", Value::Text("n".into())), ("name", Value::Null)]),
+    );
+    sink.apply(&batch(vec![live(update, 10, 0)], cp("10_0", 1, false))).await.unwrap();
+    let stored = hgetall(&mut conn, &setup.key(&BIG.to_string())).await;
+    assert_eq!(stored.get("note").map(String::as_str), Some("n"));
+    assert!(!stored.contains_key("name"));
+    assert_eq!(stored.get("amount").map(String::as_str), Some("12.30"));
+    assert_eq!(stored.len(), 7);
+
+    let delete = Change::delete("k1", row(&[("id", Value::Int(BIG))]));
+    sink.apply(&batch(vec![live(delete, 11, 0)], cp("11_0", 1, false))).await.unwrap();
+    let left = keys_with_prefix(&mut conn, &setup.prefix).await;
+    assert_eq!(left, vec![sink.checkpoint_key().to_owned()], "row and membership are gone");
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(cp("11_0", 1, false)));
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn json_layout_keeps_int8_precision_and_merges_partial_updates_exactly() {
+    let setup = Setup::new("json", Layout::Json);
+    let sink = setup.sink().await;
+    let mut conn = redis().await;
+    let key = setup.key(&BIG.to_string());
+    sink.apply(&batch(vec![Change::insert("k1", full_row(BIG, "one"))], cp("0_0", 1, true))).await.unwrap();
+    let stored: String = conn.get(&key).await.unwrap();
+    assert_eq!(
+        stored,
+        r#"{"amount":"12.30","flag":true,"id":9007199254740993,"meta":{"big": 123456789012345678901234567890, "x": [1.50]},"name":"one","note":null,"score":1.5,"tags":[1,null,3]}"#
+    );
+
+    let update = Change::update(
+        "k1",
+        row(&[("id", Value::Int(BIG)), ("name", Value::Null), ("score", Value::Float(f64::INFINITY))]),
+    );
+    let second = Change::update("k1", row(&[("id", Value::Int(BIG)), ("note", Value::Text("n".into()))]));
+    sink.apply(&batch(vec![live(update, 10, 0), live(second, 10, 1)], cp("10_1", 1, false))).await.unwrap();
+    let stored: String = conn.get(&key).await.unwrap();
+    assert_eq!(
+        stored,
+        r#"{"amount":"12.30","flag":true,"id":9007199254740993,"meta":{"big": 123456789012345678901234567890, "x": [1.50]},"name":null,"note":"n","score":"Infinity","tags":[1,null,3]}"#,
+        "both updates of one batch merge; nothing is rounded"
+    );
+
+    let delete = Change::delete("k1", row(&[("id", Value::Int(BIG))]));
+    sink.apply(&batch(vec![live(delete, 11, 0)], cp("11_0", 1, false))).await.unwrap();
+    assert!(!conn.exists::<_, bool>(&key).await.unwrap());
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn table_layout_stores_row_json_per_field_and_merges_updates() {
+    let setup = Setup::new("table", Layout::Table);
+    let sink = setup.sink().await;
+    let mut conn = redis().await;
+    let table = format!("{}items", setup.prefix);
+    let inserts = vec![Change::insert("k1", full_row(BIG, "one")), Change::insert("k2", full_row(2, "two"))];
+    sink.apply(&batch(inserts, cp("0_0", 1, true))).await.unwrap();
+    let fields = hgetall(&mut conn, &table).await;
+    assert_eq!(fields.keys().collect::<Vec<_>>(), ["2", "9007199254740993"]);
+    assert!(fields["9007199254740993"].contains(r#""id":9007199254740993,"#));
+
+    let update =
+        Change::update("k1", row(&[("id", Value::Int(BIG)), ("amount", Value::Numeric("1e400".into()))]));
+    let delete = Change::delete("k2", row(&[("id", Value::Int(2))]));
+    sink.apply(&batch(vec![live(update, 5, 0), live(delete, 5, 1)], cp("5_1", 1, false))).await.unwrap();
+    let fields = hgetall(&mut conn, &table).await;
+    assert_eq!(fields.len(), 1);
+    let merged: serde_json::Value = serde_json::from_str(&fields["9007199254740993"]).unwrap();
+    assert_eq!(merged["amount"], "1e400");
+    assert_eq!(merged["name"], "one");
+    assert!(fields["9007199254740993"].contains(r#""id":9007199254740993,"#));
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn composite_keys_follow_the_template_and_the_default() {
+    let mut setup = Setup::new("composite", Layout::Hash);
+    let mut conn = redis().await;
+    let mut checkpoint = cp("0_0", 1, true);
+    checkpoint.schema = composite_schema();
+    let acme =
+        row(&[("org", Value::Text("acme".into())), ("id", Value::Int(7)), ("name", Value::Text("x".into()))]);
+
+    let default_sink = setup.sink().await;
+    default_sink.apply(&batch(vec![Change::insert("k", acme.clone())], checkpoint.clone())).await.unwrap();
+    assert_eq!(hgetall(&mut conn, &setup.key("acme:7")).await["name"], "x");
+
+    setup.config.key = Some("org:{org}:project:{id}".into());
+    setup.config.prefix = format!("{}t:", setup.prefix);
+    let templated = setup.sink().await;
+    templated.apply(&batch(vec![Change::insert("k", acme)], checkpoint)).await.unwrap();
+    let key = format!("{}org:acme:project:7", setup.config.prefix);
+    assert_eq!(hgetall(&mut conn, &key).await["name"], "x");
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn template_on_a_non_key_column_is_rejected_without_full_rows_and_moves_rows_with_them() {
+    let mut setup = Setup::new("nonpk", Layout::Json);
+    setup.config.key = Some("name:{name}".into());
+    let sink = setup.sink().await;
+    let err = sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_0", 1, true))).await;
+    match err {
+        Err(SinkError::Rejected(m)) => assert!(m.contains("`name`") && m.contains("replica: full"), "{m}"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+
+    setup.ctx.shape.full_rows = true;
+    let sink = setup.sink().await;
+    let mut conn = redis().await;
+    sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_0", 1, true))).await.unwrap();
+    let mut rename = live(Change::update("k", full_row(1, "b")), 3, 0);
+    rename.old_value = Some(row(&[("name", Value::Text("a".into()))]));
+    sink.apply(&batch(vec![rename], cp("3_0", 1, false))).await.unwrap();
+    let old = format!("{}name:a", setup.prefix);
+    let new = format!("{}name:b", setup.prefix);
+    assert!(!conn.exists::<_, bool>(&old).await.unwrap(), "the row left its old key");
+    let moved: String = conn.get(&new).await.unwrap();
+    assert!(moved.contains(r#""name":"b""#));
+    let members: BTreeMap<String, String> = conn.hgetall(sink.members_key()).await.unwrap();
+    assert_eq!(members.keys().collect::<Vec<_>>(), ["name:b"]);
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn replaying_a_committed_batch_leaves_redis_byte_identical() {
+    for layout in [Layout::Hash, Layout::Json, Layout::Table] {
+        let mut setup = Setup::new("replay", layout);
+        setup.config.part_size = 3;
+        let sink = setup.sink().await;
+        let mut conn = redis().await;
+        let snapshot: Vec<Change> =
+            (0..10).map(|i| Change::insert(format!("k{i}"), full_row(i, &format!("n{i}")))).collect();
+        let snapshot = batch(snapshot, cp("0_0", 1, true));
+        let tx = batch(
+            vec![
+                live(
+                    Change::update("k1", row(&[("id", Value::Int(1)), ("note", Value::Text("x".into()))])),
+                    7,
+                    0,
+                ),
+                live(Change::update("k2", row(&[("id", Value::Int(2)), ("name", Value::Null)])), 7, 1),
+                live(Change::delete("k3", row(&[("id", Value::Int(3))])), 7, 2),
+                live(Change::insert("k20", full_row(20, "new")), 7, 3),
+            ],
+            cp("7_3", 1, false),
+        );
+        for b in [&snapshot, &tx] {
+            sink.apply(b).await.unwrap();
+            let before = dump_all(&mut conn, &setup.prefix).await;
+            sink.apply(b).await.unwrap();
+            assert_eq!(dump_all(&mut conn, &setup.prefix).await, before, "{layout:?} replay changed bytes");
+        }
+        let mut sweep = batch(vec![], cp("7_3", 2, false));
+        sweep.sweep = true;
+        sink.apply(&sweep).await.unwrap();
+        let before = dump_all(&mut conn, &setup.prefix).await;
+        sink.apply(&sweep).await.unwrap();
+        assert_eq!(dump_all(&mut conn, &setup.prefix).await, before, "{layout:?} sweep replay");
+        cleanup(&setup.prefix).await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_sink_resumes_from_the_checkpoint_the_crashed_one_wrote() {
+    let setup = Setup::new("resume", Layout::Hash);
+    let first = setup.sink().await;
+    assert_eq!(first.checkpoint().await.unwrap(), None);
+    let b1 = batch(vec![Change::insert("k1", full_row(1, "a"))], cp("0_inf", 1, true));
+    first.apply(&b1).await.unwrap();
+    drop(first); // the process dies between two batches
+
+    let second = setup.sink().await;
+    assert_eq!(second.checkpoint().await.unwrap(), Some(b1.checkpoint.clone()));
+    let b2 = batch(vec![live(Change::insert("k2", full_row(2, "b")), 9, 0)], cp("9_0", 1, false));
+    second.apply(&b2).await.unwrap();
+    assert_eq!(setup.sink().await.checkpoint().await.unwrap(), Some(b2.checkpoint));
+    let mut conn = redis().await;
+    assert_eq!(hgetall(&mut conn, &setup.key("1")).await["name"], "a");
+    assert_eq!(hgetall(&mut conn, &setup.key("2")).await["name"], "b");
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn refetch_sweeps_exactly_the_vanished_rows_while_readers_always_see_kept_rows() {
+    let mut setup = Setup::new("sweep", Layout::Hash);
+    setup.config.part_size = 50;
+    let sink = Arc::new(setup.sink().await);
+    let mut conn = redis().await;
+    let first: Vec<Change> = (0..2000).map(|i| Change::insert(format!("k{i}"), full_row(i, "old"))).collect();
+    let mut initial = batch(first, cp("0_inf", 1, true));
+    initial.sweep = true;
+    initial.checkpoint.resyncing = false;
+    sink.apply(&initial).await.unwrap();
+
+    // must-refetch: generation 2 rewrites rows 0..1500 (new values); 1500..2000 vanished.
+    let kept: Vec<String> = (0..1500).map(|i| setup.key(&i.to_string())).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let reader = {
+        let (stop, started, kept) = (stop.clone(), started.clone(), kept.clone());
+        tokio::spawn(async move {
+            let mut conn = redis().await;
+            let mut rounds = 0u64;
+            loop {
+                let present: usize = redis::cmd("EXISTS").arg(&kept).query_async(&mut conn).await.unwrap();
+                assert_eq!(present, kept.len(), "a reader saw a kept row missing (round {rounds})");
+                rounds += 1;
+                started.notify_one();
+                if stop.load(Ordering::Relaxed) {
+                    return rounds;
+                }
+            }
+        })
+    };
+    started.notified().await;
+    for chunk in 0..3 {
+        let rows = (chunk * 500..(chunk + 1) * 500)
+            .map(|i| Change::insert(format!("k{i}"), full_row(i, "new")))
+            .collect();
+        let offset = if chunk == 2 { "0_inf".to_owned() } else { format!("0_{chunk}") };
+        let mut b = batch(rows, cp(&offset, 2, chunk < 2));
+        b.sweep = chunk == 2;
+        sink.apply(&b).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.await.unwrap() >= 1);
+
+    let members: BTreeMap<String, String> = conn.hgetall(sink.members_key()).await.unwrap();
+    assert_eq!(members.len(), 1500);
+    assert!(members.values().all(|g| g == "2"));
+    let present: usize = redis::cmd("EXISTS").arg(&kept).query_async(&mut conn).await.unwrap();
+    assert_eq!(present, 1500);
+    let gone: Vec<String> = (1500..2000).map(|i| setup.key(&i.to_string())).collect();
+    let present: usize = redis::cmd("EXISTS").arg(&gone).query_async(&mut conn).await.unwrap();
+    assert_eq!(present, 0, "vanished rows are swept");
+    assert_eq!(hgetall(&mut conn, &setup.key("7")).await["name"], "new");
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(cp("0_inf", 2, false)));
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn notify_publishes_every_committed_change() {
+    for layout in [Layout::Json, Layout::Table] {
+        let mut setup = Setup::new("notify", layout);
+        let channel = format!("{}events", setup.prefix);
+        setup.config.notify = Some(channel.clone());
+        let sink = setup.sink().await;
+        let mut pubsub = redis::Client::open(URL).unwrap().get_async_pubsub().await.unwrap();
+        pubsub.subscribe(&channel).await.unwrap();
+        let mut messages = pubsub.on_message();
+
+        let changes = vec![
+            live(Change::insert("k1", full_row(1, "a")), 4, 0),
+            live(
+                Change::update("k1", row(&[("id", Value::Int(1)), ("name", Value::Text("b".into()))])),
+                4,
+                1,
+            ),
+            live(Change::delete("k2", row(&[("id", Value::Int(2))])), 4, 2),
+        ];
+        sink.apply(&batch(changes, cp("4_2", 1, false))).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let msg = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap();
+            got.push(
+                serde_json::from_str::<serde_json::Value>(&msg.get_payload::<String>().unwrap()).unwrap(),
+            );
+        }
+        let expected: Vec<serde_json::Value> = ["insert", "update", "delete"]
+            .iter()
+            .zip(["1", "1", "2"])
+            .map(|(op, id)| match layout {
+                Layout::Table => {
+                    serde_json::json!({"op": op, "key": format!("{}items", setup.prefix), "field": id})
+                }
+                _ => serde_json::json!({"op": op, "key": setup.key(id)}),
+            })
+            .collect();
+        assert_eq!(got, expected, "{layout:?}");
+        cleanup(&setup.prefix).await;
+    }
+}
+
+#[tokio::test]
+async fn reset_removes_rows_membership_and_checkpoint() {
+    for layout in [Layout::Hash, Layout::Table] {
+        let mut setup = Setup::new("reset", layout);
+        setup.config.part_size = 7;
+        let sink = setup.sink().await;
+        let rows: Vec<Change> = (0..40).map(|i| Change::insert(format!("k{i}"), full_row(i, "a"))).collect();
+        sink.apply(&batch(rows, cp("0_inf", 1, false))).await.unwrap();
+        let mut conn = redis().await;
+        assert!(keys_with_prefix(&mut conn, &setup.prefix).await.len() >= 2);
+        sink.reset().await.unwrap();
+        assert_eq!(keys_with_prefix(&mut conn, &setup.prefix).await, Vec::<String>::new());
+        assert_eq!(sink.checkpoint().await.unwrap(), None);
+    }
+}
+
+#[tokio::test]
+async fn hash_tag_puts_every_key_of_the_pipeline_in_one_slot() {
+    let mut setup = Setup::new("tag", Layout::Hash);
+    setup.config.hash_tag = true;
+    let sink = setup.sink().await;
+    sink.apply(&batch(vec![Change::insert("k1", full_row(1, "a"))], cp("0_0", 1, true))).await.unwrap();
+    let mut conn = redis().await;
+    let keys = keys_with_prefix(&mut conn, &setup.prefix).await;
+    assert_eq!(keys.len(), 3);
+    let tag = format!("{}{{p}}:", setup.prefix);
+    assert!(keys.iter().all(|k| k.starts_with(&tag)), "{keys:?}");
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn corrupt_checkpoint_is_reported_and_foreign_keys_are_rejected_without_advancing() {
+    let setup = Setup::new("corrupt", Layout::Hash);
+    let sink = setup.sink().await;
+    let mut conn = redis().await;
+    // Another program owns the row's key as a string: the script fails before the checkpoint.
+    let _: () = conn.set(setup.key("1"), "foreign").await.unwrap();
+    let b = batch(vec![live(Change::update("k1", row(&[("id", Value::Int(1))])), 3, 0)], cp("3_0", 1, false));
+    assert!(matches!(sink.apply(&b).await, Err(SinkError::Rejected(_))));
+    assert_eq!(sink.checkpoint().await.unwrap(), None, "checkpoint must not pass failed data");
+
+    let _: () = conn.set(sink.checkpoint_key(), "{not json").await.unwrap();
+    assert!(matches!(sink.checkpoint().await, Err(SinkError::CorruptCheckpoint(_))));
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_is_unavailable() {
+    let port = free_port();
+    let mut config = RedisSinkConfig::new(format!("redis://user:s3cret@127.0.0.1:{port}"));
+    config.timeout_ms = 500;
+    let ctx = SinkContext { pipeline: "p".into(), ..SinkContext::default() };
+    match RedisSink::connect(config, ctx).await {
+        Err(e @ SinkError::Unavailable(_)) => assert!(!e.to_string().contains("s3cret"), "{e}"),
+        Err(e) => panic!("expected Unavailable, got {e}"),
+        Ok(_) => panic!("nothing listens on {port}"),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `redis-server` of the test's own, with an append-only file so data survives a kill.
+struct OwnRedis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique("redis-dir"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = OwnRedis { port: free_port(), dir, child: None };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--save", "", "--appendonly", "yes", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is on PATH");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Retries like the runner: only `Unavailable` is retried, until a deadline.
+async fn apply_with_retry(sink: &RedisSink, b: &Batch) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = 0;
+    loop {
+        match sink.apply(b).await {
+            Ok(()) => return failures,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await; // backoff, not synchronisation
+            }
+            Err(e) => panic!("apply failed for good: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
+    let mut server = OwnRedis::start().await;
+    let mut config = RedisSinkConfig::new(server.url());
+    config.part_size = 10;
+    config.timeout_ms = 2000;
+    let ctx = SinkContext {
+        pipeline: "p".into(),
+        shape: ShapeInfo { table: "items".into(), ..Default::default() },
+    };
+    let sink = RedisSink::connect(config.clone(), ctx.clone()).await.unwrap();
+
+    let snapshot: Vec<Change> = (0..100).map(|i| Change::insert(format!("k{i}"), full_row(i, "a"))).collect();
+    let b1 = batch(snapshot, cp("0_inf", 1, false));
+    sink.apply(&b1).await.unwrap();
+
+    server.kill();
+    let b2 = batch(
+        vec![
+            live(
+                Change::update("k1", row(&[("id", Value::Int(1)), ("name", Value::Text("b".into()))])),
+                8,
+                0,
+            ),
+            live(Change::delete("k2", row(&[("id", Value::Int(2))])), 8, 1),
+        ],
+        cp("8_1", 1, false),
+    );
+    let down = sink.apply(&b2).await;
+    assert!(matches!(down, Err(SinkError::Unavailable(_))), "{down:?}");
+
+    server.restart().await;
+    apply_with_retry(&sink, &b2).await;
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(b2.checkpoint.clone()));
+
+    // Kill again after the commit: everything acknowledged survives the restart.
+    server.kill();
+    server.restart().await;
+    let fresh = RedisSink::connect(config, ctx).await.unwrap();
+    assert_eq!(fresh.checkpoint().await.unwrap(), Some(b2.checkpoint));
+    let mut conn = redis_at(&server.url()).await;
+    assert_eq!(hgetall(&mut conn, "items:1").await["name"], "b");
+    assert!(!conn.exists::<_, bool>("items:2").await.unwrap());
+    let present: usize = redis::cmd("EXISTS")
+        .arg((3..100).map(|i| format!("items:{i}")).collect::<Vec<_>>())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(present, 97);
+    let members: usize = conn.hlen(fresh.members_key()).await.unwrap();
+    assert_eq!(members, 99);
+}
