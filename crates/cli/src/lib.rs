@@ -52,10 +52,16 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run pipelines until stopped (SIGINT/SIGTERM finish the commit in flight, then exit 0).
+    ///
+    /// Given no files, runs the embedded demo: a synthetic `items` shape served in-process
+    /// (`--demo-rows` rows, a few live transactions a second) synced into Redis at
+    /// `$REDIS_URL` (default redis://127.0.0.1:6379) under the prefix `shapesync-demo:`.
     Run {
         /// Pipeline files (YAML). Several files merge; each may hold several pipelines.
-        #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Rows of the embedded demo's synthetic shape (only without files).
+        #[arg(long, default_value_t = 100_000)]
+        demo_rows: u64,
         /// Sync every pipeline to up-to-date, commit, and exit 0 (warm-ups, cron, tests).
         #[arg(long)]
         once: bool,
@@ -87,6 +93,38 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Serve a synthetic shape over the Electric protocol (for trying pipelines and benchmarks without Postgres).
+    TestkitServer(shapesync_testkit::cli::SyntheticServerArgs),
+}
+
+/// The embedded default pipeline file, run by `shapesync run` without files.
+const DEMO_PIPELINE: &str = include_str!("../../../pipelines/demo.yaml");
+
+/// Starts the demo's synthetic server and loads the embedded pipeline against it.
+async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_testkit::TestServer)> {
+    let server = shapesync_testkit::TestServer::start(shapesync_testkit::ServerOptions::default())
+        .await
+        .context("cannot start the demo's synthetic shape server")?;
+    let table = server.create_synthetic_table("items", rows);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            table.append_generated();
+        }
+    });
+    let url = server.url();
+    info!(%url, rows, "no pipeline file given: running the embedded demo (pipelines/demo.yaml) into Redis");
+    info!(
+        "look at the rows with: redis-cli HGETALL shapesync-demo:item:1 ; watch changes with: redis-cli SUBSCRIBE shapesync-demo:changes"
+    );
+    let mut config = Config::default();
+    let env = |name: &str| match name {
+        "SHAPESYNC_DEMO_URL" => Some(url.clone()),
+        other => std::env::var(other).ok(),
+    };
+    config.merge(std::path::Path::new("pipelines/demo.yaml"), DEMO_PIPELINE, &env)?;
+    Ok((config, server))
 }
 
 /// Parses the command line and runs it with `registry`. Exit codes: 0 success,
@@ -176,12 +214,24 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
             println!("ok: {} pipeline(s): {}", ids.len(), ids.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { files, once } => {
+        Command::Run { files, once, demo_rows } => {
+            if files.is_empty() {
+                let (config, _server) = demo_config(demo_rows).await?;
+                let prepared = match registry.prepare(&config) {
+                    Ok(p) => p,
+                    Err(errors) => bail!("the embedded demo pipeline is invalid: {}", errors[0]),
+                };
+                return run(config, prepared, once).await;
+            }
             let (config, prepared) = match load(&files, &registry) {
                 Ok(x) => x,
                 Err(code) => return Ok(code),
             };
             run(config, prepared, once).await
+        }
+        Command::TestkitServer(args) => {
+            shapesync_testkit::cli::run_synthetic_server(args).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Checkpoints { files, json } => {
             let (config, _) = match load(&files, &registry) {
