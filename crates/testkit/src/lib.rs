@@ -1,1 +1,77 @@
-//! shapesync-testkit (placeholder)
+//! An in-process Electric Shape protocol server (`GET /v1/shape`) for tests and benchmarks.
+//!
+//! It follows the server behaviour described in `electric-protocol.md`: snapshot chunks
+//! `0_0..0_N` ending in `snapshot-end`, log offsets `<lsn>_<op>`, exclusive request offsets,
+//! byte-threshold chunking, `up-to-date` only at the head (never for `offset=-1`), live
+//! long-polls with strictly increasing cursors, 409 must-refetch on rotation or handle
+//! mismatch, validation 400s in Electric's order, 401 with a secret, out-of-bounds 400s,
+//! `replica=full`, `columns`, `log=changes_only`, `offset=now` and `If-None-Match` 304s.
+//!
+//! # API
+//! - [`TestServer::start`]`(`[`ServerOptions`]`)` binds 127.0.0.1 on an ephemeral port;
+//!   [`TestServer::url`] is `http://127.0.0.1:PORT/v1/shape`. Dropping the server (or
+//!   [`TestServer::shutdown`]) stops it.
+//! - [`TestServer::create_table`]`(`[`TableDef`]`)` returns a [`TableHandle`] that scripts the table:
+//!   [`TableHandle::seed`] (snapshot rows), [`TableHandle::transaction`] →
+//!   [`Transaction`]`::{insert, update, delete, change_key, lsn, txid, commit}`,
+//!   [`TableHandle::rotate`] (409 with the new handle), [`TableHandle::truncate`] (409 without a
+//!   handle), [`TableHandle::register_where`] (a Rust predicate for a `where` string, giving
+//!   move-in/move-out), [`TableHandle::handle`].
+//!   Row values are JSON objects of column -> Postgres text string or `null`.
+//! - [`TestServer::create_synthetic_table`] + [`TableHandle::append_generated`]: a generated
+//!   table whose snapshot is produced on the fly (benchmarks of 1,000,000 rows).
+//! - Faults: [`TestServer::inject`] / [`TestServer::inject_times`] queue a [`Fault`] for the
+//!   next requests (503 + `retry-after`, 500, 409, dropped connection, malformed JSON,
+//!   missing header, end mid-transaction, trickled body).
+//! - Request log: [`TestServer::requests`] gives every request's query, arrival
+//!   [`std::time::Instant`], status and fault; [`TestServer::wait_for`] /
+//!   [`TestServer::wait_for_requests`] wait on it with a deadline.
+//! - [`cli::run_synthetic_server`]: the `shapesync-testkit-server` binary as a function.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), shapesync_testkit::TestkitError> {
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use shapesync_testkit::{Column, ServerOptions, TableDef, TestServer};
+//!
+//! let server = TestServer::start(ServerOptions {
+//!     chunk_bytes: 1024,
+//!     long_poll_timeout: Duration::from_millis(200),
+//!     ..ServerOptions::default()
+//! })
+//! .await?;
+//! let items = server.create_table(
+//!     TableDef::new("items")
+//!         .column(Column::new("id", "int8").primary_key())
+//!         .column(Column::new("title", "text")),
+//! );
+//! items.seed([json!({"id": "1", "title": "a"})]);
+//! // GET {server.url()}?table=items&offset=-1 now returns the snapshot.
+//! let offset = items
+//!     .transaction()
+//!     .insert(json!({"id": "2", "title": "b"}))
+//!     .update(json!({"id": "1", "title": "c"}))
+//!     .commit(); // "24008184_2"
+//! # let _ = offset; Ok(()) }
+//! ```
+//!
+//! Server LSNs start at 24008184 and grow by 8 per transaction unless
+//! [`Transaction::lsn`] is given; txids start at 751. Shape handles are
+//! `<hash of the shape definition>-<µs>` and never repeat. SSE and subset snapshots are
+//! not implemented (`live_sse=true` is answered as a long-poll).
+
+pub mod cli;
+mod fault;
+mod handle;
+mod server;
+mod shape;
+mod store;
+mod synthetic;
+mod table;
+
+pub use fault::{ElectricHeader, Fault};
+pub use handle::{TableHandle, Transaction};
+pub use server::{RequestRecord, ServerOptions, TestServer, TestkitError};
+pub use shapesync_core::Offset;
+pub use synthetic::synthetic_table_def;
+pub use table::{Column, RowView, TableDef};

@@ -1,0 +1,510 @@
+//! The axum server, its options, the fault queue and the request log.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{RawQuery, State as AxumState};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::fault::Fault;
+use crate::shape::{self, Eval, EvalFlags, MUST_REFETCH, Reply, RequestOffset, ShapeDef, ShapeRequest};
+use crate::store::State;
+
+/// Server settings. Defaults match Electric; tests usually shorten the timeouts and chunks.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Chunk threshold in bytes for snapshot and log chunks (`ELECTRIC_SHAPE_CHUNK_BYTES_THRESHOLD`).
+    pub chunk_bytes: usize,
+    /// How long a live request is held when there is nothing new (`ELECTRIC_LONG_POLL_TIMEOUT`).
+    pub long_poll_timeout: Duration,
+    /// How long an offset beyond the log end waits for data before the 400 out-of-bounds.
+    pub out_of_bounds_wait: Duration,
+    /// When set, every request must carry `secret=<this>` (or `api_secret`), else 401.
+    pub secret: Option<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            chunk_bytes: 10 * 1024 * 1024,
+            long_poll_timeout: Duration::from_secs(20),
+            out_of_bounds_wait: Duration::from_secs(10),
+            secret: None,
+        }
+    }
+}
+
+/// Errors of the test server.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    /// The listen address could not be bound.
+    #[error("could not listen on {addr}: {source}; choose a free address/port")]
+    Bind {
+        /// The address that failed.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A `wait_*` helper hit its deadline.
+    #[error("timed out after {timeout:?} waiting for {what}; the client did not send the expected requests")]
+    Timeout {
+        /// The deadline used.
+        timeout: Duration,
+        /// What was awaited.
+        what: String,
+    },
+}
+
+/// One request the server received (only `/v1/shape`).
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    /// When the request arrived; compare these to check client backoff.
+    pub received_at: Instant,
+    /// HTTP method.
+    pub method: String,
+    /// Query parameters in order, percent-decoded; `secret`/`api_secret` values are redacted.
+    pub query: Vec<(String, String)>,
+    /// `If-None-Match` header, if sent.
+    pub if_none_match: Option<String>,
+    /// Response status; `None` while the request is still being answered (e.g. a long-poll).
+    pub status: Option<u16>,
+    /// The fault applied to this request, if any.
+    pub fault: Option<Fault>,
+}
+
+impl RequestRecord {
+    /// The first value of query parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// True if the request was live (`live` present and not `false`).
+    pub fn is_live(&self) -> bool {
+        self.param("live").is_some_and(|v| v != "false")
+    }
+}
+
+/// State shared by the server task and the test's handles.
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    /// Bumped on every data change; wakes long-polls.
+    pub changed: watch::Sender<u64>,
+    faults: Mutex<VecDeque<Fault>>,
+    requests: Mutex<Vec<RequestRecord>>,
+    requests_changed: watch::Sender<u64>,
+    options: ServerOptions,
+    cancel: CancellationToken,
+    empty_etag_counter: AtomicU64,
+}
+
+impl Shared {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn record(&self, f: impl FnOnce(&mut Vec<RequestRecord>)) {
+        f(&mut self.requests.lock().unwrap_or_else(|e| e.into_inner()));
+        self.requests_changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// A running in-process Electric server on 127.0.0.1. Stops on drop or [`TestServer::shutdown`].
+pub struct TestServer {
+    pub(crate) shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server on an ephemeral port of 127.0.0.1.
+    pub async fn start(options: ServerOptions) -> Result<TestServer, TestkitError> {
+        TestServer::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), options).await
+    }
+
+    /// Starts a server on `addr` (port 0 = ephemeral).
+    pub async fn start_on(addr: SocketAddr, options: ServerOptions) -> Result<TestServer, TestkitError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| TestkitError::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| TestkitError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new()),
+            changed: watch::channel(0).0,
+            faults: Mutex::default(),
+            requests: Mutex::default(),
+            requests_changed: watch::channel(0).0,
+            options,
+            cancel: CancellationToken::new(),
+            empty_etag_counter: AtomicU64::new(0),
+        });
+        let app = Router::new().route("/v1/shape", get(handle_shape)).with_state(shared.clone());
+        let cancel = shared.cancel.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+        });
+        Ok(TestServer { shared, addr, task: Some(task) })
+    }
+
+    /// `http://127.0.0.1:PORT/v1/shape`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1/shape", self.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Queues `fault` for the next request (faults are consumed first-in first-out, one per request).
+    pub fn inject(&self, fault: Fault) {
+        self.inject_times(fault, 1);
+    }
+
+    /// Queues `fault` for the next `times` requests.
+    pub fn inject_times(&self, fault: Fault, times: usize) {
+        let mut faults = self.shared.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Faults not yet consumed.
+    pub fn pending_faults(&self) -> usize {
+        self.shared.faults.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.requests.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.shared.record(Vec::clear);
+    }
+
+    /// Waits until `condition` holds for the request log, returning the log at that point.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        condition: impl Fn(&[RequestRecord]) -> bool,
+    ) -> Result<Vec<RequestRecord>, TestkitError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut rx = self.shared.requests_changed.subscribe();
+            let log = self.requests();
+            if condition(&log) {
+                return Ok(log);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(TestkitError::Timeout { timeout, what: what.to_string() });
+            }
+        }
+    }
+
+    /// Waits until at least `n` requests have been received.
+    pub async fn wait_for_requests(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RequestRecord>, TestkitError> {
+        self.wait_for(&format!("{n} requests"), timeout, |log| log.len() >= n).await
+    }
+
+    /// Stops accepting requests, ends pending long-polls and waits for the server task.
+    pub async fn shutdown(mut self) {
+        self.shared.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+async fn handle_shape(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
+    let fault = shared.faults.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+    let if_none_match = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let redacted = query
+        .iter()
+        .map(|(k, v)| {
+            let secret = k == "secret" || k == "api_secret";
+            (k.clone(), if secret { "<redacted>".to_string() } else { v.clone() })
+        })
+        .collect();
+    let mut index = 0;
+    shared.record(|log| {
+        index = log.len();
+        log.push(RequestRecord {
+            received_at: Instant::now(),
+            method: method.to_string(),
+            query: redacted,
+            if_none_match: if_none_match.clone(),
+            status: None,
+            fault: fault.clone(),
+        });
+    });
+    let response = respond(&shared, &query, if_none_match.as_deref(), fault).await;
+    let status = response.status().as_u16();
+    shared.record(|log| {
+        if let Some(r) = log.get_mut(index) {
+            r.status = Some(status);
+        }
+    });
+    response
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert("electric-server", HeaderValue::from_static("shapesync-testkit"));
+    r
+}
+
+fn error_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut r = json_response(status, body.to_string());
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert("surrogate-control", HeaderValue::from_static("no-store"));
+    r
+}
+
+fn invalid(field: &str, message: &str) -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"message": "Invalid request", "errors": {field: [message]}}),
+    )
+}
+
+fn must_refetch(handle: Option<String>) -> Response {
+    let mut r = json_response(StatusCode::CONFLICT, MUST_REFETCH.to_string());
+    let cache = if handle.is_some() {
+        "public, max-age=60, must-revalidate"
+    } else {
+        "public, max-age=1, must-revalidate"
+    };
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    if let Some(h) = handle {
+        r.headers_mut().insert("electric-handle", header_value(&h));
+    }
+    r
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The current handle of `def`'s shape, if it has one.
+fn current_handle(shared: &Shared, def: &ShapeDef) -> Option<String> {
+    let state = shared.state();
+    state.tables.get(&def.table)?.generation.as_ref().map(|g| def.handle(g.id))
+}
+
+async fn respond(
+    shared: &Shared,
+    query: &[(String, String)],
+    if_none_match: Option<&str>,
+    fault: Option<Fault>,
+) -> Response {
+    if let Some(secret) = &shared.options.secret {
+        let given = query.iter().find(|(k, _)| k == "secret" || k == "api_secret").map(|(_, v)| v);
+        if given != Some(secret) {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"message": "Unauthorized - Invalid API secret"}),
+            );
+        }
+    }
+    match fault {
+        Some(Fault::ServiceUnavailable { retry_after }) => {
+            let mut r = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"message": "Service temporarily unavailable (injected fault)"}),
+            );
+            if let Some(s) = retry_after {
+                r.headers_mut().insert(header::RETRY_AFTER, header_value(&s.to_string()));
+            }
+            return r;
+        }
+        Some(Fault::InternalError) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"message": "Internal server error (injected fault)"}),
+            );
+        }
+        _ => {}
+    }
+    let parsed = shape::parse_request(&shared.state(), query);
+    let req = match parsed {
+        Ok(req) => req,
+        Err((field, message)) => return invalid(field, &message),
+    };
+    if let Some(Fault::MustRefetch { with_handle }) = fault {
+        return must_refetch(if with_handle { current_handle(shared, &req.def) } else { None });
+    }
+    let flags = EvalFlags {
+        live_expired: false,
+        out_of_bounds_expired: false,
+        cut_mid_transaction: fault == Some(Fault::EndMidTransaction),
+        chunk_bytes: shared.options.chunk_bytes,
+    };
+    let reply = match wait_for_reply(shared, &req, flags).await {
+        Eval::Reply(reply) => reply,
+        Eval::Conflict(handle) => return must_refetch(handle),
+        Eval::OutOfBounds => return invalid("offset", "out of bounds for this shape"),
+        Eval::Wait { .. } => unreachable!("wait_for_reply only returns final answers"),
+    };
+    let response = ok_response(shared, &req, reply, if_none_match);
+    match fault {
+        Some(f) if response.status() == StatusCode::OK => apply_body_fault(response, f).await,
+        _ => response,
+    }
+}
+
+/// Evaluates the request, waiting for data (live) or for the log to reach the offset.
+async fn wait_for_reply(shared: &Shared, req: &ShapeRequest, mut flags: EvalFlags) -> Eval {
+    let start = tokio::time::Instant::now();
+    let live_deadline = start + shared.options.long_poll_timeout;
+    let out_of_bounds_deadline = start + shared.options.out_of_bounds_wait;
+    loop {
+        let mut rx = shared.changed.subscribe();
+        let eval = shape::evaluate(&mut shared.state(), req, &flags);
+        let Eval::Wait { out_of_bounds } = eval else { return eval };
+        let deadline = if out_of_bounds { out_of_bounds_deadline } else { live_deadline };
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shared.cancel.cancelled() => {
+                flags.live_expired = true;
+                flags.out_of_bounds_expired = true;
+            }
+        }
+        let now = tokio::time::Instant::now();
+        flags.live_expired |= now >= live_deadline;
+        flags.out_of_bounds_expired |= now >= out_of_bounds_deadline;
+    }
+}
+
+/// Seconds since 2024-10-09T00:00Z rounded up to 20 s; strictly above the client's cursor.
+fn next_cursor(client: Option<u64>) -> u64 {
+    const EPOCH: u64 = 1_728_432_000;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(EPOCH);
+    let interval = now.saturating_sub(EPOCH).div_ceil(20) * 20;
+    match client {
+        Some(c) if interval <= c => c + rand::rng().random_range(1..=3600),
+        _ => interval,
+    }
+}
+
+fn ok_response(shared: &Shared, req: &ShapeRequest, reply: Reply, if_none_match: Option<&str>) -> Response {
+    let mut etag = format!("\"{}:{}:{}", reply.handle, req.offset, reply.offset);
+    if !reply.has_data {
+        let n = shared.empty_etag_counter.fetch_add(1, Ordering::Relaxed);
+        etag.push_str(&format!(":{n}"));
+    }
+    etag.push('"');
+    let cache = if req.offset == RequestOffset::Start {
+        "public, max-age=604800, s-maxage=3600, stale-while-revalidate=2629746"
+    } else if req.live {
+        "public, max-age=5, stale-while-revalidate=5"
+    } else {
+        "public, max-age=60, stale-while-revalidate=300"
+    };
+    let not_modified = if_none_match == Some(etag.as_str());
+    let mut r = if not_modified {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let mut r = Response::new(Body::from(reply.body));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    let h = r.headers_mut();
+    h.insert("electric-server", HeaderValue::from_static("shapesync-testkit"));
+    h.insert("electric-handle", header_value(&reply.handle));
+    h.insert("electric-offset", header_value(&reply.offset.to_string()));
+    h.insert(header::ETAG, header_value(&etag));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    if not_modified {
+        return r;
+    }
+    if req.live {
+        h.insert("electric-cursor", header_value(&next_cursor(req.cursor).to_string()));
+    } else {
+        h.insert("electric-schema", header_value(&reply.schema));
+    }
+    if reply.up_to_date {
+        h.insert("electric-up-to-date", HeaderValue::from_static(""));
+    }
+    h.insert("electric-has-data", HeaderValue::from_static(if reply.has_data { "true" } else { "false" }));
+    r
+}
+
+async fn apply_body_fault(mut response: Response, fault: Fault) -> Response {
+    match fault {
+        Fault::MissingHeader(which) => {
+            response.headers_mut().remove(which.name());
+            response
+        }
+        Fault::MalformedJson => {
+            *response.body_mut() = Body::from(r#"[{"key":"\"public\".\"broken"#);
+            response
+        }
+        Fault::DropMidBody => {
+            let body = body_bytes(&mut response).await;
+            let half = body.slice(..body.len() / 2);
+            let parts: Vec<Result<Bytes, std::io::Error>> =
+                vec![Ok(half), Err(std::io::Error::other("connection dropped (injected fault)"))];
+            *response.body_mut() = Body::from_stream(futures::stream::iter(parts));
+            response
+        }
+        Fault::Trickle { bytes, delay } => {
+            let body = body_bytes(&mut response).await;
+            let step = bytes.max(1);
+            let pieces: Vec<Bytes> =
+                (0..body.len()).step_by(step).map(|i| body.slice(i..(i + step).min(body.len()))).collect();
+            let stream =
+                futures::stream::iter(pieces.into_iter().enumerate()).then(move |(i, piece)| async move {
+                    if i > 0 {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, std::io::Error>(piece)
+                });
+            *response.body_mut() = Body::from_stream(stream);
+            response
+        }
+        _ => response,
+    }
+}
+
+async fn body_bytes(response: &mut Response) -> Bytes {
+    let body = std::mem::replace(response.body_mut(), Body::empty());
+    axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default()
+}
