@@ -78,6 +78,8 @@ pub struct ShapeStream {
     fast_loop: FastLoop,
     backoff: Backoff,
     malformed_bodies: u32,
+    /// Resets since the last good response; from the second on, the stream backs off.
+    resets_since_success: u32,
     pending_delay: Option<Duration>,
 }
 
@@ -126,6 +128,7 @@ impl ShapeStream {
             self_healed: false,
             fast_loop: FastLoop::default(),
             malformed_bodies: 0,
+            resets_since_success: 0,
             pending_delay: None,
         })
     }
@@ -278,9 +281,13 @@ impl ShapeStream {
         if matches!(code, 204 | 304) {
             // Nothing new (a deprecated 204 live timeout, or a revalidated cache hit).
             self.backoff.reset();
-            let handle = self.handle.clone().ok_or_else(|| {
-                ShapeError::protocol(format!("HTTP {code} before the shape handle was known"))
-            })?;
+            let handle = self
+                .handle
+                .clone()
+                .or_else(|| header_str(header_map, headers::HANDLE).map(str::to_owned))
+                .ok_or_else(|| {
+                    ShapeError::protocol(format!("HTTP {code} before the shape handle was known"))
+                })?;
             let offset = self.offset.unwrap_or(Offset::Start);
             let up_to_date = live || code == 204;
             if !up_to_date && self.fast_loop.record(offset) {
@@ -351,6 +358,11 @@ impl ShapeStream {
         self.backoff.reset();
         self.malformed_bodies = 0;
         self.stale_retries = 0;
+        self.resets_since_success = 0;
+        if parsed.up_to_date {
+            self.self_healed = false;
+            self.fast_loop.detections = 0;
+        }
         let request_offset = self.offset;
         self.handle = Some(handle.to_owned());
         self.offset = Some(offset);
@@ -444,6 +456,11 @@ impl ShapeStream {
         self.schema_text = None;
         self.cache_buster = Some(new_cache_buster());
         self.fast_loop.times.clear();
+        self.resets_since_success += 1;
+        if self.resets_since_success > 1 {
+            // Resets with no good response in between: don't hammer the server.
+            self.pending_delay = Some(self.backoff.next_delay(None));
+        }
         ShapeEvent::MustRefetch { new_handle }
     }
 
