@@ -606,6 +606,20 @@ async fn apply_with_retry(sink: &RedisSink, b: &Batch) -> u32 {
     }
 }
 
+/// Reads the checkpoint, retrying while the sink reconnects.
+async fn checkpoint_with_retry(sink: &RedisSink) -> Option<Checkpoint> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match sink.checkpoint().await {
+            Ok(cp) => return cp,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await; // backoff
+            }
+            Err(e) => panic!("checkpoint unreadable: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
     let mut server = OwnRedis::start().await;
@@ -616,11 +630,34 @@ async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
         pipeline: "p".into(),
         shape: ShapeInfo { table: "items".into(), ..Default::default() },
     };
-    let sink = RedisSink::connect(config.clone(), ctx.clone()).await.unwrap();
+    let sink = Arc::new(RedisSink::connect(config.clone(), ctx.clone()).await.unwrap());
+    let mut conn = redis_at(&server.url()).await;
 
-    let snapshot: Vec<Change> = (0..100).map(|i| Change::insert(format!("k{i}"), full_row(i, "a"))).collect();
+    // Killed while a multi-part snapshot is being written: parts may have landed, the
+    // checkpoint must not have moved.
+    let snapshot: Vec<Change> =
+        (0..3000).map(|i| Change::insert(format!("k{i}"), full_row(i, "a"))).collect();
     let b1 = batch(snapshot, cp("0_inf", 1, false));
-    sink.apply(&b1).await.unwrap();
+    let writer = tokio::spawn({
+        let (sink, b1) = (sink.clone(), b1.clone());
+        async move { sink.apply(&b1).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while conn.hlen::<_, usize>(sink.members_key()).await.unwrap() < 100 {
+        assert!(Instant::now() < deadline, "the snapshot parts never started landing");
+        tokio::time::sleep(Duration::from_millis(1)).await; // poll interval
+    }
+    server.kill();
+    let interrupted = writer.await.unwrap();
+    server.restart().await;
+    if let Err(e) = &interrupted {
+        assert!(e.is_transient(), "{e}");
+        assert_eq!(checkpoint_with_retry(&sink).await, None, "checkpoint moved past unwritten parts");
+        let landed: usize = redis_at(&server.url()).await.hlen(sink.members_key()).await.unwrap();
+        assert!(landed >= 100, "committed parts survive the kill ({landed} rows)");
+    }
+    apply_with_retry(&sink, &b1).await;
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(b1.checkpoint.clone()));
 
     server.kill();
     let b2 = batch(
@@ -645,16 +682,16 @@ async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
     server.kill();
     server.restart().await;
     let fresh = RedisSink::connect(config, ctx).await.unwrap();
-    assert_eq!(fresh.checkpoint().await.unwrap(), Some(b2.checkpoint));
+    assert_eq!(checkpoint_with_retry(&fresh).await, Some(b2.checkpoint));
     let mut conn = redis_at(&server.url()).await;
     assert_eq!(hgetall(&mut conn, "items:1").await["name"], "b");
     assert!(!conn.exists::<_, bool>("items:2").await.unwrap());
     let present: usize = redis::cmd("EXISTS")
-        .arg((3..100).map(|i| format!("items:{i}")).collect::<Vec<_>>())
+        .arg((3..3000).map(|i| format!("items:{i}")).collect::<Vec<_>>())
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(present, 97);
+    assert_eq!(present, 2997);
     let members: usize = conn.hlen(fresh.members_key()).await.unwrap();
-    assert_eq!(members, 99);
+    assert_eq!(members, 2999);
 }
