@@ -1,0 +1,128 @@
+//! The pipeline files shipped in `pipelines/` run as documented, through the real binary,
+//! against the testkit server and the local Redis.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::json;
+use shapesync_testkit::{Column, ServerOptions, TableDef, TestServer};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+fn shapesync(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shapesync"));
+    cmd.args(args).current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run shapesync")
+}
+
+fn redis() -> redis::Connection {
+    redis::Client::open(REDIS).unwrap().get_connection().expect("local Redis on 6379")
+}
+
+fn keys(con: &mut redis::Connection, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(con).unwrap();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_pipeline_runs_as_documented() {
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let projects = server.create_table(
+        TableDef::new("projects")
+            .column(Column::new("id", "int8").primary_key().not_null())
+            .column(Column::new("name", "text"))
+            .column(Column::new("owner", "text"))
+            .column(Column::new("archived", "bool")),
+    );
+    projects.register_where("archived = false", |row| row.get("archived") == Some("f"));
+    projects.seed([
+        json!({"id": "1", "name": "alpha", "owner": null, "archived": "f"}),
+        json!({"id": "2", "name": "beta", "owner": "ann", "archived": "t"}),
+        json!({"id": "3", "name": "gamma", "owner": "bob", "archived": "f"}),
+    ]);
+    let prefix = format!("test:{}:files:", std::process::id());
+    let env = [
+        ("ELECTRIC_URL", server.url()),
+        ("REDIS_URL", REDIS.to_owned()),
+        ("REDIS_PREFIX", prefix.clone()),
+        ("SHAPESYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let file = "pipelines/redis-cache.yaml";
+
+    let out = shapesync(&["validate", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = shapesync(&["run", "--once", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut con = redis();
+    let p = |k: &str| format!("{prefix}{k}");
+    assert_eq!(
+        keys(&mut con, &prefix),
+        vec![
+            p("project:1"),
+            p("project:3"),
+            p("shapesync:projects:checkpoint"),
+            p("shapesync:projects:members")
+        ]
+    );
+    let alpha: Vec<(String, String)> = redis::cmd("HGETALL").arg(p("project:1")).query(&mut con).unwrap();
+    let mut alpha = alpha;
+    alpha.sort();
+    assert_eq!(
+        alpha,
+        vec![("archived".into(), "false".into()), ("id".into(), "1".into()), ("name".into(), "alpha".into())],
+        "NULL owner is an absent field"
+    );
+
+    // A later run picks up from the stored checkpoint.
+    projects.transaction().update(json!({"id": "3", "name": "gamma 2"})).commit();
+    let out = shapesync(&["run", "--once", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let name: String = redis::cmd("HGET").arg(p("project:3")).arg("name").query(&mut con).unwrap();
+    assert_eq!(name, "gamma 2");
+    let requests = server.requests();
+    let resumed = requests.iter().filter(|r| r.param("offset") != Some("-1")).count();
+    assert!(resumed > 0, "the second run resumed instead of starting over");
+
+    // `checkpoints` shows the stored position.
+    let out = shapesync(&["checkpoints", "--json", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["pipeline"], "projects");
+    assert!(line["handle"].as_str().is_some_and(|h| !h.is_empty()), "{line}");
+    assert_eq!(line["resyncing"], false);
+
+    // `reset` refuses without confirmation, then removes everything with --yes.
+    let out = shapesync(&["reset", file, "--pipeline", "projects"], &env);
+    assert!(!out.status.success());
+    assert_eq!(keys(&mut con, &prefix).len(), 4, "nothing removed without confirmation");
+    let out = shapesync(&["reset", file, "--pipeline", "projects", "--yes"], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(keys(&mut con, &prefix).is_empty());
+}
+
+#[test]
+fn every_shipped_pipeline_file_validates() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines");
+    let env = [("SHAPESYNC_DEMO_URL", "http://127.0.0.1:3000/v1/shape")];
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            seen += 1;
+            let out = shapesync(&["validate", path.to_str().unwrap()], &env);
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    assert!(seen >= 2);
+}
