@@ -695,3 +695,56 @@ async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
     let members: usize = conn.hlen(fresh.members_key()).await.unwrap();
     assert_eq!(members, 2999);
 }
+
+/// A source type that only describes its shape, so pipeline files can be prepared.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShapeOnlySource {
+    table: String,
+    #[serde(default)]
+    full_rows: bool,
+}
+
+#[shapesync_core::async_trait]
+impl shapesync_core::SourceConfig for ShapeOnlySource {
+    fn shape(&self) -> ShapeInfo {
+        ShapeInfo { table: self.table.clone(), columns: None, full_rows: self.full_rows }
+    }
+    async fn build(self) -> Result<Box<dyn shapesync_core::Source>, shapesync_core::SourceError> {
+        Err(shapesync_core::SourceError::Setup { detail: "a test source never runs".into() })
+    }
+}
+
+fn prepare(yaml: &str) -> Result<Vec<shapesync_core::PreparedPipeline>, Vec<shapesync_core::ConfigError>> {
+    let mut registry = shapesync_core::Registry::new();
+    registry.source::<ShapeOnlySource>("shape-only");
+    shapesync_sink_redis::register(&mut registry);
+    let mut config = shapesync_core::Config::default();
+    config.merge(std::path::Path::new("p.yaml"), yaml, &|_| None).unwrap();
+    registry.prepare(&config)
+}
+
+#[tokio::test]
+async fn pipeline_files_name_type_redis_and_bad_settings_are_reported_by_key() {
+    let prefix = format!("{}:", unique("registry"));
+    let yaml = format!(
+        "pipelines:\n  items:\n    source: {{type: shape-only, table: items}}\n    sink: {{type: redis, url: '{URL}', layout: json, key: 'item:{{id}}', primary_key: [id], prefix: '{prefix}'}}\n"
+    );
+    let mut pipelines = prepare(&yaml).unwrap_or_else(|e| panic!("{e:?}"));
+    let sink = pipelines.remove(0).sink;
+    assert_eq!(sink.type_name, "redis");
+    let sink = sink.build().await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k", full_row(5, "a"))], cp("0_0", 1, true))).await.unwrap();
+    let stored: String = redis().await.get(format!("{prefix}item:5")).await.unwrap();
+    assert!(stored.contains(r#""name":"a""#));
+    cleanup(&prefix).await;
+
+    let unknown = yaml.replace("layout: json", "layout: json, ttl: 60");
+    let errors = prepare(&unknown).err().unwrap();
+    assert!(errors[0].to_string().contains("ttl"), "{}", errors[0]);
+
+    let non_key = yaml.replace("item:{id}", "item:{name}");
+    let errors = prepare(&non_key).err().unwrap();
+    assert_eq!(errors[0].key, "pipelines.items.sink.key", "{}", errors[0]);
+    assert!(prepare(&non_key.replace("table: items}", "table: items, full_rows: true}")).is_ok());
+}
