@@ -1,0 +1,118 @@
+//! `shapesync-bench`: benchmark commands that print their figures.
+//!
+//! - `client`: a synthetic N-row shape through the Electric client alone (messages/s,
+//!   peak RSS). The server runs in a child process so the RSS is the client's own.
+//!
+//! Build with `--release`; figures and the machine go into `docs/PERFORMANCE.md`.
+
+mod rss;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use shapesync_electric::{ShapeEvent, ShapeOptions, ShapeStream};
+
+#[derive(Parser)]
+#[command(name = "shapesync-bench", about = "shapesync benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sync a synthetic shape through the Electric client alone; print messages/s and peak RSS.
+    Client {
+        /// Rows in the synthetic shape.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Server chunk size in bytes (Electric's default is 10 MiB).
+        #[arg(long, default_value_t = 10 * 1024 * 1024)]
+        chunk_bytes: usize,
+    },
+    /// (internal) serve a synthetic shape; used as the benchmarks' child process.
+    #[command(hide = true)]
+    Serve(shapesync_testkit::cli::SyntheticServerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Cmd::Client { rows, chunk_bytes } => client(rows, chunk_bytes).await,
+            Cmd::Serve(args) => Ok(shapesync_testkit::cli::run_synthetic_server(args).await?),
+        }
+    })
+}
+
+/// A synthetic shape server in a child process, killed on drop.
+pub struct ChildServer {
+    child: Child,
+    /// The shape endpoint.
+    pub url: String,
+}
+
+impl ChildServer {
+    /// Starts `shapesync-bench serve` with `rows` rows and returns once it listens.
+    pub fn start(table: &str, rows: u64, chunk_bytes: usize) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--table", table, "--rows", &rows.to_string()])
+            .args(["--chunk-bytes", &chunk_bytes.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the synthetic server")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+            let _ = child.kill();
+            bail!("the synthetic server did not print its URL: {line:?}");
+        };
+        let url = url.split('?').next().unwrap_or(url).to_owned();
+        Ok(ChildServer { child, url })
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn client(rows: u64, chunk_bytes: usize) -> anyhow::Result<()> {
+    let server = ChildServer::start("items", rows, chunk_bytes)?;
+    let rss_before = rss::peak_rss_bytes();
+    let mut stream = ShapeStream::new(ShapeOptions::new(server.url.parse()?, "items"))?;
+    let started = Instant::now();
+    let (mut messages, mut responses) = (0u64, 0u64);
+    loop {
+        match stream.next_event().await? {
+            ShapeEvent::Response(r) => {
+                responses += 1;
+                messages += r.changes.len() as u64;
+                if r.up_to_date {
+                    break;
+                }
+            }
+            ShapeEvent::MustRefetch { .. } => bail!("unexpected must-refetch from the synthetic server"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if messages != rows {
+        bail!("expected {rows} messages, got {messages}");
+    }
+    println!("client: {messages} messages in {responses} responses, {secs:.2} s");
+    println!("client: {:.0} messages/s", messages as f64 / secs);
+    println!(
+        "client: peak RSS {:.1} MiB (before streaming {:.1} MiB), chunk size {:.1} MiB",
+        rss::mib(rss::peak_rss_bytes()),
+        rss::mib(rss_before),
+        chunk_bytes as f64 / 1048576.0
+    );
+    Ok(())
+}
