@@ -374,13 +374,18 @@ async fn respond(
         cut_mid_transaction: fault == Some(Fault::EndMidTransaction),
         chunk_bytes: shared.options.chunk_bytes,
     };
-    let reply = match wait_for_reply(shared, &req, flags).await {
+    let mut reply = match wait_for_reply(shared, &req, flags).await {
         Eval::Reply(reply) => reply,
         Eval::Conflict(handle) => return must_refetch(handle),
         Eval::OutOfBounds => return invalid("offset", "out of bounds for this shape"),
         Eval::Wait { .. } => unreachable!("wait_for_reply only returns final answers"),
     };
-    let response = ok_response(shared, &req, reply, if_none_match);
+    let body = std::mem::replace(&mut reply.body, shape::Body::Ready(Vec::new()));
+    let body = match body {
+        shape::Body::Ready(bytes) => bytes,
+        generated => tokio::task::spawn_blocking(move || generated.render()).await.unwrap_or_default(),
+    };
+    let response = ok_response(shared, &req, reply, body, if_none_match);
     match fault {
         Some(f) if response.status() == StatusCode::OK => apply_body_fault(response, f).await,
         _ => response,
@@ -422,7 +427,13 @@ fn next_cursor(client: Option<u64>) -> u64 {
     }
 }
 
-fn ok_response(shared: &Shared, req: &ShapeRequest, reply: Reply, if_none_match: Option<&str>) -> Response {
+fn ok_response(
+    shared: &Shared,
+    req: &ShapeRequest,
+    reply: Reply,
+    body: Vec<u8>,
+    if_none_match: Option<&str>,
+) -> Response {
     let mut etag = format!("\"{}:{}:{}", reply.handle, req.offset, reply.offset);
     if !reply.has_data {
         let n = shared.empty_etag_counter.fetch_add(1, Ordering::Relaxed);
@@ -442,7 +453,7 @@ fn ok_response(shared: &Shared, req: &ShapeRequest, reply: Reply, if_none_match:
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        let mut r = Response::new(Body::from(reply.body));
+        let mut r = Response::new(Body::from(body));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r
     };
@@ -480,9 +491,17 @@ async fn apply_body_fault(mut response: Response, fault: Fault) -> Response {
         Fault::DropMidBody => {
             let body = body_bytes(&mut response).await;
             let half = body.slice(..body.len() / 2);
-            let parts: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(half), Err(std::io::Error::other("connection dropped (injected fault)"))];
-            *response.body_mut() = Body::from_stream(futures::stream::iter(parts));
+            // The pause lets hyper flush the headers and the first half before the abort.
+            let parts = futures::stream::iter([Ok(half), Err(())]).then(|part| async move {
+                match part {
+                    Ok(bytes) => Ok(bytes),
+                    Err(()) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err(std::io::Error::other("connection dropped (injected fault)"))
+                    }
+                }
+            });
+            *response.body_mut() = Body::from_stream(parts);
             response
         }
         Fault::Trickle { bytes, delay } => {

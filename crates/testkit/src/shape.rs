@@ -226,9 +226,47 @@ pub(crate) struct Reply {
     pub handle: String,
     pub offset: Offset,
     pub schema: String,
-    pub body: Vec<u8>,
+    pub body: Body,
     pub up_to_date: bool,
     pub has_data: bool,
+}
+
+/// A response body, rendered under the state lock or (large synthetic chunks) after it.
+pub(crate) enum Body {
+    Ready(Vec<u8>),
+    Synthetic(SyntheticChunk),
+}
+
+/// Generated snapshot rows `ids` of a synthetic table, rendered outside the lock.
+pub(crate) struct SyntheticChunk {
+    def: TableDef,
+    selected: Vec<usize>,
+    ids: std::ops::RangeInclusive<u64>,
+    snapshot_end: Option<String>,
+}
+
+impl Body {
+    /// The JSON array bytes.
+    pub fn render(self) -> Vec<u8> {
+        match self {
+            Body::Ready(bytes) => bytes,
+            Body::Synthetic(chunk) => {
+                let mut body = Messages::default();
+                let mut buf = Vec::new();
+                for id in chunk.ids {
+                    let row = synthetic::row(id);
+                    buf.clear();
+                    let value = Values { def: &chunk.def, row: &row, columns: &chunk.selected };
+                    write_message(&mut buf, &chunk.def.key_of(&row), "insert", value, None, None, &chunk.def);
+                    body.push(&buf);
+                }
+                if let Some(end) = chunk.snapshot_end {
+                    body.push(end.as_bytes());
+                }
+                body.finish()
+            }
+        }
+    }
 }
 
 /// Flags that change how a request is evaluated.
@@ -260,7 +298,7 @@ pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags)
         return Eval::Conflict(Some(handle));
     }
     let view = ShapeView::new(table, generation, &req.def);
-    let reply = |offset: Offset, body: Vec<u8>, up_to_date: bool, has_data: bool| {
+    let reply = |offset: Offset, body: Body, up_to_date: bool, has_data: bool| {
         Eval::Reply(Reply {
             handle: handle.clone(),
             offset,
@@ -282,7 +320,7 @@ pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags)
             let latest = view.latest_offset();
             let mut body = Messages::default();
             body.up_to_date(utd_lsn(latest));
-            return reply(latest, body.finish(), true, false);
+            return reply(latest, Body::Ready(body.finish()), true, false);
         }
         RequestOffset::Start => return view.snapshot_chunk(0, flags.chunk_bytes, reply),
         RequestOffset::At(o @ Offset::At { tx: 0, op: OpPart::Num(k) }) => {
@@ -318,14 +356,14 @@ pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags)
             let end = after.max(Offset::SNAPSHOT_END);
             let mut body = Messages::default();
             body.up_to_date(utd_lsn(end));
-            reply(end, body.finish(), true, false)
+            reply(end, Body::Ready(body.finish()), true, false)
         }
         Some((mut body, end)) => {
             let up_to_date = end == latest;
             if up_to_date {
                 body.up_to_date(utd_lsn(end));
             }
-            reply(end, body.finish(), up_to_date, true)
+            reply(end, Body::Ready(body.finish()), up_to_date, true)
         }
     }
 }
@@ -401,43 +439,39 @@ impl<'a> ShapeView<'a> {
         &self,
         n: usize,
         chunk_bytes: usize,
-        reply: impl Fn(Offset, Vec<u8>, bool, bool) -> Eval,
+        reply: impl Fn(Offset, Body, bool, bool) -> Eval,
     ) -> Eval {
-        let mut body = Messages::default();
-        let last = match &self.generation.snapshot {
+        let snapshot_end = format!(
+            r#"{{"headers":{{"control":"snapshot-end","xmin":"{0}","xmax":"{0}","xip_list":[]}}}}"#,
+            self.generation.xmin
+        );
+        let body = match &self.generation.snapshot {
             Snapshot::Rows(rows) => {
                 let rendered = self.stored_rows(rows);
                 let ranges = chunk_ranges(&rendered, chunk_bytes);
+                let mut body = Messages::default();
                 for msg in &rendered[ranges[n].clone()] {
                     body.push(msg);
                 }
-                n + 1 == ranges.len()
+                if n + 1 == ranges.len() {
+                    body.push(snapshot_end.as_bytes());
+                }
+                Body::Ready(body.finish())
             }
             Snapshot::Synthetic { count } => {
                 let count = if self.shape.changes_only { 0 } else { *count };
                 let per_chunk = self.synthetic_rows_per_chunk(chunk_bytes);
                 let first = n as u64 * per_chunk + 1;
                 let end = (first + per_chunk - 1).min(count);
-                let mut buf = Vec::new();
-                for id in first..=end {
-                    let row = synthetic::row(id);
-                    buf.clear();
-                    self.render_into(&mut buf, &self.def.key_of(&row), "insert", &row, None, None);
-                    body.push(&buf);
-                }
-                end >= count
+                Body::Synthetic(SyntheticChunk {
+                    def: self.def.clone(),
+                    selected: self.selected.clone(),
+                    ids: first..=end,
+                    snapshot_end: (end >= count).then_some(snapshot_end),
+                })
             }
         };
-        if last {
-            let xmin = self.generation.xmin.to_string();
-            body.push(
-                format!(
-                    r#"{{"headers":{{"control":"snapshot-end","xmin":"{xmin}","xmax":"{xmin}","xip_list":[]}}}}"#
-                )
-                .as_bytes(),
-            );
-        }
-        reply(Offset::new(0, n as u64), body.finish(), false, true)
+        reply(Offset::new(0, n as u64), body, false, true)
     }
 
     /// Visible log entries after `after`, cut by bytes. `None` if there are none.
