@@ -20,7 +20,7 @@ fn row(i: usize) -> Row {
         ("id", Value::Int(i as i64)),
         ("name", Value::Text(format!("project {i}"))),
         ("score", Value::Float(i as f64 / 7.0)),
-        ("active", Value::Bool(i % 2 == 0)),
+        ("active", Value::Bool(i.is_multiple_of(2))),
         ("note", Value::Null),
     ]
     .into_iter()

@@ -117,11 +117,26 @@ async fn redis_at(url: &str) -> MultiplexedConnection {
 }
 
 async fn keys_with_prefix(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
-    let found: Vec<redis::RedisResult<String>> =
-        conn.scan_match(format!("{prefix}*")).await.unwrap().collect().await;
-    let mut keys: Vec<String> = found.into_iter().map(Result::unwrap).collect();
-    keys.sort();
-    keys
+    // The shared Redis may hold many other keys: scan in large steps.
+    let (mut keys, mut cursor) = (Vec::new(), 0u64);
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        keys.extend(found);
+        if next == 0 {
+            keys.sort();
+            keys.dedup();
+            return keys;
+        }
+        cursor = next;
+    }
 }
 
 /// The exact stored form of every key under `prefix`: equal maps mean byte-identical data.
