@@ -3,8 +3,12 @@
 //! - `client`: a synthetic N-row shape through the Electric client alone (messages/s,
 //!   peak RSS). The server runs in a child process so the RSS is the client's own.
 //!
+//! - `redis`: the same shape into Redis through the whole pipeline, raw pipelined HSETs
+//!   of the same rows for comparison, live latency, and reader stalls.
+//!
 //! Build with `--release`; figures and the machine go into `docs/PERFORMANCE.md`.
 
+mod redis_bench;
 mod rss;
 
 use std::io::{BufRead, BufReader};
@@ -33,6 +37,28 @@ enum Cmd {
         #[arg(long, default_value_t = 10 * 1024 * 1024)]
         chunk_bytes: usize,
     },
+    /// Sync a synthetic shape into Redis through the whole pipeline; compare with raw
+    /// pipelined HSETs; measure live latency and the stalls a concurrent reader sees.
+    Redis {
+        /// Redis URL.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        url: String,
+        /// Rows in the synthetic shape.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Rows that vanish across the refetch (swept).
+        #[arg(long, default_value_t = 100_000)]
+        vanish: u64,
+        /// Single-row transactions timed for live latency.
+        #[arg(long, default_value_t = 1_000)]
+        live_txs: usize,
+        /// Server chunk size in bytes.
+        #[arg(long, default_value_t = 10 * 1024 * 1024)]
+        chunk_bytes: usize,
+        /// Redis sink part size (rows per atomic unit during snapshots).
+        #[arg(long, default_value_t = shapesync_sink_redis::defaults::PART_SIZE)]
+        part_size: usize,
+    },
     /// (internal) serve a synthetic shape; used as the benchmarks' child process.
     #[command(hide = true)]
     Serve(shapesync_testkit::cli::SyntheticServerArgs),
@@ -44,6 +70,17 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Cmd::Client { rows, chunk_bytes } => client(rows, chunk_bytes).await,
+            Cmd::Redis { url, rows, vanish, live_txs, chunk_bytes, part_size } => {
+                redis_bench::run(redis_bench::RedisBench {
+                    url,
+                    rows,
+                    vanish: vanish.min(rows),
+                    live_txs,
+                    chunk_bytes,
+                    part_size,
+                })
+                .await
+            }
             Cmd::Serve(args) => Ok(shapesync_testkit::cli::run_synthetic_server(args).await?),
         }
     })

@@ -16,6 +16,15 @@ pub fn synthetic_table_def(name: &str) -> TableDef {
         .column(Column::new("data", "jsonb"))
 }
 
+/// Column names of a synthetic table, in the order of [`synthetic_row`]'s values.
+pub const SYNTHETIC_COLUMNS: [&str; 6] = ["id", "title", "amount", "flag", "tags", "data"];
+
+/// Row `id` (1-based) of a synthetic table as Postgres text values (`None` = NULL),
+/// in [`SYNTHETIC_COLUMNS`] order: benchmarks use it to write the same rows directly.
+pub fn synthetic_row(id: u64) -> Vec<Option<String>> {
+    row(id)
+}
+
 /// Row `id` (1-based) of a synthetic table, in Postgres text format.
 pub(crate) fn row(id: u64) -> Row {
     vec![

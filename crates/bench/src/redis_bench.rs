@@ -1,0 +1,309 @@
+//! `shapesync-bench redis`: a synthetic shape into Redis through the whole pipeline,
+//! next to raw pipelined HSETs of the same rows; live latency; reader stalls.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use shapesync_core::{Pipeline, RunMode, ShapeInfo, Sink, SinkConfig, SinkContext};
+use shapesync_electric::{ShapeOptions, ShapeStream};
+use shapesync_sink_redis::RedisSinkConfig;
+use shapesync_testkit::{ServerOptions, TestServer};
+use tokio_util::sync::CancellationToken;
+
+use crate::{ChildServer, rss};
+
+/// Settings of one run.
+pub struct RedisBench {
+    /// Redis URL.
+    pub url: String,
+    /// Rows in the synthetic shape.
+    pub rows: u64,
+    /// Rows removed before the refetch, so the sweep has work.
+    pub vanish: u64,
+    /// Single-row transactions timed for live latency.
+    pub live_txs: usize,
+    /// Server chunk size.
+    pub chunk_bytes: usize,
+    /// Sink part size.
+    pub part_size: usize,
+}
+
+/// A second connection issuing `HGET` in a loop, as a cache reader would, recording
+/// each command's latency while a phase runs.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<anyhow::Result<Vec<Duration>>>,
+}
+
+impl Reader {
+    fn start(url: &str, key: String) -> anyhow::Result<Reader> {
+        let mut con = redis::Client::open(url)?.get_connection()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut lat = Vec::with_capacity(1 << 20);
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let _: Option<String> = redis::cmd("HGET").arg(&key).arg("title").query(&mut con)?;
+                lat.push(t.elapsed());
+            }
+            Ok(lat)
+        });
+        Ok(Reader { stop, thread })
+    }
+
+    fn finish(self) -> anyhow::Result<Stats> {
+        self.stop.store(true, Ordering::Relaxed);
+        let lat = self.thread.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+        Ok(Stats::of(lat))
+    }
+}
+
+/// Latency summary.
+pub struct Stats {
+    count: usize,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    fn of(mut lat: Vec<Duration>) -> Stats {
+        lat.sort();
+        let at = |q: f64| {
+            lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        Stats {
+            count: lat.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: lat.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        write!(
+            f,
+            "n={} p50={:.3} ms p99={:.3} ms p99.9={:.3} ms max={:.3} ms",
+            self.count,
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.p999),
+            ms(self.max)
+        )
+    }
+}
+
+async fn sink(b: &RedisBench, prefix: &str, notify: Option<String>) -> anyhow::Result<Arc<dyn Sink>> {
+    let mut config = RedisSinkConfig::new(b.url.clone());
+    config.prefix = prefix.to_owned();
+    config.key = Some("item:{id}".into());
+    config.part_size = b.part_size;
+    config.notify = notify;
+    let ctx = SinkContext {
+        pipeline: "bench".into(),
+        shape: ShapeInfo { table: "items".into(), ..Default::default() },
+    };
+    Ok(config.build(ctx).await?)
+}
+
+async fn sync_once(url: &str, sink: Arc<dyn Sink>) -> anyhow::Result<()> {
+    let source = ShapeStream::new(ShapeOptions::new(url.parse()?, "items"))?;
+    Pipeline::new("bench", Box::new(source), sink)
+        .run(RunMode::UntilUpToDate, CancellationToken::new())
+        .await?;
+    Ok(())
+}
+
+fn count_keys(con: &mut redis::Connection, pattern: &str) -> anyhow::Result<u64> {
+    let mut n = 0;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(10_000).query(con)?;
+        n += keys.len() as u64;
+        if next == 0 {
+            return Ok(n);
+        }
+        cursor = next;
+    }
+}
+
+fn delete_prefix(con: &mut redis::Connection, prefix: &str) -> anyhow::Result<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query(con)?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).query::<()>(con)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Runs every phase and prints the figures.
+pub async fn run(b: RedisBench) -> anyhow::Result<()> {
+    let prefix = format!("shapesync-bench:{}:", std::process::id());
+    let mut con = redis::Client::open(b.url.as_str())?.get_connection().context("cannot connect to Redis")?;
+    println!(
+        "redis bench: {} rows, part_size {}, chunk {} MiB, prefix {prefix}",
+        b.rows,
+        b.part_size,
+        b.chunk_bytes >> 20
+    );
+
+    // Phase 1: the full pipeline, server in a child process so the RSS is ours.
+    let server = ChildServer::start("items", b.rows, b.chunk_bytes)?;
+    let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
+    let started = Instant::now();
+    sync_once(&server.url, sink(&b, &prefix, None).await?).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let stalls = reader.finish()?;
+    let synced = count_keys(&mut con, &format!("{prefix}item:*"))?;
+    if synced != b.rows {
+        bail!("expected {} rows in Redis, found {synced}", b.rows);
+    }
+    let pipeline_rate = b.rows as f64 / secs;
+    println!(
+        "pipeline: {} rows in {secs:.2} s = {pipeline_rate:.0} rows/s; peak RSS {:.1} MiB",
+        b.rows,
+        rss::mib(rss::peak_rss_bytes())
+    );
+    println!("reader during initial sync: {stalls}");
+
+    // Phase 2: refetch sweep. A new server incarnation (the old handle is unknown to it:
+    // 409) holds fewer rows, so the resync must sweep `vanish` rows.
+    drop(server);
+    let server = ChildServer::start("items", b.rows - b.vanish, b.chunk_bytes)?;
+    let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
+    let started = Instant::now();
+    sync_once(&server.url, sink(&b, &prefix, None).await?).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let stalls = reader.finish()?;
+    let remaining = count_keys(&mut con, &format!("{prefix}item:*"))?;
+    if remaining != b.rows - b.vanish {
+        bail!("expected {} rows after the sweep, found {remaining}", b.rows - b.vanish);
+    }
+    println!("refetch: resync of {} rows + sweep of {} in {secs:.2} s", b.rows - b.vanish, b.vanish);
+    println!("reader during refetch and sweep: {stalls}");
+    drop(server);
+    delete_prefix(&mut con, &prefix)?;
+
+    // Phase 3: raw pipelined HSETs of the same rows, same part size, same program.
+    let raw_prefix = format!("{prefix}raw:");
+    let started = Instant::now();
+    let mut pipe = redis::pipe();
+    for id in 1..=b.rows {
+        let row = shapesync_testkit::synthetic_row(id);
+        let cmd = pipe.cmd("HSET").arg(format!("{raw_prefix}item:{id}"));
+        for (name, value) in shapesync_testkit::SYNTHETIC_COLUMNS.iter().zip(&row) {
+            if let Some(v) = value {
+                cmd.arg(*name).arg(v);
+            }
+        }
+        if id % b.part_size as u64 == 0 || id == b.rows {
+            pipe.query::<()>(&mut con)?;
+            pipe = redis::pipe();
+        }
+    }
+    let raw_rate = b.rows as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "raw pipelined HSET: {raw_rate:.0} rows/s; pipeline reaches {:.0}% of it",
+        100.0 * pipeline_rate / raw_rate
+    );
+    delete_prefix(&mut con, &raw_prefix)?;
+
+    // Phase 4: live latency, append on the server → key visible (notify received).
+    live_latency(&b, &prefix).await?;
+    delete_prefix(&mut con, &prefix)?;
+    Ok(())
+}
+
+async fn live_latency(b: &RedisBench, prefix: &str) -> anyhow::Result<()> {
+    let server = TestServer::start(ServerOptions::default()).await?;
+    let table = server.create_synthetic_table("items", 1_000);
+    let channel = format!("{prefix}changes");
+    let sink = sink(b, prefix, Some(channel.clone())).await?;
+
+    // Subscriber on its own thread: forwards (key, arrival) of each notification.
+    let (tx, rx) = mpsc::channel::<(String, Instant)>();
+    let mut sub = redis::Client::open(b.url.as_str())?.get_connection()?;
+    let subscribed = Arc::new(Mutex::new(false));
+    let ready = subscribed.clone();
+    thread::spawn(move || -> anyhow::Result<()> {
+        let mut pubsub = sub.as_pubsub();
+        pubsub.subscribe(&channel)?;
+        *ready.lock().unwrap() = true;
+        loop {
+            let msg = pubsub.get_message()?;
+            let at = Instant::now();
+            let payload: String = msg.get_payload()?;
+            if tx.send((payload, at)).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    while !*subscribed.lock().unwrap() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    let source = ShapeStream::new(ShapeOptions::new(server.url().parse()?, "items"))?;
+    let pipeline = Pipeline::new("bench-live", Box::new(source), sink);
+    let status = pipeline.status();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(pipeline.run(RunMode::Follow, stop.clone()));
+    while !status.has_reached_up_to_date() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Drain the snapshot's notifications.
+    let rx = Arc::new(Mutex::new(rx));
+    let drain =
+        |rx: &mpsc::Receiver<(String, Instant)>| while rx.recv_timeout(Duration::from_millis(200)).is_ok() {};
+    drain(&rx.lock().unwrap());
+
+    let mut latencies = Vec::with_capacity(b.live_txs);
+    for i in 0..b.live_txs as u64 {
+        let id = 1_001 + i;
+        let want = format!("\"{prefix}item:{id}\"");
+        let t0 = Instant::now();
+        table.append_generated();
+        let rx2 = rx.clone();
+        let arrival = tokio::task::spawn_blocking(move || -> anyhow::Result<Instant> {
+            let rx = rx2.lock().unwrap();
+            loop {
+                let (payload, at) =
+                    rx.recv_timeout(Duration::from_secs(10)).context("no notification within 10 s")?;
+                if payload.contains(&want) {
+                    return Ok(at);
+                }
+            }
+        })
+        .await??;
+        latencies.push(arrival - t0);
+    }
+    stop.cancel();
+    task.await??;
+    println!(
+        "live latency (append on server → committed in Redis, notify received): {}",
+        Stats::of(latencies)
+    );
+    Ok(())
+}
