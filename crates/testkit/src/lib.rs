@@ -73,5 +73,5 @@ pub use fault::{ElectricHeader, Fault};
 pub use handle::{TableHandle, Transaction};
 pub use server::{RequestRecord, ServerOptions, TestServer, TestkitError};
 pub use shapesync_core::Offset;
-pub use synthetic::synthetic_table_def;
+pub use synthetic::{SYNTHETIC_COLUMNS, synthetic_row, synthetic_table_def};
 pub use table::{Column, RowView, TableDef};
