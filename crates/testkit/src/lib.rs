@@ -5,7 +5,7 @@
 //! byte-threshold chunking, `up-to-date` only at the head (never for `offset=-1`), live
 //! long-polls with strictly increasing cursors, 409 must-refetch on rotation or handle
 //! mismatch, validation 400s in Electric's order, 401 with a secret, out-of-bounds 400s,
-//! `replica=full`, `columns`, `log=changes_only`, `offset=now` and `If-None-Match` 304s.
+//! `replica=full`, `columns`, `log=changes_only`, `offset=now`, `If-None-Match` 304s and SSE.
 //!
 //! # API
 //! - [`TestServer::start`]`(`[`ServerOptions`]`)` binds 127.0.0.1 on an ephemeral port;
@@ -57,14 +57,18 @@
 //!
 //! Server LSNs start at 24008184 and grow by 8 per transaction unless
 //! [`Transaction::lsn`] is given; txids start at 751. Shape handles are
-//! `<hash of the shape definition>-<µs>` and never repeat. SSE and subset snapshots are
-//! not implemented (`live_sse=true` is answered as a long-poll).
+//! `<hash of the shape definition>-<µs>` and never repeat.
+//!
+//! SSE (`live=true&live_sse=true`) streams `data:` frames with `: keep-alive` comments and
+//! closes after [`ServerOptions::sse_timeout`] or silently on rotation; only the
+//! [`Fault::MissingHeader`] fault applies to SSE responses.
 
 pub mod cli;
 mod fault;
 mod handle;
 mod server;
 mod shape;
+mod sse;
 mod store;
 mod synthetic;
 mod table;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fault::Fault;
 use crate::shape::{self, Eval, EvalFlags, MUST_REFETCH, Reply, RequestOffset, ShapeDef, ShapeRequest};
+use crate::sse;
 use crate::store::State;
 
 /// Server settings. Defaults match Electric; tests usually shorten the timeouts and chunks.
@@ -33,6 +34,10 @@ pub struct ServerOptions {
     pub out_of_bounds_wait: Duration,
     /// When set, every request must carry `secret=<this>` (or `api_secret`), else 401.
     pub secret: Option<String>,
+    /// SSE (`live_sse=true`): the server closes the stream after this long (Electric: 60 s).
+    pub sse_timeout: Duration,
+    /// SSE: a `: keep-alive` comment is sent after this much silence (Electric: 21 s).
+    pub sse_keepalive: Duration,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +47,8 @@ impl Default for ServerOptions {
             long_poll_timeout: Duration::from_secs(20),
             out_of_bounds_wait: Duration::from_secs(10),
             secret: None,
+            sse_timeout: Duration::from_secs(60),
+            sse_keepalive: Duration::from_secs(21),
         }
     }
 }
@@ -99,13 +106,13 @@ impl RequestRecord {
 /// State shared by the server task and the test's handles.
 pub(crate) struct Shared {
     pub state: Mutex<State>,
+    pub options: ServerOptions,
+    pub cancel: CancellationToken,
     /// Bumped on every data change; wakes long-polls.
     pub changed: watch::Sender<u64>,
     faults: Mutex<VecDeque<Fault>>,
     requests: Mutex<Vec<RequestRecord>>,
     requests_changed: watch::Sender<u64>,
-    options: ServerOptions,
-    cancel: CancellationToken,
     empty_etag_counter: AtomicU64,
 }
 
@@ -295,14 +302,14 @@ fn error_response(status: StatusCode, body: serde_json::Value) -> Response {
     r
 }
 
-fn invalid(field: &str, message: &str) -> Response {
+pub(crate) fn invalid(field: &str, message: &str) -> Response {
     error_response(
         StatusCode::BAD_REQUEST,
         serde_json::json!({"message": "Invalid request", "errors": {field: [message]}}),
     )
 }
 
-fn must_refetch(handle: Option<String>) -> Response {
+pub(crate) fn must_refetch(handle: Option<String>) -> Response {
     let mut r = json_response(StatusCode::CONFLICT, MUST_REFETCH.to_string());
     let cache = if handle.is_some() {
         "public, max-age=60, must-revalidate"
@@ -316,18 +323,18 @@ fn must_refetch(handle: Option<String>) -> Response {
     r
 }
 
-fn header_value(s: &str) -> HeaderValue {
+pub(crate) fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// The current handle of `def`'s shape, if it has one.
-fn current_handle(shared: &Shared, def: &ShapeDef) -> Option<String> {
+pub(crate) fn current_handle(shared: &Shared, def: &ShapeDef) -> Option<String> {
     let state = shared.state();
     state.tables.get(&def.table)?.generation.as_ref().map(|g| def.handle(g.id))
 }
 
 async fn respond(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     query: &[(String, String)],
     if_none_match: Option<&str>,
     fault: Option<Fault>,
@@ -374,6 +381,9 @@ async fn respond(
         cut_mid_transaction: fault == Some(Fault::EndMidTransaction),
         chunk_bytes: shared.options.chunk_bytes,
     };
+    if req.sse {
+        return sse::start(shared, req, flags, fault).await;
+    }
     let mut reply = match wait_for_reply(shared, &req, flags).await {
         Eval::Reply(reply) => reply,
         Eval::Conflict(handle) => return must_refetch(handle),
@@ -393,7 +403,7 @@ async fn respond(
 }
 
 /// Evaluates the request, waiting for data (live) or for the log to reach the offset.
-async fn wait_for_reply(shared: &Shared, req: &ShapeRequest, mut flags: EvalFlags) -> Eval {
+pub(crate) async fn wait_for_reply(shared: &Shared, req: &ShapeRequest, mut flags: EvalFlags) -> Eval {
     let start = tokio::time::Instant::now();
     let live_deadline = start + shared.options.long_poll_timeout;
     let out_of_bounds_deadline = start + shared.options.out_of_bounds_wait;
@@ -417,7 +427,7 @@ async fn wait_for_reply(shared: &Shared, req: &ShapeRequest, mut flags: EvalFlag
 }
 
 /// Seconds since 2024-10-09T00:00Z rounded up to 20 s; strictly above the client's cursor.
-fn next_cursor(client: Option<u64>) -> u64 {
+pub(crate) fn next_cursor(client: Option<u64>) -> u64 {
     const EPOCH: u64 = 1_728_432_000;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(EPOCH);
     let interval = now.saturating_sub(EPOCH).div_ceil(20) * 20;
@@ -447,7 +457,10 @@ fn ok_response(
     } else {
         "public, max-age=60, stale-while-revalidate=300"
     };
-    let not_modified = if_none_match == Some(etag.as_str());
+    // Like Electric: a comma list of etags, compared without quotes.
+    let not_modified = if_none_match.is_some_and(|list| {
+        list.split(',').any(|tag| tag.trim().trim_matches('"') == etag.trim_matches('"'))
+    });
     let mut r = if not_modified {
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;

@@ -13,10 +13,13 @@ use crate::synthetic;
 use crate::table::{RowView, TableDef};
 
 /// What a client asked for, after validation.
+#[derive(Clone)]
 pub(crate) struct ShapeRequest {
     pub offset: RequestOffset,
     pub handle: Option<String>,
     pub live: bool,
+    /// `live_sse=true` (with `live`): stream Server-Sent Events.
+    pub sse: bool,
     pub cursor: Option<u64>,
     pub def: ShapeDef,
 }
@@ -126,7 +129,7 @@ pub(crate) fn parse_request(state: &State, query: &[(String, String)]) -> Result
     params.sort();
     let cursor = get("cursor").and_then(|c| c.parse().ok());
     let def = ShapeDef { table: key, where_clause, params, columns, replica_full, changes_only };
-    Ok(ShapeRequest { offset, handle, live, cursor, def })
+    Ok(ShapeRequest { offset, handle, live, sse: live_sse, cursor, def })
 }
 
 /// Splits a comma/dot separated identifier list, honouring `"quoted"` identifiers
@@ -319,7 +322,7 @@ pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags)
         RequestOffset::Now => {
             let latest = view.latest_offset();
             let mut body = Messages::default();
-            body.up_to_date(utd_lsn(latest));
+            body.up_to_date(global_lsn);
             return reply(latest, Body::Ready(body.finish()), true, false);
         }
         RequestOffset::Start => return view.snapshot_chunk(0, flags.chunk_bytes, reply),
@@ -355,7 +358,8 @@ pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags)
             }
             let end = after.max(Offset::SNAPSHOT_END);
             let mut body = Messages::default();
-            body.up_to_date(utd_lsn(end));
+            // Nothing new: Electric's no-change response carries the global LSN.
+            body.up_to_date(global_lsn);
             reply(end, Body::Ready(body.finish()), true, false)
         }
         Some((mut body, end)) => {
