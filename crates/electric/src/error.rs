@@ -21,7 +21,8 @@ pub enum ShapeError {
         status: u16,
         /// The offending parameter, when the server named one (or `secret` for 401).
         param: Option<String>,
-        /// The server's explanation (secrets removed).
+        /// The server's explanation (secrets removed); when the server blamed several
+        /// parameters, each is named in it.
         message: String,
         /// Every `errors` entry of the body: parameter → messages.
         errors: BTreeMap<String, Vec<String>>,
@@ -54,11 +55,11 @@ impl From<ShapeError> for SourceError {
     fn from(e: ShapeError) -> Self {
         match e {
             ShapeError::InvalidOptions(detail) => SourceError::Setup { detail },
-            ShapeError::Rejected { status, param, message, .. } => SourceError::Rejected {
+            ShapeError::Rejected { status, param, message, errors } => SourceError::Rejected {
                 status,
                 detail: match param {
-                    Some(p) => format!("{p}: {message}"),
-                    None => message,
+                    Some(p) if errors.len() <= 1 => format!("{p}: {message}"),
+                    _ => message,
                 },
             },
             e @ ShapeError::MissingHeader { .. } => SourceError::Protocol { detail: e.to_string() },

@@ -219,6 +219,12 @@ impl ShapeStream {
                 .await;
             let response = match sent {
                 Ok(r) => r,
+                Err(e) if live && e.is_timeout() => {
+                    // A live request outlived the server's hold (the TS "live watchdog"):
+                    // just poll again; the timeout itself paces these retries.
+                    tracing::debug!("live request timed out; polling again");
+                    continue;
+                }
                 Err(e) => {
                     self.wait_after_fault(&describe_reqwest_error(&e), None).await;
                     continue;
@@ -229,6 +235,10 @@ impl ShapeStream {
             tracing::debug!(status = status.as_u16(), "shape response");
             let body = match response.bytes().await {
                 Ok(b) => b,
+                Err(e) if live && e.is_timeout() => {
+                    tracing::debug!("live response timed out; polling again");
+                    continue;
+                }
                 Err(e) => {
                     let retry_after = self.retry_after(&header_map);
                     self.wait_after_fault(&describe_reqwest_error(&e), retry_after).await;
@@ -506,8 +516,10 @@ impl ShapeStream {
             })
             .unwrap_or_default();
         let param = errors.keys().next().cloned().or_else(|| (status == 401).then(|| "secret".to_owned()));
-        let message = if !errors.is_empty() {
-            errors.iter().map(|(k, v)| format!("{k} {}", v.join(", "))).collect::<Vec<_>>().join("; ")
+        let message = if errors.len() == 1 {
+            errors.values().flatten().cloned().collect::<Vec<_>>().join(", ")
+        } else if !errors.is_empty() {
+            errors.iter().map(|(k, v)| format!("{k}: {}", v.join(", "))).collect::<Vec<_>>().join("; ")
         } else if let Some(m) = parsed.and_then(|b| b.message) {
             m
         } else {

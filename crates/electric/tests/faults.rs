@@ -64,6 +64,29 @@ async fn a_request_timeout_is_retried() {
 }
 
 #[tokio::test]
+async fn a_live_request_outliving_the_timeout_is_simply_repeated() {
+    let server =
+        server_with(ServerOptions { long_poll_timeout: Duration::from_secs(30), ..ServerOptions::default() })
+            .await;
+    let items = items(&server);
+    let mut o = options(&server, "items");
+    o.request_timeout = Duration::from_millis(300);
+    let mut s = ShapeStream::new(o).unwrap();
+    until_up_to_date(&mut s).await;
+    let insert = async {
+        let live = |log: &[shapesync_testkit::RequestRecord]| log.iter().filter(|r| r.is_live()).count();
+        server.wait_for("two live requests", STEP, |log| live(log) >= 2).await.unwrap();
+        items.insert(json!({"id": "1"}))
+    };
+    let (r, offset) = tokio::join!(next_response(&mut s), insert);
+    assert_eq!(r.offset, offset);
+    assert_eq!(r.changes.len(), 1);
+    let log = server.requests();
+    let live: Vec<_> = log.iter().filter(|r| r.is_live()).collect();
+    assert!(live.iter().all(|r| r.param("offset") == Some("0_inf")), "same offset on every re-poll");
+}
+
+#[tokio::test]
 async fn a_slow_but_complete_body_within_the_timeout_is_accepted() {
     let server = server().await;
     items(&server).seed([json!({"id": "1"})]);
