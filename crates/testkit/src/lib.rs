@@ -5,7 +5,7 @@
 //! byte-threshold chunking, `up-to-date` only at the head (never for `offset=-1`), live
 //! long-polls with strictly increasing cursors, 409 must-refetch on rotation or handle
 //! mismatch, validation 400s in Electric's order, 401 with a secret, out-of-bounds 400s,
-//! `replica=full`, `columns`, `log=changes_only`, `offset=now`, `If-None-Match` 304s and SSE.
+//! `replica=full`, `columns`, `log=changes_only`, `offset=now`, `If-None-Match` 304s, subset snapshots and SSE.
 //!
 //! # API
 //! - [`TestServer::start`]`(`[`ServerOptions`]`)` binds 127.0.0.1 on an ephemeral port;
@@ -58,6 +58,11 @@
 //! Server LSNs start at 24008184 and grow by 8 per transaction unless
 //! [`Transaction::lsn`] is given; txids start at 751. Shape handles are
 //! `<hash of the shape definition>-<µs>` and never repeat.
+//!
+//! Subset snapshots (§4.4): `subset__where/params/order_by/limit/offset` query parameters
+//! or a POST JSON body give `{"metadata":…,"data":[…]}` with `electric-snapshot: true`,
+//! taken from the table's current rows (a `where` needs [`TableHandle::register_where`];
+//! predicates read `$n` values with [`RowView::param`]).
 //!
 //! SSE (`live=true&live_sse=true`) streams `data:` frames with `: keep-alive` comments and
 //! closes after [`ServerOptions::sse_timeout`] or silently on rotation; only the

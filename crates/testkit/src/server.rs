@@ -83,6 +83,8 @@ pub struct RequestRecord {
     pub method: String,
     /// Query parameters in order, percent-decoded; `secret`/`api_secret` values are redacted.
     pub query: Vec<(String, String)>,
+    /// The request body (POST subset requests), if any.
+    pub body: Option<String>,
     /// `If-None-Match` header, if sent.
     pub if_none_match: Option<String>,
     /// Response status; `None` while the request is still being answered (e.g. a long-poll).
@@ -160,7 +162,8 @@ impl TestServer {
             cancel: CancellationToken::new(),
             empty_etag_counter: AtomicU64::new(0),
         });
-        let app = Router::new().route("/v1/shape", get(handle_shape)).with_state(shared.clone());
+        let app =
+            Router::new().route("/v1/shape", get(handle_get).post(handle_post)).with_state(shared.clone());
         let cancel = shared.cancel.clone();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
@@ -248,14 +251,44 @@ impl Drop for TestServer {
     }
 }
 
-async fn handle_shape(
+async fn handle_get(
     AxumState(shared): AxumState<Arc<Shared>>,
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let query: Vec<(String, String)> =
+    handle_shape(shared, method, headers, query, None).await
+}
+
+/// POST = a subset snapshot whose fields come as a JSON body.
+async fn handle_post(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    handle_shape(shared, Method::POST, headers, query, Some(String::from_utf8_lossy(&body).into_owned()))
+        .await
+}
+
+async fn handle_shape(
+    shared: Arc<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    query: Option<String>,
+    body: Option<String>,
+) -> Response {
+    let mut query: Vec<(String, String)> =
         url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
+    if let Some(body) = &body {
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(body) {
+            Ok(fields) => query.extend(fields.into_iter().map(|(k, v)| {
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                (format!("subset__{k}"), v)
+            })),
+            Err(_) => query.push(("subset__invalid_body".to_string(), "true".to_string())),
+        }
+    }
     let fault = shared.faults.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
     let if_none_match = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
     let redacted = query
@@ -272,6 +305,7 @@ async fn handle_shape(
             received_at: Instant::now(),
             method: method.to_string(),
             query: redacted,
+            body: body.clone(),
             if_none_match: if_none_match.clone(),
             status: None,
             fault: fault.clone(),
@@ -302,10 +336,16 @@ fn error_response(status: StatusCode, body: serde_json::Value) -> Response {
     r
 }
 
+/// 400 `{"message":"Invalid request","errors":{field:[message]}}`; a `subset.x` field nests
+/// as `{"subset":{"x":[message]}}` like Ecto's embedded errors.
 pub(crate) fn invalid(field: &str, message: &str) -> Response {
+    let errors = match field.split_once('.') {
+        Some((outer, inner)) => serde_json::json!({outer: {inner: [message]}}),
+        None => serde_json::json!({field: [message]}),
+    };
     error_response(
         StatusCode::BAD_REQUEST,
-        serde_json::json!({"message": "Invalid request", "errors": {field: [message]}}),
+        serde_json::json!({"message": "Invalid request", "errors": errors}),
     )
 }
 
@@ -383,6 +423,12 @@ async fn respond(
     };
     if req.sse {
         return sse::start(shared, req, flags, fault).await;
+    }
+    if let Some(subset) = &req.subset {
+        return match shape::subset_snapshot(&mut shared.state(), &req, subset) {
+            Ok(reply) => subset_response(reply),
+            Err(handle) => must_refetch(handle),
+        };
     }
     let mut reply = match wait_for_reply(shared, &req, flags).await {
         Eval::Reply(reply) => reply,
@@ -488,6 +534,17 @@ fn ok_response(
         h.insert("electric-up-to-date", HeaderValue::from_static(""));
     }
     h.insert("electric-has-data", HeaderValue::from_static(if reply.has_data { "true" } else { "false" }));
+    r
+}
+
+fn subset_response(reply: shape::SubsetReply) -> Response {
+    let mut r = json_response(StatusCode::OK, String::from_utf8(reply.body).unwrap_or_default());
+    let h = r.headers_mut();
+    h.insert("electric-snapshot", HeaderValue::from_static("true"));
+    h.insert("electric-handle", header_value(&reply.handle));
+    h.insert("electric-offset", header_value(&reply.offset.to_string()));
+    h.insert("electric-schema", header_value(&reply.schema));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
 

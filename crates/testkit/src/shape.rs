@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::ser::SerializeMap;
 use shapesync_core::{Offset, OpPart};
 
-use crate::store::{Entry, Generation, Op, Predicate, Row, Snapshot, State, Table, TableKey};
+use crate::store::{Data, Entry, Generation, Op, Predicate, Row, Snapshot, State, Table, TableKey};
 use crate::synthetic;
 use crate::table::{RowView, TableDef};
 
@@ -22,6 +22,19 @@ pub(crate) struct ShapeRequest {
     pub sse: bool,
     pub cursor: Option<u64>,
     pub def: ShapeDef,
+    /// `subset__*` parameters (or a POST body): a subset snapshot request (§4.4).
+    pub subset: Option<Subset>,
+}
+
+/// A subset snapshot request.
+#[derive(Clone, Debug)]
+pub(crate) struct Subset {
+    pub where_clause: Option<String>,
+    pub params: Vec<(String, String)>,
+    /// (column index, descending)
+    pub order_by: Vec<(usize, bool)>,
+    pub limit: Option<usize>,
+    pub offset: usize,
 }
 
 /// The `offset` parameter.
@@ -88,7 +101,7 @@ pub(crate) fn parse_request(state: &State, query: &[(String, String)]) -> Result
         return Err(("live", "can't be true when offset == -1".into()));
     }
     if live && offset == RequestOffset::Now {
-        return Err(("live", "can't be true when offset == now".into()));
+        return Err(("live", "can't be true when offset is 'now'".into()));
     }
     let live_sse = get("live_sse").or(get("experimental_live_sse")).is_some_and(|v| v != "false");
     if live_sse && !live {
@@ -128,8 +141,70 @@ pub(crate) fn parse_request(state: &State, query: &[(String, String)]) -> Result
         .collect();
     params.sort();
     let cursor = get("cursor").and_then(|c| c.parse().ok());
+    let subset = parse_subset(&table.def, query)?;
     let def = ShapeDef { table: key, where_clause, params, columns, replica_full, changes_only };
-    Ok(ShapeRequest { offset, handle, live, sse: live_sse, cursor, def })
+    Ok(ShapeRequest { offset, handle, live, sse: live_sse, cursor, def, subset })
+}
+
+/// Reads `subset__where`, `subset__params` (JSON object), `subset__order_by`, `subset__limit`,
+/// `subset__offset`. Errors are reported under `subset.<field>`.
+fn parse_subset(def: &TableDef, query: &[(String, String)]) -> Result<Option<Subset>, Invalid> {
+    if !query.iter().any(|(k, _)| k.starts_with("subset__")) {
+        return Ok(None);
+    }
+    let get = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if get("subset__invalid_body").is_some() {
+        return Err(("subset", "the request body must be a JSON object".into()));
+    }
+    let number = |field: &'static str, min: usize| -> Result<Option<usize>, Invalid> {
+        match get(&format!("subset__{field}")) {
+            None => Ok(None),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n >= min => Ok(Some(n)),
+                Ok(_) if min == 1 => Err((field_path(field), "must be greater than 0".into())),
+                Ok(_) => Err((field_path(field), "must be greater than or equal to 0".into())),
+                Err(_) => Err((field_path(field), "is invalid".into())),
+            },
+        }
+    };
+    let limit = number("limit", 1)?;
+    let offset = number("offset", 0)?;
+    let order_by = match get("subset__order_by").filter(|o| !o.trim().is_empty()) {
+        None if limit.is_some() || offset.is_some() => {
+            return Err(("subset.order_by", "order_by is required when limit or offset is present".into()));
+        }
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|term| {
+                let mut words = term.split_whitespace();
+                let column = words.next().unwrap_or("").trim_matches('"');
+                let descending = words.next().is_some_and(|d| d.eq_ignore_ascii_case("desc"));
+                def.column_index(column)
+                    .map(|i| (i, descending))
+                    .ok_or(("subset.order_by", format!("unknown column {column:?}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let params = match get("subset__params") {
+        None => Vec::new(),
+        Some(json) => match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+            Ok(map) => map
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                .collect(),
+            Err(_) => return Err(("subset.params", "params must be valid JSON".into())),
+        },
+    };
+    let where_clause = get("subset__where").filter(|w| !w.is_empty()).map(str::to_string);
+    Ok(Some(Subset { where_clause, params, order_by, limit, offset: offset.unwrap_or(0) }))
+}
+
+fn field_path(field: &'static str) -> &'static str {
+    match field {
+        "limit" => "subset.limit",
+        _ => "subset.offset",
+    }
 }
 
 /// Splits a comma/dot separated identifier list, honouring `"quoted"` identifiers
@@ -372,6 +447,83 @@ pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags)
     }
 }
 
+/// A subset snapshot response: body `{"metadata":…,"data":[…]}` plus the shape's handle,
+/// latest offset and schema.
+pub(crate) struct SubsetReply {
+    pub handle: String,
+    pub offset: Offset,
+    pub schema: String,
+    pub body: Vec<u8>,
+}
+
+/// Answers a subset snapshot from the table's current rows; `Err` is a 409 (handle mismatch).
+pub(crate) fn subset_snapshot(
+    state: &mut State,
+    req: &ShapeRequest,
+    subset: &Subset,
+) -> Result<SubsetReply, Option<String>> {
+    let key = &req.def.table;
+    if state.tables.get(key).is_some_and(|t| t.generation.is_none()) {
+        if req.handle.is_some() {
+            return Err(None);
+        }
+        state.new_generation(key);
+    }
+    let (next_txid, last_lsn) = (state.next_txid, state.last_lsn);
+    let table = &state.tables[key];
+    let generation = table.generation.as_ref().expect("generation exists");
+    let handle = req.def.handle(generation.id);
+    if req.handle.as_ref().is_some_and(|h| *h != handle) {
+        return Err(Some(handle));
+    }
+    let view = ShapeView::new(table, generation, &req.def);
+    let subset_predicate = subset.where_clause.as_ref().and_then(|w| table.predicates.get(w));
+    let in_subset = |row: &[Option<String>]| {
+        view.matches(row)
+            && subset_predicate.is_none_or(|p| p(&RowView { def: &table.def, row, params: &subset.params }))
+    };
+    let mut rows: Vec<Row> = match &table.data {
+        Data::Stored { rows, .. } => rows.values().map(|(_, r)| r.clone()).filter(|r| in_subset(r)).collect(),
+        Data::Synthetic { count } => (1..=*count).map(synthetic::row).filter(|r| in_subset(r)).collect(),
+    };
+    rows.sort_by(|a, b| {
+        subset.order_by.iter().fold(std::cmp::Ordering::Equal, |acc, &(i, desc)| {
+            acc.then_with(|| {
+                let ord = compare_values(a[i].as_deref(), b[i].as_deref());
+                if desc { ord.reverse() } else { ord }
+            })
+        })
+    });
+    let mark: u32 = rand::random::<u32>() >> 1;
+    let mut data = Messages::default();
+    for row in rows.iter().skip(subset.offset).take(subset.limit.unwrap_or(usize::MAX)) {
+        let mut msg = view.render(&table.def.key_of(row), "insert", row, None, None);
+        // Add `snapshot_mark` to the headers object, which the message ends with.
+        msg.truncate(msg.len() - 2);
+        msg.extend_from_slice(format!(r#","snapshot_mark":{mark}}}}}"#).as_bytes());
+        data.push(&msg);
+    }
+    let body = format!(
+        r#"{{"metadata":{{"xmin":"{next_txid}","xmax":"{next_txid}","xip_list":[],"snapshot_mark":{mark},"database_lsn":"{last_lsn}"}},"data":{}}}"#,
+        String::from_utf8(data.finish()).expect("JSON is UTF-8")
+    );
+    Ok(SubsetReply { handle, offset: view.latest_offset(), schema: view.schema(), body: body.into_bytes() })
+}
+
+/// Orders text values like numbers when both parse as numbers; NULLs last.
+fn compare_values(a: Option<&str>, b: Option<&str>) -> std::cmp::Ordering {
+    use std::cmp::Ordering::{Greater, Less};
+    match (a, b) {
+        (None, None) => std::cmp::Ordering::Equal,
+        (None, _) => Greater,
+        (_, None) => Less,
+        (Some(a), Some(b)) => match (a.parse::<f64>(), b.parse::<f64>()) {
+            (Ok(x), Ok(y)) => x.total_cmp(&y),
+            _ => a.cmp(b),
+        },
+    }
+}
+
 /// A table generation seen through one shape definition.
 struct ShapeView<'a> {
     def: &'a TableDef,
@@ -393,7 +545,7 @@ impl<'a> ShapeView<'a> {
     }
 
     fn matches(&self, row: &[Option<String>]) -> bool {
-        self.predicate.is_none_or(|p| p(&RowView { def: self.def, row }))
+        self.predicate.is_none_or(|p| p(&RowView { def: self.def, row, params: &self.shape.params }))
     }
 
     /// The offset of the last entry this shape sees, or `0_inf`.

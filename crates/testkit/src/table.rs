@@ -180,12 +180,18 @@ impl TableDef {
 pub struct RowView<'a> {
     pub(crate) def: &'a TableDef,
     pub(crate) row: &'a [Option<String>],
+    pub(crate) params: &'a [(String, String)],
 }
 
 impl RowView<'_> {
     /// The text value of `column`, or `None` for NULL or an unknown column.
     pub fn get(&self, column: &str) -> Option<&str> {
         self.def.column_index(column).and_then(|i| self.row[i].as_deref())
+    }
+
+    /// The value of placeholder `$n` (`params[n]`, or `params` of a subset), e.g. `param("1")`.
+    pub fn param(&self, n: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str())
     }
 }
 

@@ -476,3 +476,52 @@ async fn the_request_log_records_parameters_status_and_order() {
     assert!(log.iter().all(|r| r.status == Some(200) && r.method == "GET"));
     assert!(log[0].received_at <= log[1].received_at);
 }
+
+#[tokio::test]
+async fn post_subset_returns_metadata_and_marked_rows_in_order_with_limit() {
+    let (server, items) = items_server(fast_options(), 0).await;
+    items.seed((1..=5).map(|i| json!({"id": i.to_string(), "title": if i % 2 == 0 { "a" } else { "b" }})));
+    items.register_where("title = $1", |row| row.get("title") == row.param("1"));
+    let r = reqwest::Client::new()
+        .post(server.url())
+        .query(&[("table", "items"), ("offset", "-1")])
+        .json(&json!({"where": "title = $1", "params": {"1": "b"}, "order_by": "id desc", "limit": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["electric-snapshot"], "true");
+    assert_eq!(r.headers()["cache-control"], "no-cache");
+    assert_eq!(r.headers()["electric-handle"].to_str().unwrap(), items.handle().unwrap());
+    assert!(r.headers().get("electric-offset").is_some());
+    let body: serde_json::Value = r.json().await.unwrap();
+    let mark = body["metadata"]["snapshot_mark"].as_u64().unwrap();
+    assert!(body["metadata"]["database_lsn"].is_string());
+    assert_eq!(body["metadata"]["xip_list"], json!([]));
+    let data = body["data"].as_array().unwrap();
+    let ids: Vec<&str> = data.iter().map(|m| m["value"]["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["5", "3"]);
+    assert_eq!(
+        data[0]["headers"],
+        json!({"operation": "insert", "relation": ["public", "items"], "snapshot_mark": mark})
+    );
+    assert!(server.requests()[0].body.as_deref().unwrap().contains("order_by"));
+}
+
+#[tokio::test]
+async fn subset_limit_without_order_by_is_400() {
+    let (server, _items) = items_server(fast_options(), 3).await;
+    let r = get(&server, &[("table", "items"), ("offset", "-1"), ("subset__limit", "10")]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["errors"],
+        json!({"subset": {"order_by": ["order_by is required when limit or offset is present"]}})
+    );
+    let ok = get(
+        &server,
+        &[("table", "items"), ("offset", "-1"), ("subset__limit", "2"), ("subset__order_by", "id")],
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["data"].as_array().unwrap().len(), 2);
+}
