@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::error::Category;
 use shapesync_core::{Change, LogPosition, Operation, Row, Schema};
 
@@ -57,26 +57,29 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     }
 }
 
-/// A `value` / `old_value` object: column → text or null, in body order.
-struct RawRow<'a>(Vec<(Str<'a>, Option<Str<'a>>)>);
+/// Deserializes a `value` / `old_value` object straight into a typed [`Row`].
+struct RowSeed<'s>(&'s Schema);
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawRow<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = RawRow<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of column values (strings or null)")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut cols = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(entry) = map.next_entry::<Str<'a>, Option<Str<'a>>>()? {
-                    cols.push(entry);
-                }
-                Ok(RawRow(cols))
-            }
+impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = Row;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Row, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_> {
+    type Value = Row;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object of column values (strings or null)")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Row, M::Error> {
+        let mut row = Row::new();
+        while let Some((column, text)) = map.next_entry::<Str<'de>, Option<Str<'de>>>()? {
+            let value =
+                self.0.parse(&column.0, text.as_ref().map(|t| t.0.as_ref())).map_err(de::Error::custom)?;
+            row.insert(column.0.into_owned(), value);
         }
-        d.deserialize_map(V(std::marker::PhantomData))
+        Ok(row)
     }
 }
 
@@ -103,7 +106,7 @@ impl<'de> Deserialize<'de> for Num {
 }
 
 #[derive(Deserialize, Default)]
-struct RawHeaders<'a> {
+struct Headers<'a> {
     #[serde(borrow)]
     operation: Option<Str<'a>>,
     #[serde(borrow)]
@@ -114,16 +117,142 @@ struct RawHeaders<'a> {
     last: Option<bool>,
 }
 
-#[derive(Deserialize)]
-struct RawMessage<'a> {
-    #[serde(borrow)]
-    key: Option<Str<'a>>,
-    #[serde(borrow)]
-    value: Option<RawRow<'a>>,
-    #[serde(borrow)]
-    old_value: Option<RawRow<'a>>,
-    #[serde(borrow, default)]
-    headers: RawHeaders<'a>,
+/// One message, as far as the stream cares.
+enum Message {
+    Change(Change),
+    UpToDate,
+    MustRefetch,
+    Ignored,
+}
+
+/// Deserializes one message, typing its rows on the way (fields may come in any order).
+struct MessageSeed<'s>(&'s Schema);
+
+impl<'de> DeserializeSeed<'de> for MessageSeed<'_> {
+    type Value = Message;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Message, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MessageSeed<'_> {
+    type Value = Message;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a shape message object")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Message, M::Error> {
+        let (mut key, mut value, mut old_value, mut headers) = (None, None, None, None);
+        while let Some(field) = map.next_key::<Str<'de>>()? {
+            match field.0.as_ref() {
+                "key" => key = Some(map.next_value::<Str<'de>>()?.0.into_owned()),
+                "value" => value = map.next_value_seed(OptionalRow(self.0))?,
+                "old_value" => old_value = map.next_value_seed(OptionalRow(self.0))?,
+                "headers" => headers = Some(map.next_value::<Headers<'de>>()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let h = headers.unwrap_or_default();
+        if let Some(control) = &h.control {
+            return Ok(match control.0.as_ref() {
+                "up-to-date" => Message::UpToDate,
+                "must-refetch" => Message::MustRefetch,
+                other => {
+                    tracing::trace!(control = other, "ignoring control message");
+                    Message::Ignored
+                }
+            });
+        }
+        let Some(operation) = &h.operation else {
+            if h.event.is_none() {
+                tracing::debug!("ignoring a message with neither operation nor control");
+            }
+            return Ok(Message::Ignored);
+        };
+        let op = match operation.0.as_ref() {
+            "insert" => Operation::Insert,
+            "update" => Operation::Update,
+            "delete" => Operation::Delete,
+            other => {
+                return Err(de::Error::custom(format_args!(
+                    "unknown operation {:?}; upgrade shapesync-electric",
+                    other.chars().take(32).collect::<String>()
+                )));
+            }
+        };
+        let key = key.ok_or_else(|| de::Error::custom("a change message has no key"))?;
+        let position =
+            h.lsn.map(|lsn| LogPosition { lsn: lsn.0, op_position: h.op_position.map_or(0, |o| o.0) });
+        Ok(Message::Change(Change {
+            op,
+            key,
+            value: value.unwrap_or_default(),
+            old_value,
+            position,
+            last_in_tx: h.last == Some(true),
+        }))
+    }
+}
+
+/// `value` / `old_value`, which may be `null`.
+struct OptionalRow<'s>(&'s Schema);
+
+impl<'de> DeserializeSeed<'de> for OptionalRow<'_> {
+    type Value = Option<Row>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Row>, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalRow<'_> {
+    type Value = Option<Row>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object of column values, or null")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Option<Row>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<Row>, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<Row>, D::Error> {
+        RowSeed(self.0).deserialize(d).map(Some)
+    }
+}
+
+/// Deserializes the whole body (an array of messages) into a [`ParsedBody`].
+struct BodySeed<'s>(&'s Schema);
+
+impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
+    type Value = ParsedBody;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<ParsedBody, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BodySeed<'_> {
+    type Value = ParsedBody;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of shape messages")
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<ParsedBody, S::Error> {
+        let mut parsed =
+            ParsedBody { changes: Vec::with_capacity(seq.size_hint().unwrap_or(0)), ..Default::default() };
+        while let Some(message) = seq.next_element_seed(MessageSeed(self.0))? {
+            match message {
+                Message::Change(change) => {
+                    // A change after up-to-date would be odd; it simply reopens the batch.
+                    parsed.up_to_date = false;
+                    parsed.changes.push(change);
+                }
+                Message::UpToDate => parsed.up_to_date = true,
+                Message::MustRefetch => parsed.must_refetch = true,
+                Message::Ignored => {}
+            }
+        }
+        Ok(parsed)
+    }
 }
 
 /// Parses a body. An empty body is `[]`.
@@ -131,82 +260,14 @@ pub(crate) fn parse_body(body: &[u8], schema: &Schema) -> Result<ParsedBody, Bod
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(ParsedBody::default());
     }
-    let messages: Vec<RawMessage<'_>> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = BodySeed(schema).deserialize(&mut de).and_then(|p| de.end().map(|()| p));
+    parsed.map_err(|e| match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => {
             BodyError::Malformed(format!("the body is not valid JSON ({e})"))
         }
-        Category::Data => BodyError::Invalid(format!("the body is not an array of shape messages ({e})")),
-    })?;
-    let mut parsed = ParsedBody { changes: Vec::with_capacity(messages.len()), ..Default::default() };
-    for msg in messages {
-        let h = &msg.headers;
-        if let Some(control) = &h.control {
-            match control.0.as_ref() {
-                "up-to-date" => parsed.up_to_date = true,
-                "must-refetch" => {
-                    parsed.must_refetch = true;
-                    return Ok(parsed);
-                }
-                other => tracing::trace!(control = other, "ignoring control message"),
-            }
-            continue;
-        }
-        let Some(operation) = &h.operation else {
-            if h.event.is_none() {
-                tracing::debug!("ignoring a message with neither operation nor control");
-            }
-            continue;
-        };
-        // A change after up-to-date would be a protocol oddity; it simply reopens the batch.
-        parsed.up_to_date = false;
-        parsed.changes.push(type_change(operation, &msg, schema)?);
-    }
-    Ok(parsed)
-}
-
-fn type_change(operation: &Str<'_>, msg: &RawMessage<'_>, schema: &Schema) -> Result<Change, BodyError> {
-    let op = match operation.0.as_ref() {
-        "insert" => Operation::Insert,
-        "update" => Operation::Update,
-        "delete" => Operation::Delete,
-        other => {
-            return Err(BodyError::Invalid(format!(
-                "unknown operation {:?}; upgrade shapesync-electric",
-                other.chars().take(32).collect::<String>()
-            )));
-        }
-    };
-    let key = msg.key.as_ref().ok_or_else(|| BodyError::Invalid("a change message has no key".into()))?;
-    let value = match &msg.value {
-        Some(raw) => type_row(raw, schema)?,
-        None => Row::new(),
-    };
-    let old_value = msg.old_value.as_ref().map(|raw| type_row(raw, schema)).transpose()?;
-    let h = &msg.headers;
-    let position = match (&h.lsn, &h.op_position) {
-        (Some(lsn), Some(op)) => Some(LogPosition { lsn: lsn.0, op_position: op.0 }),
-        (Some(lsn), None) => Some(LogPosition { lsn: lsn.0, op_position: 0 }),
-        _ => None,
-    };
-    Ok(Change {
-        op,
-        key: key.0.clone().into_owned(),
-        value,
-        old_value,
-        position,
-        last_in_tx: h.last == Some(true),
+        Category::Data => BodyError::Invalid(format!("the body breaks the shape protocol: {e}")),
     })
-}
-
-fn type_row(raw: &RawRow<'_>, schema: &Schema) -> Result<Row, BodyError> {
-    let mut row = Row::new();
-    for (column, text) in &raw.0 {
-        let value = schema
-            .parse(&column.0, text.as_ref().map(|t| t.0.as_ref()))
-            .map_err(|e| BodyError::Invalid(e.to_string()))?;
-        row.insert(column.0.clone().into_owned(), value);
-    }
-    Ok(row)
 }
 
 #[cfg(test)]
