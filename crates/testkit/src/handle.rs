@@ -73,6 +73,7 @@ impl TableHandle {
             assert!(generation.log.is_empty(), "seed() after transactions were appended; use a transaction");
             // Same handle: seeding only fills the snapshot of the existing shape.
             generation.snapshot = snapshot;
+            generation.rendered.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
     }
 
@@ -139,6 +140,9 @@ impl TableHandle {
         let mut state = self.shared.state();
         let table = state.tables.get_mut(&self.key).expect("table exists");
         table.predicates.insert(where_clause.into(), Arc::new(predicate));
+        if let Some(generation) = &table.generation {
+            generation.rendered.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 
     /// The current handle of the plain shape (`table` only: all columns, no `where`,

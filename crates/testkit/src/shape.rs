@@ -3,6 +3,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -558,15 +559,27 @@ impl<'a> ShapeView<'a> {
         matched(&e.old) || matched(&e.new)
     }
 
-    /// Rendered snapshot rows of this shape (stored tables only).
-    fn stored_rows(&self, rows: &[(String, Row)]) -> Vec<Vec<u8>> {
-        if self.shape.changes_only {
-            return Vec::new();
-        }
-        rows.iter()
-            .filter(|(_, r)| self.matches(r))
-            .map(|(key, r)| self.render(key, "insert", r, None, None))
-            .collect()
+    /// Rendered snapshot rows of this shape cut into chunks (stored tables only), cached per
+    /// generation, shape definition and threshold.
+    fn stored_chunks(&self, rows: &[(String, Row)], chunk_bytes: usize) -> Arc<StoredChunks> {
+        let mut h = DefaultHasher::new();
+        (self.shape, chunk_bytes).hash(&mut h);
+        let mut cache = self.generation.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(h.finish())
+            .or_insert_with(|| {
+                let messages: Vec<Vec<u8>> = if self.shape.changes_only {
+                    Vec::new()
+                } else {
+                    rows.iter()
+                        .filter(|(_, r)| self.matches(r))
+                        .map(|(key, r)| self.render(key, "insert", r, None, None))
+                        .collect()
+                };
+                let ranges = chunk_ranges(&messages, chunk_bytes);
+                Arc::new(StoredChunks { messages, ranges })
+            })
+            .clone()
     }
 
     /// Synthetic snapshot chunks hold a fixed number of rows, estimated from the byte threshold.
@@ -582,7 +595,7 @@ impl<'a> ShapeView<'a> {
 
     fn snapshot_chunk_count(&self, chunk_bytes: usize) -> usize {
         match &self.generation.snapshot {
-            Snapshot::Rows(rows) => chunk_ranges(&self.stored_rows(rows), chunk_bytes).len(),
+            Snapshot::Rows(rows) => self.stored_chunks(rows, chunk_bytes).ranges.len(),
             Snapshot::Synthetic { count } => {
                 let n = if self.shape.changes_only { 0 } else { *count };
                 n.div_ceil(self.synthetic_rows_per_chunk(chunk_bytes)).max(1) as usize
@@ -603,13 +616,12 @@ impl<'a> ShapeView<'a> {
         );
         let body = match &self.generation.snapshot {
             Snapshot::Rows(rows) => {
-                let rendered = self.stored_rows(rows);
-                let ranges = chunk_ranges(&rendered, chunk_bytes);
+                let chunks = self.stored_chunks(rows, chunk_bytes);
                 let mut body = Messages::default();
-                for msg in &rendered[ranges[n].clone()] {
+                for msg in &chunks.messages[chunks.ranges[n].clone()] {
                     body.push(msg);
                 }
-                if n + 1 == ranges.len() {
+                if n + 1 == chunks.ranges.len() {
                     body.push(snapshot_end.as_bytes());
                 }
                 Body::Ready(body.finish())
@@ -725,6 +737,12 @@ impl<'a> ShapeView<'a> {
         let value = Values { def: self.def, row, columns: &self.selected };
         write_message(buf, key, op, value, old, tx, self.def);
     }
+}
+
+/// A stored snapshot rendered for one shape: its messages and chunk boundaries.
+pub(crate) struct StoredChunks {
+    messages: Vec<Vec<u8>>,
+    ranges: Vec<std::ops::Range<usize>>,
 }
 
 /// Splits rendered messages into chunks: a chunk closes after the message that reaches

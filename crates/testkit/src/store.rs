@@ -1,12 +1,13 @@
 //! The scripted data: tables, their current rows, shape generations (handles) and logs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value as Json;
 use shapesync_core::Offset;
 
+use crate::shape::StoredChunks;
 use crate::synthetic;
 use crate::table::{RowView, TableDef};
 
@@ -46,7 +47,8 @@ impl State {
         let xmin = self.next_txid;
         let table = self.tables.get_mut(key).expect("table exists");
         let snapshot = table.data.snapshot();
-        table.generation = Some(Generation { id, snapshot, log: Vec::new(), xmin });
+        table.generation =
+            Some(Generation { id, snapshot, log: Vec::new(), xmin, rendered: Mutex::default() });
     }
 
     /// Applies a scripted transaction and appends its entries to the table's log.
@@ -221,6 +223,8 @@ pub(crate) struct Generation {
     pub log: Vec<Entry>,
     /// Reported as `snapshot-end` xmin/xmax.
     pub xmin: u64,
+    /// Rendered snapshot chunks per shape definition; cleared when the snapshot or predicates change.
+    pub rendered: Mutex<HashMap<u64, Arc<StoredChunks>>>,
 }
 
 /// The rows of a generation's snapshot, frozen at its creation.

@@ -525,3 +525,41 @@ async fn subset_limit_without_order_by_is_400() {
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["data"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn seeding_again_refreshes_the_snapshot_under_the_same_handle() {
+    let (server, items) = items_server(ServerOptions { chunk_bytes: 300, ..fast_options() }, 3).await;
+    let before = sync_to_head(&server, &[]).await;
+    items.seed([json!({"id": "4"})]);
+    let after = sync_to_head(&server, &[]).await;
+    assert_eq!(after[0].handle(), before[0].handle());
+    let count = |rs: &[Resp]| rs.iter().map(|r| r.changes().len()).sum::<usize>();
+    assert_eq!(count(&before), 3);
+    assert_eq!(count(&after), 4);
+}
+
+#[tokio::test]
+async fn shutdown_ends_pending_long_polls_and_stops_listening() {
+    let (server, items) =
+        items_server(ServerOptions { long_poll_timeout: Duration::from_secs(60), ..fast_options() }, 1).await;
+    let handle = items.handle().unwrap();
+    let url = server.url();
+    let poll = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .query(&[("table", "items"), ("offset", "0_inf"), ("handle", &handle), ("live", "true")])
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    server
+        .wait_for("a pending live request", Duration::from_secs(10), |log| {
+            log.iter().any(|r| r.status.is_none())
+        })
+        .await
+        .unwrap();
+    let url = server.url();
+    server.shutdown().await;
+    assert_eq!(poll.await.unwrap().unwrap(), 200, "the long-poll is answered, not left hanging");
+    assert!(reqwest::get(url).await.is_err(), "nothing listens after shutdown");
+}
