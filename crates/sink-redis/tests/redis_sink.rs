@@ -385,62 +385,107 @@ async fn a_new_sink_resumes_from_the_checkpoint_the_crashed_one_wrote() {
     cleanup(&setup.prefix).await;
 }
 
+/// Reads rows the way a cache reader would, whatever the layout.
+#[derive(Clone)]
+struct RowProbe {
+    layout: Layout,
+    prefix: String,
+}
+
+impl RowProbe {
+    /// How many of the rows `ids` exist right now (one command, so one instant).
+    async fn present(&self, conn: &mut MultiplexedConnection, ids: &[i64]) -> usize {
+        match self.layout {
+            Layout::Table => {
+                let values: Vec<Option<String>> = redis::cmd("HMGET")
+                    .arg(format!("{}items", self.prefix))
+                    .arg(ids)
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+                values.iter().flatten().count()
+            }
+            _ => {
+                let keys: Vec<String> = ids.iter().map(|i| format!("{}items:{i}", self.prefix)).collect();
+                redis::cmd("EXISTS").arg(keys).query_async(conn).await.unwrap()
+            }
+        }
+    }
+
+    /// The stored `name` of row `id`.
+    async fn name(&self, conn: &mut MultiplexedConnection, id: i64) -> String {
+        let json: String = match self.layout {
+            Layout::Hash => {
+                return hgetall(conn, &format!("{}items:{id}", self.prefix)).await["name"].clone();
+            }
+            Layout::Json => conn.get(format!("{}items:{id}", self.prefix)).await.unwrap(),
+            Layout::Table => conn.hget(format!("{}items", self.prefix), id).await.unwrap(),
+        };
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["name"].as_str().unwrap().to_owned()
+    }
+}
+
 #[tokio::test]
 async fn refetch_sweeps_exactly_the_vanished_rows_while_readers_always_see_kept_rows() {
-    let mut setup = Setup::new("sweep", Layout::Hash);
-    setup.config.part_size = 50;
-    let sink = Arc::new(setup.sink().await);
-    let mut conn = redis().await;
-    let first: Vec<Change> = (0..2000).map(|i| Change::insert(format!("k{i}"), full_row(i, "old"))).collect();
-    let mut initial = batch(first, cp("0_inf", 1, true));
-    initial.sweep = true;
-    initial.checkpoint.resyncing = false;
-    sink.apply(&initial).await.unwrap();
+    for layout in [Layout::Hash, Layout::Json, Layout::Table] {
+        let mut setup = Setup::new("sweep", layout);
+        setup.config.part_size = 50;
+        let probe = RowProbe { layout, prefix: setup.prefix.clone() };
+        let sink = Arc::new(setup.sink().await);
+        let mut conn = redis().await;
+        let first: Vec<Change> =
+            (0..2000).map(|i| Change::insert(format!("k{i}"), full_row(i, "old"))).collect();
+        let mut initial = batch(first, cp("0_inf", 1, false));
+        initial.sweep = true;
+        sink.apply(&initial).await.unwrap();
 
-    // must-refetch: generation 2 rewrites rows 0..1500 (new values); 1500..2000 vanished.
-    let kept: Vec<String> = (0..1500).map(|i| setup.key(&i.to_string())).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Arc::new(tokio::sync::Notify::new());
-    let reader = {
-        let (stop, started, kept) = (stop.clone(), started.clone(), kept.clone());
-        tokio::spawn(async move {
-            let mut conn = redis().await;
-            let mut rounds = 0u64;
-            loop {
-                let present: usize = redis::cmd("EXISTS").arg(&kept).query_async(&mut conn).await.unwrap();
-                assert_eq!(present, kept.len(), "a reader saw a kept row missing (round {rounds})");
-                rounds += 1;
-                started.notify_one();
-                if stop.load(Ordering::Relaxed) {
-                    return rounds;
+        // must-refetch: generation 2 rewrites rows 0..1500 (new values); 1500..2000 vanished.
+        let kept: Vec<i64> = (0..1500).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(tokio::sync::Notify::new());
+        let reader = {
+            let (stop, started, kept, probe) = (stop.clone(), started.clone(), kept.clone(), probe.clone());
+            tokio::spawn(async move {
+                let mut conn = redis().await;
+                let mut rounds = 0u64;
+                loop {
+                    let present = probe.present(&mut conn, &kept).await;
+                    assert_eq!(
+                        present,
+                        kept.len(),
+                        "{layout:?}: a reader saw a kept row missing (round {rounds})"
+                    );
+                    rounds += 1;
+                    started.notify_one();
+                    if stop.load(Ordering::Relaxed) {
+                        return rounds;
+                    }
                 }
-            }
-        })
-    };
-    started.notified().await;
-    for chunk in 0..3 {
-        let rows = (chunk * 500..(chunk + 1) * 500)
-            .map(|i| Change::insert(format!("k{i}"), full_row(i, "new")))
-            .collect();
-        let offset = if chunk == 2 { "0_inf".to_owned() } else { format!("0_{chunk}") };
-        let mut b = batch(rows, cp(&offset, 2, chunk < 2));
-        b.sweep = chunk == 2;
-        sink.apply(&b).await.unwrap();
-    }
-    stop.store(true, Ordering::Relaxed);
-    assert!(reader.await.unwrap() >= 1);
+            })
+        };
+        started.notified().await;
+        for chunk in 0..3 {
+            let rows = (chunk * 500..(chunk + 1) * 500)
+                .map(|i| Change::insert(format!("k{i}"), full_row(i, "new")))
+                .collect();
+            let offset = if chunk == 2 { "0_inf".to_owned() } else { format!("0_{chunk}") };
+            let mut b = batch(rows, cp(&offset, 2, chunk < 2));
+            b.sweep = chunk == 2;
+            sink.apply(&b).await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.await.unwrap() >= 1);
 
-    let members: BTreeMap<String, String> = conn.hgetall(sink.members_key()).await.unwrap();
-    assert_eq!(members.len(), 1500);
-    assert!(members.values().all(|g| g == "2"));
-    let present: usize = redis::cmd("EXISTS").arg(&kept).query_async(&mut conn).await.unwrap();
-    assert_eq!(present, 1500);
-    let gone: Vec<String> = (1500..2000).map(|i| setup.key(&i.to_string())).collect();
-    let present: usize = redis::cmd("EXISTS").arg(&gone).query_async(&mut conn).await.unwrap();
-    assert_eq!(present, 0, "vanished rows are swept");
-    assert_eq!(hgetall(&mut conn, &setup.key("7")).await["name"], "new");
-    assert_eq!(sink.checkpoint().await.unwrap(), Some(cp("0_inf", 2, false)));
-    cleanup(&setup.prefix).await;
+        let members: BTreeMap<String, String> = conn.hgetall(sink.members_key()).await.unwrap();
+        assert_eq!(members.len(), 1500, "{layout:?}");
+        assert!(members.values().all(|g| g == "2"));
+        assert_eq!(probe.present(&mut conn, &kept).await, 1500);
+        let gone: Vec<i64> = (1500..2000).collect();
+        assert_eq!(probe.present(&mut conn, &gone).await, 0, "{layout:?}: vanished rows are swept");
+        assert_eq!(probe.name(&mut conn, 7).await, "new");
+        assert_eq!(sink.checkpoint().await.unwrap(), Some(cp("0_inf", 2, false)));
+        cleanup(&setup.prefix).await;
+    }
 }
 
 #[tokio::test]
