@@ -26,6 +26,9 @@ pub struct SyntheticServerArgs {
     /// Long-poll timeout in milliseconds.
     #[arg(long, default_value_t = 20_000)]
     pub long_poll_ms: u64,
+    /// Require `secret=<this>` on every request (401 otherwise).
+    #[arg(long, env = "SHAPESYNC_TESTKIT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
 }
 
 /// Serves a synthetic table until Ctrl-C, printing the shape URL on stdout.
@@ -33,6 +36,7 @@ pub async fn run_synthetic_server(args: SyntheticServerArgs) -> Result<(), Testk
     let options = ServerOptions {
         chunk_bytes: args.chunk_bytes,
         long_poll_timeout: Duration::from_millis(args.long_poll_ms),
+        secret: args.secret.clone(),
         ..ServerOptions::default()
     };
     let server = TestServer::start_on(args.listen, options).await?;
