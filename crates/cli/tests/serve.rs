@@ -1,0 +1,121 @@
+//! A long-running `shapesync run`: metrics and health endpoints while it follows a shape,
+//! and a clean exit 0 on SIGTERM with the sink consistent.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shapesync_testkit::{Column, ServerOptions, TableDef, TestServer};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(url).await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = server.create_table(
+        TableDef::new("serve_items")
+            .column(Column::new("id", "int8").primary_key())
+            .column(Column::new("title", "text")),
+    );
+    table.seed((1..=50).map(|i| json!({"id": i.to_string(), "title": format!("t{i}")})));
+    let port = free_port();
+    let prefix = format!("test:{}:serve:", std::process::id());
+    let file = std::env::temp_dir().join(format!("shapesync-serve-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        format!(
+            "pipelines:\n  served:\n    source: {{type: electric, url: '{}', table: serve_items}}\n    sink: {{type: redis, url: 'redis://127.0.0.1:6379', prefix: '{prefix}'}}\nmetrics:\n  listen: 127.0.0.1:{port}\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
+        .args(["run", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let base = format!("http://127.0.0.1:{port}");
+
+    assert_eq!(eventually("/healthz", async || get(&format!("{base}/healthz")).await).await.0, 200);
+    let (_, ready) = eventually("/readyz 200", async || {
+        get(&format!("{base}/readyz")).await.filter(|(code, _)| *code == 200)
+    })
+    .await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["pipelines"]["served"]["state"], "up to date");
+
+    // A live change flows through while it runs.
+    table.transaction().insert(json!({"id": "51", "title": "live"})).commit();
+    let mut con = redis::Client::open("redis://127.0.0.1:6379").unwrap().get_connection().unwrap();
+    let key = format!("{prefix}serve_items:51");
+    eventually("the live row in Redis", async || {
+        let title: Option<String> = redis::cmd("HGET").arg(&key).arg("title").query(&mut con).ok()?;
+        title.filter(|t| t == "live")
+    })
+    .await;
+
+    let (code, metrics) = get(&format!("{base}/metrics")).await.unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "shapesync_changes_committed_total{pipeline=\"served\"} 51",
+        "shapesync_up_to_date{pipeline=\"served\"} 1",
+        "shapesync_sink_commit_duration_seconds_bucket{pipeline=\"served\"",
+    ] {
+        assert!(metrics.contains(name), "missing `{name}` in:\n{metrics}");
+    }
+
+    // SIGTERM: exit 0, checkpoint and rows consistent.
+    let status = Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = eventually("exit after SIGTERM", async || running.0.try_wait().unwrap()).await;
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+    let cp: String =
+        redis::cmd("GET").arg(format!("{prefix}shapesync:served:checkpoint")).query(&mut con).unwrap();
+    assert!(cp.contains("\"resyncing\":false"), "{cp}");
+    let rows: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}serve_items:*")).query(&mut con).unwrap();
+    assert_eq!(rows.len(), 51);
+    let _: () = redis::cmd("DEL")
+        .arg(&rows)
+        .arg(format!("{prefix}shapesync:served:checkpoint"))
+        .arg(format!("{prefix}shapesync:served:members"))
+        .query(&mut con)
+        .unwrap();
+    let _ = std::fs::remove_file(file);
+}
