@@ -43,6 +43,9 @@ pub struct ElectricSourceConfig {
     /// Request timeout in seconds (default 45; keep it above the server's 20 s hold).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Follow live changes over Server-Sent Events (default: long-polling).
+    #[serde(default)]
+    pub live_sse: Option<bool>,
 }
 
 impl ElectricSourceConfig {
@@ -88,6 +91,7 @@ impl ElectricSourceConfig {
             }
             options.request_timeout = Duration::from_secs(secs);
         }
+        options.live_sse = self.live_sse.unwrap_or(false);
         options.validate().map_err(|e| ConfigError::new("", e.to_string()))?;
         Ok(options)
     }
@@ -143,6 +147,7 @@ log: changes_only
 secret: s3cret
 headers: {Authorization: Bearer x}
 timeout_secs: 30
+live_sse: true
 "#,
         )
         .unwrap();
@@ -151,6 +156,7 @@ timeout_secs: 30
         assert_eq!(o.replica, Replica::Full);
         assert_eq!(o.log, LogMode::ChangesOnly);
         assert_eq!(o.request_timeout, Duration::from_secs(30));
+        assert!(o.live_sse);
         assert_eq!(o.headers["authorization"], "Bearer x");
         assert_eq!(o.columns_param().unwrap(), "id,\"Status-Check\"");
         assert_eq!(

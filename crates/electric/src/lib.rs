@@ -9,6 +9,9 @@
 //! stream restarts the shape with a unique `cache-buster`; other 4xx and protocol
 //! violations end the stream with a typed [`ShapeError`].
 //!
+//! Live changes come by long-polling, or over Server-Sent Events with
+//! [`ShapeOptions::live_sse`].
+//!
 //! The stream implements [`shapesync_core::Source`], and [`ElectricSourceConfig`]
 //! is the `type: electric` pipeline source.
 

@@ -115,13 +115,19 @@ struct Headers<'a> {
     lsn: Option<Num>,
     op_position: Option<Num>,
     last: Option<bool>,
+    global_last_seen_lsn: Option<Num>,
 }
 
 /// One message, as far as the stream cares.
-enum Message {
+#[derive(Debug)]
+pub(crate) enum Message {
+    /// A row change.
     Change(Change),
-    UpToDate,
+    /// `up-to-date`, with its `global_last_seen_lsn` when present.
+    UpToDate(Option<u64>),
+    /// `must-refetch`.
     MustRefetch,
+    /// Any other control or event message.
     Ignored,
 }
 
@@ -156,7 +162,7 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
         let h = headers.unwrap_or_default();
         if let Some(control) = &h.control {
             return Ok(match control.0.as_ref() {
-                "up-to-date" => Message::UpToDate,
+                "up-to-date" => Message::UpToDate(h.global_last_seen_lsn.as_ref().map(|n| n.0)),
                 "must-refetch" => Message::MustRefetch,
                 other => {
                     tracing::trace!(control = other, "ignoring control message");
@@ -246,12 +252,28 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
                     parsed.up_to_date = false;
                     parsed.changes.push(change);
                 }
-                Message::UpToDate => parsed.up_to_date = true,
+                Message::UpToDate(_) => parsed.up_to_date = true,
                 Message::MustRefetch => parsed.must_refetch = true,
                 Message::Ignored => {}
             }
         }
         Ok(parsed)
+    }
+}
+
+/// Parses one message (an SSE `data:` payload).
+pub(crate) fn parse_message(data: &[u8], schema: &Schema) -> Result<Message, BodyError> {
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let parsed = MessageSeed(schema).deserialize(&mut de).and_then(|m| de.end().map(|()| m));
+    parsed.map_err(classify)
+}
+
+fn classify(e: serde_json::Error) -> BodyError {
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            BodyError::Malformed(format!("the body is not valid JSON ({e})"))
+        }
+        Category::Data => BodyError::Invalid(format!("the body breaks the shape protocol: {e}")),
     }
 }
 
@@ -262,12 +284,7 @@ pub(crate) fn parse_body(body: &[u8], schema: &Schema) -> Result<ParsedBody, Bod
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = BodySeed(schema).deserialize(&mut de).and_then(|p| de.end().map(|()| p));
-    parsed.map_err(|e| match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            BodyError::Malformed(format!("the body is not valid JSON ({e})"))
-        }
-        Category::Data => BodyError::Invalid(format!("the body breaks the shape protocol: {e}")),
-    })
+    parsed.map_err(classify)
 }
 
 #[cfg(test)]
@@ -344,6 +361,20 @@ mod tests {
         .unwrap();
         assert!(p.changes.is_empty());
         assert!(p.up_to_date);
+    }
+
+    #[test]
+    fn single_messages_parse_for_sse() {
+        let m =
+            parse_message(br#"{"headers":{"control":"up-to-date","global_last_seen_lsn":"77"}}"#, &schema());
+        assert!(matches!(m, Ok(Message::UpToDate(Some(77)))), "{m:?}");
+        let m = parse_message(
+            br#"{"key":"k","value":{"id":"1"},"headers":{"operation":"insert","lsn":"5","op_position":2}}"#,
+            &schema(),
+        );
+        let Ok(Message::Change(c)) = m else { panic!("{m:?}") };
+        assert_eq!(c.position, Some(LogPosition { lsn: 5, op_position: 2 }));
+        assert!(matches!(parse_message(b"{\"key\"", &schema()), Err(BodyError::Malformed(_))));
     }
 
     #[test]

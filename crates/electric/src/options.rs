@@ -125,8 +125,12 @@ pub struct ShapeOptions {
     pub headers: HeaderMap,
     /// Where to start when not resuming.
     pub start: StartFrom,
-    /// Per-request timeout; keep it above the server's long-poll hold (20 s).
+    /// Per-request timeout; keep it above the server's long-poll hold (20 s). For SSE
+    /// it bounds the wait for headers and the silence between messages.
     pub request_timeout: Duration,
+    /// Follow live changes over Server-Sent Events instead of long-polling; falls back
+    /// to long-polling after 3 consecutive connections that close within a second.
+    pub live_sse: bool,
     /// Retry policy for transient faults.
     pub backoff: BackoffConfig,
     /// Consecutive malformed (non-JSON) bodies retried before a protocol error.
@@ -148,6 +152,7 @@ impl ShapeOptions {
             headers: HeaderMap::new(),
             start: StartFrom::Beginning,
             request_timeout: defaults::REQUEST_TIMEOUT,
+            live_sse: false,
             backoff: BackoffConfig::default(),
             malformed_body_retries: defaults::MALFORMED_BODY_RETRIES,
         }

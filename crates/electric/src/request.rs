@@ -27,6 +27,7 @@ pub(crate) struct RequestState<'a> {
     pub offset: Option<Offset>,
     pub handle: Option<&'a str>,
     pub live: bool,
+    pub live_sse: bool,
     pub cursor: Option<&'a str>,
     pub cache_buster: Option<&'a str>,
     pub expired_handle: Option<&'a str>,
@@ -81,6 +82,9 @@ pub(crate) fn shape_url(options: &ShapeOptions, state: &RequestState<'_>) -> Url
         }
         if state.live {
             q.append_pair("live", "true");
+            if state.live_sse {
+                q.append_pair("live_sse", "true");
+            }
             if let Some(c) = state.cursor {
                 q.append_pair("cursor", c);
             }
@@ -145,6 +149,7 @@ mod tests {
                 offset: Some(Offset::new(5, 2)),
                 handle: Some("h-1"),
                 live: true,
+                live_sse: true,
                 cursor: Some("123"),
                 cache_buster: Some("cb"),
                 expired_handle: None,
@@ -163,6 +168,7 @@ mod tests {
         assert_eq!(q["offset"], "5_2", "the base URL's offset is replaced");
         assert_eq!(q["handle"], "h-1");
         assert_eq!(q["live"], "true");
+        assert_eq!(q["live_sse"], "true");
         assert_eq!(q["cursor"], "123");
         assert_eq!(q["cache-buster"], "cb");
         assert_eq!(url.query_pairs().filter(|(k, _)| k == "offset").count(), 1);

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use rand::Rng;
 use reqwest::header::HeaderMap;
-use reqwest::{Client, StatusCode};
-use shapesync_core::{Offset, ResumePoint, Schema, Source, SourceError, SourceEvent, SourceResponse};
+use reqwest::{Client, Response, StatusCode};
+use shapesync_core::{
+    Change, LogPosition, Offset, ResumePoint, Schema, Source, SourceError, SourceEvent, SourceResponse,
+};
 
 use crate::backoff::{Backoff, parse_retry_after};
-use crate::message::{BodyError, parse_body};
+use crate::message::{BodyError, Message, parse_body, parse_message};
 use crate::request::{RequestState, redact_url, shape_url};
 use crate::{ShapeError, ShapeOptions};
 
@@ -37,6 +39,10 @@ const FAST_LOOP_REQUESTS: usize = 5;
 const FAST_LOOP_WINDOW: Duration = Duration::from_millis(500);
 /// Fast loops detected before the stream gives up.
 const FAST_LOOP_LIMIT: u32 = 5;
+/// An SSE connection closing sooner than this counts as a short close.
+const SSE_SHORT_CLOSE: Duration = Duration::from_secs(1);
+/// Consecutive short SSE closes before falling back to long-polling.
+const SSE_SHORT_CLOSES: u32 = 3;
 /// Expired handles remembered.
 const EXPIRED_HANDLES_KEPT: usize = 16;
 
@@ -81,6 +87,11 @@ pub struct ShapeStream {
     /// Resets since the last good response; from the second on, the stream backs off.
     resets_since_success: u32,
     pending_delay: Option<Duration>,
+    /// The highest log position delivered: SSE reconnects may re-send ops at or below it.
+    last_position: Option<LogPosition>,
+    sse: Option<SseConnection>,
+    sse_short_closes: u32,
+    sse_disabled: bool,
 }
 
 impl std::fmt::Debug for ShapeStream {
@@ -130,6 +141,10 @@ impl ShapeStream {
             malformed_bodies: 0,
             resets_since_success: 0,
             pending_delay: None,
+            last_position: None,
+            sse: None,
+            sse_short_closes: 0,
+            sse_disabled: false,
         })
     }
 
@@ -137,6 +152,8 @@ impl ShapeStream {
     /// after a resume is non-live, so it brings a fresh schema and catches up.
     pub fn resume(&mut self, from: Option<ResumePoint>) {
         self.live = false;
+        self.sse = None;
+        self.last_position = None;
         self.cursor = None;
         self.schema_text = None;
         match from {
@@ -191,16 +208,24 @@ impl ShapeStream {
     /// retries 5xx, 429, timeouts and network faults forever with backoff.
     pub async fn next_event(&mut self) -> Result<ShapeEvent, ShapeError> {
         loop {
+            if self.sse.is_some() {
+                if let Some(event) = self.read_sse().await? {
+                    return Ok(event);
+                }
+                continue;
+            }
             if let Some(delay) = self.pending_delay.take() {
                 tokio::time::sleep(delay).await;
             }
             let live = self.live;
+            let sse = live && self.options.live_sse && !self.sse_disabled;
             let url = shape_url(
                 &self.options,
                 &RequestState {
                     offset: self.offset,
                     handle: self.handle.as_deref(),
                     live,
+                    live_sse: sse,
                     cursor: self.cursor.as_deref(),
                     cache_buster: self.cache_buster.as_deref(),
                     expired_handle: self
@@ -209,23 +234,28 @@ impl ShapeStream {
                         .filter(|_| self.offset == Some(Offset::Start)),
                 },
             );
-            tracing::debug!(url = %redact_url(&url), live, "shape request");
-            let sent = self
-                .client
-                .get(url)
-                .headers(self.options.headers.clone())
-                .timeout(self.options.request_timeout)
-                .send()
-                .await;
+            tracing::debug!(url = %redact_url(&url), live, sse, "shape request");
+            let timeout = self.options.request_timeout;
+            let request = self.client.get(url).headers(self.options.headers.clone());
+            // An SSE stream outlives any whole-request timeout: bound each wait instead.
+            let sent = if sse {
+                tokio::time::timeout(timeout, request.send()).await.ok()
+            } else {
+                Some(request.timeout(timeout).send().await)
+            };
             let response = match sent {
-                Ok(r) => r,
-                Err(e) if live && e.is_timeout() => {
+                Some(Ok(r)) => r,
+                None => {
+                    tracing::debug!("SSE request got no headers in time; reconnecting");
+                    continue;
+                }
+                Some(Err(e)) if live && e.is_timeout() => {
                     // A live request outlived the server's hold (the TS "live watchdog"):
                     // just poll again; the timeout itself paces these retries.
                     tracing::debug!("live request timed out; polling again");
                     continue;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     self.wait_after_fault(&describe_reqwest_error(&e), None).await;
                     continue;
                 }
@@ -233,13 +263,18 @@ impl ShapeStream {
             let status = response.status();
             let header_map = response.headers().clone();
             tracing::debug!(status = status.as_u16(), "shape response");
-            let body = match response.bytes().await {
-                Ok(b) => b,
-                Err(e) if live && e.is_timeout() => {
+            if sse && status.is_success() && is_event_stream(&header_map) {
+                self.open_sse(response, &header_map)?;
+                continue;
+            }
+            let body = match tokio::time::timeout(timeout, response.bytes()).await {
+                Ok(Ok(b)) => b,
+                Err(_) => continue,
+                Ok(Err(e)) if live && e.is_timeout() => {
                     tracing::debug!("live response timed out; polling again");
                     continue;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let retry_after = self.retry_after(&header_map);
                     self.wait_after_fault(&describe_reqwest_error(&e), retry_after).await;
                     continue;
@@ -386,6 +421,7 @@ impl ShapeStream {
         }
         self.schema = Some(schema.clone());
         self.live = parsed.up_to_date;
+        self.last_position = self.last_position.max(parsed.changes.iter().filter_map(|c| c.position).max());
         if !live && !parsed.up_to_date && request_offset == Some(offset) && self.fast_loop.record(offset) {
             return self.on_fast_loop().map(Some);
         }
@@ -462,6 +498,8 @@ impl ShapeStream {
         self.handle = new_handle.clone();
         self.offset = Some(Offset::Start);
         self.live = false;
+        self.sse = None;
+        self.last_position = None;
         self.schema = None;
         self.schema_text = None;
         self.cache_buster = Some(new_cache_buster());
@@ -472,6 +510,113 @@ impl ShapeStream {
             self.pending_delay = Some(self.backoff.next_delay(None));
         }
         ShapeEvent::MustRefetch { new_handle }
+    }
+
+    /// Keeps an SSE response open as the live connection.
+    fn open_sse(&mut self, response: Response, header_map: &HeaderMap) -> Result<(), ShapeError> {
+        let status = response.status().as_u16();
+        let handle = header_str(header_map, headers::HANDLE)
+            .ok_or(ShapeError::MissingHeader { header: headers::HANDLE, status })?;
+        self.handle = Some(handle.to_owned());
+        if let Some(cursor) = header_str(header_map, headers::CURSOR) {
+            self.cursor = Some(cursor.to_owned());
+        }
+        self.sse = Some(SseConnection::new(response));
+        Ok(())
+    }
+
+    /// Reads the open SSE connection up to the next `up-to-date`. `None` means the
+    /// connection ended (or failed) and the caller should reconnect.
+    async fn read_sse(&mut self) -> Result<Option<ShapeEvent>, ShapeError> {
+        let idle = self.options.request_timeout;
+        loop {
+            let Some(conn) = self.sse.as_mut() else { return Ok(None) };
+            let Some(data) = conn.events.next_data() else {
+                match tokio::time::timeout(idle, conn.response.chunk()).await {
+                    Ok(Ok(Some(bytes))) => conn.events.push(&bytes),
+                    Ok(Ok(None)) => {
+                        tracing::debug!("SSE connection closed; reconnecting");
+                        self.close_sse();
+                        return Ok(None);
+                    }
+                    Ok(Err(e)) => {
+                        self.close_sse();
+                        self.wait_after_fault(&describe_reqwest_error(&e), None).await;
+                        return Ok(None);
+                    }
+                    Err(_) => {
+                        tracing::warn!("SSE connection silent for {idle:?}; reconnecting");
+                        self.close_sse();
+                        return Ok(None);
+                    }
+                }
+                continue;
+            };
+            let schema = self.schema.clone().unwrap_or_default();
+            match parse_message(&data, &schema) {
+                Ok(Message::Change(change)) => {
+                    if change.position.is_some() && change.position <= self.last_position {
+                        tracing::trace!("skipping an op already delivered before the SSE reconnect");
+                        continue;
+                    }
+                    conn.changes.push(change);
+                }
+                Ok(Message::UpToDate(global_lsn)) => return Ok(Some(self.sse_up_to_date(global_lsn))),
+                Ok(Message::MustRefetch) => return Ok(Some(self.reset(None, true))),
+                Ok(Message::Ignored) => {}
+                Err(BodyError::Invalid(detail)) => {
+                    self.sse = None;
+                    return Err(ShapeError::Protocol(detail));
+                }
+                Err(BodyError::Malformed(detail)) => {
+                    self.close_sse();
+                    self.wait_after_fault(&detail, None).await;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// An SSE `up-to-date`: yields the buffered changes with the resume offset
+    /// max(last change's `<lsn>_<op>`, `<global_last_seen_lsn>_0`) (spec §6.4).
+    fn sse_up_to_date(&mut self, global_lsn: Option<u64>) -> ShapeEvent {
+        let changes = self.sse.as_mut().map(|c| std::mem::take(&mut c.changes)).unwrap_or_default();
+        let last = changes.iter().filter_map(|c| c.position).max();
+        let mut offset = self.offset.unwrap_or(Offset::Start);
+        if let Some(p) = last {
+            offset = offset.max(Offset::new(p.lsn, p.op_position));
+        }
+        if let Some(lsn) = global_lsn {
+            offset = offset.max(Offset::new(lsn, 0));
+        }
+        self.last_position = self.last_position.max(last);
+        self.offset = Some(offset);
+        self.backoff.reset();
+        self.resets_since_success = 0;
+        self.self_healed = false;
+        ShapeEvent::Response(SourceResponse {
+            changes,
+            handle: self.handle.clone().unwrap_or_default(),
+            offset,
+            schema: self.schema.clone().unwrap_or_default(),
+            up_to_date: true,
+        })
+    }
+
+    /// Drops the SSE connection; three short-lived ones in a row switch to long-polling.
+    fn close_sse(&mut self) {
+        let Some(conn) = self.sse.take() else { return };
+        if conn.opened.elapsed() < SSE_SHORT_CLOSE {
+            self.sse_short_closes += 1;
+            if self.sse_short_closes >= SSE_SHORT_CLOSES && !self.sse_disabled {
+                tracing::warn!(
+                    "SSE connections keep closing at once (a buffering proxy?); falling back to long-polling"
+                );
+                self.sse_disabled = true;
+            }
+        } else {
+            self.sse_short_closes = 0;
+        }
     }
 
     fn retry_after(&self, header_map: &HeaderMap) -> Option<Duration> {
@@ -572,6 +717,76 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
     detail
 }
 
+fn is_event_stream(map: &HeaderMap) -> bool {
+    header_str(map, "content-type").is_some_and(|t| t.trim_start().starts_with("text/event-stream"))
+}
+
+/// An open SSE response and the messages read from it since the last `up-to-date`.
+struct SseConnection {
+    response: Response,
+    opened: Instant,
+    events: SseFramer,
+    /// Changes waiting for `up-to-date`.
+    changes: Vec<Change>,
+}
+
+impl SseConnection {
+    fn new(response: Response) -> Self {
+        SseConnection { response, opened: Instant::now(), events: SseFramer::default(), changes: Vec::new() }
+    }
+}
+
+/// Splits an SSE byte stream into the data of its events.
+#[derive(Default)]
+struct SseFramer {
+    /// Bytes received; `pos` is where the unread part starts.
+    buffer: Vec<u8>,
+    pos: usize,
+    /// `data:` lines of the event being read.
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+impl SseFramer {
+    fn push(&mut self, bytes: &[u8]) {
+        self.buffer.drain(..self.pos);
+        self.pos = 0;
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The data of the next complete event, if the buffer holds one. Comments
+    /// (`: keep-alive`) and fields other than `data` are skipped.
+    fn next_data(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let rest = &self.buffer[self.pos..];
+            let end = rest.iter().position(|&b| b == b'\n')?;
+            let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]).to_vec();
+            self.pos += end + 1;
+            if line.is_empty() {
+                if self.has_data {
+                    self.has_data = false;
+                    return Some(std::mem::take(&mut self.data));
+                }
+                continue;
+            }
+            if line[0] == b':' {
+                continue;
+            }
+            let (field, value) = match line.iter().position(|&b| b == b':') {
+                Some(i) => (&line[..i], line[i + 1..].strip_prefix(b" ").unwrap_or(&line[i + 1..])),
+                None => (&line[..], &[][..]),
+            };
+            if field == b"data" {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+        }
+    }
+}
+
 /// Counts non-advancing non-live responses per offset.
 #[derive(Debug, Default)]
 struct FastLoop {
@@ -632,6 +847,17 @@ mod tests {
         assert!(!(0..3).any(|_| f.record(Offset::new(2, 0))));
         assert!(f.record(Offset::new(2, 0)));
         assert_eq!(f.detections, 1);
+    }
+
+    #[test]
+    fn sse_framing_skips_comments_and_joins_data_lines() {
+        let mut c = SseFramer::default();
+        c.push(b": keep-alive\n\ndata: {\"a\":\r\ndata: 1}\r\n\nevent: x\nid: 3\ndata:2\n");
+        assert_eq!(c.next_data().unwrap(), b"{\"a\":\n1}");
+        assert_eq!(c.next_data(), None, "the second event is not complete yet");
+        c.push(b"\n");
+        assert_eq!(c.next_data().unwrap(), b"2");
+        assert_eq!(c.next_data(), None);
     }
 
     #[test]
