@@ -37,11 +37,13 @@
 //! (row key → generation that last wrote it).
 //! Each atomic unit is one Lua script call running the unit's commands in order, the
 //! checkpoint last; a failing command aborts the script before the checkpoint is written.
-//! - A live batch is one unit.
+//! - A live batch is one unit, however large: size `timeout_ms` for your largest
+//!   transaction (a unit that times out is retried, and replay is idempotent).
 //! - A snapshot batch — every change is an insert without a log position, and the
 //!   checkpoint offset is `-1`, `0_N` or `0_inf` — is written in units of `part_size`
-//!   rows so Redis never blocks other clients for long; rows may land ahead of the
-//!   checkpoint (replay is idempotent), and the checkpoint moves with the last unit.
+//!   rows so Redis never blocks other clients for long. A few units are pipelined; rows
+//!   may land ahead of the checkpoint (replay is idempotent), and the last unit, which
+//!   carries the checkpoint, is sent only after every earlier unit has committed.
 //! - A batch with `sweep` writes its changes, then `HSCAN`s the membership `part_size`
 //!   entries at a time and `UNLINK`s rows of older generations; the checkpoint goes with
 //!   the last step. Readers see old-but-present rows until then, never an empty cache.

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ErrorKind, RedisError, Script, ServerErrorKind};
 use serde_json::value::RawValue;
@@ -27,6 +29,9 @@ while i <= n do
 end
 return n
 ";
+
+/// Snapshot parts sent before the previous ones have answered.
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// How long to wait for a TCP connection before calling Redis unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -67,10 +72,13 @@ impl KeyNames {
     }
 }
 
-/// The commands of one atomic unit, flattened for [`APPLY_SCRIPT`].
+/// The commands of one atomic unit, flattened for [`APPLY_SCRIPT`], and the membership
+/// changes it makes (row key → generation, `None` to remove), written as one `HSET` and
+/// one `HDEL` at the end of the unit: only the unit's final state is ever visible.
 #[derive(Default)]
 struct Unit {
     args: Vec<String>,
+    members: BTreeMap<String, Option<String>>,
 }
 
 impl Unit {
@@ -81,8 +89,8 @@ impl Unit {
         self.args[at] = (self.args.len() - at - 1).to_string();
     }
 
-    fn is_empty(&self) -> bool {
-        self.args.is_empty()
+    fn set_member(&mut self, id: &str, generation: Option<&str>) {
+        self.members.insert(id.to_owned(), generation.map(str::to_owned));
     }
 }
 
@@ -302,13 +310,13 @@ impl RedisSink {
             Layout::Table => unit.push([s("HDEL"), self.keys.table.clone(), id.to_owned()]),
             Layout::Hash | Layout::Json => unit.push([s("UNLINK"), self.data_key(id)]),
         }
-        unit.push([s("HDEL"), self.keys.members.clone(), id.to_owned()]);
+        unit.set_member(id, None);
         rows.insert(id.to_owned(), None);
         self.publish(unit, Operation::Delete, id);
     }
 
     fn mark(&self, unit: &mut Unit, id: &str, generation: &str, op: Operation) {
-        unit.push([s("HSET"), self.keys.members.clone(), id.to_owned(), generation.to_owned()]);
+        unit.set_member(id, Some(generation));
         self.publish(unit, op, id);
     }
 
@@ -384,7 +392,32 @@ impl RedisSink {
         Ok(rows)
     }
 
-    async fn run(&self, conn: &mut ConnectionManager, unit: &Unit) -> Result<(), SinkError> {
+    /// Runs `unit` as one script call, its membership changes and then `checkpoint` last.
+    async fn run(
+        &self,
+        conn: &mut ConnectionManager,
+        mut unit: Unit,
+        checkpoint: Option<&str>,
+    ) -> Result<(), SinkError> {
+        let (set, removed): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut unit.members).into_iter().partition(|(_, g)| g.is_some());
+        if !set.is_empty() {
+            let pairs = set.into_iter().flat_map(|(id, g)| [id, g.unwrap_or_default()]);
+            unit.push([s("HSET"), self.keys.members.clone()].into_iter().chain(pairs));
+        }
+        if !removed.is_empty() {
+            unit.push(
+                [s("HDEL"), self.keys.members.clone()]
+                    .into_iter()
+                    .chain(removed.into_iter().map(|(id, _)| id)),
+            );
+        }
+        if let Some(json) = checkpoint {
+            unit.push([s("SET"), self.keys.checkpoint.clone(), json.to_owned()]);
+        }
+        if unit.args.is_empty() {
+            return Ok(());
+        }
         let mut invocation = self.script.key(&self.keys.checkpoint);
         for arg in &unit.args {
             invocation.arg(arg);
@@ -420,12 +453,7 @@ impl RedisSink {
                 }
             }
             let done = next == "0";
-            if let (true, Some(json)) = (done, checkpoint) {
-                unit.push([s("SET"), self.keys.checkpoint.clone(), json.to_owned()]);
-            }
-            if !unit.is_empty() {
-                self.run(conn, &unit).await?;
-            }
+            self.run(conn, unit, checkpoint.filter(|_| done)).await?;
             if done {
                 return Ok(());
             }
@@ -452,24 +480,41 @@ impl Sink for RedisSink {
         let generation = batch.checkpoint.generation.to_string();
         let checkpoint = batch.checkpoint.to_json();
         let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;
+        let snapshot = is_snapshot_batch(batch);
         let parts: Vec<&[Change]> = if batch.changes.is_empty() {
             vec![&[]]
-        } else if is_snapshot_batch(batch) {
+        } else if snapshot {
             batch.changes.chunks(self.part_size).collect()
         } else {
             vec![&batch.changes]
         };
+        // Parts before the last are replayable snapshot rows, so a few stay in flight to
+        // overlap building with Redis work. The last part carries the checkpoint and is
+        // sent only after every earlier part has committed.
+        let mut in_flight = FuturesOrdered::new();
         let count = parts.len();
         for (i, part) in parts.into_iter().enumerate() {
             let mut unit = Unit::default();
             for change in part {
                 self.write_change(&mut unit, &template, change, &generation, &mut rows)?;
             }
-            if i + 1 == count && !batch.sweep {
-                unit.push([s("SET"), self.keys.checkpoint.clone(), checkpoint.clone()]);
+            if snapshot {
+                rows.clear(); // inserts only: no later change reads what this part wrote
             }
-            if !unit.is_empty() {
-                self.run(&mut conn, &unit).await?;
+            let last = i + 1 == count;
+            if last {
+                while let Some(committed) = in_flight.next().await {
+                    committed?;
+                }
+            }
+            let checkpoint = checkpoint.as_str();
+            let with_checkpoint = (last && !batch.sweep).then_some(checkpoint);
+            let mut conn = self.conn.clone();
+            in_flight.push_back(async move { self.run(&mut conn, unit, with_checkpoint).await });
+            if (last || in_flight.len() >= PARTS_IN_FLIGHT)
+                && let Some(committed) = in_flight.next().await
+            {
+                committed?;
             }
         }
         if batch.sweep {
@@ -484,11 +529,11 @@ impl Sink for RedisSink {
         // next run resyncs instead of trusting rows that are partly gone.
         let mut unit = Unit::default();
         unit.push([s("DEL"), self.keys.checkpoint.clone()]);
-        self.run(&mut conn, &unit).await?;
+        self.run(&mut conn, unit, None).await?;
         self.sweep(&mut conn, u64::MAX, None).await?;
         let mut unit = Unit::default();
         unit.push([s("DEL"), self.keys.members.clone()]);
-        self.run(&mut conn, &unit).await
+        self.run(&mut conn, unit, None).await
     }
 }
 
