@@ -264,7 +264,9 @@ impl ShapeStream {
             let header_map = response.headers().clone();
             tracing::debug!(status = status.as_u16(), "shape response");
             if sse && status.is_success() && is_event_stream(&header_map) {
-                self.open_sse(response, &header_map)?;
+                if let Some(event) = self.open_sse(response, &header_map)? {
+                    return Ok(event);
+                }
                 continue;
             }
             let body = match tokio::time::timeout(timeout, response.bytes()).await {
@@ -394,9 +396,7 @@ impl ShapeStream {
         };
         if parsed.must_refetch {
             tracing::info!("shape must be refetched (must-refetch message)");
-            return Ok(Some(
-                self.reset(Some(handle.to_owned()).filter(|h| Some(h) != self.handle.as_ref()), true),
-            ));
+            return Ok(Some(self.reset(None, true)));
         }
 
         // The response is good: commit it to the stream state.
@@ -512,17 +512,24 @@ impl ShapeStream {
         ShapeEvent::MustRefetch { new_handle }
     }
 
-    /// Keeps an SSE response open as the live connection.
-    fn open_sse(&mut self, response: Response, header_map: &HeaderMap) -> Result<(), ShapeError> {
+    /// Keeps an SSE response open as the live connection (unless a cache served it).
+    fn open_sse(
+        &mut self,
+        response: Response,
+        header_map: &HeaderMap,
+    ) -> Result<Option<ShapeEvent>, ShapeError> {
         let status = response.status().as_u16();
         let handle = header_str(header_map, headers::HANDLE)
             .ok_or(ShapeError::MissingHeader { header: headers::HANDLE, status })?;
+        if self.expired_handles.iter().any(|h| h == handle) {
+            return self.on_stale_response(handle.to_owned());
+        }
         self.handle = Some(handle.to_owned());
         if let Some(cursor) = header_str(header_map, headers::CURSOR) {
             self.cursor = Some(cursor.to_owned());
         }
         self.sse = Some(SseConnection::new(response));
-        Ok(())
+        Ok(None)
     }
 
     /// Reads the open SSE connection up to the next `up-to-date`. `None` means the

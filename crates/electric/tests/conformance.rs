@@ -630,8 +630,8 @@ async fn case24_control_messages_other_than_up_to_date_are_ignored() {
     let r = next_response(&mut s).await;
     assert_eq!(r.changes.len(), 1, "snapshot-end yields no change");
     assert!(!r.up_to_date);
-    // Unknown controls and move-in/move-out events: see message.rs unit tests
-    // (the testkit does not emit them).
+    // Unknown controls and move-in/move-out events: tests/statuses.rs (the testkit
+    // does not emit them).
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod scripted;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -40,7 +42,12 @@ pub fn items(server: &TestServer) -> TableHandle {
 
 /// Options for `table` on `server` with a millisecond backoff.
 pub fn options(server: &TestServer, table: &str) -> ShapeOptions {
-    let mut o = ShapeOptions::new(server.url().parse().unwrap(), table);
+    fast_options(&server.url(), table)
+}
+
+/// Options for `table` at `url` with a millisecond backoff and a 5 s request timeout.
+pub fn fast_options(url: &str, table: &str) -> ShapeOptions {
+    let mut o = ShapeOptions::new(url.parse().unwrap(), table);
     o.backoff = BackoffConfig {
         base: Duration::from_millis(5),
         cap: Duration::from_millis(20),

@@ -1,0 +1,98 @@
+//! Responses the testkit cannot produce, from a scripted server: 429 with an HTTP-date
+//! `retry-after`, a deprecated 204, a proxy's 403, an empty body, unknown control and
+//! event messages, a `must-refetch` inside a 200.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use shapesync_core::Offset;
+use shapesync_electric::{ShapeError, ShapeEvent, ShapeStream};
+use support::scripted::{Reply, Scripted, scripted};
+use support::*;
+
+const SCHEMA: &str = r#"{"id":{"type":"int8","pk_index":0,"not_null":true}}"#;
+const H: &str = "1-1";
+
+fn non_live(offset: &'static str, body: &str) -> Reply {
+    Reply::new(200, &[("electric-handle", H), ("electric-offset", offset), ("electric-schema", SCHEMA)], body)
+}
+
+async fn start(replies: Vec<Reply>) -> (Scripted, ShapeStream) {
+    let server = scripted(replies).await;
+    let stream = ShapeStream::new(fast_options(&server.url, "items")).unwrap();
+    (server, stream)
+}
+
+#[tokio::test]
+async fn a_429_with_an_http_date_retry_after_waits_until_that_date() {
+    let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
+    let (server, mut s) =
+        start(vec![Reply::new(429, &[("retry-after", &at)], ""), non_live("0_0", "[]")]).await;
+    let r = next_response(&mut s).await;
+    assert_eq!(r.offset, Offset::new(0, 0));
+    let waited = server.script.received_at(1).duration_since(server.script.received_at(0));
+    // HTTP dates have whole seconds: "now + 2 s" is at least 1 s away.
+    assert!(waited >= Duration::from_secs(1), "waited {waited:?}");
+    assert_eq!(server.script.param(1, "offset").as_deref(), Some("-1"));
+}
+
+#[tokio::test]
+async fn an_empty_body_is_no_messages() {
+    let (_server, mut s) = start(vec![non_live("0_0", "")]).await;
+    let r = next_response(&mut s).await;
+    assert!(r.changes.is_empty());
+    assert_eq!(r.offset, Offset::new(0, 0));
+    assert_eq!(r.handle, H);
+}
+
+#[tokio::test]
+async fn a_proxy_403_is_a_typed_error_with_its_message() {
+    let (server, mut s) = start(vec![Reply::new(403, &[], "Forbidden by policy")]).await;
+    match try_next(&mut s).await {
+        Err(ShapeError::Rejected { status: 403, param: None, message, .. }) => {
+            assert_eq!(message, "Forbidden by policy")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.script.request_count(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn a_deprecated_204_is_an_up_to_date_response_at_the_same_offset() {
+    let (server, mut s) =
+        start(vec![non_live("0_inf", r#"[{"headers":{"control":"up-to-date"}}]"#), Reply::new(204, &[], "")])
+            .await;
+    assert!(next_response(&mut s).await.up_to_date);
+    let r = next_response(&mut s).await;
+    assert!(r.up_to_date && r.changes.is_empty());
+    assert_eq!(r.offset, Offset::SNAPSHOT_END);
+    assert_eq!(server.script.param(1, "live").as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn case24_unknown_control_and_event_messages_are_ignored() {
+    let body = r#"[
+        {"key":"k1","value":{"id":"1"},"headers":{"operation":"insert"}},
+        {"headers":{"event":"move-in","patterns":[{"pos":0,"value":"abc"}],"txids":[1]}},
+        {"headers":{"event":"move-out","patterns":[{"pos":0,"value":"abc"}]}},
+        {"headers":{"control":"snapshot-end","xmin":"1","xmax":"2","xip_list":[]}},
+        {"headers":{"control":"something-new"},"extra":{"nested":[1,2]}},
+        {"headers":{"control":"up-to-date"}}]"#;
+    let (_server, mut s) = start(vec![non_live("0_inf", body)]).await;
+    let r = next_response(&mut s).await;
+    assert_eq!(r.changes.len(), 1);
+    assert_eq!(r.changes[0].key, "k1");
+    assert!(r.up_to_date);
+}
+
+#[tokio::test]
+async fn a_must_refetch_message_in_a_200_body_resets_the_stream() {
+    let (server, mut s) =
+        start(vec![non_live("0_0", r#"[{"headers":{"control":"must-refetch"}}]"#), non_live("0_0", "[]")])
+            .await;
+    assert!(matches!(next(&mut s).await, ShapeEvent::MustRefetch { .. }));
+    next_response(&mut s).await;
+    assert_eq!(server.script.param(1, "offset").as_deref(), Some("-1"));
+    assert!(server.script.param(1, "cache-buster").is_some());
+}

@@ -1,0 +1,110 @@
+//! A scripted HTTP server for responses the testkit does not produce (SSE streams,
+//! 429s, 204s, proxy 403s, odd bodies): each request gets the next queued reply.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+
+/// One scripted answer.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    /// Body pieces, sent in order.
+    pub frames: Vec<String>,
+    /// Keep the body open after the frames.
+    pub hold: bool,
+}
+
+impl Reply {
+    /// A complete response.
+    pub fn new(status: u16, headers: &[(&'static str, &str)], body: &str) -> Self {
+        Reply {
+            status,
+            headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            frames: vec![body.to_owned()],
+            hold: false,
+        }
+    }
+}
+
+/// A request's arrival time and query.
+type Received = (Instant, Vec<(String, String)>);
+
+#[derive(Default)]
+pub struct Script {
+    replies: Mutex<VecDeque<Reply>>,
+    requests: Mutex<Vec<Received>>,
+}
+
+impl Script {
+    /// Query parameter `name` of request `index`.
+    pub fn param(&self, index: usize, name: &str) -> Option<String> {
+        let log = self.requests.lock().unwrap();
+        log[index].1.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// When request `index` arrived.
+    pub fn received_at(&self, index: usize) -> Instant {
+        self.requests.lock().unwrap()[index].0
+    }
+
+    /// Requests received so far.
+    pub fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+async fn answer(State(script): State<Arc<Script>>, RawQuery(query): RawQuery) -> Response {
+    let query = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
+    script.requests.lock().unwrap().push((Instant::now(), query));
+    let Some(reply) = script.replies.lock().unwrap().pop_front() else {
+        let mut r = Response::new(Body::from("{\"message\":\"unscripted request\"}"));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return r;
+    };
+    let chunks = futures::stream::iter(reply.frames.into_iter().map(|f| Ok::<_, Infallible>(Bytes::from(f))));
+    let body = if reply.hold {
+        Body::from_stream(futures::StreamExt::chain(chunks, futures::stream::pending()))
+    } else {
+        Body::from_stream(chunks)
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+    for (name, value) in reply.headers {
+        r.headers_mut().insert(HeaderName::from_static(name), HeaderValue::from_str(&value).unwrap());
+    }
+    r
+}
+
+/// A running scripted server; stops on drop.
+pub struct Scripted {
+    pub script: Arc<Script>,
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `replies` in order at `/v1/shape`.
+pub async fn scripted(replies: Vec<Reply>) -> Scripted {
+    let script = Arc::new(Script { replies: Mutex::new(replies.into()), ..Script::default() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/v1/shape", get(answer)).with_state(script.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Scripted { script, url: format!("http://{addr}/v1/shape"), task }
+}
