@@ -204,8 +204,23 @@ impl SinkConfig for RedisSinkConfig {
         Ok(())
     }
 
+    /// Connects; a server that is down at start-up does not fail the pipeline: the sink
+    /// then connects on first use and reports `Unavailable` until it can, which the
+    /// runner retries. Bad credentials and settings still fail here.
     async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
-        Ok(Arc::new(RedisSink::connect(self, ctx).await?))
+        let address = self.connection_info().map(|i| i.addr().to_string()).unwrap_or_default();
+        let sink = match RedisSink::connect(self.clone(), ctx.clone()).await {
+            Ok(sink) => {
+                tracing::info!(pipeline = %ctx.pipeline, %address, "redis sink connected");
+                sink
+            }
+            Err(SinkError::Unavailable(reason)) => {
+                tracing::warn!(pipeline = %ctx.pipeline, %address, %reason, "redis is unreachable; will keep retrying");
+                RedisSink::connect_lazy(self, ctx)?
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Arc::new(sink))
     }
 }
 

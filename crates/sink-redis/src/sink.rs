@@ -98,6 +98,10 @@ fn s(text: &str) -> String {
     text.to_owned()
 }
 
+fn rejected(e: shapesync_core::ConfigError) -> SinkError {
+    SinkError::Rejected(e.to_string())
+}
+
 /// Maps a Redis failure to the runner's retry classes.
 fn classify(e: RedisError) -> SinkError {
     let transient = e.is_io_error()
@@ -155,17 +159,37 @@ type RowState = HashMap<String, Option<String>>;
 impl RedisSink {
     /// Validates `config` and connects. An unreachable server is `Unavailable`.
     pub async fn connect(config: RedisSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
-        let rejected = |e: shapesync_core::ConfigError| SinkError::Rejected(e.to_string());
-        config.check(&ctx).map_err(rejected)?;
-        let info = config.connection_info().map_err(rejected)?;
-        let address = info.addr().to_string();
-        let client = Client::open(info).map_err(classify)?;
+        let (client, manager_config) = Self::client(&config, &ctx)?;
+        let conn = ConnectionManager::new_with_config(client, manager_config).await.map_err(classify)?;
+        Self::with_connection(config, ctx, conn)
+    }
+
+    /// Validates `config` without connecting: the first command connects, and an
+    /// unreachable server surfaces as `Unavailable` then, which the runner retries.
+    pub fn connect_lazy(config: RedisSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
+        let (client, manager_config) = Self::client(&config, &ctx)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(classify)?;
+        Self::with_connection(config, ctx, conn)
+    }
+
+    fn client(
+        config: &RedisSinkConfig,
+        ctx: &SinkContext,
+    ) -> Result<(Client, ConnectionManagerConfig), SinkError> {
+        config.check(ctx).map_err(rejected)?;
+        let client = Client::open(config.connection_info().map_err(rejected)?).map_err(classify)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_millis(config.timeout_ms)))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, manager_config).await.map_err(classify)?;
-        tracing::info!(pipeline = %ctx.pipeline, %address, layout = ?config.layout, "redis sink connected");
+        Ok((client, manager_config))
+    }
+
+    fn with_connection(
+        config: RedisSinkConfig,
+        ctx: SinkContext,
+        conn: ConnectionManager,
+    ) -> Result<Self, SinkError> {
         Ok(RedisSink {
             conn,
             script: Script::new(APPLY_SCRIPT),

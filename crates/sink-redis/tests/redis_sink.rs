@@ -651,7 +651,7 @@ impl Drop for OwnRedis {
 }
 
 /// Retries like the runner: only `Unavailable` is retried, until a deadline.
-async fn apply_with_retry(sink: &RedisSink, b: &Batch) -> u32 {
+async fn apply_with_retry(sink: &dyn Sink, b: &Batch) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut failures = 0;
     loop {
@@ -716,7 +716,7 @@ async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
         let landed: usize = redis_at(&server.url()).await.hlen(sink.members_key()).await.unwrap();
         assert!(landed >= 100, "committed parts survive the kill ({landed} rows)");
     }
-    apply_with_retry(&sink, &b1).await;
+    apply_with_retry(&*sink, &b1).await;
     assert_eq!(sink.checkpoint().await.unwrap(), Some(b1.checkpoint.clone()));
 
     server.kill();
@@ -735,7 +735,7 @@ async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
     assert!(matches!(down, Err(SinkError::Unavailable(_))), "{down:?}");
 
     server.restart().await;
-    apply_with_retry(&sink, &b2).await;
+    apply_with_retry(&*sink, &b2).await;
     assert_eq!(sink.checkpoint().await.unwrap(), Some(b2.checkpoint.clone()));
 
     // Kill again after the commit: everything acknowledged survives the restart.
@@ -807,4 +807,22 @@ async fn pipeline_files_name_type_redis_and_bad_settings_are_reported_by_key() {
     let errors = prepare(&non_key).err().unwrap();
     assert_eq!(errors[0].key, "pipelines.items.sink.key", "{}", errors[0]);
     assert!(prepare(&non_key.replace("table: items}", "table: items, full_rows: true}")).is_ok());
+}
+
+#[tokio::test]
+async fn a_pipeline_starts_while_redis_is_down_and_reports_unavailable_until_it_is_up() {
+    let mut server = OwnRedis::start().await;
+    server.kill();
+    let yaml = format!(
+        "pipelines:\n  items:\n    source: {{type: shape-only, table: items}}\n    sink: {{type: redis, url: '{}', timeout_ms: 1000}}\n",
+        server.url()
+    );
+    let mut pipelines = prepare(&yaml).unwrap_or_else(|e| panic!("{e:?}"));
+    let sink = pipelines.remove(0).sink.build().await.expect("an unreachable Redis does not fail the build");
+    assert!(matches!(sink.checkpoint().await, Err(SinkError::Unavailable(_))));
+
+    server.restart().await;
+    let b = batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_inf", 1, false));
+    apply_with_retry(&*sink, &b).await;
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(b.checkpoint));
 }
