@@ -261,7 +261,10 @@ async fn table_layout_stores_row_json_per_field_and_merges_updates() {
     sink.apply(&batch(inserts, cp("0_0", 1, true))).await.unwrap();
     let fields = hgetall(&mut conn, &table).await;
     assert_eq!(fields.keys().collect::<Vec<_>>(), ["2", "9007199254740993"]);
-    assert!(fields["9007199254740993"].contains(r#""id":9007199254740993,"#));
+    assert_eq!(
+        fields["9007199254740993"],
+        r#"{"amount":"12.30","flag":true,"id":9007199254740993,"meta":{"big": 123456789012345678901234567890, "x": [1.50]},"name":"one","note":null,"score":1.5,"tags":[1,null,3]}"#
+    );
 
     let update =
         Change::update("k1", row(&[("id", Value::Int(BIG)), ("amount", Value::Numeric("1e400".into()))]));
@@ -269,10 +272,11 @@ async fn table_layout_stores_row_json_per_field_and_merges_updates() {
     sink.apply(&batch(vec![live(update, 5, 0), live(delete, 5, 1)], cp("5_1", 1, false))).await.unwrap();
     let fields = hgetall(&mut conn, &table).await;
     assert_eq!(fields.len(), 1);
-    let merged: serde_json::Value = serde_json::from_str(&fields["9007199254740993"]).unwrap();
-    assert_eq!(merged["amount"], "1e400");
-    assert_eq!(merged["name"], "one");
-    assert!(fields["9007199254740993"].contains(r#""id":9007199254740993,"#));
+    assert_eq!(
+        fields["9007199254740993"],
+        r#"{"amount":"1e400","flag":true,"id":9007199254740993,"meta":{"big": 123456789012345678901234567890, "x": [1.50]},"name":"one","note":null,"score":1.5,"tags":[1,null,3]}"#,
+        "the partial update merged; every other value kept byte for byte"
+    );
     cleanup(&setup.prefix).await;
 }
 
