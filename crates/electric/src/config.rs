@@ -22,9 +22,9 @@ pub struct ElectricSourceConfig {
     /// SQL filter with `$n` placeholders.
     #[serde(default, rename = "where")]
     pub where_clause: Option<String>,
-    /// Placeholder values by number (`1: open`).
+    /// Placeholder values by number (`1: open`); numbers and booleans are sent as text.
     #[serde(default)]
-    pub params: BTreeMap<String, String>,
+    pub params: BTreeMap<String, ParamValue>,
     /// Selected columns (must include the primary key).
     #[serde(default)]
     pub columns: Option<Vec<String>>,
@@ -57,6 +57,12 @@ impl ElectricSourceConfig {
         if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
             return Err(ConfigError::new("url", "expected an http:// or https:// URL with a host"));
         }
+        if url.scheme() == "https" && !cfg!(any(feature = "rustls", feature = "native-tls")) {
+            return Err(ConfigError::new(
+                "url",
+                "https needs TLS, which this build of shapesync-electric lacks (enable its `rustls` feature)",
+            ));
+        }
         if self.table.trim().is_empty() {
             return Err(ConfigError::new("table", "must not be empty"));
         }
@@ -66,7 +72,7 @@ impl ElectricSourceConfig {
             let number = n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
                 ConfigError::new(format!("params.{n}"), "parameter keys are placeholder numbers: 1, 2, …")
             })?;
-            options.params.insert(number, value.clone());
+            options.params.insert(number, value.0.clone());
         }
         if let Some(columns) = &self.columns {
             if columns.is_empty() {
@@ -94,6 +100,38 @@ impl ElectricSourceConfig {
         options.live_sse = self.live_sse.unwrap_or(false);
         options.validate().map_err(|e| ConfigError::new("", e.to_string()))?;
         Ok(options)
+    }
+}
+
+/// A `params` value: a string, or a number or boolean written without quotes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamValue(pub String);
+
+impl<'de> Deserialize<'de> for ParamValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ParamValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ParamValue, E> {
+                Ok(ParamValue(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ParamValue, E> {
+                Ok(ParamValue(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ParamValue, E> {
+                Ok(ParamValue(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ParamValue, E> {
+                Ok(ParamValue(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<ParamValue, E> {
+                Ok(ParamValue(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -140,7 +178,7 @@ mod tests {
 url: http://localhost:3000/v1/shape
 table: public.items
 where: "status = $1"
-params: {1: open}
+params: {1: open, 2: 5, 3: true}
 columns: [id, Status-Check]
 replica: full
 log: changes_only
@@ -153,6 +191,8 @@ live_sse: true
         .unwrap();
         let o = c.to_options().unwrap();
         assert_eq!(o.params[&1], "open");
+        assert_eq!(o.params[&2], "5", "numbers are read as their text");
+        assert_eq!(o.params[&3], "true");
         assert_eq!(o.replica, Replica::Full);
         assert_eq!(o.log, LogMode::ChangesOnly);
         assert_eq!(o.request_timeout, Duration::from_secs(30));
@@ -186,6 +226,9 @@ live_sse: true
         assert_eq!(e.key, "replica", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\nparams: {x: 1}\n").unwrap_err();
         assert_eq!(e.key, "params.x", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nparams: {1: [a]}\n").unwrap_err();
+        assert_eq!(e.key, "params.1", "{e}");
+        assert!(e.message.contains("string, number or boolean"), "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\ncolumns: []\n").unwrap_err();
         assert_eq!(e.key, "columns", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\ntimeout_secs: 0\n").unwrap_err();

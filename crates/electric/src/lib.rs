@@ -23,7 +23,7 @@ mod options;
 mod request;
 mod stream;
 
-pub use config::ElectricSourceConfig;
+pub use config::{ElectricSourceConfig, ParamValue};
 pub use error::ShapeError;
 pub use options::{BackoffConfig, LogMode, Replica, ShapeOptions, StartFrom, defaults, quote_identifier};
 pub use request::redact_url;
