@@ -494,7 +494,7 @@ async fn refetch_sweeps_exactly_the_vanished_rows_while_readers_always_see_kept_
 
 #[tokio::test]
 async fn notify_publishes_every_committed_change() {
-    for layout in [Layout::Json, Layout::Table] {
+    for layout in [Layout::Hash, Layout::Json, Layout::Table] {
         let mut setup = Setup::new("notify", layout);
         let channel = format!("{}events", setup.prefix);
         setup.config.notify = Some(channel.clone());
@@ -829,4 +829,17 @@ async fn a_pipeline_starts_while_redis_is_down_and_reports_unavailable_until_it_
     let b = batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_inf", 1, false));
     apply_with_retry(&*sink, &b).await;
     assert_eq!(sink.checkpoint().await.unwrap(), Some(b.checkpoint));
+}
+
+#[tokio::test]
+async fn database_setting_selects_the_redis_database() {
+    let mut setup = Setup::new("database", Layout::Hash);
+    setup.config.database = Some(3);
+    let sink = setup.sink().await;
+    sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_inf", 1, false))).await.unwrap();
+    assert_eq!(keys_with_prefix(&mut redis().await, &setup.prefix).await, Vec::<String>::new());
+    let mut db3 = redis_at(&format!("{URL}/3")).await;
+    assert_eq!(hgetall(&mut db3, &setup.key("1")).await["name"], "a");
+    sink.reset().await.unwrap();
+    assert_eq!(keys_with_prefix(&mut db3, &setup.prefix).await, Vec::<String>::new());
 }
