@@ -175,6 +175,28 @@ impl ShapeStream {
         &self.options
     }
 
+    /// The request headers, to change credentials between requests: after a
+    /// [`ShapeError::Rejected`] (say a 401 from an auth proxy), update them and call
+    /// [`ShapeStream::next_event`] again; the stream carries on at the same offset.
+    pub fn headers_mut(&mut self) -> &mut reqwest::header::HeaderMap {
+        &mut self.options.headers
+    }
+
+    /// Replaces the API `secret` (same use as [`ShapeStream::headers_mut`]).
+    pub fn set_secret(&mut self, secret: Option<String>) {
+        self.options.secret = secret;
+    }
+
+    /// The events as a [`futures::Stream`]; it ends after the first error.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<ShapeEvent, ShapeError>> + Send {
+        futures::stream::unfold(Some(self), |stream| async move {
+            let mut stream = stream?;
+            let item = stream.next_event().await;
+            let keep = item.is_ok().then_some(stream);
+            Some((item, keep))
+        })
+    }
+
     /// The current shape handle, once known.
     pub fn handle(&self) -> Option<&str> {
         self.handle.as_deref()

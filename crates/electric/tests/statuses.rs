@@ -96,3 +96,32 @@ async fn a_must_refetch_message_in_a_200_body_resets_the_stream() {
     assert_eq!(server.script.param(1, "offset").as_deref(), Some("-1"));
     assert!(server.script.param(1, "cache-buster").is_some());
 }
+
+#[tokio::test]
+async fn after_a_rejection_new_credentials_continue_at_the_same_offset() {
+    let (server, mut s) = start(vec![
+        non_live("0_0", r#"[{"key":"k1","value":{"id":"1"},"headers":{"operation":"insert"}}]"#),
+        Reply::new(401, &[], r#"{"message":"token expired"}"#),
+        non_live("0_inf", r#"[{"headers":{"control":"up-to-date"}}]"#),
+    ])
+    .await;
+    next_response(&mut s).await;
+    let e = try_next(&mut s).await.unwrap_err();
+    assert!(matches!(e, ShapeError::Rejected { status: 401, .. }), "{e:?}");
+    s.headers_mut().insert("authorization", "Bearer fresh".parse().unwrap());
+    assert!(next_response(&mut s).await.up_to_date);
+    let script = &server.script;
+    assert_eq!(script.param(1, "offset").as_deref(), Some("0_0"));
+    assert_eq!(script.param(2, "offset").as_deref(), Some("0_0"), "retried at the same offset");
+    assert_eq!(script.param(2, "handle").as_deref(), Some(H));
+}
+
+#[tokio::test]
+async fn the_futures_stream_adapter_yields_events_and_ends_after_an_error() {
+    use futures::StreamExt;
+    let (_server, s) = start(vec![non_live("0_0", "[]"), Reply::new(404, &[], "")]).await;
+    let events: Vec<_> = s.into_stream().collect().await;
+    assert_eq!(events.len(), 2);
+    assert!(matches!(events[0], Ok(ShapeEvent::Response(_))));
+    assert!(matches!(events[1], Err(ShapeError::Rejected { status: 404, .. })));
+}
