@@ -180,8 +180,17 @@ impl Pipeline {
         let this = Committer { id, transforms, sink, retry, status };
         let Some(stored) = this.load_checkpoint(&shutdown).await? else { return Ok(()) };
         let shape_hash = source.definition_hash();
-        let mut pos =
-            Position { shape_hash: shape_hash.clone(), generation: 1, resyncing: true, committed: None };
+        // No checkpoint: a fresh sync, run as a resync so its first up-to-date sweeps rows a
+        // crashed earlier attempt wrote ahead of its first checkpoint. Those rows carry that
+        // attempt's generation, so a fresh sync takes one it cannot share: the clock.
+        let fresh_generation =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        let mut pos = Position {
+            shape_hash: shape_hash.clone(),
+            generation: fresh_generation,
+            resyncing: true,
+            committed: None,
+        };
         match stored {
             Some(cp) if cp.shape_hash == shape_hash => {
                 info!(pipeline = %this.id, handle = %cp.handle, offset = %cp.offset, "resuming from stored checkpoint");
@@ -195,8 +204,6 @@ impl Pipeline {
                 pos.generation = cp.generation + 1;
                 source.resume(None);
             }
-            // No checkpoint: a fresh sync. It still sweeps at its first up-to-date, which
-            // removes rows a crashed earlier attempt wrote ahead of its first checkpoint.
             None => source.resume(None),
         }
 
@@ -343,7 +350,7 @@ impl Committer {
                     counter!("shapesync_changes_committed_total", &labels)
                         .increment(batch.changes.len() as u64);
                     let now_ms =
-                        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
                     gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(now_ms as f64 / 1000.0);
                     self.status.last_commit_unix_ms.store(now_ms, Ordering::Relaxed);
                     self.status.changes_committed.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);

@@ -286,10 +286,12 @@ async fn must_refetch_marks_and_sweeps_without_ever_emptying_the_store() {
         })
     };
 
+    let first_generation = store.checkpoint().unwrap().generation;
     h.script.send(Ok(SourceEvent::MustRefetch)).unwrap();
     h.script.send(response("H2", "0_0", vec![ins(1, "a")], false)).unwrap();
     let c = next_commit(&mut commits).await;
-    assert!(c.checkpoint.resyncing && c.checkpoint.generation == 2 && c.checkpoint.handle == "H2");
+    assert!(c.checkpoint.resyncing && c.checkpoint.handle == "H2");
+    assert_eq!(c.checkpoint.generation, first_generation + 1);
     assert!(store.get(&key(2)).is_some(), "old rows stay until the new snapshot completes");
     h.script.send(response("H2", "0_1", vec![ins(3, "c2")], false)).unwrap();
     next_commit(&mut commits).await;
@@ -313,13 +315,51 @@ async fn a_changed_shape_definition_resyncs_from_scratch() {
     h.script.send(response("H", "0_inf", vec![ins(1, "a"), ins(2, "b")], true)).unwrap();
     pipeline(&mut h, sink.clone()).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
 
+    let old_generation = store.checkpoint().unwrap().generation;
+
     let mut h = harness("new-hash");
     h.script.send(response("N", "0_inf", vec![ins(2, "b")], true)).unwrap();
     pipeline(&mut h, sink).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
     assert_eq!(h.resumed.lock().unwrap()[0], None, "never resumes another definition's offset");
     assert_eq!(store.rows().into_keys().collect::<Vec<_>>(), vec![key(2)]);
     let cp = store.checkpoint().unwrap();
-    assert_eq!((cp.shape_hash.as_str(), cp.generation, cp.resyncing), ("new-hash", 2, false));
+    assert_eq!(
+        (cp.shape_hash.as_str(), cp.generation, cp.resyncing),
+        ("new-hash", old_generation + 1, false)
+    );
+}
+
+/// A memory sink that never finds its checkpoint: what a sink looks like after a first
+/// sync crashed having written rows ahead of its first checkpoint.
+struct ForgetfulSink(MemorySink);
+
+#[async_trait]
+impl Sink for ForgetfulSink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        Ok(None)
+    }
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        self.0.apply(batch).await
+    }
+    async fn reset(&self) -> Result<(), SinkError> {
+        self.0.reset().await
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_sync_sweeps_rows_left_by_an_earlier_attempt_without_checkpoint() {
+    let store = MemoryStore::new();
+    let sink = Arc::new(ForgetfulSink(MemorySink::new(store.clone())));
+    let mut h = harness("h");
+    h.script.send(response("H1", "0_inf", vec![ins(1, "a"), ins(2, "b")], true)).unwrap();
+    pipeline(&mut h, sink.clone()).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
+    let first = store.checkpoint().unwrap().generation;
+
+    let mut h = harness("h");
+    h.script.send(response("H2", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    pipeline(&mut h, sink).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
+    assert_ne!(store.checkpoint().unwrap().generation, first, "each fresh sync has its own generation");
+    assert_eq!(store.rows().into_keys().collect::<Vec<_>>(), vec![key(1)], "the orphaned row was swept");
 }
 
 /// A memory sink that fails the first `failures` calls as if its store were down,
