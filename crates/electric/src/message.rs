@@ -10,7 +10,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::error::Category;
-use shapesync_core::{Change, LogPosition, Operation, Row, Schema};
+use shapesync_core::{Change, LogPosition, Operation, Row, Schema, Value};
 
 /// What one body held.
 #[derive(Debug, Default)]
@@ -74,12 +74,44 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     }
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Row, M::Error> {
         let mut row = Row::new();
-        while let Some((column, text)) = map.next_entry::<Str<'de>, Option<Str<'de>>>()? {
-            let value =
-                self.0.parse(&column.0, text.as_ref().map(|t| t.0.as_ref())).map_err(de::Error::custom)?;
+        while let Some(column) = map.next_key::<Str<'de>>()? {
+            let value = map.next_value_seed(ValueSeed { schema: self.0, column: &column.0 })?;
             row.insert(column.0.into_owned(), value);
         }
         Ok(row)
+    }
+}
+
+/// Types one column value straight from the JSON string (or null), so even an
+/// escaped string is only copied once.
+struct ValueSeed<'s> {
+    schema: &'s Schema,
+    column: &'s str,
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a column value (a string or null)")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.schema.parse(self.column, None).map_err(E::custom)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.visit_none()
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_str(self)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.schema.parse(self.column, Some(v)).map_err(E::custom)
     }
 }
 
