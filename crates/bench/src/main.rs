@@ -8,6 +8,10 @@
 //!
 //! Build with `--release`; figures and the machine go into `docs/PERFORMANCE.md`.
 
+/// The same allocator as the `shapesync` binary, so figures carry over.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod redis_bench;
 mod rss;
 
@@ -58,6 +62,9 @@ enum Cmd {
         /// Redis sink part size (rows per atomic unit during snapshots).
         #[arg(long, default_value_t = shapesync_sink_redis::defaults::PART_SIZE)]
         part_size: usize,
+        /// Source responses buffered ahead of the sink (the pipeline's `buffer`).
+        #[arg(long, default_value_t = shapesync_core::config::defaults::BUFFER)]
+        buffer: usize,
     },
     /// (internal) serve a synthetic shape; used as the benchmarks' child process.
     #[command(hide = true)]
@@ -70,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Cmd::Client { rows, chunk_bytes } => client(rows, chunk_bytes).await,
-            Cmd::Redis { url, rows, vanish, live_txs, chunk_bytes, part_size } => {
+            Cmd::Redis { url, rows, vanish, live_txs, chunk_bytes, part_size, buffer } => {
                 redis_bench::run(redis_bench::RedisBench {
                     url,
                     rows,
@@ -78,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                     live_txs,
                     chunk_bytes,
                     part_size,
+                    buffer,
                 })
                 .await
             }

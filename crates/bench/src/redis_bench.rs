@@ -29,6 +29,8 @@ pub struct RedisBench {
     pub chunk_bytes: usize,
     /// Sink part size.
     pub part_size: usize,
+    /// Source responses buffered ahead of the sink.
+    pub buffer: usize,
 }
 
 /// A second connection issuing `HGET` in a loop, as a cache reader would, recording
@@ -117,9 +119,10 @@ async fn sink(b: &RedisBench, prefix: &str, notify: Option<String>) -> anyhow::R
     Ok(config.build(ctx).await?)
 }
 
-async fn sync_once(url: &str, sink: Arc<dyn Sink>) -> anyhow::Result<()> {
+async fn sync_once(url: &str, sink: Arc<dyn Sink>, buffer: usize) -> anyhow::Result<()> {
     let source = ShapeStream::new(ShapeOptions::new(url.parse()?, "items"))?;
     Pipeline::new("bench", Box::new(source), sink)
+        .with_buffer(buffer)
         .run(RunMode::UntilUpToDate, CancellationToken::new())
         .await?;
     Ok(())
@@ -174,7 +177,7 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     let server = ChildServer::start("items", b.rows, b.chunk_bytes)?;
     let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
     let started = Instant::now();
-    sync_once(&server.url, sink(&b, &prefix, None).await?).await?;
+    sync_once(&server.url, sink(&b, &prefix, None).await?, b.buffer).await?;
     let secs = started.elapsed().as_secs_f64();
     let stalls = reader.finish()?;
     let synced = count_keys(&mut con, &format!("{prefix}item:*"))?;
@@ -195,7 +198,7 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     let server = ChildServer::start("items", b.rows - b.vanish, b.chunk_bytes)?;
     let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
     let started = Instant::now();
-    sync_once(&server.url, sink(&b, &prefix, None).await?).await?;
+    sync_once(&server.url, sink(&b, &prefix, None).await?, b.buffer).await?;
     let secs = started.elapsed().as_secs_f64();
     let stalls = reader.finish()?;
     let remaining = count_keys(&mut con, &format!("{prefix}item:*"))?;
