@@ -1,11 +1,10 @@
 //! Whole pipelines through the `shapesync` command line: testkit server → Electric
 //! client → runner → sink.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use serde_json::json;
-use shapesync_core::Value;
+use shapesync_core::{Row, Value};
 use shapesync_e2e::{PipelineFile, items_def, key, server, shapesync};
 use shapesync_testkit::Fault;
 
@@ -16,7 +15,7 @@ fn memory_pipeline(id: &str, url: &str, table: &str) -> String {
 }
 
 /// Expected row values as the memory sink holds them.
-fn expected(id: u64, title: &str, amount: &str) -> BTreeMap<String, Value> {
+fn expected(id: u64, title: &str, amount: &str) -> Row {
     [
         ("id".to_owned(), Value::Int(id as i64)),
         ("title".to_owned(), Value::Text(title.into())),

@@ -162,6 +162,60 @@ fn delete_prefix(con: &mut redis::Connection, prefix: &str) -> anyhow::Result<()
     }
 }
 
+/// Server-side view of a phase: Redis CPU seconds used and its slowest commands.
+struct ServerProbe {
+    cpu_start: f64,
+}
+
+impl ServerProbe {
+    fn start(con: &mut redis::Connection) -> anyhow::Result<ServerProbe> {
+        redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg(1000).query::<()>(con)?;
+        redis::cmd("SLOWLOG").arg("RESET").query::<()>(con)?;
+        Ok(ServerProbe { cpu_start: redis_cpu(con)? })
+    }
+
+    /// "Redis CPU x s (y µs/row); slowest command z ms".
+    fn finish(self, con: &mut redis::Connection, rows: u64) -> anyhow::Result<String> {
+        let cpu = redis_cpu(con)? - self.cpu_start;
+        let entries: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").arg(128).query(con)?;
+        let (slowest_us, slowest_cmd) = entries
+            .iter()
+            .filter_map(|e| match e {
+                redis::Value::Array(fields) => match (fields.get(2), fields.get(3)) {
+                    (Some(redis::Value::Int(us)), Some(redis::Value::Array(args))) => {
+                        let name = match args.first() {
+                            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                            _ => String::new(),
+                        };
+                        Some((*us, name))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .max()
+            .unwrap_or_default();
+        redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg(10_000).query::<()>(con)?;
+        Ok(format!(
+            "Redis CPU {cpu:.2} s ({:.2} µs/row); slowest command {} (slowlog threshold 1 ms)",
+            cpu * 1e6 / rows.max(1) as f64,
+            if slowest_us == 0 {
+                "< 1 ms".to_owned()
+            } else {
+                format!("{:.2} ms ({slowest_cmd})", slowest_us as f64 / 1000.0)
+            }
+        ))
+    }
+}
+
+fn redis_cpu(con: &mut redis::Connection) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query(con)?;
+    let field = |name: &str| -> f64 {
+        info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    Ok(field("used_cpu_user") + field("used_cpu_sys"))
+}
+
 /// Runs every phase and prints the figures.
 pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     let prefix = format!("shapesync-bench:{}:", std::process::id());
@@ -176,10 +230,12 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     // Phase 1: the full pipeline, server in a child process so the RSS is ours.
     let server = ChildServer::start("items", b.rows, b.chunk_bytes)?;
     let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
+    let probe = ServerProbe::start(&mut con)?;
     let started = Instant::now();
     sync_once(&server.url, sink(&b, &prefix, None).await?, b.buffer).await?;
     let secs = started.elapsed().as_secs_f64();
     let stalls = reader.finish()?;
+    let server_view = probe.finish(&mut con, b.rows)?;
     let synced = count_keys(&mut con, &format!("{prefix}item:*"))?;
     if synced != b.rows {
         bail!("expected {} rows in Redis, found {synced}", b.rows);
@@ -191,27 +247,32 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
         rss::mib(rss::peak_rss_bytes())
     );
     println!("reader during initial sync: {stalls}");
+    println!("  {server_view}");
 
     // Phase 2: refetch sweep. A new server incarnation (the old handle is unknown to it:
     // 409) holds fewer rows, so the resync must sweep `vanish` rows.
     drop(server);
     let server = ChildServer::start("items", b.rows - b.vanish, b.chunk_bytes)?;
     let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
+    let probe = ServerProbe::start(&mut con)?;
     let started = Instant::now();
     sync_once(&server.url, sink(&b, &prefix, None).await?, b.buffer).await?;
     let secs = started.elapsed().as_secs_f64();
     let stalls = reader.finish()?;
+    let server_view = probe.finish(&mut con, b.rows)?;
     let remaining = count_keys(&mut con, &format!("{prefix}item:*"))?;
     if remaining != b.rows - b.vanish {
         bail!("expected {} rows after the sweep, found {remaining}", b.rows - b.vanish);
     }
     println!("refetch: resync of {} rows + sweep of {} in {secs:.2} s", b.rows - b.vanish, b.vanish);
     println!("reader during refetch and sweep: {stalls}");
+    println!("  {server_view}");
     drop(server);
     delete_prefix(&mut con, &prefix)?;
 
     // Phase 3: raw pipelined HSETs of the same rows, same part size, same program.
     let raw_prefix = format!("{prefix}raw:");
+    let probe = ServerProbe::start(&mut con)?;
     let started = Instant::now();
     let mut pipe = redis::pipe();
     for id in 1..=b.rows {
@@ -232,6 +293,7 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
         "raw pipelined HSET: {raw_rate:.0} rows/s; pipeline reaches {:.0}% of it",
         100.0 * pipeline_rate / raw_rate
     );
+    println!("  {}", probe.finish(&mut con, b.rows)?);
     delete_prefix(&mut con, &raw_prefix)?;
 
     // Phase 4: live latency, append on the server → key visible (notify received).

@@ -1,14 +1,8 @@
 //! Row changes and the batches the runner hands to sinks.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
-use crate::{Checkpoint, Value};
-
-/// Column name → value. Under `replica: default` an update holds only the key
-/// columns and the columns that changed.
-pub type Row = BTreeMap<String, Value>;
+use crate::{Checkpoint, Row};
 
 /// What a change does to its row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -387,11 +387,16 @@ impl Committer {
     }
 }
 
+/// Feeds the source's events to the runner. It takes a channel slot *before* asking
+/// the source for more, so at most `buffer` responses wait for the sink and none is
+/// parsed only to sit in memory waiting for a slot.
 async fn pump(mut source: Box<dyn Source>, tx: mpsc::Sender<Result<SourceEvent, SourceError>>) {
     loop {
+        let Ok(slot) = tx.reserve().await else { return };
         let event = source.next().await;
         let failed = event.is_err();
-        if tx.send(event).await.is_err() || failed {
+        slot.send(event);
+        if failed {
             return;
         }
     }

@@ -140,13 +140,22 @@ impl ColumnType {
 /// Column name → type, as sent in `electric-schema` for the selected columns.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Schema(pub BTreeMap<String, ColumnType>);
+pub struct Schema(pub BTreeMap<crate::ColumnName, ColumnType>);
 
 impl Schema {
+    /// The shared name of a column: the schema's own copy when it lists the column,
+    /// so rows parsed against it allocate no names.
+    pub fn intern(&self, column: &str) -> crate::ColumnName {
+        match self.0.get_key_value(column) {
+            Some((name, _)) => name.clone(),
+            None => column.into(),
+        }
+    }
+
     /// Primary-key column names in key order.
     pub fn primary_key(&self) -> Vec<&str> {
         let mut pk: Vec<(u32, &str)> =
-            self.0.iter().filter_map(|(name, c)| c.pk_index.map(|i| (i, name.as_str()))).collect();
+            self.0.iter().filter_map(|(name, c)| c.pk_index.map(|i| (i, &**name))).collect();
         pk.sort();
         pk.into_iter().map(|(_, n)| n).collect()
     }

@@ -490,8 +490,8 @@ async fn the_source_never_reads_further_ahead_than_the_buffer() {
     let sink = Arc::new(GatedSink { inner: MemorySink::default(), gate: tokio::sync::Semaphore::new(0) });
     let stop = CancellationToken::new();
     let task = tokio::spawn(pipeline(&mut h, sink.clone()).with_buffer(2).run(RunMode::Follow, stop.clone()));
-    // One response in the sink, two in the channel, one pulled and waiting to be sent.
-    let bound = 1 + 2 + 1;
+    // One response in the sink and two in the channel; nothing is pulled without a slot.
+    let bound = 1 + 2;
     wait_until(|| h.pulled.load(Ordering::SeqCst) >= bound).await;
     for _ in 0..200 {
         tokio::task::yield_now().await;

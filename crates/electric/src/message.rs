@@ -73,10 +73,10 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         f.write_str("an object of column values (strings or null)")
     }
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Row, M::Error> {
-        let mut row = Row::new();
+        let mut row = Row::with_capacity(self.0.0.len());
         while let Some(column) = map.next_key::<Str<'de>>()? {
             let value = map.next_value_seed(ValueSeed { schema: self.0, column: &column.0 })?;
-            row.insert(column.0.into_owned(), value);
+            row.insert(self.0.intern(&column.0), value);
         }
         Ok(row)
     }

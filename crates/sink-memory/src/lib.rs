@@ -142,7 +142,7 @@ impl MemoryStore {
                     }
                     Operation::Update => {
                         let row = rows.entry(change.key.clone()).or_default();
-                        row.extend(change.value.iter().map(|(k, v)| (k.clone(), v.clone())));
+                        row.merge(&change.value);
                     }
                     Operation::Delete => {
                         rows.remove(&change.key);

@@ -102,8 +102,10 @@ async fn main() {
     for first in (0..rows).step_by(PIPELINE) {
         let mut pipe = redis::pipe();
         for i in first..rows.min(first + PIPELINE) {
-            let fields: Vec<(String, String)> =
-                row(i).into_iter().filter_map(|(k, v)| v.render().map(|v| (k, v.into_owned()))).collect();
+            let fields: Vec<(String, String)> = row(i)
+                .into_iter()
+                .filter_map(|(k, v)| v.render().map(|v| (k.to_string(), v.into_owned())))
+                .collect();
             pipe.hset_multiple(format!("{prefix}raw:projects:{i}"), &fields).ignore();
         }
         let _: () = pipe.query_async(&mut conn).await.unwrap();

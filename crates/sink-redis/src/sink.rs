@@ -33,6 +33,10 @@ return n
 /// Snapshot parts sent before the previous ones have answered.
 const PARTS_IN_FLIGHT: usize = 4;
 
+/// Membership entries per `HSET`/`HDEL`: Redis' Lua `unpack` takes at most 8000
+/// values, so no single command of a unit may carry more.
+const MEMBERS_PER_COMMAND: usize = 1000;
+
 /// How long to wait for a TCP connection before calling Redis unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,6 +52,20 @@ pub struct RedisSink {
     notify: Option<String>,
     part_size: usize,
     keys: KeyNames,
+    keyspace: std::sync::Mutex<Keyspace>,
+}
+
+/// What the sink knows about its keys being empty, which lets an initial snapshot into
+/// an empty keyspace skip the `DEL` that otherwise precedes every row it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keyspace {
+    /// Not looked at yet.
+    Unknown,
+    /// No checkpoint and no membership existed when this generation's snapshot began,
+    /// so no row it writes can already exist.
+    EmptyFor(u64),
+    /// Rows may exist: every full-row write replaces the row.
+    Populated,
 }
 
 /// The names of every key a pipeline owns.
@@ -144,7 +162,7 @@ fn merge_json(stored: Option<&str>, columns: &Row) -> Result<String, String> {
         None => BTreeMap::new(),
     };
     for (column, value) in columns {
-        row.insert(column.clone(), serde_json::value::to_raw_value(value).map_err(|e| e.to_string())?);
+        row.insert(column.to_owned(), serde_json::value::to_raw_value(value).map_err(|e| e.to_string())?);
     }
     serde_json::to_string(&row).map_err(|e| e.to_string())
 }
@@ -201,7 +219,35 @@ impl RedisSink {
             table: ctx.shape.table,
             notify: config.notify,
             part_size: config.part_size,
+            keyspace: std::sync::Mutex::new(Keyspace::Unknown),
         })
+    }
+
+    /// Whether the rows of this snapshot batch land in an empty keyspace (see [`Keyspace`]).
+    /// Only the first generation seen can qualify; anything else makes the answer `false`
+    /// for the rest of the sink's life.
+    async fn into_empty_keyspace(
+        &self,
+        conn: &mut ConnectionManager,
+        batch: &Batch,
+    ) -> Result<bool, SinkError> {
+        let generation = batch.checkpoint.generation;
+        let known = *self.keyspace.lock().unwrap_or_else(|e| e.into_inner());
+        let state = match known {
+            Keyspace::Unknown => {
+                let existing: u64 = redis::cmd("EXISTS")
+                    .arg(&self.keys.checkpoint)
+                    .arg(&self.keys.members)
+                    .query_async(conn)
+                    .await
+                    .map_err(classify)?;
+                if existing == 0 { Keyspace::EmptyFor(generation) } else { Keyspace::Populated }
+            }
+            Keyspace::EmptyFor(g) if g == generation => known,
+            _ => Keyspace::Populated,
+        };
+        *self.keyspace.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        Ok(state == Keyspace::EmptyFor(generation))
     }
 
     /// The key holding the pipeline's checkpoint JSON.
@@ -281,15 +327,18 @@ impl RedisSink {
         rows.insert(id.to_owned(), Some(json));
     }
 
-    /// Writes `row` as the whole of row `id`.
-    fn put(&self, unit: &mut Unit, id: &str, row: &Row, rows: &mut RowState) {
+    /// Writes `row` as the whole of row `id`; `replace` removes what was stored first
+    /// (only a row known not to exist may skip it).
+    fn put(&self, unit: &mut Unit, id: &str, row: &Row, rows: &mut RowState, replace: bool) {
         match self.layout {
             Layout::Hash => {
                 let key = self.data_key(id);
-                unit.push([s("DEL"), key.clone()]);
+                if replace {
+                    unit.push([s("DEL"), key.clone()]);
+                }
                 let fields: Vec<String> = row
                     .iter()
-                    .filter_map(|(c, v)| v.render().map(|v| [c.clone(), v.into_owned()]))
+                    .filter_map(|(c, v)| v.render().map(|v| [c.to_owned(), v.into_owned()]))
                     .flatten()
                     .collect();
                 if !fields.is_empty() {
@@ -307,12 +356,15 @@ impl RedisSink {
                 let key = self.data_key(id);
                 let (nulls, set): (Vec<_>, Vec<_>) = columns.iter().partition(|(_, v)| v.is_null());
                 if !set.is_empty() {
-                    let fields =
-                        set.into_iter().filter_map(|(c, v)| v.render().map(|v| [c.clone(), v.into_owned()]));
+                    let fields = set
+                        .into_iter()
+                        .filter_map(|(c, v)| v.render().map(|v| [c.to_owned(), v.into_owned()]));
                     unit.push([s("HSET"), key.clone()].into_iter().chain(fields.flatten()));
                 }
                 if !nulls.is_empty() {
-                    unit.push([s("HDEL"), key].into_iter().chain(nulls.into_iter().map(|(c, _)| c.clone())));
+                    unit.push(
+                        [s("HDEL"), key].into_iter().chain(nulls.into_iter().map(|(c, _)| c.to_owned())),
+                    );
                 }
             }
             Layout::Json | Layout::Table => {
@@ -351,11 +403,12 @@ impl RedisSink {
         change: &Change,
         generation: &str,
         rows: &mut RowState,
+        new_row: bool,
     ) -> Result<(), SinkError> {
         let id = Self::row_key(template, &change.value, change)?;
         match change.op {
             Operation::Insert => {
-                self.put(unit, &id, &change.value, rows);
+                self.put(unit, &id, &change.value, rows, !new_row);
                 self.mark(unit, &id, generation, Operation::Insert);
             }
             Operation::Delete => self.remove(unit, &id, rows),
@@ -363,11 +416,11 @@ impl RedisSink {
                 // Under `replica: full` an update may change a key column: the row moves.
                 if let Some(old) = &change.old_value {
                     let mut before = change.value.clone();
-                    before.extend(old.iter().map(|(c, v)| (c.clone(), v.clone())));
+                    before.merge(old);
                     let old_id = Self::row_key(template, &before, change)?;
                     if old_id != id {
                         self.remove(unit, &old_id, rows);
-                        self.put(unit, &id, &change.value, rows);
+                        self.put(unit, &id, &change.value, rows, true);
                         self.mark(unit, &id, generation, Operation::Insert);
                         return Ok(());
                     }
@@ -416,37 +469,53 @@ impl RedisSink {
         Ok(rows)
     }
 
-    /// Runs `unit` as one script call, its membership changes and then `checkpoint` last.
+    /// Runs `unit`: new memberships first (so a write cut short never leaves a row the
+    /// sweep cannot find), then the unit's commands, then removed memberships, then
+    /// `checkpoint`. An atomic unit is one script call; a non-atomic one (replayable
+    /// snapshot parts and sweep steps, which carry no checkpoint) is a plain pipeline,
+    /// which costs Redis less per command.
     async fn run(
         &self,
         conn: &mut ConnectionManager,
-        mut unit: Unit,
+        unit: Unit,
         checkpoint: Option<&str>,
+        atomic: bool,
     ) -> Result<(), SinkError> {
-        let (set, removed): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut unit.members).into_iter().partition(|(_, g)| g.is_some());
-        if !set.is_empty() {
-            let pairs = set.into_iter().flat_map(|(id, g)| [id, g.unwrap_or_default()]);
-            unit.push([s("HSET"), self.keys.members.clone()].into_iter().chain(pairs));
+        let Unit { args: body, members } = unit;
+        let (set, removed): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, g)| g.is_some());
+        let mut ordered = Unit::default();
+        for chunk in set.chunks(MEMBERS_PER_COMMAND) {
+            let pairs = chunk.iter().flat_map(|(id, g)| [id.clone(), g.clone().unwrap_or_default()]);
+            ordered.push([s("HSET"), self.keys.members.clone()].into_iter().chain(pairs));
         }
-        if !removed.is_empty() {
-            unit.push(
-                [s("HDEL"), self.keys.members.clone()]
-                    .into_iter()
-                    .chain(removed.into_iter().map(|(id, _)| id)),
-            );
+        ordered.args.extend(body);
+        for chunk in removed.chunks(MEMBERS_PER_COMMAND) {
+            let ids = chunk.iter().map(|(id, _)| id.clone());
+            ordered.push([s("HDEL"), self.keys.members.clone()].into_iter().chain(ids));
         }
         if let Some(json) = checkpoint {
-            unit.push([s("SET"), self.keys.checkpoint.clone(), json.to_owned()]);
+            ordered.push([s("SET"), self.keys.checkpoint.clone(), json.to_owned()]);
         }
-        if unit.args.is_empty() {
+        if ordered.args.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.script.key(&self.keys.checkpoint);
-        for arg in &unit.args {
-            invocation.arg(arg);
+        if atomic || checkpoint.is_some() {
+            let mut invocation = self.script.key(&self.keys.checkpoint);
+            for arg in &ordered.args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async::<redis::Value>(conn).await.map_err(classify)?;
+        } else {
+            let mut pipe = redis::pipe();
+            let mut rest = ordered.args.as_slice();
+            while let Some((argc, tail)) = rest.split_first() {
+                let argc: usize = argc.parse().expect("units prefix each command with its length");
+                let (command, tail) = tail.split_at(argc);
+                pipe.cmd(&command[0]).arg(&command[1..]).ignore();
+                rest = tail;
+            }
+            pipe.query_async::<()>(conn).await.map_err(classify)?;
         }
-        invocation.invoke_async::<redis::Value>(conn).await.map_err(classify)?;
         Ok(())
     }
 
@@ -477,7 +546,7 @@ impl RedisSink {
                 }
             }
             let done = next == "0";
-            self.run(conn, unit, checkpoint.filter(|_| done)).await?;
+            self.run(conn, unit, checkpoint.filter(|_| done), false).await?;
             if done {
                 return Ok(());
             }
@@ -505,6 +574,12 @@ impl Sink for RedisSink {
         let checkpoint = batch.checkpoint.to_json();
         let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;
         let snapshot = is_snapshot_batch(batch);
+        let new_rows = if snapshot {
+            self.into_empty_keyspace(&mut conn, batch).await?
+        } else {
+            *self.keyspace.lock().unwrap_or_else(|e| e.into_inner()) = Keyspace::Populated;
+            false
+        };
         let parts: Vec<&[Change]> = if batch.changes.is_empty() {
             vec![&[]]
         } else if snapshot {
@@ -520,7 +595,7 @@ impl Sink for RedisSink {
         for (i, part) in parts.into_iter().enumerate() {
             let mut unit = Unit::default();
             for change in part {
-                self.write_change(&mut unit, &template, change, &generation, &mut rows)?;
+                self.write_change(&mut unit, &template, change, &generation, &mut rows, new_rows)?;
             }
             if snapshot {
                 rows.clear(); // inserts only: no later change reads what this part wrote
@@ -534,7 +609,7 @@ impl Sink for RedisSink {
             let checkpoint = checkpoint.as_str();
             let with_checkpoint = (last && !batch.sweep).then_some(checkpoint);
             let mut conn = self.conn.clone();
-            in_flight.push_back(async move { self.run(&mut conn, unit, with_checkpoint).await });
+            in_flight.push_back(async move { self.run(&mut conn, unit, with_checkpoint, !snapshot).await });
             if (last || in_flight.len() >= PARTS_IN_FLIGHT)
                 && let Some(committed) = in_flight.next().await
             {
@@ -553,11 +628,11 @@ impl Sink for RedisSink {
         // next run resyncs instead of trusting rows that are partly gone.
         let mut unit = Unit::default();
         unit.push([s("DEL"), self.keys.checkpoint.clone()]);
-        self.run(&mut conn, unit, None).await?;
+        self.run(&mut conn, unit, None, false).await?;
         self.sweep(&mut conn, u64::MAX, None).await?;
         let mut unit = Unit::default();
         unit.push([s("DEL"), self.keys.members.clone()]);
-        self.run(&mut conn, unit, None).await
+        self.run(&mut conn, unit, None, false).await
     }
 }
 
@@ -571,8 +646,8 @@ mod tests {
     fn json_merge_keeps_big_numbers_and_sorted_keys() {
         let stored = r#"{"a":9007199254740993,"j":{"x":1.10},"z":"keep"}"#;
         let mut update = Row::new();
-        update.insert("b".into(), Value::Int(i64::MAX));
-        update.insert("z".into(), Value::Null);
+        update.insert("b", Value::Int(i64::MAX));
+        update.insert("z", Value::Null);
         assert_eq!(
             merge_json(Some(stored), &update).unwrap(),
             r#"{"a":9007199254740993,"b":9223372036854775807,"j":{"x":1.10},"z":null}"#

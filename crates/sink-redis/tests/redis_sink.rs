@@ -843,3 +843,29 @@ async fn database_setting_selects_the_redis_database() {
     sink.reset().await.unwrap();
     assert_eq!(keys_with_prefix(&mut db3, &setup.prefix).await, Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_live_transaction_of_ten_thousand_rows_commits_atomically() {
+    // One live unit with 10,000 inserts and then 10,000 deletes: more membership entries
+    // than one Lua `unpack` can take (8000 values) must still commit, with its checkpoint.
+    let setup = Setup::new("bigtx", Layout::Hash);
+    let sink = setup.sink().await;
+    let inserts: Vec<Change> = (0..10_000)
+        .map(|i| live(Change::insert(format!("k{i}"), full_row(i, "x")), 10, 2 * i as u64))
+        .collect();
+    sink.apply(&batch(inserts, cp("10_19998", 1, false))).await.unwrap();
+    let mut conn = redis().await;
+    let members: u64 = redis::cmd("HLEN").arg(sink.members_key()).query_async(&mut conn).await.unwrap();
+    assert_eq!(members, 10_000);
+    assert_eq!(hgetall(&mut conn, &setup.key("9999")).await["name"], "x");
+
+    let deletes: Vec<Change> = (0..10_000)
+        .map(|i| live(Change::delete(format!("k{i}"), row(&[("id", Value::Int(i))])), 11, 2 * i as u64))
+        .collect();
+    sink.apply(&batch(deletes, cp("11_19998", 1, false))).await.unwrap();
+    assert_eq!(sink.checkpoint().await.unwrap().unwrap().offset.to_string(), "11_19998");
+    let members: u64 = redis::cmd("HLEN").arg(sink.members_key()).query_async(&mut conn).await.unwrap();
+    assert_eq!(members, 0);
+    assert!(keys_with_prefix(&mut conn, &format!("{}items:", setup.prefix)).await.is_empty());
+    cleanup(&setup.prefix).await;
+}
