@@ -21,7 +21,8 @@ use crate::{
 };
 
 /// How long an in-flight sink commit may run on after shutdown is requested before
-/// it is abandoned (the commit is atomic, so abandoning it loses nothing).
+/// it is abandoned. Abandoning loses nothing: the checkpoint is written last, so what
+/// landed without it is re-read and re-applied idempotently on restart.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Whether a pipeline follows the shape forever or stops at the head.
@@ -181,13 +182,10 @@ impl Pipeline {
         let Some(stored) = this.load_checkpoint(&shutdown).await? else { return Ok(()) };
         let shape_hash = source.definition_hash();
         // No checkpoint: a fresh sync, run as a resync so its first up-to-date sweeps rows a
-        // crashed earlier attempt wrote ahead of its first checkpoint. Those rows carry that
-        // attempt's generation, so a fresh sync takes one it cannot share: the clock.
-        let fresh_generation =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        // crashed earlier attempt wrote ahead of its first checkpoint.
         let mut pos = Position {
             shape_hash: shape_hash.clone(),
-            generation: fresh_generation,
+            generation: next_generation(0),
             resyncing: true,
             committed: None,
         };
@@ -201,7 +199,7 @@ impl Pipeline {
             }
             Some(cp) => {
                 info!(pipeline = %this.id, "shape definition changed since the stored checkpoint; resyncing (old rows stay until the new snapshot is complete)");
-                pos.generation = cp.generation + 1;
+                pos.generation = next_generation(cp.generation);
                 source.resume(None);
             }
             None => source.resume(None),
@@ -229,7 +227,7 @@ impl Pipeline {
                     gauge!("shapesync_up_to_date", &labels).set(0.0);
                     this.status.up_to_date.store(false, Ordering::Relaxed);
                     pending.clear();
-                    pos.generation += 1;
+                    pos.generation = next_generation(pos.generation);
                     pos.resyncing = true;
                     pos.committed = None;
                     continue;
@@ -245,7 +243,8 @@ impl Pipeline {
                 debug!(pipeline = %this.id, offset = %response.offset, carried = pending.len(), "response ends mid-transaction; carrying it into the next");
                 continue;
             }
-            let sweep = pos.resyncing && response.up_to_date;
+            // A sweep needs a snapshot behind it: never at `-1`, whatever a server says.
+            let sweep = pos.resyncing && response.up_to_date && response.offset != crate::Offset::Start;
             let unchanged =
                 pos.committed.as_ref().is_some_and(|(h, o)| *h == response.handle && *o == response.offset);
             if !(pending.is_empty() && unchanged && !sweep) {
@@ -339,7 +338,7 @@ impl Committer {
             let outcome = tokio::select! {
                 r = self.sink.apply(batch) => r,
                 _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-                    warn!(pipeline = %self.id, "abandoning a sink commit that outlived the shutdown grace period; it is atomic, so nothing is half-applied");
+                    warn!(pipeline = %self.id, "abandoning a sink commit that outlived the shutdown grace period; its checkpoint was not stored, so it is re-applied on restart");
                     return Ok(false);
                 }
             };
@@ -385,6 +384,14 @@ impl Committer {
             _ = shutdown.cancelled() => false,
         }
     }
+}
+
+/// The generation of a new resync: above `current`, and above any generation an
+/// earlier attempt could have used, even one that crashed before storing it (rows may
+/// land ahead of a checkpoint): the clock in µs, or `current + 1` if that is larger.
+fn next_generation(current: u64) -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    now.max(current + 1)
 }
 
 /// Feeds the source's events to the runner. It takes a channel slot *before* asking
