@@ -242,10 +242,8 @@ fn parse_file<T: DeserializeOwned>(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<T, ConfigError> {
-    let raw: Node = Figment::from(Yaml::string(text))
-        .extract_inner::<Node>("default")
-        .or_else(|_| Figment::from(Yaml::string(text)).extract::<Node>())
-        .map_err(|e| describe_figment_error(&e, ""))?;
+    let raw: Node =
+        Figment::from(Yaml::string(text)).extract::<Node>().map_err(|e| describe_figment_error(&e, ""))?;
     let raw = match raw {
         // An empty file parses as nothing; treat it as an empty mapping.
         Node::Empty(..) => Node::from(figment::value::Dict::new()),

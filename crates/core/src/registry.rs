@@ -14,6 +14,8 @@ use crate::config::{Config, ConfigError, PipelineSpec, RetrySpec, extract_node, 
 use crate::{ShapeInfo, Sink, SinkContext, SinkError, Source, SourceError, Transform};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type BuildSource = Box<dyn FnOnce() -> BoxFuture<Result<Box<dyn Source>, SourceError>> + Send>;
+type BuildSink = Box<dyn FnOnce() -> BoxFuture<Result<Arc<dyn Sink>, SinkError>> + Send>;
 
 /// A source's settings. Deserialized with `deny_unknown_fields` from the `source:`
 /// mapping minus its `type` key.
@@ -68,7 +70,7 @@ pub struct Registry {
 pub struct PreparedSource {
     /// The shape it streams.
     pub shape: ShapeInfo,
-    build: Box<dyn FnOnce() -> BoxFuture<Result<Box<dyn Source>, SourceError>> + Send>,
+    build: BuildSource,
 }
 
 impl PreparedSource {
@@ -82,7 +84,7 @@ impl PreparedSource {
 pub struct PreparedSink {
     /// The `type:` name.
     pub type_name: String,
-    build: Box<dyn FnOnce() -> BoxFuture<Result<Arc<dyn Sink>, SinkError>> + Send>,
+    build: BuildSink,
 }
 
 impl PreparedSink {
