@@ -290,10 +290,6 @@ struct Committer {
 
 impl Committer {
     fn transform_into(&self, changes: Vec<Change>, out: &mut Vec<Change>) -> Result<(), TransformError> {
-        if self.transforms.is_empty() {
-            out.extend(changes);
-            return Ok(());
-        }
         let mut current = changes;
         for t in &self.transforms {
             let mut next = Vec::with_capacity(current.len());
@@ -302,7 +298,11 @@ impl Committer {
             }
             current = next;
         }
-        out.extend(current);
+        if out.is_empty() {
+            *out = current; // the common case: no copy of a whole response
+        } else {
+            out.append(&mut current);
+        }
         Ok(())
     }
 

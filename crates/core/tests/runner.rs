@@ -586,3 +586,33 @@ async fn up_to_date_at_the_start_offset_never_sweeps() {
     task.await.unwrap().unwrap();
     assert!(!store.checkpoint().unwrap().resyncing, "the sweep happened at 0_inf: {seen:?}");
 }
+
+/// Drops row 2 and upper-cases titles: a stand-in for a user transform.
+struct Shout;
+
+impl shapesync_core::Transform for Shout {
+    fn apply(&self, mut change: Change, out: &mut Vec<Change>) -> Result<(), shapesync_core::TransformError> {
+        if change.key == key(2) {
+            return Ok(());
+        }
+        if let Some(Value::Text(t)) = change.value.get("title").cloned() {
+            change.value.insert("title", Value::Text(t.to_uppercase()));
+        }
+        out.push(change);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn transforms_run_in_order_between_source_and_sink() {
+    let store = MemoryStore::new();
+    let mut h = harness("h");
+    h.script.send(response("H", "0_inf", vec![ins(1, "a"), ins(2, "b"), ins(3, "c")], true)).unwrap();
+    pipeline(&mut h, Arc::new(MemorySink::new(store.clone())))
+        .with_transforms(vec![Box::new(Shout)])
+        .run(RunMode::UntilUpToDate, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(store.rows().into_keys().collect::<Vec<_>>(), vec![key(1), key(3)]);
+    assert_eq!(store.get(&key(3)).unwrap()["title"], Value::Text("C".into()));
+}
