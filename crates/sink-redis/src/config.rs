@@ -13,6 +13,8 @@ use crate::template::KeyTemplate;
 pub mod defaults {
     /// Snapshot rows (and swept rows) per Redis transaction.
     pub const PART_SIZE: usize = 500;
+    /// The largest `part_size` accepted: one unit's size bounds how long Redis is blocked.
+    pub const MAX_PART_SIZE: usize = 10_000;
     /// How long one Redis command may take before the batch is retried.
     pub const TIMEOUT_MS: u64 = 10_000;
 
@@ -70,7 +72,8 @@ pub struct RedisSinkConfig {
     /// Database number; overrides the one in `url`.
     #[serde(default)]
     pub database: Option<i64>,
-    /// Snapshot rows per Redis transaction, and membership entries scanned per sweep step.
+    /// Snapshot rows per Redis transaction, and membership entries scanned per sweep step;
+    /// at most [`defaults::MAX_PART_SIZE`].
     #[serde(default = "defaults::part_size")]
     pub part_size: usize,
     /// Response timeout of one Redis command, in milliseconds.
@@ -151,8 +154,15 @@ impl SinkConfig for RedisSinkConfig {
         if self.database.is_some_and(|db| db < 0) {
             return Err(ConfigError::new("database", "expected a database number of 0 or more"));
         }
-        if self.part_size == 0 {
-            return Err(ConfigError::new("part_size", "expected at least 1 row per part"));
+        if !(1..=defaults::MAX_PART_SIZE).contains(&self.part_size) {
+            return Err(ConfigError::new(
+                "part_size",
+                format!(
+                    "expected 1 to {} rows per part, got {}; a part can run as one Redis script, which blocks every other client until it ends",
+                    defaults::MAX_PART_SIZE,
+                    self.part_size
+                ),
+            ));
         }
         if self.timeout_ms == 0 {
             return Err(ConfigError::new("timeout_ms", "expected a timeout of at least 1 ms"));
@@ -289,8 +299,10 @@ mod tests {
 
     #[test]
     fn numeric_limits_are_checked() {
-        let c = config(r#"{"url":"redis://h","part_size":0}"#);
-        assert_eq!(c.check(&ctx(false)).unwrap_err().key, "part_size");
+        for part_size in [0, defaults::MAX_PART_SIZE + 1] {
+            let c = config(&format!(r#"{{"url":"redis://h","part_size":{part_size}}}"#));
+            assert_eq!(c.check(&ctx(false)).unwrap_err().key, "part_size");
+        }
         let c = config(r#"{"url":"redis://h","database":-1}"#);
         assert_eq!(c.check(&ctx(false)).unwrap_err().key, "database");
     }

@@ -21,14 +21,31 @@
 //! `key:` is a template over column values (`project:{id}`, `{org}:{id}`; `{{` and `}}`
 //! are literal braces), rendered with the rules above. The default is
 //! `<table>:<primary-key values joined by ':'>` (`table` layout: just the joined values, as
-//! the field). A template may use non-primary-key columns only with `replica: full`:
-//! `check` enforces this when `primary_key:` is configured, and the first batch enforces
-//! it against the shape's schema otherwise (a `Rejected` error naming the column). Under
-//! `replica: full` an update that changes a key column moves the row. Values are not
-//! escaped, so a `:` inside a value can make composite keys ambiguous.
+//! the field), with every value escaped: `\` becomes `\\` and `:` becomes `\:`, so two
+//! distinct primary keys never share a key (`("a:b","c")` is `t:a\:b:c`, `("a","b:c")` is
+//! `t:a:b\:c`). Readers build a default key by applying the same two replacements to each
+//! value.
+//!
+//! Values in a user template are not escaped: `project:{id}` gives `project:7`, the key a
+//! reader naturally writes. Such a template is unambiguous when it has one column, or
+//! when no value can contain the literal text between its columns (integers, uuids);
+//! otherwise two rows may get one key and overwrite each other, so key by the default or
+//! put a separator between columns that the values cannot contain.
+//!
+//! A template may use a column outside the primary key only with `replica: full`, and
+//! only if the schema marks it `not_null`: a row without a key value could never be
+//! written, which would stop the pipeline. `check` enforces the first rule when
+//! `primary_key:` is configured; every batch (so the first one, before anything is
+//! written) enforces both against the shape's schema, as a `Rejected` error naming the
+//! column. A NULL or missing key value that gets past this (a schema that lies) is a
+//! `Rejected` error at that row. Under `replica: full` an update that changes a key
+//! column moves the row.
 //!
 //! Every key starts with `prefix`; with `hash_tag: true` it is followed by the Redis
 //! Cluster hash tag `{<pipeline>}:`, so all of a pipeline's keys share one slot.
+//! Two pipelines must not share a `prefix` for the same table unless `hash_tag` is on:
+//! their row keys would collide, and each would overwrite (and sweep away) the other's
+//! rows. (Membership and checkpoint keys are named after the pipeline; rows are not.)
 //!
 //! # Progress and atomicity
 //! The checkpoint ([`shapesync_core::Checkpoint::to_json`]) lives at
@@ -41,12 +58,17 @@
 //!   transaction (a unit that times out is retried, and replay is idempotent).
 //! - A snapshot batch — every change is an insert without a log position, and the
 //!   checkpoint offset is `-1`, `0_N` or `0_inf` — is written in units of `part_size`
-//!   rows so Redis never blocks other clients for long. A few units are pipelined; rows
-//!   may land ahead of the checkpoint (replay is idempotent), and the last unit, which
-//!   carries the checkpoint, is sent only after every earlier unit has committed.
+//!   rows (at most 10,000) so Redis never blocks other clients for long. A few units are
+//!   pipelined; rows may land ahead of the checkpoint (replay is idempotent), and the last
+//!   unit, which carries the checkpoint, is sent only after every earlier unit has
+//!   committed.
 //! - A batch with `sweep` writes its changes, then `HSCAN`s the membership `part_size`
-//!   entries at a time and `UNLINK`s rows of older generations; the checkpoint goes with
-//!   the last step. Readers see old-but-present rows until then, never an empty cache.
+//!   entries at a time and `UNLINK`s rows of older generations. The sweep runs as bounded
+//!   steps, not as one atomic unit with the checkpoint, which goes with the last step:
+//!   for the duration of the sweep, readers may see a partly swept cache (some rows that
+//!   left the shape still present), but never miss a row that is still in the shape,
+//!   since every such row was rewritten with the current generation before the sweep
+//!   began. A sweep cut short leaves the old checkpoint, so the runner retries the batch.
 //!
 //! # Notifications
 //! With `notify: <channel>`, every unit `PUBLISH`es one message per changed row, delivered

@@ -226,7 +226,7 @@ impl RedisSink {
     /// Whether the rows of this snapshot batch land in an empty keyspace (see [`Keyspace`]).
     /// Only the first generation seen can qualify; anything else makes the answer `false`
     /// for the rest of the sink's life.
-    async fn into_empty_keyspace(
+    async fn lands_in_empty_keyspace(
         &self,
         conn: &mut ConnectionManager,
         batch: &Batch,
@@ -272,12 +272,23 @@ impl RedisSink {
         }
         match &self.template {
             Some(template) => {
-                if !self.full_rows
-                    && let Some(c) = template.columns().find(|c| !pk.contains(c))
-                {
-                    return Err(SinkError::Rejected(format!(
-                        "key template uses `{c}`, which is not a primary-key column (the primary key is {pk:?}); updates carry only the primary key and changed columns, so set `replica: full` on the source or key by primary-key columns only"
-                    )));
+                for c in template.columns().filter(|c| !pk.contains(c)) {
+                    let Some(column) = schema.0.get(c) else {
+                        return Err(SinkError::Rejected(format!(
+                            "key template uses `{c}`, which is not among the shape's columns; add it to the source's `columns` or fix `key`"
+                        )));
+                    };
+                    if !self.full_rows {
+                        return Err(SinkError::Rejected(format!(
+                            "key template uses `{c}`, which is not a primary-key column (the primary key is {pk:?}); updates carry only the primary key and changed columns, so set `replica: full` on the source or key by primary-key columns only"
+                        )));
+                    }
+                    if !column.not_null {
+                        return Err(SinkError::Rejected(format!(
+                            "key template uses `{c}`, which is neither in the primary key nor NOT NULL in table `{}`; a row with NULL there would have no key and stop the pipeline, so key by primary-key or NOT NULL columns (or add a NOT NULL constraint)",
+                            self.table
+                        )));
+                    }
                 }
                 Ok(template.clone())
             }
@@ -575,7 +586,7 @@ impl Sink for RedisSink {
         let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;
         let snapshot = is_snapshot_batch(batch);
         let new_rows = if snapshot {
-            self.into_empty_keyspace(&mut conn, batch).await?
+            self.lands_in_empty_keyspace(&mut conn, batch).await?
         } else {
             *self.keyspace.lock().unwrap_or_else(|e| e.into_inner()) = Keyspace::Populated;
             false

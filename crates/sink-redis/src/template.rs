@@ -1,4 +1,5 @@
 //! Key templates: `project:{id}`, `{org_id}:{id}`; `{{` and `}}` are literal braces.
+//! The default key escapes its values so that distinct primary keys never share a key.
 
 use shapesync_core::{Row, Value};
 
@@ -6,6 +7,8 @@ use shapesync_core::{Row, Value};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyTemplate {
     parts: Vec<Part>,
+    /// Escape `\` and `:` in values (the default key), so values cannot forge separators.
+    escape: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,10 +73,11 @@ impl KeyTemplate {
                 "the template names no column, so every row would get the same key; add e.g. `{id}`".into()
             );
         }
-        Ok(KeyTemplate { parts })
+        Ok(KeyTemplate { parts, escape: false })
     }
 
-    /// `<prefix>` followed by the given columns joined by `:`.
+    /// `<prefix>` followed by the given columns joined by `:`, each value escaped
+    /// (`\` → `\\`, `:` → `\:`), so distinct values always give distinct keys.
     pub fn joined(prefix: &str, columns: &[&str]) -> Self {
         let mut parts = Vec::new();
         if !prefix.is_empty() {
@@ -85,7 +89,7 @@ impl KeyTemplate {
             }
             parts.push(Part::Column((*column).to_owned()));
         }
-        KeyTemplate { parts }
+        KeyTemplate { parts, escape: true }
     }
 
     /// The columns the template reads.
@@ -96,7 +100,8 @@ impl KeyTemplate {
         })
     }
 
-    /// The key of `row`: literals as written, columns by [`Value::render`].
+    /// The key of `row`: literals as written, columns by [`Value::render`] (escaped in
+    /// the default key).
     pub fn render(&self, row: &Row) -> Result<String, KeyError> {
         let mut key = String::new();
         for part in &self.parts {
@@ -104,7 +109,17 @@ impl KeyTemplate {
                 Part::Literal(s) => key.push_str(s),
                 Part::Column(c) => {
                     let value = row.get(c).ok_or_else(|| KeyError::Missing(c.clone()))?;
-                    key.push_str(&Value::render(value).ok_or_else(|| KeyError::Null(c.clone()))?);
+                    let text = Value::render(value).ok_or_else(|| KeyError::Null(c.clone()))?;
+                    if self.escape {
+                        for ch in text.chars() {
+                            if matches!(ch, '\\' | ':') {
+                                key.push('\\');
+                            }
+                            key.push(ch);
+                        }
+                    } else {
+                        key.push_str(&text);
+                    }
                 }
             }
         }
@@ -143,5 +158,17 @@ mod tests {
         assert_eq!(t.render(&r), Err(KeyError::Null("b".into())));
         let r = row(&[("a", Value::Int(1)), ("b", Value::Bool(true))]);
         assert_eq!(t.render(&r).unwrap(), "items:1:true");
+    }
+
+    #[test]
+    fn default_keys_escape_separators_and_templates_do_not() {
+        let t = KeyTemplate::joined("t:", &["a", "b"]);
+        let text = |a: &str, b: &str| row(&[("a", Value::Text(a.into())), ("b", Value::Text(b.into()))]);
+        assert_eq!(t.render(&text("a:b", "c")).unwrap(), r"t:a\:b:c");
+        assert_eq!(t.render(&text("a", "b:c")).unwrap(), r"t:a:b\:c");
+        assert_eq!(t.render(&text(r"a\", "b")).unwrap(), r"t:a\\:b");
+        assert_eq!(t.render(&text("a", r"\:b")).unwrap(), r"t:a:\\\:b");
+        let user = KeyTemplate::parse("t:{a}:{b}").unwrap();
+        assert_eq!(user.render(&text("a:b", r"c\")).unwrap(), r"t:a:b:c\");
     }
 }

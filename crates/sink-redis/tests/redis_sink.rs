@@ -40,6 +40,13 @@ fn composite_schema() -> Schema {
     .unwrap()
 }
 
+/// [`schema`] with `name` declared NOT NULL, so a template may key by it.
+fn not_null_name_schema() -> Schema {
+    let mut schema = schema();
+    schema.0.get_mut("name").unwrap().not_null = true;
+    schema
+}
+
 fn cp(offset: &str, generation: u64, resyncing: bool) -> Checkpoint {
     Checkpoint {
         shape_hash: "shape".into(),
@@ -316,10 +323,15 @@ async fn template_on_a_non_key_column_is_rejected_without_full_rows_and_moves_ro
     setup.ctx.shape.full_rows = true;
     let sink = setup.sink().await;
     let mut conn = redis().await;
-    sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_0", 1, true))).await.unwrap();
+    let checkpoint = |offset: &str, resyncing: bool| {
+        let mut checkpoint = cp(offset, 1, resyncing);
+        checkpoint.schema = not_null_name_schema();
+        checkpoint
+    };
+    sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], checkpoint("0_0", true))).await.unwrap();
     let mut rename = live(Change::update("k", full_row(1, "b")), 3, 0);
     rename.old_value = Some(row(&[("name", Value::Text("a".into()))]));
-    sink.apply(&batch(vec![rename], cp("3_0", 1, false))).await.unwrap();
+    sink.apply(&batch(vec![rename], checkpoint("3_0", false))).await.unwrap();
     let old = format!("{}name:a", setup.prefix);
     let new = format!("{}name:b", setup.prefix);
     assert!(!conn.exists::<_, bool>(&old).await.unwrap(), "the row left its old key");
@@ -328,6 +340,114 @@ async fn template_on_a_non_key_column_is_rejected_without_full_rows_and_moves_ro
     let members: BTreeMap<String, String> = conn.hgetall(sink.members_key()).await.unwrap();
     assert_eq!(members.keys().collect::<Vec<_>>(), ["name:b"]);
     cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn default_composite_keys_escape_separators_so_distinct_rows_never_collide() {
+    let schema: Schema = serde_json::from_str(
+        r#"{"a":{"type":"text","pk_index":0},"b":{"type":"text","pk_index":1},"name":{"type":"text"}}"#,
+    )
+    .unwrap();
+    let text = |a: &str, b: &str, name: &str| {
+        row(&[("a", Value::Text(a.into())), ("b", Value::Text(b.into())), ("name", Value::Text(name.into()))])
+    };
+    // Unescaped, the first two would both be `items:a:b:c`, the last two `items:x\:y`.
+    let rows = [
+        text("a:b", "c", "first"),
+        text("a", "b:c", "second"),
+        text(r"x\", "y", "third"),
+        text("x", r"\y", "fourth"),
+    ];
+    let expected_ids = [r"a\:b:c", r"a:b\:c", r"x\\:y", r"x:\\y"];
+    for layout in [Layout::Hash, Layout::Json, Layout::Table] {
+        let setup = Setup::new("escape", layout);
+        let sink = setup.sink().await;
+        let mut conn = redis().await;
+        let mut checkpoint = cp("0_inf", 1, false);
+        checkpoint.schema = schema.clone();
+        let changes =
+            rows.iter().enumerate().map(|(i, r)| Change::insert(format!("k{i}"), r.clone())).collect();
+        sink.apply(&batch(changes, checkpoint)).await.unwrap();
+
+        let members: BTreeMap<String, String> = conn.hgetall(sink.members_key()).await.unwrap();
+        let table = if layout == Layout::Table { "" } else { "items:" };
+        let mut ids: Vec<String> = expected_ids.iter().map(|id| format!("{table}{id}")).collect();
+        ids.sort();
+        assert_eq!(members.into_keys().collect::<Vec<_>>(), ids, "{layout:?}");
+        for (id, r) in expected_ids.iter().zip(&rows) {
+            let name = match layout {
+                Layout::Hash => hgetall(&mut conn, &setup.key(id)).await["name"].clone(),
+                Layout::Json => conn.get::<_, String>(setup.key(id)).await.unwrap(),
+                Layout::Table => {
+                    conn.hget::<_, _, String>(format!("{}items", setup.prefix), id).await.unwrap()
+                }
+            };
+            let Value::Text(want) = r.get("name").unwrap() else { unreachable!() };
+            assert!(name.contains(want.as_str()), "{layout:?}: row {id} holds {name}, expected {want}");
+        }
+        cleanup(&setup.prefix).await;
+    }
+}
+
+#[tokio::test]
+async fn a_template_over_a_nullable_non_key_column_is_rejected_at_the_first_batch() {
+    let mut setup = Setup::new("nullable", Layout::Hash);
+    setup.config.key = Some("name:{name}".into());
+    setup.ctx.shape.full_rows = true;
+    let sink = setup.sink().await;
+    // The first row has a name: without the check it would be written, and the first
+    // row with a NULL name, whenever it came, would stop the pipeline for good.
+    let first = batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_0", 1, true));
+    match sink.apply(&first).await {
+        Err(SinkError::Rejected(m)) => assert!(m.contains("`name`") && m.contains("NOT NULL"), "{m}"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    let mut conn = redis().await;
+    assert_eq!(keys_with_prefix(&mut conn, &setup.prefix).await, Vec::<String>::new(), "nothing written");
+
+    let mut not_null = first.clone();
+    not_null.checkpoint.schema = not_null_name_schema();
+    sink.apply(&not_null).await.unwrap();
+    assert_eq!(hgetall(&mut conn, &format!("{}name:a", setup.prefix)).await["id"], "1");
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn part_size_above_the_cap_is_rejected_before_connecting() {
+    let mut setup = Setup::new("partcap", Layout::Hash);
+    setup.config.part_size = shapesync_sink_redis::defaults::MAX_PART_SIZE + 1;
+    match RedisSink::connect(setup.config.clone(), setup.ctx.clone()).await {
+        Err(SinkError::Rejected(m)) => assert!(m.contains("part_size") && m.contains("10000"), "{m}"),
+        Err(e) => panic!("expected Rejected, got {e:?}"),
+        Ok(_) => panic!("a part_size above the cap was accepted"),
+    }
+    setup.config.part_size = shapesync_sink_redis::defaults::MAX_PART_SIZE;
+    let sink = setup.sink().await;
+    sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_inf", 1, false))).await.unwrap();
+    assert_eq!(hgetall(&mut redis().await, &setup.key("1")).await["name"], "a");
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
+async fn pipelines_sharing_a_prefix_keep_their_rows_apart_with_hash_tag() {
+    let mut first = Setup::new("shared", Layout::Hash);
+    first.config.hash_tag = true;
+    let mut second = Setup::new("shared", Layout::Hash);
+    second.config = first.config.clone();
+    second.ctx.pipeline = "q".into();
+    let (p, q) = (first.sink().await, second.sink().await);
+    p.apply(&batch(vec![Change::insert("k", full_row(1, "from p"))], cp("0_inf", 1, false))).await.unwrap();
+    q.apply(&batch(vec![Change::insert("k", full_row(1, "from q"))], cp("0_inf", 1, false))).await.unwrap();
+    // q refetches an empty shape: its sweep removes its own row only.
+    let mut refetch = batch(vec![], cp("0_inf", 2, false));
+    refetch.sweep = true;
+    q.apply(&refetch).await.unwrap();
+
+    let mut conn = redis().await;
+    let row_of = |pipeline: &str| format!("{}{{{pipeline}}}:items:1", first.prefix);
+    assert_eq!(hgetall(&mut conn, &row_of("p")).await["name"], "from p");
+    assert!(!conn.exists::<_, bool>(row_of("q")).await.unwrap(), "q's sweep removed q's row");
+    cleanup(&first.prefix).await;
 }
 
 #[tokio::test]
