@@ -9,10 +9,13 @@ use shapesync_core::registry::SourceConfig;
 use shapesync_core::{ConfigError, ShapeInfo, Source, SourceError};
 use url::Url;
 
+use crate::options::redacted_headers;
+use crate::request::{REDACTED, redact_url};
 use crate::{LogMode, Replica, ShapeOptions, ShapeStream};
 
-/// The `source:` mapping of an Electric pipeline.
-#[derive(Debug, Clone, Deserialize)]
+/// The `source:` mapping of an Electric pipeline. Its `Debug` output hides the secret,
+/// header values and URL credentials.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ElectricSourceConfig {
     /// The full shape endpoint, e.g. `http://localhost:3000/v1/shape`.
@@ -31,7 +34,8 @@ pub struct ElectricSourceConfig {
     /// `default` or `full`.
     #[serde(default)]
     pub replica: Replica,
-    /// `full` or `changes_only`.
+    /// `full`; `changes_only` is rejected by [`SourceConfig::check`] (pipelines cannot
+    /// rebuild a cache without a snapshot; the [`ShapeStream`] API supports it).
     #[serde(default)]
     pub log: LogMode,
     /// Electric API secret.
@@ -46,6 +50,28 @@ pub struct ElectricSourceConfig {
     /// Follow live changes over Server-Sent Events (default: long-polling).
     #[serde(default)]
     pub live_sse: Option<bool>,
+}
+
+impl std::fmt::Debug for ElectricSourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.url.parse::<Url>() {
+            Ok(url) => redact_url(&url),
+            Err(_) => format!("{REDACTED} (not a URL)"),
+        };
+        f.debug_struct("ElectricSourceConfig")
+            .field("url", &url)
+            .field("table", &self.table)
+            .field("where_clause", &self.where_clause)
+            .field("params", &self.params)
+            .field("columns", &self.columns)
+            .field("replica", &self.replica)
+            .field("log", &self.log)
+            .field("secret", &self.secret.as_ref().map(|_| REDACTED))
+            .field("headers", &redacted_headers(self.headers.keys().map(String::as_str)))
+            .field("timeout_secs", &self.timeout_secs)
+            .field("live_sse", &self.live_sse)
+            .finish()
+    }
 }
 
 impl ElectricSourceConfig {
@@ -138,6 +164,12 @@ impl<'de> Deserialize<'de> for ParamValue {
 #[async_trait]
 impl SourceConfig for ElectricSourceConfig {
     fn check(&self) -> Result<(), ConfigError> {
+        if self.log == LogMode::ChangesOnly {
+            return Err(ConfigError::new(
+                "log",
+                "pipelines do not support `changes_only` yet (after a must-refetch there is no snapshot to rebuild the cache from); use `full`, or the `ShapeStream` library API of shapesync-electric, which supports it",
+            ));
+        }
         self.to_options().map(|_| ())
     }
 
@@ -150,6 +182,7 @@ impl SourceConfig for ElectricSourceConfig {
     }
 
     async fn build(self) -> Result<Box<dyn Source>, SourceError> {
+        self.check().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
         let options = self.to_options().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
         Ok(Box::new(ShapeStream::new(options)?))
     }
@@ -181,7 +214,7 @@ where: "status = $1"
 params: {1: open, 2: 5, 3: true}
 columns: [id, Status-Check]
 replica: full
-log: changes_only
+log: full
 secret: s3cret
 headers: {Authorization: Bearer x}
 timeout_secs: 30
@@ -194,7 +227,7 @@ live_sse: true
         assert_eq!(o.params[&2], "5", "numbers are read as their text");
         assert_eq!(o.params[&3], "true");
         assert_eq!(o.replica, Replica::Full);
-        assert_eq!(o.log, LogMode::ChangesOnly);
+        assert_eq!(o.log, LogMode::Full);
         assert_eq!(o.request_timeout, Duration::from_secs(30));
         assert!(o.live_sse);
         assert_eq!(o.headers["authorization"], "Bearer x");
@@ -238,6 +271,35 @@ live_sse: true
         let e = from_yaml("table: t\n").unwrap_err();
         assert_eq!(e.key, "url", "{e}");
     }
+
+    #[test]
+    fn changes_only_is_rejected_for_pipelines() {
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nlog: changes_only\n").unwrap_err();
+        assert_eq!(e.key, "log", "{e}");
+        assert!(e.message.contains("pipelines do not support"), "{e}");
+        assert!(e.message.contains("ShapeStream"), "{e}");
+        let config = ElectricSourceConfig { log: LogMode::ChangesOnly, ..from_yaml(MINIMAL).unwrap() };
+        assert!(config.to_options().is_ok(), "the library options still carry it");
+    }
+
+    #[test]
+    fn debug_output_redacts_the_secret_headers_and_url_credentials() {
+        let c = from_yaml(
+            "url: \"http://bob:pa55@h/v1/shape?api_secret=q-s3cret&tenant=acme\"\ntable: t\nsecret: s3cret\nheaders: {Authorization: Bearer t0ken}\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        for leak in ["t0ken", "pa55", "s3cret"] {
+            assert!(!shown.contains(leak), "{leak} leaked: {shown}");
+        }
+        for kept in ["Authorization", REDACTED, "tenant=acme"] {
+            assert!(shown.contains(kept), "{kept} missing: {shown}");
+        }
+        let unparsable = ElectricSourceConfig { url: "http://bob:pa55@[bad".into(), ..c };
+        assert!(!format!("{unparsable:?}").contains("pa55"));
+    }
+
+    const MINIMAL: &str = "url: http://h/v1/shape\ntable: t\n";
 
     #[test]
     fn registers_in_a_registry() {

@@ -10,6 +10,7 @@ use shapesync_core::Offset;
 use url::Url;
 
 use crate::ShapeError;
+use crate::request::{REDACTED, redact_url};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -101,8 +102,9 @@ impl Default for BackoffConfig {
 }
 
 /// Everything a [`crate::ShapeStream`] needs. Build with [`ShapeOptions::new`] and set
-/// the public fields you need.
-#[derive(Clone, Debug)]
+/// the public fields you need. Its `Debug` output hides the secret, header values and
+/// URL credentials.
+#[derive(Clone)]
 pub struct ShapeOptions {
     /// The full shape endpoint, e.g. `http://localhost:3000/v1/shape`. Query
     /// parameters already on it are kept.
@@ -135,6 +137,32 @@ pub struct ShapeOptions {
     pub backoff: BackoffConfig,
     /// Consecutive malformed (non-JSON) bodies retried before a protocol error.
     pub malformed_body_retries: u32,
+}
+
+impl std::fmt::Debug for ShapeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShapeOptions")
+            .field("url", &redact_url(&self.url))
+            .field("table", &self.table)
+            .field("where_clause", &self.where_clause)
+            .field("params", &self.params)
+            .field("columns", &self.columns)
+            .field("replica", &self.replica)
+            .field("log", &self.log)
+            .field("secret", &self.secret.as_ref().map(|_| REDACTED))
+            .field("headers", &redacted_headers(self.headers.keys().map(HeaderName::as_str)))
+            .field("start", &self.start)
+            .field("request_timeout", &self.request_timeout)
+            .field("live_sse", &self.live_sse)
+            .field("backoff", &self.backoff)
+            .field("malformed_body_retries", &self.malformed_body_retries)
+            .finish()
+    }
+}
+
+/// Header names with every value shown as [`REDACTED`], for `Debug` output.
+pub(crate) fn redacted_headers<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, &'static str> {
+    names.map(|name| (name, REDACTED)).collect()
 }
 
 impl ShapeOptions {
@@ -305,5 +333,19 @@ mod tests {
         assert!(o.validate().is_err());
         let e = opts().header("x-token", "bad\nvalue-s3cret").unwrap_err().to_string();
         assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_redacts_the_secret_headers_and_url_credentials() {
+        let mut o = opts().header("authorization", "Bearer t0ken").unwrap();
+        o.url = "http://bob:pa55@h/v1/shape?secret=q-s3cret&tenant=acme".parse().unwrap();
+        o.secret = Some("s3cret".into());
+        let shown = format!("{o:?}");
+        for leak in ["t0ken", "pa55", "s3cret"] {
+            assert!(!shown.contains(leak), "{leak} leaked: {shown}");
+        }
+        for kept in ["authorization", REDACTED, "tenant=acme", "items"] {
+            assert!(shown.contains(kept), "{kept} missing: {shown}");
+        }
     }
 }

@@ -17,6 +17,9 @@ const PROTOCOL_PARAMS: &[&str] = &[
     "expired_handle",
 ];
 
+/// What `Debug` output shows instead of a secret value.
+pub(crate) const REDACTED: &str = "<redacted>";
+
 /// Parameters whose values are secret.
 const SECRET_PARAMS: &[&str] = &["secret", "api_secret"];
 

@@ -291,16 +291,17 @@ impl ShapeStream {
                 }
                 continue;
             }
+            // The server's long-poll hold ends with the headers: a body that does not
+            // arrive in time is a transport fault, live or not.
             let body = match tokio::time::timeout(timeout, response.bytes()).await {
                 Ok(Ok(b)) => b,
-                Err(_) => continue,
-                Ok(Err(e)) if live && e.is_timeout() => {
-                    tracing::debug!("live response timed out; polling again");
-                    continue;
-                }
-                Ok(Err(e)) => {
+                failed => {
+                    let what = match failed {
+                        Ok(Err(e)) => describe_reqwest_error(&e),
+                        _ => format!("the response body did not arrive within {timeout:?}"),
+                    };
                     let retry_after = self.retry_after(&header_map);
-                    self.wait_after_fault(&describe_reqwest_error(&e), retry_after).await;
+                    self.wait_after_fault(&what, retry_after).await;
                     continue;
                 }
             };
@@ -358,7 +359,9 @@ impl ShapeStream {
                     ShapeError::protocol(format!("HTTP {code} before the shape handle was known"))
                 })?;
             let offset = self.offset.unwrap_or(Offset::Start);
-            let up_to_date = live || code == 204;
+            // No body, so no snapshot: never up to date for an `offset=-1`/`now` request
+            // (a resync that ends "up to date" with no rows would empty the cache).
+            let up_to_date = self.is_mid_shape() && (live || code == 204);
             if !up_to_date && self.fast_loop.record(offset) {
                 return self.on_fast_loop().map(Some);
             }
@@ -387,7 +390,7 @@ impl ShapeStream {
             return Err(ShapeError::MissingHeader { header: headers::SCHEMA, status: code });
         }
 
-        if self.expired_handles.iter().any(|h| h == handle) {
+        if self.is_foreign_handle(handle) {
             return self.on_stale_response(handle.to_owned());
         }
 
@@ -431,6 +434,8 @@ impl ShapeStream {
             self.fast_loop.detections = 0;
         }
         let request_offset = self.offset;
+        // A chunk ending at `-1` holds no snapshot: it cannot complete a (re)sync.
+        let up_to_date = parsed.up_to_date && offset != Offset::Start;
         self.handle = Some(handle.to_owned());
         self.offset = Some(offset);
         if let Some(c) = cursor {
@@ -442,9 +447,9 @@ impl ShapeStream {
             self.schema_text = Some(text.to_owned());
         }
         self.schema = Some(schema.clone());
-        self.live = parsed.up_to_date;
+        self.live = up_to_date;
         self.last_position = self.last_position.max(parsed.changes.iter().filter_map(|c| c.position).max());
-        if !live && !parsed.up_to_date && request_offset == Some(offset) && self.fast_loop.record(offset) {
+        if !live && !up_to_date && request_offset == Some(offset) && self.fast_loop.record(offset) {
             return self.on_fast_loop().map(Some);
         }
         Ok(Some(ShapeEvent::Response(SourceResponse {
@@ -452,30 +457,54 @@ impl ShapeStream {
             handle: handle.to_owned(),
             offset,
             schema,
-            up_to_date: parsed.up_to_date,
+            up_to_date,
         })))
     }
 
-    /// A response carried a handle we already saw expire: it came from a cache.
+    /// The request is past `offset=-1`/`now`: it continues a known shape.
+    fn is_mid_shape(&self) -> bool {
+        self.offset.is_some_and(|o| o != Offset::Start)
+    }
+
+    /// Whether a response's handle cannot answer this request: one we saw expire (a
+    /// stale cache), or, mid-shape, another than requested (offsets of two handles
+    /// must never mix).
+    fn is_foreign_handle(&self, handle: &str) -> bool {
+        if self.expired_handles.iter().any(|h| h == handle) {
+            tracing::warn!(handle, "response carries an expired handle (stale cache)");
+            return true;
+        }
+        match self.handle.as_deref() {
+            Some(requested) if self.is_mid_shape() && requested != handle => {
+                tracing::warn!(
+                    requested,
+                    received = handle,
+                    "response carries another shape handle than requested (a cache or proxy mixed them up)"
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A response carried a handle it should not (see [`Self::is_foreign_handle`]):
+    /// retry with cache-busters, then reset once, then give up.
     fn on_stale_response(&mut self, handle: String) -> Result<Option<ShapeEvent>, ShapeError> {
         self.stale_retries += 1;
         if self.stale_retries <= STALE_RETRIES {
-            tracing::warn!(
-                attempt = self.stale_retries,
-                "response carries an expired handle (stale cache); retrying with a cache-buster"
-            );
+            tracing::warn!(attempt = self.stale_retries, "retrying with a cache-buster");
             self.cache_buster = Some(new_cache_buster());
             return Ok(None);
         }
         if !self.self_healed {
-            tracing::warn!("caches keep serving an expired handle; resetting the stream once");
+            tracing::warn!("caches keep serving the wrong shape handle; resetting the stream once");
             self.self_healed = true;
             self.stale_retries = 0;
             self.expired_handles.retain(|h| *h != handle);
             return Ok(Some(self.reset(None, false)));
         }
         Err(ShapeError::protocol(
-            "caches keep serving a shape handle the server expired, even after a reset; purge the CDN/proxy cache in front of Electric",
+            "caches keep serving an expired or foreign shape handle, even after a reset; purge the CDN/proxy cache in front of Electric",
         ))
     }
 
@@ -543,7 +572,7 @@ impl ShapeStream {
         let status = response.status().as_u16();
         let handle = header_str(header_map, headers::HANDLE)
             .ok_or(ShapeError::MissingHeader { header: headers::HANDLE, status })?;
-        if self.expired_handles.iter().any(|h| h == handle) {
+        if self.is_foreign_handle(handle) {
             return self.on_stale_response(handle.to_owned());
         }
         self.handle = Some(handle.to_owned());

@@ -125,3 +125,79 @@ async fn the_futures_stream_adapter_yields_events_and_ends_after_an_error() {
     assert!(matches!(events[0], Ok(ShapeEvent::Response(_))));
     assert!(matches!(events[1], Err(ShapeError::Rejected { status: 404, .. })));
 }
+
+const FOREIGN: &str = "9-9";
+
+fn foreign(offset: &'static str, body: &str) -> Reply {
+    Reply::new(
+        200,
+        &[("electric-handle", FOREIGN), ("electric-offset", offset), ("electric-schema", SCHEMA)],
+        body,
+    )
+}
+
+const INSERT_K1: &str = r#"[{"key":"k1","value":{"id":"1"},"headers":{"operation":"insert"}}]"#;
+const INSERT_K2_UP_TO_DATE: &str = r#"[{"key":"k2","value":{"id":"2"},"headers":{"operation":"insert"}},
+    {"headers":{"control":"up-to-date"}}]"#;
+const UP_TO_DATE: &str = r#"[{"headers":{"control":"up-to-date"}}]"#;
+
+#[tokio::test]
+async fn a_200_with_another_handle_mid_shape_is_retried_with_a_cache_buster() {
+    let (server, mut s) = start(vec![
+        non_live("0_0", INSERT_K1),
+        foreign("5_0", INSERT_K2_UP_TO_DATE),
+        non_live("0_inf", UP_TO_DATE),
+    ])
+    .await;
+    assert_eq!(next_response(&mut s).await.changes.len(), 1);
+    let r = next_response(&mut s).await;
+    assert_eq!(r.handle, H, "the foreign handle was not adopted");
+    assert!(r.changes.is_empty(), "the foreign response's changes were dropped: {:?}", r.changes);
+    assert_eq!(r.offset, Offset::SNAPSHOT_END);
+    assert!(r.up_to_date);
+    let script = &server.script;
+    assert_eq!(script.param(2, "offset").as_deref(), Some("0_0"), "retried at the same offset");
+    assert_eq!(script.param(2, "handle").as_deref(), Some(H));
+    assert!(script.param(2, "cache-buster").is_some());
+}
+
+#[tokio::test]
+async fn a_handle_mismatch_that_persists_resets_the_stream() {
+    let mut replies = vec![non_live("0_0", INSERT_K1)];
+    replies.extend((0..4).map(|_| foreign("5_0", INSERT_K2_UP_TO_DATE)));
+    replies.push(foreign("0_inf", UP_TO_DATE));
+    let (server, mut s) = start(replies).await;
+    next_response(&mut s).await;
+    assert!(matches!(next(&mut s).await, ShapeEvent::MustRefetch { new_handle: None }));
+    let r = next_response(&mut s).await;
+    assert_eq!(r.handle, FOREIGN, "after the reset any handle may start the shape");
+    assert!(r.up_to_date);
+    let script = &server.script;
+    assert_eq!(script.request_count(), 6);
+    assert_eq!(script.param(5, "offset").as_deref(), Some("-1"));
+    assert_eq!(script.param(5, "handle"), None);
+}
+
+#[tokio::test]
+async fn a_204_to_an_offset_minus_one_request_is_never_up_to_date() {
+    let (server, mut s) =
+        start(vec![Reply::new(204, &[("electric-handle", H)], ""), non_live("0_inf", UP_TO_DATE)]).await;
+    let r = next_response(&mut s).await;
+    assert!(!r.up_to_date, "an empty answer to offset=-1 cannot complete a sync");
+    assert_eq!(r.offset, Offset::Start);
+    assert!(r.changes.is_empty());
+    assert!(!s.is_live());
+    assert!(next_response(&mut s).await.up_to_date);
+    assert_eq!(server.script.param(1, "offset").as_deref(), Some("-1"));
+    assert_eq!(server.script.param(1, "live"), None, "still not live");
+}
+
+#[tokio::test]
+async fn a_200_ending_at_offset_minus_one_is_never_up_to_date() {
+    let (_server, mut s) = start(vec![non_live("-1", UP_TO_DATE), non_live("0_inf", UP_TO_DATE)]).await;
+    let r = next_response(&mut s).await;
+    assert!(!r.up_to_date);
+    assert_eq!(r.offset, Offset::Start);
+    assert!(!s.is_live());
+    assert!(next_response(&mut s).await.up_to_date);
+}
