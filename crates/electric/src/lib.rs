@@ -28,3 +28,11 @@ pub use error::ShapeError;
 pub use options::{BackoffConfig, LogMode, Replica, ShapeOptions, StartFrom, defaults, quote_identifier};
 pub use request::redact_url;
 pub use stream::{ShapeEvent, ShapeStream, headers};
+
+/// Installs `ring` as the process-wide rustls crypto provider, unless one is installed
+/// already. [`ShapeStream::new`] calls it; with the `rustls` feature, call it before
+/// building any other `reqwest` client in the process (reqwest panics without one).
+#[cfg(feature = "rustls")]
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

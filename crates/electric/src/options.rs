@@ -335,6 +335,16 @@ mod tests {
         assert!(!e.contains("s3cret"), "{e}");
     }
 
+    #[cfg(feature = "rustls")]
+    #[test]
+    fn https_urls_work_with_the_rustls_feature() {
+        let mut o = opts();
+        o.url = "https://electric.example/v1/shape".parse().unwrap();
+        assert!(crate::ShapeStream::new(o).is_ok());
+        // The stream installed a crypto provider, so other reqwest clients build too.
+        assert!(reqwest::Client::builder().build().is_ok());
+    }
+
     #[test]
     fn debug_output_redacts_the_secret_headers_and_url_credentials() {
         let mut o = opts().header("authorization", "Bearer t0ken").unwrap();

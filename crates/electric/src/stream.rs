@@ -110,6 +110,8 @@ impl ShapeStream {
     /// A stream for `options`, starting at [`ShapeOptions::start`]; see
     /// [`ShapeStream::resume`] to continue from a stored position.
     pub fn new(options: ShapeOptions) -> Result<Self, ShapeError> {
+        #[cfg(feature = "rustls")]
+        crate::install_tls_provider();
         let client = Client::builder()
             .user_agent(concat!("shapesync-electric/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -522,6 +522,8 @@ async fn case19_non_advancing_responses_reset_then_back_off_then_fail() {
     let server = server().await;
     items(&server).seed([json!({"id": "1"})]);
     // Every offset=-1 request gets 304 Not Modified: the stream never advances.
+    #[cfg(feature = "rustls")]
+    shapesync_electric::install_tls_provider();
     let etag =
         reqwest::get(format!("{}?table=items&offset=-1", server.url())).await.unwrap().headers()["etag"]
             .to_str()
