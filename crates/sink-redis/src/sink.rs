@@ -642,7 +642,7 @@ impl Sink for RedisSink {
         self.run(&mut conn, unit, None, false).await?;
         self.sweep(&mut conn, u64::MAX, None).await?;
         let mut unit = Unit::default();
-        unit.push([s("DEL"), self.keys.members.clone()]);
+        unit.push([s("UNLINK"), self.keys.members.clone()]);
         self.run(&mut conn, unit, None, false).await
     }
 }
