@@ -216,30 +216,44 @@ fn redis_cpu(con: &mut redis::Connection) -> anyhow::Result<f64> {
     Ok(field("used_cpu_user") + field("used_cpu_sys"))
 }
 
+/// Syncs a fresh synthetic server of `rows` rows into the sink under `prefix` while a
+/// reader polls, and checks Redis then holds exactly `rows` rows. Returns the seconds
+/// taken, the reader's latencies and the server-side view.
+async fn measured_sync(
+    b: &RedisBench,
+    con: &mut redis::Connection,
+    prefix: &str,
+    rows: u64,
+) -> anyhow::Result<(f64, Stats, String)> {
+    let server = ChildServer::start("items", rows, b.chunk_bytes)?;
+    let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
+    let probe = ServerProbe::start(con)?;
+    let started = Instant::now();
+    sync_once(&server.url, sink(b, prefix, None).await?, b.buffer).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let stalls = reader.finish()?;
+    let server_view = probe.finish(con, rows)?;
+    let synced = count_keys(con, &format!("{prefix}item:*"))?;
+    if synced != rows {
+        bail!("expected {rows} rows in Redis, found {synced}");
+    }
+    Ok((secs, stalls, server_view))
+}
+
 /// Runs every phase and prints the figures.
 pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     let prefix = format!("shapesync-bench:{}:", std::process::id());
     let mut con = redis::Client::open(b.url.as_str())?.get_connection().context("cannot connect to Redis")?;
     println!(
-        "redis bench: {} rows, part_size {}, chunk {} MiB, prefix {prefix}",
+        "redis bench: {} rows, part_size {}, buffer {}, chunk {} MiB, prefix {prefix}",
         b.rows,
         b.part_size,
+        b.buffer,
         b.chunk_bytes >> 20
     );
 
     // Phase 1: the full pipeline, server in a child process so the RSS is ours.
-    let server = ChildServer::start("items", b.rows, b.chunk_bytes)?;
-    let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
-    let probe = ServerProbe::start(&mut con)?;
-    let started = Instant::now();
-    sync_once(&server.url, sink(&b, &prefix, None).await?, b.buffer).await?;
-    let secs = started.elapsed().as_secs_f64();
-    let stalls = reader.finish()?;
-    let server_view = probe.finish(&mut con, b.rows)?;
-    let synced = count_keys(&mut con, &format!("{prefix}item:*"))?;
-    if synced != b.rows {
-        bail!("expected {} rows in Redis, found {synced}", b.rows);
-    }
+    let (secs, stalls, server_view) = measured_sync(&b, &mut con, &prefix, b.rows).await?;
     let pipeline_rate = b.rows as f64 / secs;
     println!(
         "pipeline: {} rows in {secs:.2} s = {pipeline_rate:.0} rows/s; peak RSS {:.1} MiB",
@@ -251,23 +265,10 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
 
     // Phase 2: refetch sweep. A new server incarnation (the old handle is unknown to it:
     // 409) holds fewer rows, so the resync must sweep `vanish` rows.
-    drop(server);
-    let server = ChildServer::start("items", b.rows - b.vanish, b.chunk_bytes)?;
-    let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
-    let probe = ServerProbe::start(&mut con)?;
-    let started = Instant::now();
-    sync_once(&server.url, sink(&b, &prefix, None).await?, b.buffer).await?;
-    let secs = started.elapsed().as_secs_f64();
-    let stalls = reader.finish()?;
-    let server_view = probe.finish(&mut con, b.rows)?;
-    let remaining = count_keys(&mut con, &format!("{prefix}item:*"))?;
-    if remaining != b.rows - b.vanish {
-        bail!("expected {} rows after the sweep, found {remaining}", b.rows - b.vanish);
-    }
+    let (secs, stalls, server_view) = measured_sync(&b, &mut con, &prefix, b.rows - b.vanish).await?;
     println!("refetch: resync of {} rows + sweep of {} in {secs:.2} s", b.rows - b.vanish, b.vanish);
     println!("reader during refetch and sweep: {stalls}");
     println!("  {server_view}");
-    drop(server);
     delete_prefix(&mut con, &prefix)?;
 
     // Phase 3: raw pipelined HSETs of the same rows, same part size, same program.
