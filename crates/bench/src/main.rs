@@ -66,6 +66,16 @@ enum Cmd {
         #[arg(long, default_value_t = shapesync_core::config::defaults::BUFFER)]
         buffer: usize,
     },
+    /// (internal) the cache reader process of `redis`.
+    #[command(hide = true)]
+    ReadLoop {
+        /// Redis URL.
+        #[arg(long)]
+        url: String,
+        /// Hash to read.
+        #[arg(long)]
+        key: String,
+    },
     /// (internal) serve a synthetic shape; used as the benchmarks' child process.
     #[command(hide = true)]
     Serve(shapesync_testkit::cli::SyntheticServerArgs),
@@ -73,6 +83,22 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::ReadLoop { url, key } = &cli.command {
+        return redis_bench::read_loop(url, key);
+    }
+    if matches!(cli.command, Cmd::Redis { .. }) {
+        // The load (this process's threads and the synthetic server it spawns) yields to
+        // Redis and the reader process; threads inherit the main thread's niceness.
+        let reniced = Command::new("renice")
+            .args(["-n", "10", "-p", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+        if !reniced.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "warning: could not lower the benchmark's priority; reader figures include CPU contention"
+            );
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -90,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Cmd::Serve(args) => Ok(shapesync_testkit::cli::run_synthetic_server(args).await?),
+            Cmd::ReadLoop { .. } => unreachable!("handled before the runtime starts"),
         }
     })
 }

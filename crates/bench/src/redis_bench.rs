@@ -1,6 +1,7 @@
 //! `shapesync-bench redis`: a synthetic shape into Redis through the whole pipeline,
 //! next to raw pipelined HSETs of the same rows; live latency; reader stalls.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
@@ -33,35 +34,59 @@ pub struct RedisBench {
     pub buffer: usize,
 }
 
-/// A second connection issuing `HGET` in a loop, as a cache reader would, recording
-/// each command's latency while a phase runs.
+/// A cache reader: a separate process issuing `HGET` in a loop on its own connection,
+/// recording each command's latency while a phase runs. It runs at normal priority
+/// while the benchmark's load (pipeline, synthetic server) runs at nice 10, so on a
+/// small machine its figures show what Redis makes readers wait, not CPU starvation
+/// by the load generators.
 struct Reader {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<anyhow::Result<Vec<Duration>>>,
+    child: Child,
 }
 
 impl Reader {
     fn start(url: &str, key: String) -> anyhow::Result<Reader> {
-        let mut con = redis::Client::open(url)?.get_connection()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut lat = Vec::with_capacity(1 << 20);
-            while !flag.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let _: Option<String> = redis::cmd("HGET").arg(&key).arg("title").query(&mut con)?;
-                lat.push(t.elapsed());
-            }
-            Ok(lat)
-        });
-        Ok(Reader { stop, thread })
+        let child = Command::new("nice")
+            .args(["-n", "-10"])
+            .arg(std::env::current_exe()?)
+            .args(["read-loop", "--url", url, "--key", &key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the reader process")?;
+        Ok(Reader { child })
     }
 
-    fn finish(self) -> anyhow::Result<Stats> {
-        self.stop.store(true, Ordering::Relaxed);
-        let lat = self.thread.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
-        Ok(Stats::of(lat))
+    fn finish(mut self) -> anyhow::Result<Stats> {
+        drop(self.child.stdin.take()); // EOF: stop reading
+        let out = self.child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let nanos: Vec<u64> = text.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+        let [count, p50, p99, p999, max] = nanos[..] else { bail!("reader printed {text:?}") };
+        let d = Duration::from_nanos;
+        Ok(Stats { count: count as usize, p50: d(p50), p99: d(p99), p999: d(p999), max: d(max) })
     }
+}
+
+/// The reader process: `HGET key title` until stdin closes, then prints
+/// `count p50 p99 p99.9 max` in nanoseconds.
+pub fn read_loop(url: &str, key: &str) -> anyhow::Result<()> {
+    let mut con = redis::Client::open(url)?.get_connection()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        flag.store(true, Ordering::Relaxed);
+    });
+    let mut lat = Vec::with_capacity(1 << 20);
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let _: Option<String> = redis::cmd("HGET").arg(key).arg("title").query(&mut con)?;
+        lat.push(t.elapsed());
+    }
+    let s = Stats::of(lat);
+    let ns = |d: Duration| d.as_nanos();
+    println!("{} {} {} {} {}", s.count, ns(s.p50), ns(s.p99), ns(s.p999), ns(s.max));
+    Ok(())
 }
 
 /// Latency summary.
