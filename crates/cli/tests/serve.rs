@@ -97,6 +97,7 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
         "shapesync_changes_committed_total{pipeline=\"served\"} 51",
         "shapesync_up_to_date{pipeline=\"served\"} 1",
         "shapesync_sink_commit_duration_seconds_bucket{pipeline=\"served\"",
+        "shapesync_source_requests_total{pipeline=\"served\",class=\"2xx\"}",
     ] {
         assert!(metrics.contains(name), "missing `{name}` in:\n{metrics}");
     }

@@ -18,7 +18,7 @@ pub use change::{Batch, Change, LogPosition, Operation};
 pub use checkpoint::{Checkpoint, definition_hash};
 pub use config::{Config, ConfigError};
 pub use offset::{Offset, OpPart, ParseOffsetError};
-pub use registry::{PreparedPipeline, Registry, SinkConfig, SourceConfig, TransformConfig};
+pub use registry::{PreparedPipeline, Registry, SinkConfig, SourceConfig, SourceContext, TransformConfig};
 pub use row::{ColumnName, Row};
 pub use runner::{Pipeline, PipelineError, PipelineStatus, RunMode};
 pub use sink::{ShapeInfo, Sink, SinkContext, SinkError};

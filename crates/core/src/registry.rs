@@ -29,7 +29,14 @@ pub trait SourceConfig: DeserializeOwned + Send + 'static {
     fn shape(&self) -> ShapeInfo;
     /// Creates the source. May do I/O, but must not fail on an unreachable server:
     /// sources retry transient faults themselves.
-    async fn build(self) -> Result<Box<dyn Source>, SourceError>;
+    async fn build(self, ctx: SourceContext) -> Result<Box<dyn Source>, SourceError>;
+}
+
+/// Everything a source is told about where it runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceContext {
+    /// The pipeline id, for metric labels and logs.
+    pub pipeline: String,
 }
 
 /// A sink's settings, from the `sink:` mapping minus its `type` key.
@@ -53,7 +60,8 @@ pub trait TransformConfig: DeserializeOwned + Send + 'static {
     fn build(self) -> Result<Box<dyn Transform>, ConfigError>;
 }
 
-type SourceCtor = Box<dyn Fn(&Node, &str) -> Result<PreparedSource, ConfigError> + Send + Sync>;
+type SourceCtor =
+    Box<dyn Fn(&Node, &str, SourceContext) -> Result<PreparedSource, ConfigError> + Send + Sync>;
 type SinkCtor = Box<dyn Fn(&Node, &str, SinkContext) -> Result<PreparedSink, ConfigError> + Send + Sync>;
 type TransformCtor =
     Box<dyn Fn(&Node, &str) -> Result<(bool, Box<dyn Transform>), ConfigError> + Send + Sync>;
@@ -146,11 +154,11 @@ impl Registry {
 
     /// Registers a source type.
     pub fn source<C: SourceConfig>(&mut self, name: &str) -> &mut Self {
-        let ctor: SourceCtor = Box::new(|node, key| {
+        let ctor: SourceCtor = Box::new(|node, key, ctx| {
             let config: C = extract_node(node, key)?;
             config.check().map_err(|e| relative(e, key))?;
             let shape = config.shape();
-            Ok(PreparedSource { shape, build: Box::new(move || Box::pin(config.build())) })
+            Ok(PreparedSource { shape, build: Box::new(move || Box::pin(config.build(ctx))) })
         });
         self.sources.insert(name.to_owned(), ctor);
         self
@@ -198,18 +206,18 @@ impl Registry {
 
     /// Prepares only the sink of a pipeline (for `checkpoints` and `reset`).
     pub fn prepare_sink(&self, id: &str, spec: &PipelineSpec) -> Result<PreparedSink, ConfigError> {
-        let source = self.prepare_source(spec)?;
+        let source = self.prepare_source(id, spec).map_err(|e| e.in_file(&spec.file))?;
         self.prepare_sink_with(id, spec, source.shape).map_err(|e| e.in_file(&spec.file))
     }
 
-    fn prepare_source(&self, spec: &PipelineSpec) -> Result<PreparedSource, ConfigError> {
+    fn prepare_source(&self, id: &str, spec: &PipelineSpec) -> Result<PreparedSource, ConfigError> {
         let key = join_key(&spec.key, "source");
         let (name, node) = split_type(&spec.source, &key)?;
         let ctor = self
             .sources
             .get(&name)
             .ok_or_else(|| unknown_type(&key, "source", &name, self.sources.keys().collect()))?;
-        ctor(&node, &key)
+        ctor(&node, &key, SourceContext { pipeline: id.to_owned() })
     }
 
     fn prepare_sink_with(
@@ -228,7 +236,7 @@ impl Registry {
     }
 
     fn prepare_one(&self, id: &str, spec: &PipelineSpec) -> Result<PreparedPipeline, ConfigError> {
-        let source = self.prepare_source(spec)?;
+        let source = self.prepare_source(id, spec)?;
         let mut transforms = Vec::new();
         for (i, node) in spec.transforms.iter().enumerate() {
             let key = join_key(&spec.key, &format!("transforms.{i}"));

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 use shapesync_core::registry::SourceConfig;
-use shapesync_core::{ConfigError, ShapeInfo, Source, SourceError};
+use shapesync_core::{ConfigError, ShapeInfo, Source, SourceContext, SourceError};
 use url::Url;
 
 use crate::options::redacted_headers;
@@ -181,9 +181,10 @@ impl SourceConfig for ElectricSourceConfig {
         }
     }
 
-    async fn build(self) -> Result<Box<dyn Source>, SourceError> {
+    async fn build(self, ctx: SourceContext) -> Result<Box<dyn Source>, SourceError> {
         self.check().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
-        let options = self.to_options().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
+        let mut options = self.to_options().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
+        options.metrics_pipeline = Some(ctx.pipeline);
         Ok(Box::new(ShapeStream::new(options)?))
     }
 }

@@ -137,6 +137,8 @@ pub struct ShapeOptions {
     pub backoff: BackoffConfig,
     /// Consecutive malformed (non-JSON) bodies retried before a protocol error.
     pub malformed_body_retries: u32,
+    /// Pipeline id to label metrics with; `None` records no metrics.
+    pub metrics_pipeline: Option<String>,
 }
 
 impl std::fmt::Debug for ShapeOptions {
@@ -156,6 +158,7 @@ impl std::fmt::Debug for ShapeOptions {
             .field("live_sse", &self.live_sse)
             .field("backoff", &self.backoff)
             .field("malformed_body_retries", &self.malformed_body_retries)
+            .field("metrics_pipeline", &self.metrics_pipeline)
             .finish()
     }
 }
@@ -183,6 +186,7 @@ impl ShapeOptions {
             live_sse: false,
             backoff: BackoffConfig::default(),
             malformed_body_retries: defaults::MALFORMED_BODY_RETRIES,
+            metrics_pipeline: None,
         }
     }
 

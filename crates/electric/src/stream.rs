@@ -280,11 +280,19 @@ impl ShapeStream {
                     continue;
                 }
                 Some(Err(e)) => {
+                    self.count_request("error");
                     self.wait_after_fault(&describe_reqwest_error(&e), None).await;
                     continue;
                 }
             };
             let status = response.status();
+            self.count_request(match status.as_u16() {
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                409 => "409",
+                400..=499 => "4xx",
+                _ => "5xx",
+            });
             let header_map = response.headers().clone();
             tracing::debug!(status = status.as_u16(), "shape response");
             if sse && status.is_success() && is_event_stream(&header_map) {
@@ -563,6 +571,15 @@ impl ShapeStream {
             self.pending_delay = Some(self.backoff.next_delay(None));
         }
         ShapeEvent::MustRefetch { new_handle }
+    }
+
+    /// Counts one request outcome (`2xx`, `3xx`, `409`, `4xx`, `5xx`, `error`) as
+    /// `shapesync_source_requests_total{pipeline, class}`, when a pipeline is named.
+    fn count_request(&self, class: &'static str) {
+        if let Some(pipeline) = &self.options.metrics_pipeline {
+            metrics::counter!("shapesync_source_requests_total", "pipeline" => pipeline.clone(), "class" => class)
+                .increment(1);
+        }
     }
 
     /// Keeps an SSE response open as the live connection (unless a cache served it).

@@ -147,7 +147,7 @@ async fn the_pipeline_source_yields_responses_and_must_refetch() {
     config.check().unwrap();
     assert!(config.shape().full_rows);
     let expected_hash = config.to_options().unwrap().definition_hash();
-    let mut source: Box<dyn Source> = config.build().await.unwrap();
+    let mut source: Box<dyn Source> = config.build(shapesync_core::SourceContext::default()).await.unwrap();
     assert_eq!(source.definition_hash(), expected_hash);
     source.resume(None);
     let mut up_to_date = false;
@@ -162,7 +162,7 @@ async fn the_pipeline_source_yields_responses_and_must_refetch() {
 
     let bad: ElectricSourceConfig =
         serde_json::from_value(json!({"url": server.url(), "table": "missing"})).unwrap();
-    let mut source = bad.build().await.unwrap();
+    let mut source = bad.build(shapesync_core::SourceContext::default()).await.unwrap();
     match next(&mut source).await {
         Err(SourceError::Rejected { status: 400, detail }) => {
             assert!(detail.starts_with("table:"), "{detail}")

@@ -894,7 +894,10 @@ impl shapesync_core::SourceConfig for ShapeOnlySource {
     fn shape(&self) -> ShapeInfo {
         ShapeInfo { table: self.table.clone(), columns: None, full_rows: self.full_rows }
     }
-    async fn build(self) -> Result<Box<dyn shapesync_core::Source>, shapesync_core::SourceError> {
+    async fn build(
+        self,
+        _ctx: shapesync_core::SourceContext,
+    ) -> Result<Box<dyn shapesync_core::Source>, shapesync_core::SourceError> {
         Err(shapesync_core::SourceError::Setup { detail: "a test source never runs".into() })
     }
 }
