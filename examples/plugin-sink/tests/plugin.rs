@@ -1,0 +1,68 @@
+//! The plugin sink runs a real pipeline through the stock command line.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::json;
+use shapesync_testkit::{Column, ServerOptions, TableDef, TestServer};
+
+async fn shapesync(args: &[&str]) -> ExitCode {
+    let mut registry = shapesync_cli::builtin_registry();
+    shapesync_example_plugin_sink::register(&mut registry);
+    shapesync_cli::run_args(std::iter::once("shapesync").chain(args.iter().copied()), registry).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_sink_syncs_resumes_and_resyncs() {
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = server.create_table(
+        TableDef::new("notes")
+            .column(Column::new("id", "int8").primary_key())
+            .column(Column::new("body", "text")),
+    );
+    table.seed((1..=5).map(|i| json!({"id": i.to_string(), "body": format!("note {i}")})));
+    let dir = std::env::temp_dir().join(format!("shapesync-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("notes.json");
+    let file = dir.join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "pipelines:\n  notes:\n    source: {{type: electric, url: '{}', table: notes}}\n    sink: {{type: json_file, path: '{}'}}\n",
+            server.url(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let read = || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap() };
+
+    assert_eq!(shapesync(&["validate", file]).await, ExitCode::SUCCESS);
+    assert_eq!(shapesync(&["run", "--once", file]).await, ExitCode::SUCCESS);
+    assert_eq!(read()["rows"].as_object().unwrap().len(), 5);
+
+    // Resume: a change and a delete arrive on the next run.
+    table.transaction().update(json!({"id": "2", "body": "edited"})).delete(json!({"id": "5"})).commit();
+    assert_eq!(shapesync(&["run", "--once", file]).await, ExitCode::SUCCESS);
+    let state = read();
+    assert_eq!(state["rows"]["\"public\".\"notes\"/\"2\""]["body"], "edited");
+    assert_eq!(state["rows"].as_object().unwrap().len(), 4);
+
+    // Rotation: the resync sweeps a row deleted while the shape was being rebuilt.
+    table.transaction().delete(json!({"id": "4"})).commit();
+    table.rotate();
+    assert_eq!(shapesync(&["run", "--once", file]).await, ExitCode::SUCCESS);
+    let state = read();
+    assert_eq!(state["rows"].as_object().unwrap().len(), 3);
+    assert_eq!(state["checkpoint"]["resyncing"], false);
+    assert_eq!(state["checkpoint"]["handle"].as_str(), table.handle().as_deref());
+
+    assert_eq!(shapesync(&["reset", file, "--pipeline", "notes", "--yes"]).await, ExitCode::SUCCESS);
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
