@@ -75,9 +75,7 @@ async fn killed_at_arbitrary_moments_it_converges_to_exactly_the_shapes_rows() {
     let file = file.to_str().unwrap();
     let mut con = redis::Client::open(REDIS).unwrap().get_connection().unwrap();
     let mut rng = rand::rng();
-    let mut next_id = 20_001u64;
-
-    for round in 0..6 {
+    for (round, next_id) in (0..6).zip(20_001u64..) {
         let checkpoint_key = format!("{prefix}shapesync:crash:checkpoint");
         let before: Option<String> = redis::cmd("GET").arg(&checkpoint_key).query(&mut con).unwrap();
         let mut child = spawn(file);
@@ -107,21 +105,19 @@ async fn killed_at_arbitrary_moments_it_converges_to_exactly_the_shapes_rows() {
         let mut tx = table.transaction();
         for _ in 0..20 {
             let id = rng.random_range(1..next_id);
-            if expected.contains_key(&id) {
+            if let Some(stored) = expected.get_mut(&id) {
                 if rng.random_bool(0.5) {
                     tx = tx.delete(json!({"id": id.to_string()}));
                     expected.remove(&id);
                 } else {
-                    let title = format!("title {id} round {round}");
-                    tx = tx.update(json!({"id": id.to_string(), "title": title}));
-                    expected.insert(id, title);
+                    *stored = format!("title {id} round {round}");
+                    tx = tx.update(json!({"id": id.to_string(), "title": stored.clone()}));
                 }
             }
         }
         let title = format!("title {next_id}");
         tx = tx.insert(json!({"id": next_id.to_string(), "title": title}));
         expected.insert(next_id, title);
-        next_id += 1;
         tx.commit();
         if round % 2 == 1 {
             table.rotate();
