@@ -65,6 +65,9 @@ enum Cmd {
         /// Source responses buffered ahead of the sink (the pipeline's `buffer`).
         #[arg(long, default_value_t = shapesync_core::config::defaults::BUFFER)]
         buffer: usize,
+        /// Pin the reader process to this CPU (see docs/PERFORMANCE.md).
+        #[arg(long)]
+        reader_cpu: Option<usize>,
     },
     /// (internal) the cache reader process of `redis`.
     #[command(hide = true)]
@@ -103,7 +106,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Cmd::Client { rows, chunk_bytes } => client(rows, chunk_bytes).await,
-            Cmd::Redis { url, rows, vanish, live_txs, chunk_bytes, part_size, buffer } => {
+            Cmd::Redis { url, rows, vanish, live_txs, chunk_bytes, part_size, buffer, reader_cpu } => {
                 redis_bench::run(redis_bench::RedisBench {
                     url,
                     rows,
@@ -112,6 +115,7 @@ fn main() -> anyhow::Result<()> {
                     chunk_bytes,
                     part_size,
                     buffer,
+                    reader_cpu,
                 })
                 .await
             }

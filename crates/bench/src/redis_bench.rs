@@ -32,6 +32,9 @@ pub struct RedisBench {
     pub part_size: usize,
     /// Source responses buffered ahead of the sink.
     pub buffer: usize,
+    /// Pin the reader process to this CPU (pin Redis there too, and the benchmark
+    /// elsewhere, to see what Redis makes readers wait without CPU contention).
+    pub reader_cpu: Option<usize>,
 }
 
 /// A cache reader: a separate process issuing `HGET` in a loop on its own connection,
@@ -44,9 +47,20 @@ struct Reader {
 }
 
 impl Reader {
-    fn start(url: &str, key: String) -> anyhow::Result<Reader> {
-        let child = Command::new("nice")
-            .args(["-n", "-10"])
+    fn start(url: &str, key: String, cpu: Option<usize>) -> anyhow::Result<Reader> {
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), "nice", "-n", "-10"]);
+                c
+            }
+            None => {
+                let mut c = Command::new("nice");
+                c.args(["-n", "-10"]);
+                c
+            }
+        };
+        let child = command
             .arg(std::env::current_exe()?)
             .args(["read-loop", "--url", url, "--key", &key])
             .stdin(Stdio::piped())
@@ -241,22 +255,24 @@ fn redis_cpu(con: &mut redis::Connection) -> anyhow::Result<f64> {
     Ok(field("used_cpu_user") + field("used_cpu_sys"))
 }
 
-/// Syncs a fresh synthetic server of `rows` rows into the sink under `prefix` while a
-/// reader polls, and checks Redis then holds exactly `rows` rows. Returns the seconds
-/// taken, the reader's latencies and the server-side view.
+/// Syncs a fresh synthetic server of `rows` rows into the sink under `prefix`, with a
+/// reader polling if `with_reader`, and checks Redis then holds exactly `rows` rows.
+/// Returns the seconds taken, the reader's latencies and the server-side view.
 async fn measured_sync(
     b: &RedisBench,
     con: &mut redis::Connection,
     prefix: &str,
     rows: u64,
-) -> anyhow::Result<(f64, Stats, String)> {
+    with_reader: bool,
+) -> anyhow::Result<(f64, Option<Stats>, String)> {
     let server = ChildServer::start("items", rows, b.chunk_bytes)?;
-    let reader = Reader::start(&b.url, format!("{prefix}item:1"))?;
+    let reader =
+        with_reader.then(|| Reader::start(&b.url, format!("{prefix}item:1"), b.reader_cpu)).transpose()?;
     let probe = ServerProbe::start(con)?;
     let started = Instant::now();
     sync_once(&server.url, sink(b, prefix, None).await?, b.buffer).await?;
     let secs = started.elapsed().as_secs_f64();
-    let stalls = reader.finish()?;
+    let stalls = reader.map(Reader::finish).transpose()?;
     let server_view = probe.finish(con, rows)?;
     let synced = count_keys(con, &format!("{prefix}item:*"))?;
     if synced != rows {
@@ -277,26 +293,33 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
         b.chunk_bytes >> 20
     );
 
-    // Phase 1: the full pipeline, server in a child process so the RSS is ours.
-    let (secs, stalls, server_view) = measured_sync(&b, &mut con, &prefix, b.rows).await?;
+    // Phase 1: throughput and memory of the full pipeline, nothing else competing; the
+    // server runs in a child process so the RSS is ours.
+    let (secs, _, server_view) = measured_sync(&b, &mut con, &prefix, b.rows, false).await?;
     let pipeline_rate = b.rows as f64 / secs;
     println!(
         "pipeline: {} rows in {secs:.2} s = {pipeline_rate:.0} rows/s; peak RSS {:.1} MiB",
         b.rows,
         rss::mib(rss::peak_rss_bytes())
     );
-    println!("reader during initial sync: {stalls}");
     println!("  {server_view}");
 
-    // Phase 2: refetch sweep. A new server incarnation (the old handle is unknown to it:
-    // 409) holds fewer rows, so the resync must sweep `vanish` rows.
-    let (secs, stalls, server_view) = measured_sync(&b, &mut con, &prefix, b.rows - b.vanish).await?;
-    println!("refetch: resync of {} rows + sweep of {} in {secs:.2} s", b.rows - b.vanish, b.vanish);
-    println!("reader during refetch and sweep: {stalls}");
+    // Phase 2: refetch sweep, with a reader. A new server incarnation (the old handle is
+    // unknown to it: 409) holds fewer rows, so the resync must sweep `vanish` rows.
+    let kept = b.rows - b.vanish;
+    let (secs, stalls, server_view) = measured_sync(&b, &mut con, &prefix, kept, true).await?;
+    println!("refetch: resync of {kept} rows + sweep of {} in {secs:.2} s", b.vanish);
+    println!("reader during refetch and sweep: {}", stalls.expect("with a reader"));
     println!("  {server_view}");
     delete_prefix(&mut con, &prefix)?;
 
-    // Phase 3: raw pipelined HSETs of the same rows, same part size, same program.
+    // Phase 3: the initial sync again, into an empty keyspace, with a reader.
+    let (_, stalls, server_view) = measured_sync(&b, &mut con, &prefix, b.rows, true).await?;
+    println!("reader during initial sync: {}", stalls.expect("with a reader"));
+    println!("  {server_view}");
+    delete_prefix(&mut con, &prefix)?;
+
+    // Phase 4: raw pipelined HSETs of the same rows, same part size, same program.
     let raw_prefix = format!("{prefix}raw:");
     let probe = ServerProbe::start(&mut con)?;
     let started = Instant::now();
@@ -322,7 +345,7 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     println!("  {}", probe.finish(&mut con, b.rows)?);
     delete_prefix(&mut con, &raw_prefix)?;
 
-    // Phase 4: live latency, append on the server → key visible (notify received).
+    // Phase 5: live latency, append on the server → key visible (notify received).
     live_latency(&b, &prefix).await?;
     delete_prefix(&mut con, &prefix)?;
     Ok(())

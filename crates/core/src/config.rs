@@ -129,7 +129,7 @@ impl RetrySpec {
 /// Every default value of the pipeline settings, in one place.
 pub mod defaults {
     /// Source responses buffered ahead of the sink.
-    pub const BUFFER: usize = 2;
+    pub const BUFFER: usize = 1;
     /// First sink-retry backoff ceiling.
     pub const RETRY_INITIAL_MS: u64 = 100;
     /// Largest sink-retry backoff ceiling.
