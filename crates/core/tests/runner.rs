@@ -212,43 +212,26 @@ async fn replaying_committed_batches_leaves_the_store_identical() {
             ),
         ]
     };
-    let mut h = harness("h");
-    for e in events() {
-        h.script.send(e).unwrap();
-    }
     let sink = Arc::new(MemorySink::new(store.clone()));
-    let mut p = pipeline(&mut h, sink.clone());
-    p = p.with_buffer(1);
-    // Run until the live transaction is in.
-    let mut commits = store.subscribe();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
-    loop {
-        if next_commit(&mut commits).await.checkpoint.offset.to_string() == "30_4" {
-            break;
+    // Run until the live transaction is in, then stop.
+    let run_until_live_tx_is_in = async |sink: Arc<MemorySink>| {
+        let mut h = harness("h");
+        for e in events() {
+            h.script.send(e).unwrap();
         }
-    }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+        let mut commits = store.subscribe();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(pipeline(&mut h, sink).run(RunMode::Follow, stop.clone()));
+        while next_commit(&mut commits).await.checkpoint.offset.to_string() != "30_4" {}
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    };
+    run_until_live_tx_is_in(sink.clone()).await;
     let first = store.rows();
     let first_cp = store.checkpoint();
 
     // At-least-once: a restart may see everything again. Nothing changes.
-    let mut h2 = harness("h");
-    for e in events() {
-        h2.script.send(e).unwrap();
-    }
-    let p = pipeline(&mut h2, sink);
-    let mut commits = store.subscribe();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
-    loop {
-        if next_commit(&mut commits).await.checkpoint.offset.to_string() == "30_4" {
-            break;
-        }
-    }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    run_until_live_tx_is_in(sink).await;
     assert_eq!(store.rows(), first);
     assert_eq!(store.get(&key(1)).unwrap()["title"], Value::Text("a2".into()));
     assert_eq!(store.checkpoint().map(|c| c.offset), first_cp.map(|c| c.offset));
