@@ -238,13 +238,15 @@ impl Pipeline {
             counter!("shapesync_changes_received_total", &labels).increment(received);
             let ends_transaction = response.changes.last().is_some_and(|c| c.last_in_tx);
             this.transform_into(response.changes, &mut pending)?;
-            let commit_point = response.up_to_date || response.offset.is_snapshot() || ends_transaction;
+            // The head of the shape, with a snapshot behind it: never at `-1`, whatever a
+            // server says (a sweep there would empty the cache).
+            let at_head = response.up_to_date && response.offset != crate::Offset::Start;
+            let commit_point = at_head || response.offset.is_snapshot() || ends_transaction;
             if !commit_point {
                 debug!(pipeline = %this.id, offset = %response.offset, carried = pending.len(), "response ends mid-transaction; carrying it into the next");
                 continue;
             }
-            // A sweep needs a snapshot behind it: never at `-1`, whatever a server says.
-            let sweep = pos.resyncing && response.up_to_date && response.offset != crate::Offset::Start;
+            let sweep = pos.resyncing && at_head;
             let unchanged =
                 pos.committed.as_ref().is_some_and(|(h, o)| *h == response.handle && *o == response.offset);
             if !(pending.is_empty() && unchanged && !sweep) {
@@ -259,7 +261,7 @@ impl Pipeline {
                         resyncing: pos.resyncing && !sweep,
                     },
                     sweep,
-                    up_to_date: response.up_to_date,
+                    up_to_date: at_head,
                 };
                 if !this.commit(&batch, &shutdown).await? {
                     return Ok(());
@@ -267,7 +269,7 @@ impl Pipeline {
                 pos.resyncing = batch.checkpoint.resyncing;
                 pos.committed = Some((response.handle, response.offset));
             }
-            if response.up_to_date {
+            if at_head {
                 this.status.up_to_date.store(true, Ordering::Relaxed);
                 this.status.reached_up_to_date.store(true, Ordering::Relaxed);
                 gauge!("shapesync_up_to_date", &labels).set(1.0);
