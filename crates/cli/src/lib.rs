@@ -71,6 +71,10 @@ enum Command {
         /// Pipeline files (YAML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also check that every source's server answers and accepts the shape, and that
+        /// every sink connects and its stored checkpoint is readable (reads only).
+        #[arg(long)]
+        connect: bool,
     },
     /// Print each pipeline's stored position (handle, offset) as its sink holds it.
     Checkpoints {
@@ -205,11 +209,27 @@ fn display_files(files: &[PathBuf]) -> String {
 
 async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Validate { files } => {
-            let (config, _) = match load(&files, &registry) {
+        Command::Validate { files, connect } => {
+            let (config, prepared) = match load(&files, &registry) {
                 Ok(x) => x,
                 Err(code) => return Ok(code),
             };
+            if connect {
+                let mut failed = 0;
+                for p in prepared {
+                    let id = p.id.clone();
+                    match check_connections(p).await {
+                        Ok(()) => println!("{id}: source answers, sink connects"),
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("error: pipeline {id}: {e:#}");
+                        }
+                    }
+                }
+                if failed > 0 {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             let ids: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
             println!("ok: {} pipeline(s): {}", ids.len(), ids.join(", "));
             Ok(ExitCode::SUCCESS)
@@ -294,6 +314,16 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `validate --connect` for one pipeline: probe the source, connect the sink and read
+/// its checkpoint. Reads only.
+async fn check_connections(p: shapesync_core::PreparedPipeline) -> anyhow::Result<()> {
+    let mut source = p.source.build().await.context("source")?;
+    source.probe().await.context("source")?;
+    let sink = p.sink.build().await.context("sink")?;
+    sink.checkpoint().await.context("sink")?;
+    Ok(())
 }
 
 fn confirm(pipeline: &str) -> anyhow::Result<()> {

@@ -126,3 +126,42 @@ fn every_shipped_pipeline_file_validates() {
     }
     assert!(seen >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_connect_checks_that_source_and_sink_answer_without_writing() {
+    let server = TestServer::start(ServerOptions::default()).await.unwrap();
+    server.create_table(TableDef::new("vc_items").column(Column::new("id", "int8").primary_key()));
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let prefix = format!("test:{}:vc:", std::process::id());
+    let file = std::env::temp_dir().join(format!("shapesync-vc-{}.yaml", std::process::id()));
+    let write = |table: &str, redis_port: u16| {
+        std::fs::write(
+            &file,
+            format!(
+                "pipelines:\n  vc:\n    source: {{type: electric, url: '{}', table: {table}}}\n    sink: {{type: redis, url: 'redis://127.0.0.1:{redis_port}', prefix: '{prefix}'}}\n",
+                server.url()
+            ),
+        )
+        .unwrap();
+    };
+    let path = file.to_str().unwrap().to_owned();
+
+    write("vc_items", 6379);
+    let out = shapesync(&["validate", "--connect", &path], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vc: source answers, sink connects"));
+    assert!(keys(&mut redis(), &prefix).is_empty(), "validate writes nothing");
+
+    write("no_such_table", 6379);
+    let out = shapesync(&["validate", "--connect", &path], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pipeline vc: source") && stderr.contains("table"), "{stderr}");
+
+    write("vc_items", closed_port);
+    let out = shapesync(&["validate", "--connect", &path], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pipeline vc: sink"), "{stderr}");
+    let _ = std::fs::remove_file(&file);
+}

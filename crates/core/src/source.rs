@@ -87,4 +87,10 @@ pub trait Source: Send {
 
     /// The next event. Waits (long-polls) while the shape is up to date.
     async fn next(&mut self) -> Result<SourceEvent, SourceError>;
+
+    /// Checks, as cheaply as the source can, that its server answers and accepts the
+    /// shape (for `shapesync validate --connect`). Does not move the stream.
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }

@@ -909,7 +909,28 @@ impl Source for ShapeStream {
             ShapeEvent::MustRefetch { .. } => SourceEvent::MustRefetch,
         })
     }
+
+    /// One `offset=now` request (no rows) on a separate stream: the server answers, knows
+    /// the table and accepts the parameters and secret. Transient faults are retried
+    /// until [`PROBE_TIMEOUT`], then reported.
+    async fn probe(&mut self) -> Result<(), SourceError> {
+        let mut options = self.options.clone();
+        options.start = crate::StartFrom::Now;
+        options.metrics_pipeline = None;
+        let mut probe = ShapeStream::with_client(options, self.client.clone())?;
+        match tokio::time::timeout(PROBE_TIMEOUT, probe.next_event()).await {
+            Ok(result) => result.map(drop).map_err(SourceError::from),
+            Err(_) => Err(SourceError::Setup {
+                detail: format!(
+                    "the shape server did not answer within {PROBE_TIMEOUT:?} (see the log for the retried faults)"
+                ),
+            }),
+        }
+    }
 }
+
+/// How long [`Source::probe`] keeps retrying an unreachable server.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
