@@ -27,6 +27,7 @@
 //!   [`std::time::Instant`], status and fault; [`TestServer::wait_for`] /
 //!   [`TestServer::wait_for_requests`] wait on it with a deadline.
 //! - [`cli::run_synthetic_server`]: the `shapesync-testkit-server` binary as a function.
+//! - [`compliance::check_sink`]: the sink compliance suite, for built-in and plugin sinks.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), shapesync_testkit::TestkitError> {
@@ -69,6 +70,7 @@
 //! [`Fault::MissingHeader`] fault applies to SSE responses.
 
 pub mod cli;
+pub mod compliance;
 mod fault;
 mod handle;
 mod server;

@@ -66,3 +66,42 @@ async fn a_plugin_sink_syncs_resumes_and_resyncs() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The plugin passes the same compliance suite as the built-in sinks.
+struct JsonFile(std::path::PathBuf);
+
+#[shapesync_core::async_trait]
+impl shapesync_testkit::compliance::SinkUnderTest for JsonFile {
+    async fn open(&self) -> std::sync::Arc<dyn shapesync_core::Sink> {
+        let config = shapesync_example_plugin_sink::JsonFileSinkConfig { path: self.0.clone() };
+        shapesync_core::SinkConfig::build(config, shapesync_core::SinkContext::default()).await.unwrap()
+    }
+
+    async fn rows(&self) -> shapesync_testkit::compliance::StoredRows {
+        let Ok(bytes) = std::fs::read(&self.0) else { return Default::default() };
+        let state: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let rows = state["rows"].as_object().cloned().unwrap_or_default();
+        rows.values()
+            .map(|row| {
+                let cols: std::collections::BTreeMap<String, String> = row
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|(k, v)| match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some((k.clone(), s.clone())),
+                        other => Some((k.clone(), other.to_string())),
+                    })
+                    .collect();
+                (cols["id"].clone(), cols)
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn the_plugin_passes_the_sink_compliance_suite() {
+    let path = std::env::temp_dir().join(format!("shapesync-plugin-compliance-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    shapesync_testkit::compliance::check_sink(&JsonFile(path)).await;
+}

@@ -1,0 +1,185 @@
+//! The sink compliance suite: [`check_sink`] runs the `Sink` contract against any sink —
+//! built-ins and plugins alike — in one call.
+//!
+//! It drives the sink with hand-built batches of a fixed shape (`items`: `id int8` primary
+//! key, `title text`, `note text`) and checks, through a [`SinkUnderTest`] that reads the
+//! store back:
+//! - a fresh store has no checkpoint and no rows;
+//! - a batch's rows and checkpoint are stored together, and read back by a new instance;
+//! - replaying a committed batch changes nothing;
+//! - an update carrying only some columns merges, keeping the others; NULL clears a column;
+//! - a delete removes the row, and deleting an absent row is fine;
+//! - a resync (new generation) keeps old rows until its sweep, which removes exactly the
+//!   rows the new snapshot did not rewrite, with the checkpoint;
+//! - `reset` removes rows and checkpoint.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use shapesync_core::{Batch, Change, Checkpoint, LogPosition, Offset, Row, Schema, Sink, Value, async_trait};
+
+/// Rows as a reader of the store sees them: `id` → column → text (`Value::render`),
+/// NULL columns absent.
+pub type StoredRows = BTreeMap<String, BTreeMap<String, String>>;
+
+/// A sink and a way to read its store back, for [`check_sink`].
+#[async_trait]
+pub trait SinkUnderTest: Send + Sync {
+    /// A sink over the store under test. Called again, it must return a new instance over
+    /// the same store (a restart).
+    async fn open(&self) -> Arc<dyn Sink>;
+    /// Every row in the store, keyed by its `id` column.
+    async fn rows(&self) -> StoredRows;
+}
+
+/// The schema of the suite's shape, as Electric would send it.
+pub fn compliance_schema() -> Schema {
+    serde_json::from_str(
+        r#"{"id":{"type":"int8","pk_index":0,"not_null":true},"title":{"type":"text"},"note":{"type":"text"}}"#,
+    )
+    .expect("valid schema")
+}
+
+/// The Electric key of row `id` of the suite's shape.
+pub fn compliance_key(id: i64) -> String {
+    format!("\"public\".\"items\"/\"{id}\"")
+}
+
+fn row(id: i64, title: &str, note: Option<&str>) -> Row {
+    [
+        ("id", Value::Int(id)),
+        ("title", Value::Text(title.into())),
+        ("note", note.map_or(Value::Null, |n| Value::Text(n.into()))),
+    ]
+    .into()
+}
+
+fn checkpoint(offset: &str, generation: u64, resyncing: bool) -> Checkpoint {
+    Checkpoint {
+        shape_hash: "compliance".into(),
+        handle: format!("handle-{generation}"),
+        offset: offset.parse::<Offset>().expect("valid offset"),
+        schema: compliance_schema(),
+        generation,
+        resyncing,
+    }
+}
+
+fn live(mut change: Change, lsn: u64, op: u64, last: bool) -> Change {
+    change.position = Some(LogPosition { lsn, op_position: op });
+    change.last_in_tx = last;
+    change
+}
+
+fn expect(rows: &[(i64, &str, Option<&str>)]) -> StoredRows {
+    rows.iter()
+        .map(|(id, title, note)| {
+            let mut cols: BTreeMap<String, String> =
+                [("id".to_owned(), id.to_string()), ("title".to_owned(), (*title).to_owned())].into();
+            if let Some(n) = note {
+                cols.insert("note".into(), (*n).to_owned());
+            }
+            (id.to_string(), cols)
+        })
+        .collect()
+}
+
+/// Runs the whole suite; panics with a message naming the broken rule.
+pub async fn check_sink(target: &dyn SinkUnderTest) {
+    let sink = target.open().await;
+    assert_eq!(sink.checkpoint().await.expect("checkpoint"), None, "a fresh store has no checkpoint");
+    assert!(target.rows().await.is_empty(), "a fresh store has no rows");
+
+    // A snapshot chunk, then the end of the snapshot.
+    let snapshot = Batch {
+        changes: vec![
+            Change::insert(compliance_key(1), row(1, "one", Some("n1"))),
+            Change::insert(compliance_key(2), row(2, "two", None)),
+            Change::insert(compliance_key(3), row(3, "three", Some("n3"))),
+        ],
+        checkpoint: checkpoint("0_0", 10, true),
+        sweep: false,
+        up_to_date: false,
+    };
+    sink.apply(&snapshot).await.expect("apply snapshot");
+    let end =
+        Batch { changes: vec![], checkpoint: checkpoint("0_inf", 10, false), sweep: true, up_to_date: true };
+    sink.apply(&end).await.expect("apply snapshot end");
+    let synced = expect(&[(1, "one", Some("n1")), (2, "two", None), (3, "three", Some("n3"))]);
+    assert_eq!(target.rows().await, synced, "snapshot rows are stored");
+    assert_eq!(
+        sink.checkpoint().await.expect("checkpoint"),
+        Some(end.checkpoint.clone()),
+        "checkpoint stored"
+    );
+
+    // A live transaction: partial update, NULLing update, delete, delete of an absent row, insert.
+    let tx = Batch {
+        changes: vec![
+            live(
+                Change::update(
+                    compliance_key(1),
+                    [("id", Value::Int(1)), ("title", Value::Text("uno".into()))].into(),
+                ),
+                20,
+                0,
+                false,
+            ),
+            live(
+                Change::update(compliance_key(3), [("id", Value::Int(3)), ("note", Value::Null)].into()),
+                20,
+                2,
+                false,
+            ),
+            live(Change::delete(compliance_key(2), [("id", Value::Int(2))].into()), 20, 4, false),
+            live(Change::delete(compliance_key(9), [("id", Value::Int(9))].into()), 20, 6, false),
+            live(Change::insert(compliance_key(4), row(4, "four", Some("n4"))), 20, 8, true),
+        ],
+        checkpoint: checkpoint("20_8", 10, false),
+        sweep: false,
+        up_to_date: true,
+    };
+    sink.apply(&tx).await.expect("apply live transaction");
+    let after_tx = expect(&[(1, "uno", Some("n1")), (3, "three", None), (4, "four", Some("n4"))]);
+    assert_eq!(target.rows().await, after_tx, "updates merge the given columns, deletes remove");
+
+    // Replay: at-least-once delivery must not change anything.
+    sink.apply(&tx).await.expect("replay live transaction");
+    assert_eq!(target.rows().await, after_tx, "replaying a committed batch changes nothing");
+    assert_eq!(sink.checkpoint().await.expect("checkpoint"), Some(tx.checkpoint.clone()));
+
+    // Restart: a new instance reads what the old one committed.
+    drop(sink);
+    let sink = target.open().await;
+    assert_eq!(
+        sink.checkpoint().await.expect("checkpoint"),
+        Some(tx.checkpoint.clone()),
+        "checkpoint survives a restart"
+    );
+
+    // Resync: rows 1 and 4 come back (4 changed), row 3 vanished. Nothing goes before the sweep.
+    let resync = Batch {
+        changes: vec![
+            Change::insert(compliance_key(1), row(1, "uno", Some("n1"))),
+            Change::insert(compliance_key(4), row(4, "cuatro", None)),
+        ],
+        checkpoint: checkpoint("0_0", 11, true),
+        sweep: false,
+        up_to_date: false,
+    };
+    sink.apply(&resync).await.expect("apply resync chunk");
+    assert!(target.rows().await.contains_key("3"), "old rows stay until the sweep");
+    let sweep =
+        Batch { changes: vec![], checkpoint: checkpoint("0_inf", 11, false), sweep: true, up_to_date: true };
+    sink.apply(&sweep).await.expect("apply sweep");
+    assert_eq!(
+        target.rows().await,
+        expect(&[(1, "uno", Some("n1")), (4, "cuatro", None)]),
+        "the sweep removes exactly the vanished rows"
+    );
+    assert_eq!(sink.checkpoint().await.expect("checkpoint"), Some(sweep.checkpoint.clone()));
+
+    sink.reset().await.expect("reset");
+    assert_eq!(sink.checkpoint().await.expect("checkpoint"), None, "reset removes the checkpoint");
+    assert!(target.rows().await.is_empty(), "reset removes the rows");
+}
