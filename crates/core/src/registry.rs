@@ -118,28 +118,35 @@ pub struct PreparedPipeline {
     pub retry: RetrySpec,
 }
 
-fn split_type(node: &Node, key: &str) -> Result<(String, Node), ConfigError> {
+/// Reads the `type:` of the component mapping at `key` and finds its constructor among
+/// `known` (of `kind`: source, sink, transform). Returns the constructor, the type name
+/// and the mapping without its `type`.
+fn lookup<'r, C>(
+    known: &'r BTreeMap<String, C>,
+    kind: &str,
+    node: &Node,
+    key: &str,
+) -> Result<(&'r C, String, Node), ConfigError> {
     let Node::Dict(tag, dict) = node else {
         return Err(ConfigError::new(key, "expected a mapping with a `type` key"));
     };
     let mut dict = dict.clone();
-    let type_name = match dict.remove("type") {
+    let name = match dict.remove("type") {
         Some(Node::String(_, s)) => s,
         Some(_) => return Err(ConfigError::new(join_key(key, "type"), "expected a string")),
         None => return Err(ConfigError::new(join_key(key, "type"), "missing required key")),
     };
-    Ok((type_name, Node::Dict(*tag, dict)))
-}
-
-fn unknown_type(key: &str, kind: &str, name: &str, known: Vec<&String>) -> ConfigError {
-    let known: Vec<&str> = known.into_iter().map(String::as_str).collect();
-    ConfigError::new(
-        join_key(key, "type"),
-        match known.is_empty() {
-            true => format!("unknown {kind} type `{name}`; this binary has no {kind} types registered"),
-            false => format!("unknown {kind} type `{name}`; this binary knows: {}", known.join(", ")),
-        },
-    )
+    let Some(ctor) = known.get(&name) else {
+        let names: Vec<&str> = known.keys().map(String::as_str).collect();
+        return Err(ConfigError::new(
+            join_key(key, "type"),
+            match names.is_empty() {
+                true => format!("unknown {kind} type `{name}`; this binary has no {kind} types registered"),
+                false => format!("unknown {kind} type `{name}`; this binary knows: {}", names.join(", ")),
+            },
+        ));
+    };
+    Ok((ctor, name, Node::Dict(*tag, dict)))
 }
 
 fn relative(e: ConfigError, key: &str) -> ConfigError {
@@ -212,11 +219,7 @@ impl Registry {
 
     fn prepare_source(&self, id: &str, spec: &PipelineSpec) -> Result<PreparedSource, ConfigError> {
         let key = join_key(&spec.key, "source");
-        let (name, node) = split_type(&spec.source, &key)?;
-        let ctor = self
-            .sources
-            .get(&name)
-            .ok_or_else(|| unknown_type(&key, "source", &name, self.sources.keys().collect()))?;
+        let (ctor, _, node) = lookup(&self.sources, "source", &spec.source, &key)?;
         ctor(&node, &key, SourceContext { pipeline: id.to_owned() })
     }
 
@@ -227,11 +230,7 @@ impl Registry {
         shape: ShapeInfo,
     ) -> Result<PreparedSink, ConfigError> {
         let key = join_key(&spec.key, "sink");
-        let (name, node) = split_type(&spec.sink, &key)?;
-        let ctor = self
-            .sinks
-            .get(&name)
-            .ok_or_else(|| unknown_type(&key, "sink", &name, self.sinks.keys().collect()))?;
+        let (ctor, _, node) = lookup(&self.sinks, "sink", &spec.sink, &key)?;
         ctor(&node, &key, SinkContext { pipeline: id.to_owned(), shape })
     }
 
@@ -240,11 +239,7 @@ impl Registry {
         let mut transforms = Vec::new();
         for (i, node) in spec.transforms.iter().enumerate() {
             let key = join_key(&spec.key, &format!("transforms.{i}"));
-            let (name, node) = split_type(node, &key)?;
-            let ctor = self
-                .transforms
-                .get(&name)
-                .ok_or_else(|| unknown_type(&key, "transform", &name, self.transforms.keys().collect()))?;
+            let (ctor, name, node) = lookup(&self.transforms, "transform", node, &key)?;
             let (needs_full, transform) = ctor(&node, &key)?;
             if needs_full && !source.shape.full_rows {
                 return Err(ConfigError::new(
