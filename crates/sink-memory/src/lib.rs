@@ -166,6 +166,9 @@ impl MemoryStore {
             *checkpoint = Some(batch.checkpoint.clone());
         }
         self.inner.up_to_date.send_replace(batch.up_to_date);
+        if self.inner.commits.receiver_count() == 0 {
+            return; // nobody listens: do not copy the batch
+        }
         let _ = self.inner.commits.send(Arc::new(Commit {
             changes: batch.changes.clone(),
             swept,
