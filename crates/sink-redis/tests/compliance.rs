@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use shapesync_core::{ShapeInfo, Sink, SinkContext, async_trait};
 use shapesync_sink_redis::{Layout, RedisSink, RedisSinkConfig};
-use shapesync_testkit::compliance::{SinkUnderTest, StoredRows, check_sink};
+use shapesync_testkit::compliance::{SinkUnderTest, StoredRows, check_sink, columns_from_json};
 
 const URL: &str = "redis://127.0.0.1:6379";
 
@@ -31,17 +31,9 @@ impl Redis {
     }
 }
 
-/// Row JSON (json/table layouts) → column → text, as `Value::render` would give it.
+/// Row JSON (json/table layouts) → column → text.
 fn from_json(json: &str) -> BTreeMap<String, String> {
-    let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json).unwrap();
-    value
-        .into_iter()
-        .filter_map(|(k, v)| match v {
-            serde_json::Value::Null => None,
-            serde_json::Value::String(s) => Some((k, s)),
-            other => Some((k, other.to_string())),
-        })
-        .collect()
+    columns_from_json(&serde_json::from_str(json).unwrap())
 }
 
 #[async_trait]

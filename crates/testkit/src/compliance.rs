@@ -32,6 +32,21 @@ pub trait SinkUnderTest: Send + Sync {
     async fn rows(&self) -> StoredRows;
 }
 
+/// A row stored as a JSON object (as `Row` serializes) in the reader's form: NULL
+/// columns absent, strings as they are, other values as their JSON text — which is
+/// what `Value::render` gives for numbers, booleans and arrays.
+pub fn columns_from_json(row: &serde_json::Value) -> BTreeMap<String, String> {
+    row.as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some((k.clone(), s.clone())),
+            other => Some((k.clone(), other.to_string())),
+        })
+        .collect()
+}
+
 /// The schema of the suite's shape, as Electric would send it.
 pub fn compliance_schema() -> Schema {
     serde_json::from_str(

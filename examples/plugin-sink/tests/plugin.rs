@@ -83,16 +83,7 @@ impl shapesync_testkit::compliance::SinkUnderTest for JsonFile {
         let rows = state["rows"].as_object().cloned().unwrap_or_default();
         rows.values()
             .map(|row| {
-                let cols: std::collections::BTreeMap<String, String> = row
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .filter_map(|(k, v)| match v {
-                        serde_json::Value::Null => None,
-                        serde_json::Value::String(s) => Some((k.clone(), s.clone())),
-                        other => Some((k.clone(), other.to_string())),
-                    })
-                    .collect();
+                let cols = shapesync_testkit::compliance::columns_from_json(row);
                 (cols["id"].clone(), cols)
             })
             .collect()
