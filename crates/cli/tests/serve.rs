@@ -102,6 +102,16 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
         assert!(metrics.contains(name), "missing `{name}` in:\n{metrics}");
     }
 
+    // The last-commit gauge is a Unix timestamp in seconds (Prometheus computes the age).
+    let stamp: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("shapesync_last_commit_timestamp_seconds{pipeline=\"served\"} "))
+        .expect("last commit gauge")
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - stamp).abs() < 3600.0, "timestamp {stamp} is not in seconds near {now}");
+
     // SIGTERM: exit 0, checkpoint and rows consistent.
     let status = Command::new("kill").args(["-TERM", &running.0.id().to_string()]).status().unwrap();
     assert!(status.success());

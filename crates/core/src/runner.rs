@@ -57,8 +57,6 @@ pub struct PipelineStatus {
     up_to_date: AtomicBool,
     reached_up_to_date: AtomicBool,
     changes_committed: AtomicU64,
-    commits: AtomicU64,
-    last_commit_unix_ms: AtomicU64,
     failure: Mutex<Option<String>>,
 }
 
@@ -74,10 +72,6 @@ impl PipelineStatus {
     /// Changes committed to the sink since start.
     pub fn changes_committed(&self) -> u64 {
         self.changes_committed.load(Ordering::Relaxed)
-    }
-    /// Sink commits since start.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
     }
     /// Why the pipeline stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
@@ -350,12 +344,9 @@ impl Committer {
                     histogram!("shapesync_sink_batch_changes", &labels).record(batch.changes.len() as f64);
                     counter!("shapesync_changes_committed_total", &labels)
                         .increment(batch.changes.len() as u64);
-                    let now_ms =
-                        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-                    gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(now_ms as f64 / 1000.0);
-                    self.status.last_commit_unix_ms.store(now_ms, Ordering::Relaxed);
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                    gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(now);
                     self.status.changes_committed.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
-                    self.status.commits.fetch_add(1, Ordering::Relaxed);
                     debug!(pipeline = %self.id, changes = batch.changes.len(), offset = %batch.checkpoint.offset, sweep = batch.sweep, "committed");
                     return Ok(true);
                 }
