@@ -158,7 +158,7 @@ impl SinkConfig for RedisSinkConfig {
             return Err(ConfigError::new(
                 "part_size",
                 format!(
-                    "expected 1 to {} rows per part, got {}; a part can run as one Redis script, which blocks every other client until it ends",
+                    "expected 1 to {} rows per part, got {}; larger parts hold more rows in memory and in flight to Redis at once",
                     defaults::MAX_PART_SIZE,
                     self.part_size
                 ),

@@ -52,16 +52,20 @@
 //! `<prefix>[{pipeline}:]shapesync:<pipeline>:checkpoint`; nothing else stores progress.
 //! Row membership lives in the hash `<prefix>[{pipeline}:]shapesync:<pipeline>:members`
 //! (row key → generation that last wrote it).
-//! Each atomic unit is one Lua script call running the unit's commands in order, the
-//! checkpoint last; a failing command aborts the script before the checkpoint is written.
-//! - A live batch is one unit, however large: size `timeout_ms` for your largest
-//!   transaction (a unit that times out is retried, and replay is idempotent).
+//! - A live batch (a transaction) is one atomic unit: one Lua script call running its
+//!   commands in order, the checkpoint last. A failing command aborts the script before
+//!   the checkpoint is written; Redis does not roll back the commands before it, but a
+//!   refused command (`Rejected`) stops the pipeline, and replay from the checkpoint
+//!   rewrites them once the cause is fixed. A unit runs alone in Redis however large, so
+//!   size `timeout_ms` for your largest transaction (a unit that times out is retried,
+//!   and replay is idempotent).
 //! - A snapshot batch — every change is an insert without a log position, and the
-//!   checkpoint offset is `-1`, `0_N` or `0_inf` — is written in units of `part_size`
-//!   rows (at most 10,000) so Redis never blocks other clients for long. A few units are
-//!   pipelined; rows may land ahead of the checkpoint (replay is idempotent), and the last
-//!   unit, which carries the checkpoint, is sent only after every earlier unit has
-//!   committed.
+//!   checkpoint offset is `-1`, `0_N` or `0_inf` — is not a transaction, so it is written
+//!   in parts of `part_size` rows (at most 10,000) as plain pipelines: Redis serves other
+//!   clients between their commands, and no command carries more than 250 membership
+//!   entries. A few parts are in flight at once; rows may land ahead of the checkpoint
+//!   (replay is idempotent). The last part is sent only after every earlier one has
+//!   succeeded, and the checkpoint (`SET`) only after every command of the last part has.
 //! - A batch with `sweep` writes its changes, then `HSCAN`s the membership `part_size`
 //!   entries at a time and `UNLINK`s rows of older generations. The sweep runs as bounded
 //!   steps, not as one atomic unit with the checkpoint, which goes with the last step:
@@ -69,6 +73,9 @@
 //!   left the shape still present), but never miss a row that is still in the shape,
 //!   since every such row was rewritten with the current generation before the sweep
 //!   began. A sweep cut short leaves the old checkpoint, so the runner retries the batch.
+//!
+//! Within every unit, new memberships are written before the rows, and removed ones after,
+//! so a unit cut short never leaves a row that the next sweep cannot find.
 //!
 //! # Notifications
 //! With `notify: <channel>`, every unit `PUBLISH`es one message per changed row, delivered

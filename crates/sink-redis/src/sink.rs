@@ -1,4 +1,5 @@
-//! The Redis sink: rows, membership and checkpoint written by one Lua script per unit.
+//! The Redis sink: rows, membership and checkpoint, written by one Lua script per live
+//! transaction and by plain pipelines for snapshot parts and sweep steps.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::{Arg, Client, Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use serde_json::value::RawValue;
 use shapesync_core::{
     Batch, Change, Checkpoint, Offset, Operation, Row, Schema, Sink, SinkConfig, SinkContext, SinkError,
@@ -16,10 +17,10 @@ use shapesync_core::{
 use crate::config::{Layout, RedisSinkConfig};
 use crate::template::{KeyError, KeyTemplate};
 
-/// Runs a list of commands atomically. ARGV holds, per command, its argument count and
-/// then its arguments. A failing command aborts the script, so the checkpoint (always
-/// the last command) is never written past data that failed. KEYS[1] is the checkpoint
-/// key, declared so that a cluster routes the script to the pipeline's slot.
+/// Runs a live transaction's commands atomically. ARGV holds, per command, its argument
+/// count and then its arguments. A failing command aborts the script, so the checkpoint
+/// (always the last command) is never written past data that failed. KEYS[1] is the
+/// checkpoint key, declared so that a cluster routes the script to the pipeline's slot.
 const APPLY_SCRIPT: &str = r"
 local i, n = 1, #ARGV
 while i <= n do
@@ -33,9 +34,10 @@ return n
 /// Snapshot parts sent before the previous ones have answered.
 const PARTS_IN_FLIGHT: usize = 4;
 
-/// Membership entries per `HSET`/`HDEL`: Redis' Lua `unpack` takes at most 8000
-/// values, so no single command of a unit may carry more.
-const MEMBERS_PER_COMMAND: usize = 1000;
+/// Membership entries per `HSET`/`HDEL`. Each command runs alone in Redis, so it is kept
+/// short (~0.4 ms on a million-entry hash) for readers; it must also stay under the 8000
+/// values Redis' Lua `unpack` takes.
+const MEMBERS_PER_COMMAND: usize = 250;
 
 /// How long to wait for a TCP connection before calling Redis unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -90,30 +92,32 @@ impl KeyNames {
     }
 }
 
-/// The commands of one atomic unit, flattened for [`APPLY_SCRIPT`], and the membership
-/// changes it makes (row key → generation, `None` to remove), written as one `HSET` and
-/// one `HDEL` at the end of the unit: only the unit's final state is ever visible.
+/// The commands of one unit and the membership changes it makes (row key → `true` to
+/// tag it with the unit's generation, `false` to remove it), written as few `HSET`s and
+/// `HDEL`s: only the unit's final membership of each row is ever written.
 #[derive(Default)]
 struct Unit {
-    args: Vec<String>,
-    members: BTreeMap<String, Option<String>>,
+    commands: Vec<Cmd>,
+    members: BTreeMap<String, bool>,
 }
 
 impl Unit {
-    fn push(&mut self, command: impl IntoIterator<Item = String>) {
-        let at = self.args.len();
-        self.args.push(String::new());
-        self.args.extend(command);
-        self.args[at] = (self.args.len() - at - 1).to_string();
+    fn push(&mut self, command: Cmd) {
+        self.commands.push(command);
     }
 
-    fn set_member(&mut self, id: &str, generation: Option<&str>) {
-        self.members.insert(id.to_owned(), generation.map(str::to_owned));
+    fn set_member(&mut self, id: &str, current: bool) {
+        self.members.insert(id.to_owned(), current);
     }
 }
 
-fn s(text: &str) -> String {
-    text.to_owned()
+/// A command from its name and arguments.
+fn command<const N: usize>(parts: [&str; N]) -> Cmd {
+    let mut cmd = Cmd::new();
+    for part in parts {
+        cmd.arg(part);
+    }
+    cmd
 }
 
 fn rejected(e: shapesync_core::ConfigError) -> SinkError {
@@ -326,14 +330,14 @@ impl RedisSink {
             Layout::Table => serde_json::json!({ "op": op.as_str(), "key": self.keys.table, "field": id }),
             Layout::Hash | Layout::Json => serde_json::json!({ "op": op.as_str(), "key": self.data_key(id) }),
         };
-        unit.push([s("PUBLISH"), channel.clone(), message.to_string()]);
+        unit.push(command(["PUBLISH", channel, &message.to_string()]));
     }
 
     /// Stores `json` as row `id` (JSON layouts).
     fn put_json(&self, unit: &mut Unit, id: &str, json: String, rows: &mut RowState) {
         match self.layout {
-            Layout::Table => unit.push([s("HSET"), self.keys.table.clone(), id.to_owned(), json.clone()]),
-            _ => unit.push([s("SET"), self.data_key(id), json.clone()]),
+            Layout::Table => unit.push(command(["HSET", &self.keys.table, id, &json])),
+            _ => unit.push(command(["SET", &self.data_key(id), &json])),
         }
         rows.insert(id.to_owned(), Some(json));
     }
@@ -345,15 +349,16 @@ impl RedisSink {
             Layout::Hash => {
                 let key = self.data_key(id);
                 if replace {
-                    unit.push([s("DEL"), key.clone()]);
+                    unit.push(command(["DEL", &key]));
                 }
-                let fields: Vec<String> = row
-                    .iter()
-                    .filter_map(|(c, v)| v.render().map(|v| [c.to_owned(), v.into_owned()]))
-                    .flatten()
-                    .collect();
-                if !fields.is_empty() {
-                    unit.push([s("HSET"), key].into_iter().chain(fields));
+                let mut hset = command(["HSET", &key]);
+                for (column, value) in row {
+                    if let Some(text) = value.render() {
+                        hset.arg(column).arg(&*text);
+                    }
+                }
+                if hset.args_iter().len() > 2 {
+                    unit.push(hset);
                 }
             }
             Layout::Json | Layout::Table => self.put_json(unit, id, row_json(row), rows),
@@ -367,15 +372,20 @@ impl RedisSink {
                 let key = self.data_key(id);
                 let (nulls, set): (Vec<_>, Vec<_>) = columns.iter().partition(|(_, v)| v.is_null());
                 if !set.is_empty() {
-                    let fields = set
-                        .into_iter()
-                        .filter_map(|(c, v)| v.render().map(|v| [c.to_owned(), v.into_owned()]));
-                    unit.push([s("HSET"), key.clone()].into_iter().chain(fields.flatten()));
+                    let mut hset = command(["HSET", &key]);
+                    for (column, value) in set {
+                        if let Some(text) = value.render() {
+                            hset.arg(column).arg(&*text);
+                        }
+                    }
+                    unit.push(hset);
                 }
                 if !nulls.is_empty() {
-                    unit.push(
-                        [s("HDEL"), key].into_iter().chain(nulls.into_iter().map(|(c, _)| c.to_owned())),
-                    );
+                    let mut hdel = command(["HDEL", &key]);
+                    for (column, _) in nulls {
+                        hdel.arg(column);
+                    }
+                    unit.push(hdel);
                 }
             }
             Layout::Json | Layout::Table => {
@@ -394,16 +404,16 @@ impl RedisSink {
     /// Removes row `id` and its membership.
     fn remove(&self, unit: &mut Unit, id: &str, rows: &mut RowState) {
         match self.layout {
-            Layout::Table => unit.push([s("HDEL"), self.keys.table.clone(), id.to_owned()]),
-            Layout::Hash | Layout::Json => unit.push([s("UNLINK"), self.data_key(id)]),
+            Layout::Table => unit.push(command(["HDEL", &self.keys.table, id])),
+            Layout::Hash | Layout::Json => unit.push(command(["UNLINK", &self.data_key(id)])),
         }
-        unit.set_member(id, None);
+        unit.set_member(id, false);
         rows.insert(id.to_owned(), None);
         self.publish(unit, Operation::Delete, id);
     }
 
-    fn mark(&self, unit: &mut Unit, id: &str, generation: &str, op: Operation) {
-        unit.set_member(id, Some(generation));
+    fn mark(&self, unit: &mut Unit, id: &str, op: Operation) {
+        unit.set_member(id, true);
         self.publish(unit, op, id);
     }
 
@@ -412,7 +422,6 @@ impl RedisSink {
         unit: &mut Unit,
         template: &KeyTemplate,
         change: &Change,
-        generation: &str,
         rows: &mut RowState,
         new_row: bool,
     ) -> Result<(), SinkError> {
@@ -420,7 +429,7 @@ impl RedisSink {
         match change.op {
             Operation::Insert => {
                 self.put(unit, &id, &change.value, rows, !new_row);
-                self.mark(unit, &id, generation, Operation::Insert);
+                self.mark(unit, &id, Operation::Insert);
             }
             Operation::Delete => self.remove(unit, &id, rows),
             Operation::Update => {
@@ -432,12 +441,12 @@ impl RedisSink {
                     if old_id != id {
                         self.remove(unit, &old_id, rows);
                         self.put(unit, &id, &change.value, rows, true);
-                        self.mark(unit, &id, generation, Operation::Insert);
+                        self.mark(unit, &id, Operation::Insert);
                         return Ok(());
                     }
                 }
                 self.merge(unit, &id, &change.value, rows)?;
-                self.mark(unit, &id, generation, Operation::Update);
+                self.mark(unit, &id, Operation::Update);
             }
         }
         Ok(())
@@ -480,52 +489,65 @@ impl RedisSink {
         Ok(rows)
     }
 
-    /// Runs `unit`: new memberships first (so a write cut short never leaves a row the
-    /// sweep cannot find), then the unit's commands, then removed memberships, then
-    /// `checkpoint`. An atomic unit is one script call; a non-atomic one (replayable
-    /// snapshot parts and sweep steps, which carry no checkpoint) is a plain pipeline,
-    /// which costs Redis less per command.
+    /// Runs `unit`: new memberships (tagged `generation`) first, so a write cut short
+    /// never leaves a row the sweep cannot find, then the unit's commands, then removed
+    /// memberships, then `checkpoint`. An atomic unit (a live transaction) is one script
+    /// call. Any other unit (replayable snapshot parts and sweep steps) is a plain
+    /// pipeline, which costs Redis less and lets readers in between its commands; its
+    /// checkpoint is stored only once every command of the pipeline has succeeded.
     async fn run(
         &self,
         conn: &mut ConnectionManager,
         unit: Unit,
+        generation: &str,
         checkpoint: Option<&str>,
         atomic: bool,
     ) -> Result<(), SinkError> {
-        let Unit { args: body, members } = unit;
-        let (set, removed): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, g)| g.is_some());
-        let mut ordered = Unit::default();
-        for chunk in set.chunks(MEMBERS_PER_COMMAND) {
-            let pairs = chunk.iter().flat_map(|(id, g)| [id.clone(), g.clone().unwrap_or_default()]);
-            ordered.push([s("HSET"), self.keys.members.clone()].into_iter().chain(pairs));
+        let Unit { commands, members } = unit;
+        let (joined, left): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, current)| *current);
+        let mut ordered = Vec::with_capacity(commands.len() + 4);
+        for chunk in joined.chunks(MEMBERS_PER_COMMAND) {
+            let mut hset = command(["HSET", &self.keys.members]);
+            for (id, _) in chunk {
+                hset.arg(id).arg(generation);
+            }
+            ordered.push(hset);
         }
-        ordered.args.extend(body);
-        for chunk in removed.chunks(MEMBERS_PER_COMMAND) {
-            let ids = chunk.iter().map(|(id, _)| id.clone());
-            ordered.push([s("HDEL"), self.keys.members.clone()].into_iter().chain(ids));
+        ordered.extend(commands);
+        for chunk in left.chunks(MEMBERS_PER_COMMAND) {
+            let mut hdel = command(["HDEL", &self.keys.members]);
+            for (id, _) in chunk {
+                hdel.arg(id);
+            }
+            ordered.push(hdel);
         }
-        if let Some(json) = checkpoint {
-            ordered.push([s("SET"), self.keys.checkpoint.clone(), json.to_owned()]);
-        }
-        if ordered.args.is_empty() {
-            return Ok(());
-        }
-        if atomic || checkpoint.is_some() {
+        let store_checkpoint = checkpoint.map(|json| command(["SET", &self.keys.checkpoint, json]));
+        if atomic {
+            ordered.extend(store_checkpoint);
+            if ordered.is_empty() {
+                return Ok(());
+            }
             let mut invocation = self.script.key(&self.keys.checkpoint);
-            for arg in &ordered.args {
-                invocation.arg(arg);
+            for cmd in &ordered {
+                invocation.arg(cmd.args_iter().len());
+                for arg in cmd.args_iter() {
+                    if let Arg::Simple(bytes) = arg {
+                        invocation.arg(bytes);
+                    }
+                }
             }
             invocation.invoke_async::<redis::Value>(conn).await.map_err(classify)?;
-        } else {
+            return Ok(());
+        }
+        if !ordered.is_empty() {
             let mut pipe = redis::pipe();
-            let mut rest = ordered.args.as_slice();
-            while let Some((argc, tail)) = rest.split_first() {
-                let argc: usize = argc.parse().expect("units prefix each command with its length");
-                let (command, tail) = tail.split_at(argc);
-                pipe.cmd(&command[0]).arg(&command[1..]).ignore();
-                rest = tail;
+            for cmd in ordered {
+                pipe.add_command(cmd).ignore();
             }
             pipe.query_async::<()>(conn).await.map_err(classify)?;
+        }
+        if let Some(set) = store_checkpoint {
+            set.query_async::<()>(conn).await.map_err(classify)?;
         }
         Ok(())
     }
@@ -538,7 +560,7 @@ impl RedisSink {
         generation: u64,
         checkpoint: Option<&str>,
     ) -> Result<(), SinkError> {
-        let mut cursor = s("0");
+        let mut cursor = "0".to_owned();
         loop {
             let (next, flat): (String, Vec<String>) = redis::cmd("HSCAN")
                 .arg(&self.keys.members)
@@ -557,7 +579,7 @@ impl RedisSink {
                 }
             }
             let done = next == "0";
-            self.run(conn, unit, checkpoint.filter(|_| done), false).await?;
+            self.run(conn, unit, "", checkpoint.filter(|_| done), false).await?;
             if done {
                 return Ok(());
             }
@@ -606,7 +628,7 @@ impl Sink for RedisSink {
         for (i, part) in parts.into_iter().enumerate() {
             let mut unit = Unit::default();
             for change in part {
-                self.write_change(&mut unit, &template, change, &generation, &mut rows, new_rows)?;
+                self.write_change(&mut unit, &template, change, &mut rows, new_rows)?;
             }
             if snapshot {
                 rows.clear(); // inserts only: no later change reads what this part wrote
@@ -620,7 +642,10 @@ impl Sink for RedisSink {
             let checkpoint = checkpoint.as_str();
             let with_checkpoint = (last && !batch.sweep).then_some(checkpoint);
             let mut conn = self.conn.clone();
-            in_flight.push_back(async move { self.run(&mut conn, unit, with_checkpoint, !snapshot).await });
+            let generation = generation.as_str();
+            in_flight.push_back(async move {
+                self.run(&mut conn, unit, generation, with_checkpoint, !snapshot).await
+            });
             if (last || in_flight.len() >= PARTS_IN_FLIGHT)
                 && let Some(committed) = in_flight.next().await
             {
@@ -638,12 +663,12 @@ impl Sink for RedisSink {
         // The checkpoint goes first: a reset cut short leaves rows but no progress, so the
         // next run resyncs instead of trusting rows that are partly gone.
         let mut unit = Unit::default();
-        unit.push([s("DEL"), self.keys.checkpoint.clone()]);
-        self.run(&mut conn, unit, None, false).await?;
+        unit.push(command(["DEL", &self.keys.checkpoint]));
+        self.run(&mut conn, unit, "", None, false).await?;
         self.sweep(&mut conn, u64::MAX, None).await?;
         let mut unit = Unit::default();
-        unit.push([s("UNLINK"), self.keys.members.clone()]);
-        self.run(&mut conn, unit, None, false).await
+        unit.push(command(["UNLINK", &self.keys.members]));
+        self.run(&mut conn, unit, "", None, false).await
     }
 }
 
@@ -664,14 +689,6 @@ mod tests {
             r#"{"a":9007199254740993,"b":9223372036854775807,"j":{"x":1.10},"z":null}"#
         );
         assert!(merge_json(Some("[1]"), &update).is_err());
-    }
-
-    #[test]
-    fn unit_prefixes_each_command_with_its_length() {
-        let mut unit = Unit::default();
-        unit.push([s("DEL"), s("k")]);
-        unit.push([s("SET"), s("k"), s("v")]);
-        assert_eq!(unit.args, ["2", "DEL", "k", "3", "SET", "k", "v"]);
     }
 
     #[test]

@@ -702,6 +702,26 @@ async fn corrupt_checkpoint_is_reported_and_foreign_keys_are_rejected_without_ad
 }
 
 #[tokio::test]
+async fn a_snapshot_part_redis_rejects_keeps_the_checkpoint_back() {
+    // Snapshot parts are plain pipelines, not scripts: the checkpoint is stored only after
+    // every command of the last part succeeded.
+    let setup = Setup::new("snapfail", Layout::Hash);
+    let sink = setup.sink().await;
+    let mut conn = redis().await;
+    let _: () = conn.set(setup.key("3"), "foreign").await.unwrap();
+    let rows = || (1..=3).map(|id| Change::insert(format!("k{id}"), full_row(id, "x"))).collect();
+    let snapshot = batch(rows(), cp("0_inf", 1, false));
+    assert!(matches!(sink.apply(&snapshot).await, Err(SinkError::Rejected(_))));
+    assert_eq!(sink.checkpoint().await.unwrap(), None, "checkpoint must not pass failed data");
+
+    let _: () = conn.del(setup.key("3")).await.unwrap();
+    sink.apply(&snapshot).await.unwrap();
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(cp("0_inf", 1, false)));
+    assert_eq!(hgetall(&mut conn, &setup.key("3")).await.get("name").map(String::as_str), Some("x"));
+    cleanup(&setup.prefix).await;
+}
+
+#[tokio::test]
 async fn connecting_to_a_closed_port_is_unavailable() {
     let port = free_port();
     let mut config = RedisSinkConfig::new(format!("redis://user:s3cret@127.0.0.1:{port}"));
