@@ -12,11 +12,12 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod procfs;
 mod redis_bench;
-mod rss;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::thread;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -68,6 +69,11 @@ enum Cmd {
         /// Pin the reader process to this CPU (see docs/PERFORMANCE.md).
         #[arg(long)]
         reader_cpu: Option<usize>,
+        /// Run a Redis server of the benchmark's own (`redis-server` from PATH) alone on
+        /// the last CPU, with the reader beside it and the load on the other CPUs: what
+        /// Redis makes readers wait, without the load generators competing for its CPU.
+        #[arg(long, conflicts_with_all = ["url", "reader_cpu"])]
+        isolate: bool,
     },
     /// (internal) the cache reader process of `redis`.
     #[command(hide = true)]
@@ -89,6 +95,24 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::ReadLoop { url, key } = &cli.command {
         return redis_bench::read_loop(url, key);
     }
+    let mut redis_cpu = None;
+    if let Cmd::Redis { isolate: true, .. } = cli.command {
+        // Pin before the runtime starts: its threads, and the servers this process
+        // spawns, inherit the main thread's CPUs.
+        let cpus = thread::available_parallelism()?.get();
+        if cpus < 2 {
+            bail!("--isolate needs at least 2 CPUs, this process may use {cpus}");
+        }
+        let load = if cpus == 2 { "0".to_owned() } else { format!("0-{}", cpus - 2) };
+        let pinned = Command::new("taskset")
+            .args(["-p", "-c", &load, &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+        if !pinned.is_ok_and(|s| s.success()) {
+            bail!("cannot pin the benchmark to CPUs {load} with taskset");
+        }
+        redis_cpu = Some(cpus - 1);
+    }
     if matches!(cli.command, Cmd::Redis { .. }) {
         // The load (this process's threads and the synthetic server it spawns) yields to
         // Redis and the reader process; threads inherit the main thread's niceness.
@@ -106,16 +130,20 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Cmd::Client { rows, chunk_bytes } => client(rows, chunk_bytes).await,
-            Cmd::Redis { url, rows, vanish, live_txs, chunk_bytes, part_size, buffer, reader_cpu } => {
+            Cmd::Redis {
+                url, rows, vanish, live_txs, chunk_bytes, part_size, buffer, reader_cpu, ..
+            } => {
+                let dedicated = redis_cpu.map(redis_bench::DedicatedRedis::start).transpose()?;
                 redis_bench::run(redis_bench::RedisBench {
-                    url,
+                    url: dedicated.as_ref().map_or(url, |d| d.url.clone()),
                     rows,
                     vanish: vanish.min(rows),
                     live_txs,
                     chunk_bytes,
                     part_size,
                     buffer,
-                    reader_cpu,
+                    reader_cpu: reader_cpu.or(redis_cpu),
+                    dedicated,
                 })
                 .await
             }
@@ -151,6 +179,11 @@ impl ChildServer {
         let url = url.split('?').next().unwrap_or(url).to_owned();
         Ok(ChildServer { child, url })
     }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for ChildServer {
@@ -162,7 +195,7 @@ impl Drop for ChildServer {
 
 async fn client(rows: u64, chunk_bytes: usize) -> anyhow::Result<()> {
     let server = ChildServer::start("items", rows, chunk_bytes)?;
-    let rss_before = rss::peak_rss_bytes();
+    let rss_before = procfs::peak_rss_bytes();
     let mut stream = ShapeStream::new(ShapeOptions::new(server.url.parse()?, "items"))?;
     let started = Instant::now();
     let (mut messages, mut responses) = (0u64, 0u64);
@@ -186,8 +219,8 @@ async fn client(rows: u64, chunk_bytes: usize) -> anyhow::Result<()> {
     println!("client: {:.0} messages/s", messages as f64 / secs);
     println!(
         "client: peak RSS {:.1} MiB (before streaming {:.1} MiB), chunk size {:.1} MiB",
-        rss::mib(rss::peak_rss_bytes()),
-        rss::mib(rss_before),
+        procfs::mib(procfs::peak_rss_bytes()),
+        procfs::mib(rss_before),
         chunk_bytes as f64 / 1048576.0
     );
     Ok(())

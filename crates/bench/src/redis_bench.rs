@@ -14,7 +14,7 @@ use shapesync_sink_redis::RedisSinkConfig;
 use shapesync_testkit::{ServerOptions, TestServer};
 use tokio_util::sync::CancellationToken;
 
-use crate::{ChildServer, rss};
+use crate::{ChildServer, procfs};
 
 /// Settings of one run.
 pub struct RedisBench {
@@ -35,6 +35,80 @@ pub struct RedisBench {
     /// Pin the reader process to this CPU (pin Redis there too, and the benchmark
     /// elsewhere, to see what Redis makes readers wait without CPU contention).
     pub reader_cpu: Option<usize>,
+    /// The benchmark's own Redis server (`--isolate`), restarted before the initial
+    /// sync with a reader, so that phase includes the server's first growth.
+    pub dedicated: Option<DedicatedRedis>,
+}
+
+/// A Redis server of the benchmark's own for `--isolate`, stopped on drop. Its main
+/// thread runs alone on one CPU; its background threads (lazy freeing of `UNLINK`ed
+/// keys) run with the load, so they never take that CPU from the main thread. It keeps
+/// nothing on disk.
+pub struct DedicatedRedis {
+    child: Child,
+    cpu: usize,
+    port: u16,
+    /// Where it listens.
+    pub url: String,
+}
+
+impl DedicatedRedis {
+    /// Starts `redis-server` on a free loopback port, its main thread on `cpu` and its
+    /// background threads on the CPUs below, and returns once it answers `PING`.
+    pub fn start(cpu: usize) -> anyhow::Result<DedicatedRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dedicated = Self::start_on(cpu, port)?;
+        println!(
+            "dedicated Redis at {} (main thread on CPU {cpu}), load on CPUs {}",
+            dedicated.url,
+            Self::other_cpus(cpu)
+        );
+        Ok(dedicated)
+    }
+
+    /// Replaces the server with a fresh one on the same port: a phase that should see a
+    /// server's first growth of memory (an initial sync) gets one.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::start_on(self.cpu, self.port)?;
+        Ok(())
+    }
+
+    fn other_cpus(cpu: usize) -> String {
+        if cpu == 1 { "0".to_owned() } else { format!("0-{}", cpu - 1) }
+    }
+
+    fn start_on(cpu: usize, port: u16) -> anyhow::Result<DedicatedRedis> {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--server_cpulist", &cpu.to_string(), "--bio_cpulist", &Self::other_cpus(cpu)])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server (is it on PATH?)")?;
+        let dedicated = DedicatedRedis { child, cpu, port, url: format!("redis://127.0.0.1:{port}") };
+        let client = redis::Client::open(dedicated.url.as_str())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answered =
+                client.get_connection().and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
+            match answered {
+                Ok(_) => return Ok(dedicated),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("the dedicated redis-server did not answer: {e}")
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+impl Drop for DedicatedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A cache reader: a separate process issuing `HGET` in a loop on its own connection,
@@ -201,21 +275,38 @@ fn delete_prefix(con: &mut redis::Connection, prefix: &str) -> anyhow::Result<()
     }
 }
 
-/// Server-side view of a phase: Redis CPU seconds used and its slowest commands.
-struct ServerProbe {
-    cpu_start: f64,
+/// What a phase cost each process, and Redis' slowest commands during it.
+struct PhaseProbe {
+    redis_cpu: f64,
+    own_cpu: f64,
+    server: Option<(u32, f64)>,
+    steal: f64,
 }
 
-impl ServerProbe {
-    fn start(con: &mut redis::Connection) -> anyhow::Result<ServerProbe> {
+impl PhaseProbe {
+    /// Starts measuring; `server` is the synthetic server's process, if the phase has one.
+    fn start(con: &mut redis::Connection, server: Option<u32>) -> anyhow::Result<PhaseProbe> {
         redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg(1000).query::<()>(con)?;
         redis::cmd("SLOWLOG").arg("RESET").query::<()>(con)?;
-        Ok(ServerProbe { cpu_start: redis_cpu(con)? })
+        Ok(PhaseProbe {
+            redis_cpu: redis_cpu(con)?,
+            own_cpu: procfs::cpu_seconds(None),
+            server: server.map(|pid| (pid, procfs::cpu_seconds(Some(pid)))),
+            steal: procfs::steal_seconds(),
+        })
     }
 
-    /// "Redis CPU x s (y µs/row); slowest command z ms".
+    /// "CPU per row: server a µs, shapesync b µs, Redis c µs; slowest Redis command z ms".
+    /// Call before the server process ends.
     fn finish(self, con: &mut redis::Connection, rows: u64) -> anyhow::Result<String> {
-        let cpu = redis_cpu(con)? - self.cpu_start;
+        let cpu = redis_cpu(con)? - self.redis_cpu;
+        let steal = procfs::steal_seconds() - self.steal;
+        let own = procfs::cpu_seconds(None) - self.own_cpu;
+        let per_row = |secs: f64| secs * 1e6 / rows.max(1) as f64;
+        let server = self
+            .server
+            .map(|(pid, start)| format!("server {:.2} µs, ", per_row(procfs::cpu_seconds(Some(pid)) - start)))
+            .unwrap_or_default();
         let entries: Vec<redis::Value> = redis::cmd("SLOWLOG").arg("GET").arg(128).query(con)?;
         let (slowest_us, slowest_cmd) = entries
             .iter()
@@ -236,8 +327,10 @@ impl ServerProbe {
             .unwrap_or_default();
         redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg(10_000).query::<()>(con)?;
         Ok(format!(
-            "Redis CPU {cpu:.2} s ({:.2} µs/row); slowest command {} (slowlog threshold 1 ms)",
-            cpu * 1e6 / rows.max(1) as f64,
+            "CPU per row: {server}this process {:.2} µs, Redis {:.2} µs; stolen by the hypervisor {:.0} ms; slowest Redis command {} (slowlog threshold 1 ms)",
+            per_row(own),
+            per_row(cpu),
+            steal * 1000.0,
             if slowest_us == 0 {
                 "< 1 ms".to_owned()
             } else {
@@ -268,7 +361,7 @@ async fn measured_sync(
     let server = ChildServer::start("items", rows, b.chunk_bytes)?;
     let reader =
         with_reader.then(|| Reader::start(&b.url, format!("{prefix}item:1"), b.reader_cpu)).transpose()?;
-    let probe = ServerProbe::start(con)?;
+    let probe = PhaseProbe::start(con, Some(server.pid()))?;
     let started = Instant::now();
     sync_once(&server.url, sink(b, prefix, None).await?, b.buffer).await?;
     let secs = started.elapsed().as_secs_f64();
@@ -281,8 +374,17 @@ async fn measured_sync(
     Ok((secs, stalls, server_view))
 }
 
+/// With a dedicated server, replaces it with a fresh one and reconnects `con`.
+fn fresh_server(b: &mut RedisBench, con: &mut redis::Connection) -> anyhow::Result<()> {
+    if let Some(dedicated) = &mut b.dedicated {
+        dedicated.restart()?;
+        *con = redis::Client::open(b.url.as_str())?.get_connection()?;
+    }
+    Ok(())
+}
+
 /// Runs every phase and prints the figures.
-pub async fn run(b: RedisBench) -> anyhow::Result<()> {
+pub async fn run(mut b: RedisBench) -> anyhow::Result<()> {
     let prefix = format!("shapesync-bench:{}:", std::process::id());
     let mut con = redis::Client::open(b.url.as_str())?.get_connection().context("cannot connect to Redis")?;
     println!(
@@ -300,7 +402,7 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     println!(
         "pipeline: {} rows in {secs:.2} s = {pipeline_rate:.0} rows/s; peak RSS {:.1} MiB",
         b.rows,
-        rss::mib(rss::peak_rss_bytes())
+        procfs::mib(procfs::peak_rss_bytes())
     );
     println!("  {server_view}");
 
@@ -314,14 +416,17 @@ pub async fn run(b: RedisBench) -> anyhow::Result<()> {
     delete_prefix(&mut con, &prefix)?;
 
     // Phase 3: the initial sync again, into an empty keyspace, with a reader.
+    fresh_server(&mut b, &mut con)?;
     let (_, stalls, server_view) = measured_sync(&b, &mut con, &prefix, b.rows, true).await?;
     println!("reader during initial sync: {}", stalls.expect("with a reader"));
     println!("  {server_view}");
     delete_prefix(&mut con, &prefix)?;
 
-    // Phase 4: raw pipelined HSETs of the same rows, same part size, same program.
+    // Phase 4: raw pipelined HSETs of the same rows, same part size, same program, into
+    // a fresh server as in phase 1.
+    fresh_server(&mut b, &mut con)?;
     let raw_prefix = format!("{prefix}raw:");
-    let probe = ServerProbe::start(&mut con)?;
+    let probe = PhaseProbe::start(&mut con, None)?;
     let started = Instant::now();
     let mut pipe = redis::pipe();
     for id in 1..=b.rows {
