@@ -1,0 +1,96 @@
+//! `type: sqlite` settings and their validation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
+
+use crate::sink::{CHECKPOINT_TABLE, GENERATION_COLUMN, SqliteSink};
+
+/// Default values of the optional settings, in one place.
+pub mod defaults {
+    /// How long a write waits for another connection's lock before the batch is retried.
+    pub const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+    pub(crate) fn busy_timeout_ms() -> u64 {
+        BUSY_TIMEOUT_MS
+    }
+}
+
+/// Settings of a `type: sqlite` sink.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSinkConfig {
+    /// The database file. It is created on the first write if missing; its directory
+    /// must exist.
+    pub path: PathBuf,
+    /// The table holding the shape's rows. Default: the shape's table name without its
+    /// schema (`public.items` → `items`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// How long a write waits for a lock another connection holds, in milliseconds,
+    /// before the batch is retried.
+    #[serde(default = "defaults::busy_timeout_ms")]
+    pub busy_timeout_ms: u64,
+}
+
+impl SqliteSinkConfig {
+    /// Settings with every optional key at its default.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteSinkConfig { path: path.into(), table: None, busy_timeout_ms: defaults::BUSY_TIMEOUT_MS }
+    }
+
+    /// The table the rows go to for a shape of `shape_table`.
+    pub(crate) fn table_name(&self, shape_table: &str) -> String {
+        match &self.table {
+            Some(table) => table.clone(),
+            None => shape_table.rsplit('.').next().unwrap_or(shape_table).to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl SinkConfig for SqliteSinkConfig {
+    fn check(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
+        let path = self.path.to_string_lossy();
+        if path.is_empty() {
+            return Err(ConfigError::new("path", "expected the path of a SQLite database file"));
+        }
+        if path == ":memory:" || path.starts_with("file::memory:") {
+            return Err(ConfigError::new(
+                "path",
+                "an in-memory SQLite database lives only as long as one connection; use `type: memory` for an in-process cache, or give a file path",
+            ));
+        }
+        let table = self.table_name(&ctx.shape.table);
+        if table.is_empty() {
+            return Err(ConfigError::new("table", "expected a table name"));
+        }
+        if table == CHECKPOINT_TABLE {
+            return Err(ConfigError::new(
+                "table",
+                format!("`{CHECKPOINT_TABLE}` holds the pipelines' checkpoints; pick another table name"),
+            ));
+        }
+        if let Some(columns) = &ctx.shape.columns
+            && columns.iter().any(|c| c == GENERATION_COLUMN)
+        {
+            return Err(ConfigError::new(
+                "table",
+                format!(
+                    "the shape selects a column named `{GENERATION_COLUMN}`, which the sink keeps for itself"
+                ),
+            ));
+        }
+        if self.busy_timeout_ms == 0 {
+            return Err(ConfigError::new("busy_timeout_ms", "expected a timeout of at least 1 ms"));
+        }
+        Ok(())
+    }
+
+    async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
+        self.check(&ctx).map_err(|e| SinkError::Rejected(e.to_string()))?;
+        Ok(Arc::new(SqliteSink::new(self, ctx)))
+    }
+}
