@@ -23,6 +23,7 @@ pub fn builtin_registry() -> Registry {
     registry.source::<shapesync_electric::ElectricSourceConfig>("electric");
     shapesync_sink_memory::register(&mut registry);
     shapesync_sink_redis::register(&mut registry);
+    shapesync_sink_sqlite::register(&mut registry);
     registry
 }
 

@@ -1,5 +1,5 @@
 //! The pipeline files shipped in `pipelines/` run as documented, through the real binary,
-//! against the testkit server and the local Redis.
+//! against the testkit server, the local Redis and SQLite files of their own.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -109,6 +109,71 @@ async fn redis_cache_pipeline_runs_as_documented() {
     let out = shapesync(&["reset", file, "--pipeline", "projects", "--yes"], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(keys(&mut con, &prefix).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_cache_pipeline_runs_as_documented() {
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let projects = server.create_table(
+        TableDef::new("projects")
+            .column(Column::new("id", "int8").primary_key().not_null())
+            .column(Column::new("name", "text"))
+            .column(Column::new("owner", "text"))
+            .column(Column::new("archived", "bool")),
+    );
+    projects.register_where("archived = false", |row| row.get("archived") == Some("f"));
+    projects.seed([
+        json!({"id": "1", "name": "alpha", "owner": null, "archived": "f"}),
+        json!({"id": "2", "name": "beta", "owner": "ann", "archived": "t"}),
+        json!({"id": "3", "name": "gamma", "owner": "bob", "archived": "f"}),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cache.db");
+    let env = [
+        ("ELECTRIC_URL", server.url()),
+        ("SQLITE_PATH", db.display().to_string()),
+        ("SHAPESYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let file = "pipelines/sqlite-cache.yaml";
+    let rows = || -> Vec<(i64, String, Option<String>, i64)> {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let mut stmt = conn.prepare("SELECT id, name, owner, archived FROM projects ORDER BY id").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+
+    let out = shapesync(&["run", "--once", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rows(), vec![(1, "alpha".into(), None, 0), (3, "gamma".into(), Some("bob".into()), 0)]);
+
+    // A later run picks up from the stored checkpoint.
+    projects.transaction().update(json!({"id": "3", "name": "gamma 2"})).commit();
+    let out = shapesync(&["run", "--once", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rows()[1], (3, "gamma 2".into(), Some("bob".into()), 0), "partial update merged");
+    let resumed = server.requests().iter().filter(|r| r.param("offset") != Some("-1")).count();
+    assert!(resumed > 0, "the second run resumed instead of starting over");
+
+    let out = shapesync(&["checkpoints", "--json", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["pipeline"], "projects");
+
+    let out = shapesync(&["reset", file, "--pipeline", "projects", "--yes"], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(rows().is_empty());
+    let out = shapesync(&["checkpoints", "--json", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(line["handle"].is_null(), "no checkpoint after reset: {line}");
 }
 
 #[test]
