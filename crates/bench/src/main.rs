@@ -6,6 +6,9 @@
 //! - `redis`: the same shape into Redis through the whole pipeline, raw pipelined HSETs
 //!   of the same rows for comparison, live latency, and reader stalls.
 //!
+//! - `sqlite`: the same shape into a SQLite file through the whole pipeline, raw
+//!   prepared inserts of the same rows for comparison, and a concurrent reader.
+//!
 //! Build with `--release`; figures and the machine go into `docs/PERFORMANCE.md`.
 
 /// The same allocator as the `shapesync` binary, so figures carry over.
@@ -14,6 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod procfs;
 mod redis_bench;
+mod sqlite_bench;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -74,6 +78,20 @@ enum Cmd {
         /// Redis makes readers wait, without the load generators competing for its CPU.
         #[arg(long, conflicts_with_all = ["url", "reader_cpu"])]
         isolate: bool,
+    },
+    /// Sync a synthetic shape into a SQLite file through the whole pipeline; compare
+    /// with raw prepared inserts; time a concurrent reader.
+    Sqlite {
+        /// Rows in the synthetic shape.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Server chunk size in bytes.
+        #[arg(long, default_value_t = 10 * 1024 * 1024)]
+        chunk_bytes: usize,
+        /// Directory for the database files (removed afterwards); default: the system's
+        /// temporary directory.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
     /// (internal) the cache reader process of `redis`.
     #[command(hide = true)]
@@ -146,6 +164,9 @@ fn main() -> anyhow::Result<()> {
                     dedicated,
                 })
                 .await
+            }
+            Cmd::Sqlite { rows, chunk_bytes, dir } => {
+                sqlite_bench::run(rows, chunk_bytes, &sqlite_bench::directory(dir)?).await
             }
             Cmd::Serve(args) => Ok(shapesync_testkit::cli::run_synthetic_server(args).await?),
             Cmd::ReadLoop { .. } => unreachable!("handled before the runtime starts"),

@@ -225,37 +225,41 @@ impl SqliteSink {
         rows.collect::<Result<_, _>>().map_err(|e| classify(e, &self.path))
     }
 
-    /// Writes `columns` of a row (its key columns among them), tagged with `generation`:
-    /// a new row is inserted, an existing one gets just these columns replaced.
-    fn upsert(
-        &self,
-        tx: &Transaction<'_>,
-        pk: &[&str],
-        columns: &[(&str, &Value)],
-        generation: i64,
-    ) -> Result<(), SinkError> {
-        let table = quote(&self.table);
-        let names: Vec<String> = columns.iter().map(|(c, _)| quote(c)).collect();
+    /// The statement writing `columns` of a row (its key columns among them) and its
+    /// generation: a new row is inserted, an existing one gets just these columns
+    /// replaced.
+    fn upsert_sql(&self, pk: &[&str], columns: &[&str]) -> String {
         let generation_column = quote(GENERATION_COLUMN);
+        let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
         let mut set: Vec<String> = columns
             .iter()
-            .filter(|(c, _)| !pk.contains(c))
-            .map(|(c, _)| format!("{0} = excluded.{0}", quote(c)))
+            .filter(|c| !pk.contains(c))
+            .map(|c| format!("{0} = excluded.{0}", quote(c)))
             .collect();
         set.push(format!("{generation_column} = excluded.{generation_column}"));
-        let placeholders: Vec<String> = (1..=columns.len() + 1).map(|i| format!("?{i}")).collect();
+        let placeholders: Vec<String> = (1..=names.len() + 1).map(|i| format!("?{i}")).collect();
         let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
-        let sql = format!(
-            "INSERT INTO {table} ({}, {generation_column}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        format!(
+            "INSERT INTO {} ({}, {generation_column}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+            quote(&self.table),
             names.join(", "),
             placeholders.join(", "),
             key.join(", "),
             set.join(", ")
-        );
-        let mut stmt = tx.prepare_cached(&sql).map_err(|e| classify(e, &self.path))?;
-        let mut params: Vec<&dyn ToSql> = Vec::with_capacity(columns.len() + 1);
-        let bound: Vec<Bound<'_>> = columns.iter().map(|(_, v)| Bound(v)).collect();
-        params.extend(bound.iter().map(|b| b as &dyn ToSql));
+        )
+    }
+
+    /// Runs an upsert statement from [`Self::upsert_sql`] with `values` and `generation`.
+    fn upsert<'v>(
+        &self,
+        tx: &Transaction<'_>,
+        sql: &str,
+        values: impl Iterator<Item = &'v Value>,
+        generation: i64,
+    ) -> Result<(), SinkError> {
+        let mut stmt = tx.prepare_cached(sql).map_err(|e| classify(e, &self.path))?;
+        let bound: Vec<Bound<'_>> = values.map(Bound).collect();
+        let mut params: Vec<&dyn ToSql> = bound.iter().map(|b| b as &dyn ToSql).collect();
         params.push(&generation);
         stmt.execute(params.as_slice()).map_err(|e| classify(e, &self.path))?;
         Ok(())
@@ -297,6 +301,7 @@ impl SqliteSink {
         tx: &Transaction<'_>,
         schema: &Schema,
         pk: &[&str],
+        insert_sql: &str,
         change: &Change,
         generation: i64,
     ) -> Result<(), SinkError> {
@@ -304,9 +309,8 @@ impl SqliteSink {
             Operation::Insert => {
                 // A whole row: every column of the shape, NULL where the row has none.
                 self.key_values(pk, &change.value, change)?;
-                let columns: Vec<(&str, &Value)> =
-                    schema.0.keys().map(|c| (&**c, change.value.get(c).unwrap_or(&Value::Null))).collect();
-                self.upsert(tx, pk, &columns, generation)
+                let values = schema.0.keys().map(|c| change.value.get(c).unwrap_or(&Value::Null));
+                self.upsert(tx, insert_sql, values, generation)
             }
             Operation::Update => {
                 // Under `replica: full` an update may change the key: the row moves.
@@ -320,8 +324,8 @@ impl SqliteSink {
                     }
                 }
                 self.key_values(pk, &change.value, change)?;
-                let columns: Vec<(&str, &Value)> = change.value.iter().collect();
-                self.upsert(tx, pk, &columns, generation)
+                let sql = self.upsert_sql(pk, &change.value.keys().collect::<Vec<_>>());
+                self.upsert(tx, &sql, change.value.values(), generation)
             }
             Operation::Delete => self.delete(tx, pk, &change.value, change),
         }
@@ -340,8 +344,9 @@ impl SqliteSink {
         }
         let pk = schema.primary_key();
         let generation = i64::try_from(batch.checkpoint.generation).unwrap_or(i64::MAX);
+        let insert_sql = self.upsert_sql(&pk, &schema.0.keys().map(|c| &**c).collect::<Vec<_>>());
         for change in &batch.changes {
-            self.write_change(&tx, schema, &pk, change, generation)?;
+            self.write_change(&tx, schema, &pk, &insert_sql, change, generation)?;
         }
         if batch.sweep {
             let sql = format!("DELETE FROM {} WHERE {} < ?1", quote(&self.table), quote(GENERATION_COLUMN));
