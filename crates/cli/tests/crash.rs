@@ -1,8 +1,10 @@
 //! The mission's promise, end to end: kill `shapesync run` (SIGKILL) at arbitrary moments
 //! — mid-snapshot, mid-resync, mid-live — while the shape changes and rotates under it;
-//! after a final `run --once` Redis holds exactly the shape's rows.
+//! after a final `run --once` the sink holds exactly the shape's rows. Run against Redis
+//! and against a SQLite file.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,8 +45,98 @@ fn spawn(file: &str) -> Child {
         .unwrap()
 }
 
+/// The sink under test, read back the way its readers would.
+enum Store {
+    Redis { con: redis::Connection, prefix: String },
+    Sqlite { path: PathBuf },
+}
+
+impl Store {
+    /// The pipeline file's `sink:` mapping.
+    fn sink_yaml(&self) -> String {
+        match self {
+            Store::Redis { prefix, .. } => {
+                format!("{{type: redis, url: '{REDIS}', prefix: '{prefix}', part_size: 50}}")
+            }
+            Store::Sqlite { path } => format!("{{type: sqlite, path: '{}'}}", path.display()),
+        }
+    }
+
+    /// The stored checkpoint JSON.
+    fn checkpoint(&mut self) -> Option<String> {
+        match self {
+            Store::Redis { con, prefix } => {
+                redis::cmd("GET").arg(format!("{prefix}shapesync:crash:checkpoint")).query(con).unwrap()
+            }
+            Store::Sqlite { path } => {
+                if !path.exists() {
+                    return None;
+                }
+                let conn = rusqlite::Connection::open(&*path).unwrap();
+                conn.query_row(
+                    "SELECT checkpoint FROM _shapesync_checkpoints WHERE pipeline = 'crash'",
+                    [],
+                    |r| r.get(0),
+                )
+                .ok()
+            }
+        }
+    }
+
+    /// Every stored row: id → title.
+    fn rows(&mut self) -> BTreeMap<u64, String> {
+        match self {
+            Store::Redis { con, prefix } => keys(con, &format!("{prefix}crash_items:*"))
+                .into_iter()
+                .map(|key| {
+                    let row: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&key).query(con).unwrap();
+                    let id: u64 = row["id"].parse().unwrap();
+                    assert_eq!(key, format!("{prefix}crash_items:{id}"), "the key matches the row");
+                    (id, row.get("title").cloned().unwrap_or_default())
+                })
+                .collect(),
+            Store::Sqlite { path } => {
+                let conn = rusqlite::Connection::open(&*path).unwrap();
+                let mut stmt = conn.prepare("SELECT id, title FROM crash_items").unwrap();
+                stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Sink-specific bookkeeping agrees with the rows.
+    fn check_bookkeeping(&mut self, rows: usize) {
+        if let Store::Redis { con, prefix } = self {
+            let members: usize =
+                redis::cmd("HLEN").arg(format!("{prefix}shapesync:crash:members")).query(con).unwrap();
+            assert_eq!(members, rows, "membership matches the rows");
+        }
+    }
+
+    fn cleanup(&mut self) {
+        if let Store::Redis { con, prefix } = self {
+            let all = keys(con, &format!("{prefix}*"));
+            let _: () = redis::cmd("UNLINK").arg(&all).query(con).unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_at_arbitrary_moments_it_converges_to_exactly_the_shapes_rows() {
+async fn killed_at_arbitrary_moments_redis_converges_to_exactly_the_shapes_rows() {
+    let prefix = format!("test:{}:crash:", std::process::id());
+    let con = redis::Client::open(REDIS).unwrap().get_connection().unwrap();
+    killed_at_arbitrary_moments(Store::Redis { con, prefix }, "redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_arbitrary_moments_sqlite_converges_to_exactly_the_shapes_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_at_arbitrary_moments(Store::Sqlite { path: dir.path().join("crash.db") }, "sqlite").await;
+}
+
+async fn killed_at_arbitrary_moments(mut store: Store, name: &str) {
     let server = TestServer::start(ServerOptions {
         chunk_bytes: 16 * 1024, // many snapshot chunks, so kills land mid-snapshot
         long_poll_timeout: Duration::from_millis(200),
@@ -60,29 +152,26 @@ async fn killed_at_arbitrary_moments_it_converges_to_exactly_the_shapes_rows() {
     let mut expected: BTreeMap<u64, String> = (1..=20_000).map(|i| (i, format!("title {i}"))).collect();
     table.seed(expected.iter().map(|(i, t)| json!({"id": i.to_string(), "title": t})));
 
-    let prefix = format!("test:{}:crash:", std::process::id());
-    let dir = std::env::temp_dir().join(format!("shapesync-crash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("pipeline.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{name}.yaml"));
     std::fs::write(
         &file,
         format!(
-            "pipelines:\n  crash:\n    source: {{type: electric, url: '{}', table: crash_items}}\n    sink: {{type: redis, url: '{REDIS}', prefix: '{prefix}', part_size: 50}}\n",
-            server.url()
+            "pipelines:\n  crash:\n    source: {{type: electric, url: '{}', table: crash_items}}\n    sink: {}\n",
+            server.url(),
+            store.sink_yaml()
         ),
     )
     .unwrap();
     let file = file.to_str().unwrap();
-    let mut con = redis::Client::open(REDIS).unwrap().get_connection().unwrap();
     let mut rng = rand::rng();
     for (round, next_id) in (0..6).zip(20_001u64..) {
-        let checkpoint_key = format!("{prefix}shapesync:crash:checkpoint");
-        let before: Option<String> = redis::cmd("GET").arg(&checkpoint_key).query(&mut con).unwrap();
+        let before = store.checkpoint();
         let mut child = spawn(file);
         // Let this run commit something, then kill it at a random moment after.
         let started = Instant::now();
         loop {
-            let now: Option<String> = redis::cmd("GET").arg(&checkpoint_key).query(&mut con).unwrap();
+            let now = store.checkpoint();
             if now.is_some() && now != before {
                 break;
             }
@@ -92,9 +181,8 @@ async fn killed_at_arbitrary_moments_it_converges_to_exactly_the_shapes_rows() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..80))).await;
         child.kill().unwrap();
         child.wait().unwrap();
-        let at: Option<String> =
-            redis::cmd("GET").arg(format!("{prefix}shapesync:crash:checkpoint")).query(&mut con).unwrap();
-        let rows = keys(&mut con, &format!("{prefix}crash_items:*")).len();
+        let at = store.checkpoint();
+        let rows = store.rows().len();
         eprintln!(
             "round {round}: killed with {rows} rows stored, checkpoint {}",
             at.as_deref().map_or("none".into(), |c| c.chars().take(120).collect::<String>())
@@ -127,26 +215,9 @@ async fn killed_at_arbitrary_moments_it_converges_to_exactly_the_shapes_rows() {
     let out = Command::new(env!("CARGO_BIN_EXE_shapesync")).args(["run", "--once", file]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let stored = keys(&mut con, &format!("{prefix}crash_items:*"));
-    let mut want: Vec<String> = expected.keys().map(|id| format!("{prefix}crash_items:{id}")).collect();
-    want.sort();
-    assert_eq!(stored.len(), want.len(), "exactly the shape's rows, no more, no fewer");
-    assert_eq!(stored, want);
-    for (id, title) in &expected {
-        let row: BTreeMap<String, String> =
-            redis::cmd("HGETALL").arg(format!("{prefix}crash_items:{id}")).query(&mut con).unwrap();
-        assert_eq!(row.get("title"), Some(title), "row {id}");
-        assert_eq!(row.get("id"), Some(&id.to_string()), "row {id}");
-    }
-    let members: usize =
-        redis::cmd("HLEN").arg(format!("{prefix}shapesync:crash:members")).query(&mut con).unwrap();
-    assert_eq!(members, expected.len(), "membership matches the rows");
-    let cp: String =
-        redis::cmd("GET").arg(format!("{prefix}shapesync:crash:checkpoint")).query(&mut con).unwrap();
+    assert_eq!(store.rows(), expected, "exactly the shape's rows, no more, no fewer");
+    store.check_bookkeeping(expected.len());
+    let cp = store.checkpoint().expect("a checkpoint");
     assert!(cp.contains("\"resyncing\":false"), "{cp}");
-
-    let mut all = keys(&mut con, &format!("{prefix}*"));
-    all.sort();
-    let _: () = redis::cmd("UNLINK").arg(&all).query(&mut con).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    store.cleanup();
 }
