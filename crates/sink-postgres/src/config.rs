@@ -1,0 +1,126 @@
+//! `type: postgres` settings and their validation.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
+use sqlx::postgres::PgConnectOptions;
+
+use crate::sink::{CHECKPOINT_TABLE, GENERATION_COLUMN, PostgresSink};
+
+/// Default values of the optional settings, in one place.
+pub mod defaults {
+    /// The Postgres schema the table goes to.
+    pub const SCHEMA: &str = "public";
+    /// How long to wait for a connection before calling the database unavailable.
+    pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+    pub(crate) fn schema() -> String {
+        SCHEMA.to_owned()
+    }
+    pub(crate) fn connect_timeout_ms() -> u64 {
+        CONNECT_TIMEOUT_MS
+    }
+}
+
+/// Settings of a `type: postgres` sink. Deliberately not `Debug`: the URL may hold a
+/// password.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// `postgres://[user[:password]@]host[:port]/database[?options]`.
+    pub url: String,
+    /// The schema holding the table and the checkpoints table; it must exist.
+    #[serde(default = "defaults::schema")]
+    pub schema: String,
+    /// The table holding the shape's rows. Default: the shape's table name without its
+    /// schema (`public.items` → `items`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// How long to wait for a connection, in milliseconds, before the batch is retried.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl PostgresSinkConfig {
+    /// Settings with every optional key at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresSinkConfig {
+            url: url.into(),
+            schema: defaults::schema(),
+            table: None,
+            connect_timeout_ms: defaults::CONNECT_TIMEOUT_MS,
+        }
+    }
+
+    /// The table the rows go to for a shape of `shape_table`.
+    pub(crate) fn table_name(&self, shape_table: &str) -> String {
+        match &self.table {
+            Some(table) => table.clone(),
+            None => shape_table.rsplit('.').next().unwrap_or(shape_table).to_owned(),
+        }
+    }
+
+    /// Where to connect. Errors never contain the URL (it may hold a password).
+    pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(ConfigError::new(
+                "url",
+                "expected postgres://[user[:password]@]host[:port]/database",
+            ));
+        }
+        PgConnectOptions::from_str(&self.url).map_err(|_| {
+            ConfigError::new(
+                "url",
+                "not a usable Postgres URL; expected postgres://[user[:password]@]host[:port]/database",
+            )
+        })
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[async_trait]
+impl SinkConfig for PostgresSinkConfig {
+    fn check(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
+        self.connect_options()?;
+        if self.schema.is_empty() {
+            return Err(ConfigError::new("schema", "expected a schema name"));
+        }
+        let table = self.table_name(&ctx.shape.table);
+        if table.is_empty() {
+            return Err(ConfigError::new("table", "expected a table name"));
+        }
+        if table == CHECKPOINT_TABLE {
+            return Err(ConfigError::new(
+                "table",
+                format!("`{CHECKPOINT_TABLE}` holds the pipelines' checkpoints; pick another table name"),
+            ));
+        }
+        if let Some(columns) = &ctx.shape.columns
+            && columns.iter().any(|c| c == GENERATION_COLUMN)
+        {
+            return Err(ConfigError::new(
+                "table",
+                format!(
+                    "the shape selects a column named `{GENERATION_COLUMN}`, which the sink keeps for itself"
+                ),
+            ));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(ConfigError::new("connect_timeout_ms", "expected a timeout of at least 1 ms"));
+        }
+        Ok(())
+    }
+
+    /// Creates the connection pool without connecting: a database that is down at
+    /// start-up surfaces as `Unavailable` on first use, which the runner retries.
+    async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
+        self.check(&ctx).map_err(|e| SinkError::Rejected(e.to_string()))?;
+        Ok(Arc::new(PostgresSink::new(&self, ctx)?))
+    }
+}

@@ -1,0 +1,572 @@
+//! The Postgres sink: each batch, its sweep and its checkpoint in one Postgres transaction.
+
+use std::sync::Mutex;
+
+use shapesync_core::{
+    Batch, Change, Checkpoint, ColumnType, Operation, Row, Schema, Sink, SinkContext, SinkError, Value,
+    async_trait,
+};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
+
+use crate::config::PostgresSinkConfig;
+
+/// The table holding every pipeline's checkpoint in the sink's schema.
+pub const CHECKPOINT_TABLE: &str = "_shapesync_checkpoints";
+
+/// The column recording which generation last wrote a row, for mark-and-sweep.
+pub const GENERATION_COLUMN: &str = "_shapesync_generation";
+
+/// Postgres allows 65535 bind parameters per statement; a snapshot insert stays below.
+const MAX_PARAMS: usize = 65_535;
+
+/// Rows per multi-row insert of a snapshot batch.
+const ROWS_PER_INSERT: usize = 1_000;
+
+/// Built-in types a column keeps in the target table; any other type (an enum, a
+/// domain, an extension's type, which the target database may not have) becomes `text`.
+const KEPT_TYPES: &[&str] = &[
+    "bool",
+    "int2",
+    "int4",
+    "int8",
+    "oid",
+    "float4",
+    "float8",
+    "numeric",
+    "money",
+    "text",
+    "varchar",
+    "bpchar",
+    "name",
+    "char",
+    "uuid",
+    "json",
+    "jsonb",
+    "xml",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "interval",
+    "bytea",
+    "inet",
+    "cidr",
+    "macaddr",
+    "macaddr8",
+    "bit",
+    "varbit",
+    "tsvector",
+    "point",
+    "line",
+    "lseg",
+    "box",
+    "path",
+    "polygon",
+    "circle",
+    "int4range",
+    "int8range",
+    "numrange",
+    "tsrange",
+    "tstzrange",
+    "daterange",
+];
+
+/// A table of a second Postgres database kept exactly in sync with a shape; see the
+/// crate docs.
+pub struct PostgresSink {
+    pool: PgPool,
+    schema: String,
+    table: String,
+    pipeline: String,
+    /// The shape schema the table was last brought up to in this process.
+    table_schema: Mutex<Option<Schema>>,
+}
+
+/// `ident` as a quoted SQL identifier: any name, however hostile, stays one identifier.
+pub(crate) fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// The type a column gets in the target table (see [`KEPT_TYPES`]).
+fn column_type(column: &ColumnType) -> String {
+    let base =
+        if KEPT_TYPES.contains(&column.type_name.as_str()) { column.type_name.as_str() } else { "text" };
+    if column.dims > 0 { format!("{base}[]") } else { base.to_owned() }
+}
+
+/// A value as Postgres' text input for its column's type; `None` for NULL.
+fn pg_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::Bool(b) => Some(if *b { "t" } else { "f" }.to_owned()),
+        Value::Array(items) => {
+            let mut out = String::new();
+            array_literal(items, &mut out);
+            Some(out)
+        }
+        other => other.render().map(|t| t.into_owned()),
+    }
+}
+
+/// Writes a Postgres array literal: `{"a",NULL,{"b"}}`, every element quoted.
+fn array_literal(items: &[Value], out: &mut String) {
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Value::Null => out.push_str("NULL"),
+            Value::Array(inner) => array_literal(inner, out),
+            scalar => {
+                let text = pg_text(scalar).unwrap_or_default();
+                out.push('"');
+                for c in text.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+        }
+    }
+    out.push('}');
+}
+
+/// Maps a Postgres failure to the runner's retry classes. Messages never hold the URL.
+fn classify(e: sqlx::Error) -> SinkError {
+    match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            SinkError::Unavailable(format!("postgres: {e}"))
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default().into_owned();
+            let transient = code.starts_with("08") // connection exceptions
+                || code.starts_with("53") // insufficient resources
+                || code.starts_with("57P") // shutdown, cannot connect now
+                || matches!(code.as_str(), "40001" | "40P01" | "55P03");
+            if transient {
+                SinkError::Unavailable(format!("postgres ({code}): {}", db.message()))
+            } else if code.starts_with("28") {
+                SinkError::Rejected(format!(
+                    "postgres refused the login ({code}): {}; check the user and password in `url`",
+                    db.message()
+                ))
+            } else {
+                SinkError::Rejected(format!("postgres refused a statement ({code}): {}", db.message()))
+            }
+        }
+        _ => SinkError::Rejected(format!("postgres: {e}")),
+    }
+}
+
+/// Runs `sql` with text parameters.
+async fn execute(
+    tx: &mut Transaction<'static, Postgres>,
+    sql: String,
+    params: impl IntoIterator<Item = Option<String>>,
+) -> Result<u64, SinkError> {
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for param in params {
+        query = query.bind(param);
+    }
+    Ok(query.execute(&mut **tx).await.map_err(classify)?.rows_affected())
+}
+
+impl PostgresSink {
+    /// A sink for `ctx`'s pipeline; connects on first use.
+    pub fn new(config: &PostgresSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
+        let options = config.connect_options().map_err(|e| SinkError::Rejected(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(config.connect_timeout())
+            .connect_lazy_with(options);
+        Ok(PostgresSink {
+            pool,
+            schema: config.schema.clone(),
+            table: config.table_name(&ctx.shape.table),
+            pipeline: ctx.pipeline,
+            table_schema: Mutex::new(None),
+        })
+    }
+
+    /// The table holding the shape's rows, schema-qualified and quoted.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", quote(&self.schema), quote(&self.table))
+    }
+
+    fn checkpoint_table(&self) -> String {
+        format!("{}.{}", quote(&self.schema), quote(CHECKPOINT_TABLE))
+    }
+
+    fn rejected(&self, message: String) -> SinkError {
+        SinkError::Rejected(format!("postgres table {}: {message}", self.qualified_table()))
+    }
+
+    /// The table's columns with their position in the primary key (0: not in it);
+    /// empty when the table does not exist.
+    async fn table_columns(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<Vec<(String, i32)>, SinkError> {
+        let rows = sqlx::query(
+            "SELECT c.column_name::text, coalesce(k.ordinal_position, 0)::int4
+             FROM information_schema.columns c
+             LEFT JOIN information_schema.table_constraints t
+               ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+              AND t.constraint_type = 'PRIMARY KEY'
+             LEFT JOIN information_schema.key_column_usage k
+               ON k.constraint_schema = t.constraint_schema AND k.constraint_name = t.constraint_name
+              AND k.column_name = c.column_name
+             WHERE c.table_schema = $1 AND c.table_name = $2",
+        )
+        .bind(&self.schema)
+        .bind(&self.table)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(|r| Ok((r.try_get(0).map_err(classify)?, r.try_get(1).map_err(classify)?))).collect()
+    }
+
+    /// Creates the table (and the checkpoints table) for `schema`, or brings an
+    /// existing one up to it: new columns are added; a primary key that differs is an
+    /// error.
+    async fn ensure_table(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        schema: &Schema,
+    ) -> Result<(), SinkError> {
+        let pk = schema.primary_key();
+        if pk.is_empty() {
+            return Err(self.rejected(
+                "the shape's table has no primary key, which the sink keys rows by; give the source table a primary key".into(),
+            ));
+        }
+        if schema.0.contains_key(GENERATION_COLUMN) {
+            return Err(self.rejected(format!(
+                "the shape has a column named `{GENERATION_COLUMN}`, which the sink keeps for itself; leave it out with the source's `columns`"
+            )));
+        }
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, checkpoint text NOT NULL)",
+            self.checkpoint_table()
+        );
+        execute(tx, sql, []).await.map_err(|e| self.schema_hint(e))?;
+        let existing = self.table_columns(tx).await?;
+        if existing.is_empty() {
+            let columns: Vec<String> =
+                schema.0.iter().map(|(name, ty)| format!("{} {}", quote(name), column_type(ty))).collect();
+            let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
+            let sql = format!(
+                "CREATE TABLE {} ({}, {} int8 NOT NULL, PRIMARY KEY ({}))",
+                self.qualified_table(),
+                columns.join(", "),
+                quote(GENERATION_COLUMN),
+                key.join(", ")
+            );
+            execute(tx, sql, []).await?;
+            return Ok(());
+        }
+        let mut stored_pk: Vec<(i32, &str)> =
+            existing.iter().filter(|(_, pos)| *pos > 0).map(|(name, pos)| (*pos, name.as_str())).collect();
+        stored_pk.sort();
+        if stored_pk.iter().map(|(_, name)| *name).ne(pk.iter().copied()) {
+            let stored: Vec<&str> = stored_pk.iter().map(|(_, name)| *name).collect();
+            return Err(self.rejected(format!(
+                "the table exists with primary key {stored:?}, but the shape's is {pk:?}; drop the table (shapesync recreates it) and restart"
+            )));
+        }
+        if !existing.iter().any(|(name, _)| name == GENERATION_COLUMN) {
+            return Err(self.rejected(format!(
+                "the table exists without the `{GENERATION_COLUMN}` column, so another program owns it; set the sink's `table` to a table of its own"
+            )));
+        }
+        for (name, ty) in &schema.0 {
+            if !existing.iter().any(|(have, _)| have == &**name) {
+                let sql = format!(
+                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    self.qualified_table(),
+                    quote(name),
+                    column_type(ty)
+                );
+                execute(tx, sql, []).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A missing schema gets advice instead of Postgres' bare message.
+    fn schema_hint(&self, e: SinkError) -> SinkError {
+        match e {
+            SinkError::Rejected(m) if m.contains("(3F000)") => SinkError::Rejected(format!(
+                "{m}; create the schema `{}` (CREATE SCHEMA) or set the sink's `schema`",
+                self.schema
+            )),
+            other => other,
+        }
+    }
+
+    /// `INSERT … ON CONFLICT (pk) DO UPDATE` of `columns` for `rows` rows, each row's
+    /// values cast to the column types and tagged with `generation`.
+    fn upsert_sql(
+        &self,
+        schema: &Schema,
+        pk: &[&str],
+        columns: &[&str],
+        rows: usize,
+        generation: i64,
+    ) -> String {
+        let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+        let casts: Vec<String> =
+            columns.iter().map(|c| schema.0.get(*c).map_or_else(|| "text".to_owned(), column_type)).collect();
+        let mut values = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let row: Vec<String> = casts
+                .iter()
+                .enumerate()
+                .map(|(i, cast)| format!("${}::{cast}", r * columns.len() + i + 1))
+                .collect();
+            values.push(format!("({}, {generation})", row.join(", ")));
+        }
+        let generation_column = quote(GENERATION_COLUMN);
+        let mut set: Vec<String> = columns
+            .iter()
+            .filter(|c| !pk.contains(c))
+            .map(|c| format!("{0} = excluded.{0}", quote(c)))
+            .collect();
+        set.push(format!("{generation_column} = excluded.{generation_column}"));
+        let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
+        format!(
+            "INSERT INTO {} ({}, {generation_column}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
+            self.qualified_table(),
+            names.join(", "),
+            values.join(", "),
+            key.join(", "),
+            set.join(", ")
+        )
+    }
+
+    fn key_values<'r>(
+        &self,
+        pk: &[&str],
+        row: &'r Row,
+        change: &Change,
+    ) -> Result<Vec<&'r Value>, SinkError> {
+        pk.iter()
+            .map(|c| match row.get(c) {
+                Some(Value::Null) | None => Err(self.rejected(format!(
+                    "the {} of row {} carries no value for primary-key column `{c}`",
+                    change.op.as_str(),
+                    change.key
+                ))),
+                Some(v) => Ok(v),
+            })
+            .collect()
+    }
+
+    async fn delete(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        schema: &Schema,
+        pk: &[&str],
+        row: &Row,
+        change: &Change,
+    ) -> Result<(), SinkError> {
+        let key = self.key_values(pk, row, change)?;
+        let condition: Vec<String> = pk
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let cast = schema.0.get(*c).map_or_else(|| "text".to_owned(), column_type);
+                format!("{} = ${}::{cast}", quote(c), i + 1)
+            })
+            .collect();
+        let sql = format!("DELETE FROM {} WHERE {}", self.qualified_table(), condition.join(" AND "));
+        execute(tx, sql, key.into_iter().map(pg_text)).await?;
+        Ok(())
+    }
+
+    /// Writes the inserts of a snapshot batch, many rows per statement.
+    async fn insert_snapshot(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        schema: &Schema,
+        pk: &[&str],
+        changes: &[Change],
+        generation: i64,
+    ) -> Result<(), SinkError> {
+        let columns: Vec<&str> = schema.0.keys().map(|c| &**c).collect();
+        let per_statement = ROWS_PER_INSERT.min(MAX_PARAMS / columns.len().max(1));
+        for part in changes.chunks(per_statement) {
+            let mut params = Vec::with_capacity(part.len() * columns.len());
+            for change in part {
+                self.key_values(pk, &change.value, change)?;
+                params.extend(columns.iter().map(|c| change.value.get(c).and_then(pg_text)));
+            }
+            let sql = self.upsert_sql(schema, pk, &columns, part.len(), generation);
+            execute(tx, sql, params).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_change(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        schema: &Schema,
+        pk: &[&str],
+        change: &Change,
+        generation: i64,
+    ) -> Result<(), SinkError> {
+        match change.op {
+            Operation::Insert => {
+                self.insert_snapshot(tx, schema, pk, std::slice::from_ref(change), generation).await
+            }
+            Operation::Update => {
+                // Under `replica: full` an update may change the key: the row moves.
+                if let Some(old) = &change.old_value
+                    && pk.iter().any(|c| old.contains_key(c))
+                {
+                    let mut before = change.value.clone();
+                    before.merge(old);
+                    if self.key_values(pk, &before, change)? != self.key_values(pk, &change.value, change)? {
+                        self.delete(tx, schema, pk, &before, change).await?;
+                    }
+                }
+                self.key_values(pk, &change.value, change)?;
+                let columns: Vec<&str> = change.value.keys().collect();
+                let sql = self.upsert_sql(schema, pk, &columns, 1, generation);
+                execute(tx, sql, change.value.values().map(pg_text)).await?;
+                Ok(())
+            }
+            Operation::Delete => self.delete(tx, schema, pk, &change.value, change).await,
+        }
+    }
+
+    async fn apply_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &Batch,
+    ) -> Result<(), SinkError> {
+        let schema = &batch.checkpoint.schema;
+        let known = self.table_schema.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if known.as_ref() != Some(schema) {
+            self.ensure_table(tx, schema).await?;
+        }
+        let pk = schema.primary_key();
+        let generation = i64::try_from(batch.checkpoint.generation).unwrap_or(i64::MAX);
+        // A snapshot batch holds each row once: its inserts go many per statement. Any
+        // other batch is applied change by change, in order.
+        let snapshot = batch.changes.iter().all(|c| c.op == Operation::Insert && c.position.is_none());
+        if snapshot {
+            self.insert_snapshot(tx, schema, &pk, &batch.changes, generation).await?;
+        } else {
+            for change in &batch.changes {
+                self.write_change(tx, schema, &pk, change, generation).await?;
+            }
+        }
+        if batch.sweep {
+            let sql = format!(
+                "DELETE FROM {} WHERE {} < {generation}",
+                self.qualified_table(),
+                quote(GENERATION_COLUMN)
+            );
+            execute(tx, sql, []).await?;
+        }
+        let sql = format!(
+            "INSERT INTO {} (pipeline, checkpoint) VALUES ($1, $2) ON CONFLICT (pipeline) DO UPDATE SET checkpoint = excluded.checkpoint",
+            self.checkpoint_table()
+        );
+        execute(tx, sql, [Some(self.pipeline.clone()), Some(batch.checkpoint.to_json())]).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        let sql = format!("SELECT checkpoint FROM {} WHERE pipeline = $1", self.checkpoint_table());
+        let stored = match sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+            .bind(&self.pipeline)
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(stored) => stored,
+            // No checkpoints table yet: nothing was ever written.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => None,
+            Err(e) => return Err(classify(e)),
+        };
+        stored.map(|json| Checkpoint::from_json(&json)).transpose().map_err(|e| {
+            SinkError::CorruptCheckpoint(format!(
+                "pipeline `{}` in {}: {e}",
+                self.pipeline,
+                self.checkpoint_table()
+            ))
+        })
+    }
+
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        match self.apply_in(&mut tx, batch).await {
+            Ok(()) => {
+                tx.commit().await.map_err(classify)?;
+                *self.table_schema.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(batch.checkpoint.schema.clone());
+                Ok(())
+            }
+            Err(e) => {
+                // Dropping the transaction rolls it back; the next attempt re-checks the table.
+                *self.table_schema.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn reset(&self) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if !self.table_columns(&mut tx).await?.is_empty() {
+            execute(&mut tx, format!("DELETE FROM {}", self.qualified_table()), []).await?;
+        }
+        let sql = format!("DELETE FROM {} WHERE pipeline = $1", self.checkpoint_table());
+        match execute(&mut tx, sql, [Some(self.pipeline.clone())]).await {
+            Ok(_) => {}
+            Err(SinkError::Rejected(m)) if m.contains("(42P01)") => {} // never written
+            Err(e) => return Err(e),
+        }
+        tx.commit().await.map_err(classify)?;
+        *self.table_schema.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_become_postgres_array_literals_with_every_element_quoted() {
+        let v = Value::Array(vec![
+            Value::Text("a \"q\" \\ b".into()),
+            Value::Null,
+            Value::Array(vec![Value::Int(1), Value::Bool(false)]),
+        ]);
+        assert_eq!(pg_text(&v).unwrap(), r#"{"a \"q\" \\ b",NULL,{"1","f"}}"#);
+    }
+
+    #[test]
+    fn unknown_types_become_text_and_arrays_keep_their_brackets() {
+        let ty = |name: &str, dims: u32| ColumnType {
+            type_name: name.into(),
+            dims,
+            pk_index: None,
+            not_null: false,
+            extra: Default::default(),
+        };
+        assert_eq!(column_type(&ty("int8", 0)), "int8");
+        assert_eq!(column_type(&ty("mood", 0)), "text");
+        assert_eq!(column_type(&ty("uuid", 1)), "uuid[]");
+        assert_eq!(quote("we\"ird"), "\"we\"\"ird\"");
+    }
+}
