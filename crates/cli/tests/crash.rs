@@ -1,7 +1,7 @@
 //! The mission's promise, end to end: kill `shapesync run` (SIGKILL) at arbitrary moments
 //! — mid-snapshot, mid-resync, mid-live — while the shape changes and rotates under it;
 //! after a final `run --once` the sink holds exactly the shape's rows. Run against Redis
-//! and against a SQLite file.
+//! against a SQLite file and against a second Postgres.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,7 +49,15 @@ fn spawn(file: &str) -> Child {
 enum Store {
     Redis { con: redis::Connection, prefix: String },
     Sqlite { path: PathBuf },
+    Postgres { pool: sqlx::PgPool, schema: String },
 }
+
+/// Runs a query future from the synchronous test body.
+fn wait<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 impl Store {
     /// The pipeline file's `sink:` mapping.
@@ -59,6 +67,9 @@ impl Store {
                 format!("{{type: redis, url: '{REDIS}', prefix: '{prefix}', part_size: 50}}")
             }
             Store::Sqlite { path } => format!("{{type: sqlite, path: '{}'}}", path.display()),
+            Store::Postgres { schema, .. } => {
+                format!("{{type: postgres, url: '{POSTGRES}', schema: {schema}}}")
+            }
         }
     }
 
@@ -79,6 +90,12 @@ impl Store {
                     |r| r.get(0),
                 )
                 .ok()
+            }
+            Store::Postgres { pool, schema } => {
+                let sql = format!(
+                    "SELECT checkpoint FROM {schema}._shapesync_checkpoints WHERE pipeline = 'crash'"
+                );
+                wait(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_optional(&*pool)).unwrap_or(None)
             }
         }
     }
@@ -103,6 +120,12 @@ impl Store {
                     .collect::<Result<_, _>>()
                     .unwrap()
             }
+            Store::Postgres { pool, schema } => {
+                let sql = format!("SELECT id, title FROM {schema}.crash_items");
+                let rows: Vec<(i64, String)> =
+                    wait(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&*pool)).unwrap_or_default();
+                rows.into_iter().map(|(id, title)| (id as u64, title)).collect()
+            }
         }
     }
 
@@ -116,9 +139,16 @@ impl Store {
     }
 
     fn cleanup(&mut self) {
-        if let Store::Redis { con, prefix } = self {
-            let all = keys(con, &format!("{prefix}*"));
-            let _: () = redis::cmd("UNLINK").arg(&all).query(con).unwrap();
+        match self {
+            Store::Redis { con, prefix } => {
+                let all = keys(con, &format!("{prefix}*"));
+                let _: () = redis::cmd("UNLINK").arg(&all).query(con).unwrap();
+            }
+            Store::Sqlite { .. } => {}
+            Store::Postgres { pool, schema } => {
+                let sql = format!("DROP SCHEMA {schema} CASCADE");
+                wait(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&*pool)).unwrap();
+            }
         }
     }
 }
@@ -134,6 +164,15 @@ async fn killed_at_arbitrary_moments_redis_converges_to_exactly_the_shapes_rows(
 async fn killed_at_arbitrary_moments_sqlite_converges_to_exactly_the_shapes_rows() {
     let dir = tempfile::tempdir().unwrap();
     killed_at_arbitrary_moments(Store::Sqlite { path: dir.path().join("crash.db") }, "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_arbitrary_moments_postgres_converges_to_exactly_the_shapes_rows() {
+    let pool = sqlx::PgPool::connect(POSTGRES).await.expect("local Postgres, database `test`");
+    let schema = format!("shapesync_crash_{}", std::process::id());
+    let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+    killed_at_arbitrary_moments(Store::Postgres { pool, schema }, "postgres").await;
 }
 
 async fn killed_at_arbitrary_moments(mut store: Store, name: &str) {

@@ -1,5 +1,5 @@
 //! The pipeline files shipped in `pipelines/` run as documented, through the real binary,
-//! against the testkit server, the local Redis and SQLite files of their own.
+//! against the testkit server, the local Redis and Postgres, and SQLite files of their own.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -174,6 +174,71 @@ async fn sqlite_cache_pipeline_runs_as_documented() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(line["handle"].is_null(), "no checkpoint after reset: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replica_pipeline_runs_as_documented() {
+    use sqlx::AssertSqlSafe;
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let projects = server.create_table(
+        TableDef::new("projects")
+            .column(Column::new("id", "int8").primary_key().not_null())
+            .column(Column::new("name", "text"))
+            .column(Column::new("owner", "text"))
+            .column(Column::new("archived", "bool")),
+    );
+    projects.register_where("archived = false", |row| row.get("archived") == Some("f"));
+    projects.seed([
+        json!({"id": "1", "name": "alpha", "owner": null, "archived": "f"}),
+        json!({"id": "2", "name": "beta", "owner": "ann", "archived": "t"}),
+        json!({"id": "3", "name": "gamma", "owner": "bob", "archived": "f"}),
+    ]);
+    let url = "postgres://postgres@127.0.0.1:5432/test";
+    let pool = sqlx::PgPool::connect(url).await.expect("local Postgres, database `test`");
+    let schema = format!("shapesync_files_{}", std::process::id());
+    let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}");
+    sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+    let env = [
+        ("ELECTRIC_URL", server.url()),
+        ("TARGET_DATABASE_URL", url.to_owned()),
+        ("TARGET_SCHEMA", schema.clone()),
+        ("SHAPESYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let file = "pipelines/postgres-replica.yaml";
+    let rows = || {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            let sql = format!("SELECT id, name, owner, archived FROM {schema}.projects ORDER BY id");
+            let rows: Vec<(i64, String, Option<String>, bool)> =
+                sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&pool).await.unwrap();
+            rows
+        }
+    };
+
+    let out = shapesync(&["run", "--once", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        rows().await,
+        vec![(1, "alpha".into(), None, false), (3, "gamma".into(), Some("bob".into()), false)]
+    );
+
+    projects.transaction().update(json!({"id": "3", "name": "gamma 2"})).commit();
+    let out = shapesync(&["run", "--once", file], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rows().await[1], (3, "gamma 2".into(), Some("bob".into()), false), "partial update merged");
+    let resumed = server.requests().iter().filter(|r| r.param("offset") != Some("-1")).count();
+    assert!(resumed > 0, "the second run resumed instead of starting over");
+
+    let out = shapesync(&["reset", file, "--pipeline", "projects", "--yes"], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(rows().await.is_empty());
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await.unwrap();
 }
 
 #[test]
