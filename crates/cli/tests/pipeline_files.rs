@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::json;
-use shapesync_testkit::{Column, ServerOptions, TableDef, TestServer};
+use shapesync_testkit::{Column, ServerOptions, TableDef, TableHandle, TestServer};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -28,8 +28,9 @@ fn keys(con: &mut redis::Connection, prefix: &str) -> Vec<String> {
     keys
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cache_pipeline_runs_as_documented() {
+/// The `projects` table the shipped pipeline files read (`where: archived = false`):
+/// projects 1 and 3 are open, project 1 has no owner.
+async fn projects_server() -> (TestServer, TableHandle) {
     let server = TestServer::start(ServerOptions {
         long_poll_timeout: Duration::from_millis(200),
         ..Default::default()
@@ -49,6 +50,12 @@ async fn redis_cache_pipeline_runs_as_documented() {
         json!({"id": "2", "name": "beta", "owner": "ann", "archived": "t"}),
         json!({"id": "3", "name": "gamma", "owner": "bob", "archived": "f"}),
     ]);
+    (server, projects)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_pipeline_runs_as_documented() {
+    let (server, projects) = projects_server().await;
     let prefix = format!("test:{}:files:", std::process::id());
     let env = [
         ("ELECTRIC_URL", server.url()),
@@ -113,25 +120,7 @@ async fn redis_cache_pipeline_runs_as_documented() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_cache_pipeline_runs_as_documented() {
-    let server = TestServer::start(ServerOptions {
-        long_poll_timeout: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let projects = server.create_table(
-        TableDef::new("projects")
-            .column(Column::new("id", "int8").primary_key().not_null())
-            .column(Column::new("name", "text"))
-            .column(Column::new("owner", "text"))
-            .column(Column::new("archived", "bool")),
-    );
-    projects.register_where("archived = false", |row| row.get("archived") == Some("f"));
-    projects.seed([
-        json!({"id": "1", "name": "alpha", "owner": null, "archived": "f"}),
-        json!({"id": "2", "name": "beta", "owner": "ann", "archived": "t"}),
-        json!({"id": "3", "name": "gamma", "owner": "bob", "archived": "f"}),
-    ]);
+    let (server, projects) = projects_server().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("cache.db");
     let env = [
@@ -179,25 +168,7 @@ async fn sqlite_cache_pipeline_runs_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replica_pipeline_runs_as_documented() {
     use sqlx::AssertSqlSafe;
-    let server = TestServer::start(ServerOptions {
-        long_poll_timeout: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let projects = server.create_table(
-        TableDef::new("projects")
-            .column(Column::new("id", "int8").primary_key().not_null())
-            .column(Column::new("name", "text"))
-            .column(Column::new("owner", "text"))
-            .column(Column::new("archived", "bool")),
-    );
-    projects.register_where("archived = false", |row| row.get("archived") == Some("f"));
-    projects.seed([
-        json!({"id": "1", "name": "alpha", "owner": null, "archived": "f"}),
-        json!({"id": "2", "name": "beta", "owner": "ann", "archived": "t"}),
-        json!({"id": "3", "name": "gamma", "owner": "bob", "archived": "f"}),
-    ]);
+    let (server, projects) = projects_server().await;
     let url = "postgres://postgres@127.0.0.1:5432/test";
     let pool = sqlx::PgPool::connect(url).await.expect("local Postgres, database `test`");
     let schema = format!("shapesync_files_{}", std::process::id());

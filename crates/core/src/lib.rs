@@ -11,6 +11,7 @@ pub mod row;
 pub mod runner;
 pub mod sink;
 pub mod source;
+pub mod table;
 pub mod transform;
 pub mod value;
 

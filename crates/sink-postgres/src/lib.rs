@@ -37,7 +37,8 @@ mod config;
 mod sink;
 
 pub use config::{PostgresSinkConfig, defaults};
-pub use sink::{CHECKPOINT_TABLE, GENERATION_COLUMN, PostgresSink};
+pub use shapesync_core::table::{CHECKPOINT_TABLE, GENERATION_COLUMN};
+pub use sink::PostgresSink;
 
 use shapesync_core::Registry;
 

@@ -2,6 +2,7 @@
 
 use std::sync::Mutex;
 
+use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
     Batch, Change, Checkpoint, ColumnType, Operation, Row, Schema, Sink, SinkContext, SinkError, Value,
     async_trait,
@@ -10,12 +11,6 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
 
 use crate::config::PostgresSinkConfig;
-
-/// The table holding every pipeline's checkpoint in the sink's schema.
-pub const CHECKPOINT_TABLE: &str = "_shapesync_checkpoints";
-
-/// The column recording which generation last wrote a row, for mark-and-sweep.
-pub const GENERATION_COLUMN: &str = "_shapesync_generation";
 
 /// Postgres allows 65535 bind parameters per statement; a snapshot insert stays below.
 const MAX_PARAMS: usize = 65_535;
@@ -211,9 +206,9 @@ impl PostgresSink {
     async fn table_columns(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<Vec<(String, i32)>, SinkError> {
+    ) -> Result<Vec<(String, i64)>, SinkError> {
         let rows = sqlx::query(
-            "SELECT c.column_name::text, coalesce(k.ordinal_position, 0)::int4
+            "SELECT c.column_name::text, coalesce(k.ordinal_position, 0)::int8
              FROM information_schema.columns c
              LEFT JOIN information_schema.table_constraints t
                ON t.table_schema = c.table_schema AND t.table_name = c.table_name
@@ -239,60 +234,40 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
         schema: &Schema,
     ) -> Result<(), SinkError> {
-        let pk = schema.primary_key();
-        if pk.is_empty() {
-            return Err(self.rejected(
-                "the shape's table has no primary key, which the sink keys rows by; give the source table a primary key".into(),
-            ));
-        }
-        if schema.0.contains_key(GENERATION_COLUMN) {
-            return Err(self.rejected(format!(
-                "the shape has a column named `{GENERATION_COLUMN}`, which the sink keeps for itself; leave it out with the source's `columns`"
-            )));
-        }
+        let existing = self.table_columns(tx).await?;
+        let plan = table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, checkpoint text NOT NULL)",
             self.checkpoint_table()
         );
         execute(tx, sql, []).await.map_err(|e| self.schema_hint(e))?;
-        let existing = self.table_columns(tx).await?;
-        if existing.is_empty() {
-            let columns: Vec<String> =
-                schema.0.iter().map(|(name, ty)| format!("{} {}", quote(name), column_type(ty))).collect();
-            let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
-            let sql = format!(
-                "CREATE TABLE {} ({}, {} int8 NOT NULL, PRIMARY KEY ({}))",
-                self.qualified_table(),
-                columns.join(", "),
-                quote(GENERATION_COLUMN),
-                key.join(", ")
-            );
-            execute(tx, sql, []).await?;
-            return Ok(());
-        }
-        let mut stored_pk: Vec<(i32, &str)> =
-            existing.iter().filter(|(_, pos)| *pos > 0).map(|(name, pos)| (*pos, name.as_str())).collect();
-        stored_pk.sort();
-        if stored_pk.iter().map(|(_, name)| *name).ne(pk.iter().copied()) {
-            let stored: Vec<&str> = stored_pk.iter().map(|(_, name)| *name).collect();
-            return Err(self.rejected(format!(
-                "the table exists with primary key {stored:?}, but the shape's is {pk:?}; drop the table (shapesync recreates it) and restart"
-            )));
-        }
-        if !existing.iter().any(|(name, _)| name == GENERATION_COLUMN) {
-            return Err(self.rejected(format!(
-                "the table exists without the `{GENERATION_COLUMN}` column, so another program owns it; set the sink's `table` to a table of its own"
-            )));
-        }
-        for (name, ty) in &schema.0 {
-            if !existing.iter().any(|(have, _)| have == &**name) {
+        match plan {
+            TablePlan::Create => {
+                let columns: Vec<String> = schema
+                    .0
+                    .iter()
+                    .map(|(name, ty)| format!("{} {}", quote(name), column_type(ty)))
+                    .collect();
+                let key: Vec<String> = schema.primary_key().iter().map(|c| quote(c)).collect();
                 let sql = format!(
-                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    "CREATE TABLE {} ({}, {} int8 NOT NULL, PRIMARY KEY ({}))",
                     self.qualified_table(),
-                    quote(name),
-                    column_type(ty)
+                    columns.join(", "),
+                    quote(GENERATION_COLUMN),
+                    key.join(", ")
                 );
                 execute(tx, sql, []).await?;
+            }
+            TablePlan::AddColumns(columns) => {
+                for (name, ty) in columns {
+                    let sql = format!(
+                        "ALTER TABLE {} ADD COLUMN {} {}",
+                        self.qualified_table(),
+                        quote(name),
+                        column_type(ty)
+                    );
+                    execute(tx, sql, []).await?;
+                }
             }
         }
         Ok(())
@@ -355,16 +330,7 @@ impl PostgresSink {
         row: &'r Row,
         change: &Change,
     ) -> Result<Vec<&'r Value>, SinkError> {
-        pk.iter()
-            .map(|c| match row.get(c) {
-                Some(Value::Null) | None => Err(self.rejected(format!(
-                    "the {} of row {} carries no value for primary-key column `{c}`",
-                    change.op.as_str(),
-                    change.key
-                ))),
-                Some(v) => Ok(v),
-            })
-            .collect()
+        table::key_values(pk, row, change).map_err(|m| self.rejected(m))
     }
 
     async fn delete(
@@ -426,14 +392,8 @@ impl PostgresSink {
             }
             Operation::Update => {
                 // Under `replica: full` an update may change the key: the row moves.
-                if let Some(old) = &change.old_value
-                    && pk.iter().any(|c| old.contains_key(c))
-                {
-                    let mut before = change.value.clone();
-                    before.merge(old);
-                    if self.key_values(pk, &before, change)? != self.key_values(pk, &change.value, change)? {
-                        self.delete(tx, schema, pk, &before, change).await?;
-                    }
+                if let Some(before) = table::moved_from(pk, change).map_err(|m| self.rejected(m))? {
+                    self.delete(tx, schema, pk, &before, change).await?;
                 }
                 self.key_values(pk, &change.value, change)?;
                 let columns: Vec<&str> = change.value.keys().collect();

@@ -4,12 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shapesync_core::{
-    Batch, Change, Checkpoint, LogPosition, Row, Schema, ShapeInfo, Sink, SinkConfig, SinkContext, SinkError,
-    Value,
-};
+use shapesync_core::{Change, ShapeInfo, Sink, SinkConfig, SinkContext, SinkError, Value};
 use shapesync_sink_postgres::{CHECKPOINT_TABLE, GENERATION_COLUMN, PostgresSink, PostgresSinkConfig};
 use shapesync_testkit::compliance::{SinkUnderTest, StoredRows, check_sink};
+use shapesync_testkit::fixtures::{batch, checkpoint, item, items_schema, live, row, schema};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row as _};
 
@@ -59,44 +57,6 @@ impl TestSchema {
         let sql = format!("DROP SCHEMA \"{}\" CASCADE", self.name);
         sqlx::raw_sql(AssertSqlSafe(sql)).execute(&self.pool).await.unwrap();
     }
-}
-
-fn schema(json: &str) -> Schema {
-    serde_json::from_str(json).unwrap()
-}
-
-fn items_schema() -> Schema {
-    schema(
-        r#"{"id":{"type":"int8","pk_index":0,"not_null":true},"name":{"type":"text"},"note":{"type":"text"}}"#,
-    )
-}
-
-fn cp(schema: Schema, offset: &str, generation: u64) -> Checkpoint {
-    Checkpoint {
-        shape_hash: "shape".into(),
-        handle: "h-1".into(),
-        offset: offset.parse().unwrap(),
-        schema,
-        generation,
-        resyncing: false,
-    }
-}
-
-fn batch(changes: Vec<Change>, checkpoint: Checkpoint) -> Batch {
-    Batch { changes, checkpoint, sweep: false, up_to_date: true }
-}
-
-fn row(pairs: &[(&str, Value)]) -> Row {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
-}
-
-fn item(id: i64, name: &str) -> Row {
-    row(&[("id", Value::Int(id)), ("name", Value::Text(name.into())), ("note", Value::Null)])
-}
-
-fn live(mut change: Change, lsn: u64, op: u64) -> Change {
-    change.position = Some(LogPosition { lsn, op_position: op });
-    change
 }
 
 struct PostgresUnderTest {
@@ -172,7 +132,7 @@ async fn every_type_is_stored_exactly_in_a_column_of_its_type() {
         ("mood", Value::Text("happy".into())),
         ("gone", Value::Null),
     ]);
-    sink.apply(&batch(vec![Change::insert("k", values)], cp(schema, "0_inf", 7))).await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k", values)], checkpoint(schema, "0_inf", 7))).await.unwrap();
 
     let sql = format!(
         "SELECT id, flag, ratio, nan::text, inf::text, price::text, doc->>'n', tags, uid::text, at = '2026-11-26T10:00:00Z'::timestamptz, mood, gone, \"{GENERATION_COLUMN}\" FROM \"{}\".things",
@@ -212,7 +172,7 @@ async fn replaying_committed_batches_leaves_the_table_and_checkpoint_identical()
     let sink = db.sink("items", "replay");
     let snapshot = batch(
         (1..=3).map(|i| Change::insert(format!("k{i}"), item(i, "a"))).collect(),
-        cp(items_schema(), "0_inf", 1),
+        checkpoint(items_schema(), "0_inf", 1),
     );
     let tx = batch(
         vec![
@@ -229,7 +189,7 @@ async fn replaying_committed_batches_leaves_the_table_and_checkpoint_identical()
                 6,
             ),
         ],
-        cp(items_schema(), "5_6", 1),
+        checkpoint(items_schema(), "5_6", 1),
     );
     sink.apply(&snapshot).await.unwrap();
     sink.apply(&tx).await.unwrap();
@@ -246,7 +206,7 @@ async fn replaying_committed_batches_leaves_the_table_and_checkpoint_identical()
 async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
     let db = TestSchema::new("atomic").await;
     let sink = db.sink("items", "atomic");
-    let first = batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1));
+    let first = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
     sink.apply(&first).await.unwrap();
     let before = db.dump("items").await;
     let broken = batch(
@@ -254,7 +214,7 @@ async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
             live(Change::insert("k2", item(2, "b")), 9, 0),
             live(Change::update("k3", row(&[("name", Value::Text("x".into()))])), 9, 2),
         ],
-        cp(items_schema(), "9_2", 1),
+        checkpoint(items_schema(), "9_2", 1),
     );
     let err = sink.apply(&broken).await.unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("`id`")), "{err}");
@@ -273,10 +233,14 @@ async fn hostile_table_and_column_names_stay_identifiers() {
         r#"{"id":{"type":"int8","pk_index":0},"na me\"); DELETE FROM \"_shapesync_checkpoints\"; --":{"type":"text"}}"#,
     );
     let r = row(&[("id", Value::Int(1)), (hostile_column, Value::Text("v".into()))]);
-    sink.apply(&batch(vec![Change::insert("k", r.clone())], cp(schema.clone(), "0_inf", 1))).await.unwrap();
-    sink.apply(&batch(vec![live(Change::update("k", r), 3, 0)], cp(schema.clone(), "3_0", 1))).await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k", r.clone())], checkpoint(schema.clone(), "0_inf", 1)))
+        .await
+        .unwrap();
+    sink.apply(&batch(vec![live(Change::update("k", r), 3, 0)], checkpoint(schema.clone(), "3_0", 1)))
+        .await
+        .unwrap();
     assert_eq!(db.dump(table).await.len(), 1);
-    assert_eq!(sink.checkpoint().await.unwrap(), Some(cp(schema, "3_0", 1)));
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(checkpoint(schema, "3_0", 1)));
     db.drop().await;
 }
 
@@ -286,7 +250,7 @@ async fn a_resync_sweeps_exactly_the_vanished_rows_while_readers_always_see_the_
     let sink = db.sink("items", "resync");
     let initial = batch(
         (1..=2_000).map(|i| Change::insert(format!("k{i}"), item(i, "old"))).collect(),
-        cp(items_schema(), "0_inf", 1),
+        checkpoint(items_schema(), "0_inf", 1),
     );
     sink.apply(&initial).await.unwrap();
 
@@ -312,13 +276,13 @@ async fn a_resync_sweeps_exactly_the_vanished_rows_while_readers_always_see_the_
         let ids = (chunk * 500 + 1)..=(chunk * 500 + 500);
         let mut b = batch(
             ids.map(|i| Change::insert(format!("k{i}"), item(i, "new"))).collect(),
-            cp(items_schema(), &format!("0_{chunk}"), 2),
+            checkpoint(items_schema(), &format!("0_{chunk}"), 2),
         );
         b.checkpoint.resyncing = true;
         b.up_to_date = false;
         sink.apply(&b).await.unwrap();
     }
-    let mut end = batch(vec![], cp(items_schema(), "0_inf", 2));
+    let mut end = batch(vec![], checkpoint(items_schema(), "0_inf", 2));
     end.sweep = true;
     sink.apply(&end).await.unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -336,7 +300,7 @@ async fn a_resync_sweeps_exactly_the_vanished_rows_while_readers_always_see_the_
 async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice() {
     let db = TestSchema::new("evolve").await;
     let sink = db.sink("items", "evolve");
-    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap();
     let wider = schema(
@@ -344,13 +308,13 @@ async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice(
     );
     let mut r = item(2, "b");
     r.insert("score", Value::Int(42));
-    sink.apply(&batch(vec![Change::insert("k2", r)], cp(wider, "0_inf", 2))).await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k2", r)], checkpoint(wider, "0_inf", 2))).await.unwrap();
     assert_eq!(db.column("items", "score").await, vec![None, Some("42".into())]);
 
     let other_key = schema(r#"{"id":{"type":"int8"},"name":{"type":"text","pk_index":0}}"#);
     let err = db
         .sink("items", "evolve")
-        .apply(&batch(vec![Change::insert("k3", item(3, "c"))], cp(other_key, "0_inf", 3)))
+        .apply(&batch(vec![Change::insert("k3", item(3, "c"))], checkpoint(other_key, "0_inf", 3)))
         .await
         .unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("drop the table")), "{err}");
@@ -363,8 +327,8 @@ async fn pipelines_share_a_schema_with_tables_and_checkpoints_of_their_own_and_r
     let a = db.sink("items", "a");
     let b = db.sink("public.other", "b");
     assert_eq!(a.checkpoint().await.unwrap(), None, "no checkpoints table yet");
-    let ba = batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1));
-    let bb = batch(vec![Change::insert("k1", item(1, "b"))], cp(items_schema(), "0_inf", 2));
+    let ba = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
+    let bb = batch(vec![Change::insert("k1", item(1, "b"))], checkpoint(items_schema(), "0_inf", 2));
     a.apply(&ba).await.unwrap();
     b.apply(&bb).await.unwrap();
     assert_eq!(a.checkpoint().await.unwrap(), Some(ba.checkpoint.clone()));
@@ -392,12 +356,12 @@ async fn pipelines_share_a_schema_with_tables_and_checkpoints_of_their_own_and_r
 async fn an_update_that_changes_the_key_moves_the_row() {
     let db = TestSchema::new("move").await;
     let sink = db.sink("items", "move");
-    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap();
     let mut moved = live(Change::update("k9", item(9, "a")), 3, 0);
     moved.old_value = Some(row(&[("id", Value::Int(1))]));
-    sink.apply(&batch(vec![moved], cp(items_schema(), "3_0", 1))).await.unwrap();
+    sink.apply(&batch(vec![moved], checkpoint(items_schema(), "3_0", 1))).await.unwrap();
     assert_eq!(db.column("items", "id").await, vec![Some("9".into())]);
     db.drop().await;
 }
@@ -423,7 +387,7 @@ async fn unreachable_servers_missing_schemas_and_bad_settings_are_reported_clear
     let missing = PostgresSinkConfig { schema: "no_such_schema_here".into(), ..PostgresSinkConfig::new(URL) };
     let sink = missing.build(ctx.clone()).await.unwrap();
     let err = sink
-        .apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+        .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("CREATE SCHEMA")), "{err}");

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
 
-use crate::sink::{CHECKPOINT_TABLE, GENERATION_COLUMN, SqliteSink};
+use shapesync_core::table;
+
+use crate::sink::SqliteSink;
 
 /// Default values of the optional settings, in one place.
 pub mod defaults {
@@ -43,10 +45,7 @@ impl SqliteSinkConfig {
 
     /// The table the rows go to for a shape of `shape_table`.
     pub(crate) fn table_name(&self, shape_table: &str) -> String {
-        match &self.table {
-            Some(table) => table.clone(),
-            None => shape_table.rsplit('.').next().unwrap_or(shape_table).to_owned(),
-        }
+        table::table_name(self.table.as_deref(), shape_table)
     }
 }
 
@@ -63,26 +62,7 @@ impl SinkConfig for SqliteSinkConfig {
                 "an in-memory SQLite database lives only as long as one connection; use `type: memory` for an in-process cache, or give a file path",
             ));
         }
-        let table = self.table_name(&ctx.shape.table);
-        if table.is_empty() {
-            return Err(ConfigError::new("table", "expected a table name"));
-        }
-        if table == CHECKPOINT_TABLE {
-            return Err(ConfigError::new(
-                "table",
-                format!("`{CHECKPOINT_TABLE}` holds the pipelines' checkpoints; pick another table name"),
-            ));
-        }
-        if let Some(columns) = &ctx.shape.columns
-            && columns.iter().any(|c| c == GENERATION_COLUMN)
-        {
-            return Err(ConfigError::new(
-                "table",
-                format!(
-                    "the shape selects a column named `{GENERATION_COLUMN}`, which the sink keeps for itself"
-                ),
-            ));
-        }
+        table::check_names(&self.table_name(&ctx.shape.table), &ctx.shape)?;
         if self.busy_timeout_ms == 0 {
             return Err(ConfigError::new("busy_timeout_ms", "expected a timeout of at least 1 ms"));
         }

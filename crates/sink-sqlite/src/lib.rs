@@ -39,7 +39,8 @@ mod config;
 mod sink;
 
 pub use config::{SqliteSinkConfig, defaults};
-pub use sink::{CHECKPOINT_TABLE, GENERATION_COLUMN, SqliteSink};
+pub use shapesync_core::table::{CHECKPOINT_TABLE, GENERATION_COLUMN};
+pub use sink::SqliteSink;
 
 use shapesync_core::Registry;
 

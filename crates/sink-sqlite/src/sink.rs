@@ -6,18 +6,13 @@ use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, Transaction, TransactionBehavior};
+use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
     Batch, Change, Checkpoint, ColumnType, Operation, Row, Schema, Sink, SinkContext, SinkError, Value,
     async_trait,
 };
 
 use crate::config::SqliteSinkConfig;
-
-/// The table holding every pipeline's checkpoint in this database file.
-pub const CHECKPOINT_TABLE: &str = "_shapesync_checkpoints";
-
-/// The column recording which generation last wrote a row, for mark-and-sweep.
-pub const GENERATION_COLUMN: &str = "_shapesync_generation";
 
 /// A SQLite table kept exactly in sync with a shape; see the crate docs.
 pub struct SqliteSink {
@@ -165,52 +160,32 @@ impl SqliteSink {
     /// Creates the table for `schema`, or brings an existing one up to it: new columns
     /// are added; a primary key that differs is an error.
     fn ensure_table(&self, tx: &Transaction<'_>, schema: &Schema) -> Result<(), SinkError> {
-        let pk = schema.primary_key();
-        if pk.is_empty() {
-            return Err(self.rejected(
-                "the shape's table has no primary key, which the sink keys rows by; give the Postgres table a primary key".into(),
-            ));
-        }
-        if schema.0.contains_key(GENERATION_COLUMN) {
-            return Err(self.rejected(format!(
-                "the shape has a column named `{GENERATION_COLUMN}`, which the sink keeps for itself; leave it out with the source's `columns`"
-            )));
-        }
         let table = quote(&self.table);
         let existing = self.table_columns(tx)?;
-        if existing.is_empty() {
-            let columns: Vec<String> =
-                schema.0.iter().map(|(name, ty)| format!("{} {}", quote(name), declared_type(ty))).collect();
-            let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
-            let sql = format!(
-                "CREATE TABLE {table} ({}, {} INTEGER NOT NULL, PRIMARY KEY ({}))",
-                columns.join(", "),
-                quote(GENERATION_COLUMN),
-                key.join(", ")
-            );
-            return tx.execute_batch(&sql).map_err(|e| classify(e, &self.path));
-        }
-        let mut stored_pk: Vec<(i64, &str)> =
-            existing.iter().filter(|(_, pos)| *pos > 0).map(|(name, pos)| (*pos, name.as_str())).collect();
-        stored_pk.sort();
-        if stored_pk.iter().map(|(_, name)| *name).ne(pk.iter().copied()) {
-            let stored: Vec<&str> = stored_pk.iter().map(|(_, name)| *name).collect();
-            return Err(self.rejected(format!(
-                "the table exists with primary key {stored:?}, but the shape's is {pk:?}; drop the table (shapesync recreates it) and restart"
-            )));
-        }
-        if !existing.iter().any(|(name, _)| name == GENERATION_COLUMN) {
-            return Err(self.rejected(format!(
-                "the table exists without the `{GENERATION_COLUMN}` column, so another program owns it; set the sink's `table` to a table of its own"
-            )));
-        }
-        for (name, ty) in &schema.0 {
-            if !existing.iter().any(|(have, _)| have == &**name) {
-                let sql = format!("ALTER TABLE {table} ADD COLUMN {} {}", quote(name), declared_type(ty));
-                tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))?;
+        match table::plan_table(schema, &existing).map_err(|m| self.rejected(m))? {
+            TablePlan::Create => {
+                let columns: Vec<String> = schema
+                    .0
+                    .iter()
+                    .map(|(name, ty)| format!("{} {}", quote(name), declared_type(ty)))
+                    .collect();
+                let key: Vec<String> = schema.primary_key().iter().map(|c| quote(c)).collect();
+                let sql = format!(
+                    "CREATE TABLE {table} ({}, {} INTEGER NOT NULL, PRIMARY KEY ({}))",
+                    columns.join(", "),
+                    quote(GENERATION_COLUMN),
+                    key.join(", ")
+                );
+                tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))
+            }
+            TablePlan::AddColumns(columns) => {
+                for (name, ty) in columns {
+                    let sql = format!("ALTER TABLE {table} ADD COLUMN {} {}", quote(name), declared_type(ty));
+                    tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))?;
+                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// The table's columns with their position in the primary key (0: not in it); empty
@@ -284,16 +259,7 @@ impl SqliteSink {
         row: &'r Row,
         change: &Change,
     ) -> Result<Vec<&'r Value>, SinkError> {
-        pk.iter()
-            .map(|c| match row.get(c) {
-                Some(Value::Null) | None => Err(self.rejected(format!(
-                    "the {} of row {} carries no value for primary-key column `{c}`",
-                    change.op.as_str(),
-                    change.key
-                ))),
-                Some(v) => Ok(v),
-            })
-            .collect()
+        table::key_values(pk, row, change).map_err(|m| self.rejected(m))
     }
 
     fn write_change(
@@ -314,14 +280,8 @@ impl SqliteSink {
             }
             Operation::Update => {
                 // Under `replica: full` an update may change the key: the row moves.
-                if let Some(old) = &change.old_value
-                    && pk.iter().any(|c| old.contains_key(c))
-                {
-                    let mut before = change.value.clone();
-                    before.merge(old);
-                    if self.key_values(pk, &before, change)? != self.key_values(pk, &change.value, change)? {
-                        self.delete(tx, pk, &before, change)?;
-                    }
+                if let Some(before) = table::moved_from(pk, change).map_err(|m| self.rejected(m))? {
+                    self.delete(tx, pk, &before, change)?;
                 }
                 self.key_values(pk, &change.value, change)?;
                 let sql = self.upsert_sql(pk, &change.value.keys().collect::<Vec<_>>());

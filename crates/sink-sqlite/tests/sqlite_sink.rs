@@ -8,49 +8,9 @@ use std::thread;
 
 use rusqlite::Connection;
 use rusqlite::types::Value as Sql;
-use shapesync_core::{
-    Batch, Change, Checkpoint, LogPosition, Row, Schema, ShapeInfo, Sink, SinkConfig, SinkContext, SinkError,
-    Value,
-};
+use shapesync_core::{Change, ShapeInfo, Sink, SinkConfig, SinkContext, SinkError, Value};
 use shapesync_sink_sqlite::{CHECKPOINT_TABLE, GENERATION_COLUMN, SqliteSink, SqliteSinkConfig};
-
-fn schema(json: &str) -> Schema {
-    serde_json::from_str(json).unwrap()
-}
-
-fn items_schema() -> Schema {
-    schema(
-        r#"{"id":{"type":"int8","pk_index":0,"not_null":true},"name":{"type":"text"},"note":{"type":"text"}}"#,
-    )
-}
-
-fn cp(schema: Schema, offset: &str, generation: u64) -> Checkpoint {
-    Checkpoint {
-        shape_hash: "shape".into(),
-        handle: "h-1".into(),
-        offset: offset.parse().unwrap(),
-        schema,
-        generation,
-        resyncing: false,
-    }
-}
-
-fn batch(changes: Vec<Change>, checkpoint: Checkpoint) -> Batch {
-    Batch { changes, checkpoint, sweep: false, up_to_date: true }
-}
-
-fn row(pairs: &[(&str, Value)]) -> Row {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
-}
-
-fn item(id: i64, name: &str) -> Row {
-    row(&[("id", Value::Int(id)), ("name", Value::Text(name.into())), ("note", Value::Null)])
-}
-
-fn live(mut change: Change, lsn: u64, op: u64) -> Change {
-    change.position = Some(LogPosition { lsn, op_position: op });
-    change
-}
+use shapesync_testkit::fixtures::{batch, checkpoint, item, items_schema, live, row, schema};
 
 fn sink_at(path: &Path, table: &str, pipeline: &str) -> SqliteSink {
     let ctx = SinkContext {
@@ -100,7 +60,7 @@ async fn every_type_is_stored_exactly_with_the_declared_affinity() {
         ("uid", Value::Text("5f0c7d8e-3f6a-4a8b-9d7e-2b1c0a9f8e7d".into())),
         ("gone", Value::Null),
     ]);
-    sink.apply(&batch(vec![Change::insert("k", values)], cp(schema, "0_inf", 7))).await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k", values)], checkpoint(schema, "0_inf", 7))).await.unwrap();
 
     let rows = dump(&path, "things");
     assert_eq!(rows.len(), 1);
@@ -142,7 +102,7 @@ async fn replaying_committed_batches_leaves_the_table_and_checkpoint_identical()
     let sink = sink_at(&path, "items", "replay");
     let snapshot = batch(
         (1..=3).map(|i| Change::insert(format!("k{i}"), item(i, "a"))).collect(),
-        cp(items_schema(), "0_inf", 1),
+        checkpoint(items_schema(), "0_inf", 1),
     );
     let tx = batch(
         vec![
@@ -154,7 +114,7 @@ async fn replaying_committed_batches_leaves_the_table_and_checkpoint_identical()
             live(Change::delete("k2", row(&[("id", Value::Int(2))])), 5, 2),
             live(Change::insert("k4", item(4, "d")), 5, 4),
         ],
-        cp(items_schema(), "5_4", 1),
+        checkpoint(items_schema(), "5_4", 1),
     );
     sink.apply(&snapshot).await.unwrap();
     sink.apply(&tx).await.unwrap();
@@ -174,7 +134,7 @@ async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("atomic.db");
     let sink = sink_at(&path, "items", "atomic");
-    let first = batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1));
+    let first = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
     sink.apply(&first).await.unwrap();
     let before = dump(&path, "items");
 
@@ -185,7 +145,7 @@ async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
             live(Change::insert("k2", item(2, "b")), 9, 0),
             live(Change::update("k3", row(&[("name", Value::Text("x".into()))])), 9, 2),
         ],
-        cp(items_schema(), "9_2", 1),
+        checkpoint(items_schema(), "9_2", 1),
     );
     let err = sink.apply(&broken).await.unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("`id`")), "{err}");
@@ -204,11 +164,15 @@ async fn hostile_table_and_column_names_stay_identifiers() {
     );
     let hostile_column = r#"na me); DELETE FROM "_shapesync_checkpoints"; --"#;
     let r = row(&[("i\"d", Value::Int(1)), (hostile_column, Value::Text("v".into()))]);
-    sink.apply(&batch(vec![Change::insert("k", r.clone())], cp(schema.clone(), "0_inf", 1))).await.unwrap();
-    sink.apply(&batch(vec![live(Change::update("k", r), 3, 0)], cp(schema.clone(), "3_0", 1))).await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k", r.clone())], checkpoint(schema.clone(), "0_inf", 1)))
+        .await
+        .unwrap();
+    sink.apply(&batch(vec![live(Change::update("k", r), 3, 0)], checkpoint(schema.clone(), "3_0", 1)))
+        .await
+        .unwrap();
     let rows = dump(&path, table);
     assert_eq!(column(&rows[0], hostile_column), &Sql::Text("v".into()));
-    assert_eq!(sink.checkpoint().await.unwrap(), Some(cp(schema, "3_0", 1)));
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(checkpoint(schema, "3_0", 1)));
 }
 
 #[tokio::test]
@@ -218,7 +182,7 @@ async fn a_resync_sweeps_exactly_the_vanished_rows_while_readers_always_see_the_
     let sink = sink_at(&path, "items", "resync");
     let initial = batch(
         (1..=2_000).map(|i| Change::insert(format!("k{i}"), item(i, "old"))).collect(),
-        cp(items_schema(), "0_inf", 1),
+        checkpoint(items_schema(), "0_inf", 1),
     );
     sink.apply(&initial).await.unwrap();
 
@@ -245,13 +209,13 @@ async fn a_resync_sweeps_exactly_the_vanished_rows_while_readers_always_see_the_
         let ids = (chunk * 500 + 1)..=(chunk * 500 + 500);
         let mut b = batch(
             ids.map(|i| Change::insert(format!("k{i}"), item(i, "new"))).collect(),
-            cp(items_schema(), &format!("0_{chunk}"), 2),
+            checkpoint(items_schema(), &format!("0_{chunk}"), 2),
         );
         b.checkpoint.resyncing = true;
         b.up_to_date = false;
         sink.apply(&b).await.unwrap();
     }
-    let mut end = batch(vec![], cp(items_schema(), "0_inf", 2));
+    let mut end = batch(vec![], checkpoint(items_schema(), "0_inf", 2));
     end.sweep = true;
     sink.apply(&end).await.unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -270,7 +234,7 @@ async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice(
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("evolve.db");
     let sink = sink_at(&path, "items", "evolve");
-    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap();
 
@@ -279,14 +243,14 @@ async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice(
     );
     let mut r = item(2, "b");
     r.insert("score", Value::Int(42));
-    sink.apply(&batch(vec![Change::insert("k2", r)], cp(wider, "0_inf", 2))).await.unwrap();
+    sink.apply(&batch(vec![Change::insert("k2", r)], checkpoint(wider, "0_inf", 2))).await.unwrap();
     let rows = dump(&path, "items");
     assert_eq!(column(&rows[0], "score"), &Sql::Null);
     assert_eq!(column(&rows[1], "score"), &Sql::Integer(42));
 
     let other_key = schema(r#"{"id":{"type":"int8"},"name":{"type":"text","pk_index":0}}"#);
     let err = sink_at(&path, "items", "evolve")
-        .apply(&batch(vec![Change::insert("k3", item(3, "c"))], cp(other_key, "0_inf", 3)))
+        .apply(&batch(vec![Change::insert("k3", item(3, "c"))], checkpoint(other_key, "0_inf", 3)))
         .await
         .unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("drop the table")), "{err}");
@@ -303,12 +267,13 @@ async fn a_locked_database_is_unavailable_and_the_retry_succeeds_once_released()
     let mut config = SqliteSinkConfig::new(&path);
     config.busy_timeout_ms = 20;
     let sink = SqliteSink::new(config, ctx);
-    let b = batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1));
+    let b = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
     sink.apply(&b).await.unwrap();
 
     let holder = Connection::open(&path).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let next = batch(vec![live(Change::insert("k2", item(2, "b")), 4, 0)], cp(items_schema(), "4_0", 1));
+    let next =
+        batch(vec![live(Change::insert("k2", item(2, "b")), 4, 0)], checkpoint(items_schema(), "4_0", 1));
     assert!(matches!(sink.apply(&next).await, Err(SinkError::Unavailable(_))));
     holder.execute_batch("ROLLBACK").unwrap();
     sink.apply(&next).await.unwrap();
@@ -325,8 +290,8 @@ async fn pipelines_share_a_file_with_tables_and_checkpoints_of_their_own_and_res
     assert_eq!(a.checkpoint().await.unwrap(), None);
     assert!(!path.exists(), "reading a checkpoint creates nothing");
 
-    let ba = batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1));
-    let bb = batch(vec![Change::insert("k1", item(1, "b"))], cp(items_schema(), "0_inf", 2));
+    let ba = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
+    let bb = batch(vec![Change::insert("k1", item(1, "b"))], checkpoint(items_schema(), "0_inf", 2));
     a.apply(&ba).await.unwrap();
     b.apply(&bb).await.unwrap();
     assert_eq!(a.checkpoint().await.unwrap(), Some(ba.checkpoint.clone()));
@@ -354,12 +319,12 @@ async fn an_update_that_changes_the_key_moves_the_row() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("move.db");
     let sink = sink_at(&path, "items", "move");
-    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap();
     let mut moved = live(Change::update("k9", item(9, "a")), 3, 0);
     moved.old_value = Some(row(&[("id", Value::Int(1))]));
-    sink.apply(&batch(vec![moved], cp(items_schema(), "3_0", 1))).await.unwrap();
+    sink.apply(&batch(vec![moved], checkpoint(items_schema(), "3_0", 1))).await.unwrap();
     let rows = dump(&path, "items");
     assert_eq!(rows.len(), 1);
     assert_eq!(column(&rows[0], "id"), &Sql::Integer(9));
@@ -371,7 +336,7 @@ async fn unusable_files_and_settings_are_reported_clearly() {
     let missing_dir = dir.path().join("no/such/dir/cache.db");
     let sink = sink_at(&missing_dir, "items", "missing");
     let err = sink
-        .apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+        .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("directory exists")), "{err}");
@@ -382,7 +347,7 @@ async fn unusable_files_and_settings_are_reported_clearly() {
         .execute_batch("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
         .unwrap();
     let err = sink_at(&foreign, "items", "foreign")
-        .apply(&batch(vec![Change::insert("k1", item(1, "a"))], cp(items_schema(), "0_inf", 1)))
+        .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap_err();
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("another program owns it")), "{err}");

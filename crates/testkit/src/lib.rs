@@ -72,6 +72,7 @@
 pub mod cli;
 pub mod compliance;
 mod fault;
+pub mod fixtures;
 mod handle;
 mod server;
 mod shape;
