@@ -9,12 +9,16 @@
 //! - `sqlite`: the same shape into a SQLite file through the whole pipeline, raw
 //!   prepared inserts of the same rows for comparison, and a concurrent reader.
 //!
+//! - `postgres`: the same shape into a table of a Postgres database, and a concurrent
+//!   reader.
+//!
 //! Build with `--release`; figures and the machine go into `docs/PERFORMANCE.md`.
 
 /// The same allocator as the `shapesync` binary, so figures carry over.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod postgres_bench;
 mod procfs;
 mod redis_bench;
 mod sqlite_bench;
@@ -93,6 +97,19 @@ enum Cmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Sync a synthetic shape into a table of a Postgres database through the whole
+    /// pipeline; time a concurrent reader.
+    Postgres {
+        /// The target database (a schema of the benchmark's own is created and dropped).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        url: String,
+        /// Rows in the synthetic shape.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Server chunk size in bytes.
+        #[arg(long, default_value_t = 10 * 1024 * 1024)]
+        chunk_bytes: usize,
+    },
     /// (internal) the cache reader process of `redis`.
     #[command(hide = true)]
     ReadLoop {
@@ -168,6 +185,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Sqlite { rows, chunk_bytes, dir } => {
                 sqlite_bench::run(rows, chunk_bytes, &sqlite_bench::directory(dir)?).await
             }
+            Cmd::Postgres { url, rows, chunk_bytes } => postgres_bench::run(&url, rows, chunk_bytes).await,
             Cmd::Serve(args) => Ok(shapesync_testkit::cli::run_synthetic_server(args).await?),
             Cmd::ReadLoop { .. } => unreachable!("handled before the runtime starts"),
         }

@@ -18,8 +18,9 @@
 //! `shapesync reset`, which deletes the rows but not the table.
 //!
 //! # Progress and atomicity
-//! Every batch is one Postgres transaction: its rows (a snapshot batch as multi-row
-//! upserts of up to 1,000 rows, a live transaction change by change), the sweep of a
+//! Every batch is one Postgres transaction: its rows (a snapshot batch as upserts of up
+//! to 5,000 rows from one `text[]` per column through `unnest`, a live transaction
+//! change by change), the sweep of a
 //! resync (`DELETE … WHERE _shapesync_generation < …`) and the checkpoint, stored as JSON
 //! in the table `_shapesync_checkpoints` (`pipeline`, `checkpoint`) of the same schema.
 //! Nothing else stores progress. Readers see whole transactions only, and never an

@@ -12,11 +12,8 @@ use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
 
 use crate::config::PostgresSinkConfig;
 
-/// Postgres allows 65535 bind parameters per statement; a snapshot insert stays below.
-const MAX_PARAMS: usize = 65_535;
-
-/// Rows per multi-row insert of a snapshot batch.
-const ROWS_PER_INSERT: usize = 1_000;
+/// Rows per upsert statement of a snapshot batch.
+const ROWS_PER_STATEMENT: usize = 5_000;
 
 /// Built-in types a column keeps in the target table; any other type (an enum, a
 /// domain, an extension's type, which the target database may not have) becomes `text`.
@@ -284,28 +281,21 @@ impl PostgresSink {
         }
     }
 
-    /// `INSERT … ON CONFLICT (pk) DO UPDATE` of `columns` for `rows` rows, each row's
-    /// values cast to the column types and tagged with `generation`.
-    fn upsert_sql(
-        &self,
-        schema: &Schema,
-        pk: &[&str],
-        columns: &[&str],
-        rows: usize,
-        generation: i64,
-    ) -> String {
+    /// `INSERT … SELECT … FROM unnest(…) ON CONFLICT (pk) DO UPDATE` of `columns`: one
+    /// `text[]` parameter per column holds that column's values for every row, cast to
+    /// the column's type; every row is tagged with `generation`. The statement's text
+    /// depends only on the columns, so Postgres plans it once per connection.
+    fn upsert_sql(&self, schema: &Schema, pk: &[&str], columns: &[&str], generation: i64) -> String {
         let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-        let casts: Vec<String> =
-            columns.iter().map(|c| schema.0.get(*c).map_or_else(|| "text".to_owned(), column_type)).collect();
-        let mut values = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let row: Vec<String> = casts
-                .iter()
-                .enumerate()
-                .map(|(i, cast)| format!("${}::{cast}", r * columns.len() + i + 1))
-                .collect();
-            values.push(format!("({}, {generation})", row.join(", ")));
-        }
+        let selected: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!("u.c{i}::{}", schema.0.get(*c).map_or_else(|| "text".to_owned(), column_type))
+            })
+            .collect();
+        let arrays: Vec<String> = (1..=columns.len()).map(|i| format!("${i}::text[]")).collect();
+        let aliases: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
         let generation_column = quote(GENERATION_COLUMN);
         let mut set: Vec<String> = columns
             .iter()
@@ -315,13 +305,30 @@ impl PostgresSink {
         set.push(format!("{generation_column} = excluded.{generation_column}"));
         let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
         format!(
-            "INSERT INTO {} ({}, {generation_column}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
+            "INSERT INTO {} ({}, {generation_column}) SELECT {}, {generation} FROM unnest({}) AS u({}) ON CONFLICT ({}) DO UPDATE SET {}",
             self.qualified_table(),
             names.join(", "),
-            values.join(", "),
+            selected.join(", "),
+            arrays.join(", "),
+            aliases.join(", "),
             key.join(", "),
             set.join(", ")
         )
+    }
+
+    /// Runs an upsert from [`Self::upsert_sql`] with each column's values.
+    async fn upsert(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        sql: String,
+        columns: Vec<Vec<Option<String>>>,
+    ) -> Result<(), SinkError> {
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for values in columns {
+            query = query.bind(values);
+        }
+        query.execute(&mut **tx).await.map_err(classify)?;
+        Ok(())
     }
 
     fn key_values<'r>(
@@ -365,15 +372,16 @@ impl PostgresSink {
         generation: i64,
     ) -> Result<(), SinkError> {
         let columns: Vec<&str> = schema.0.keys().map(|c| &**c).collect();
-        let per_statement = ROWS_PER_INSERT.min(MAX_PARAMS / columns.len().max(1));
-        for part in changes.chunks(per_statement) {
-            let mut params = Vec::with_capacity(part.len() * columns.len());
+        let sql = self.upsert_sql(schema, pk, &columns, generation);
+        for part in changes.chunks(ROWS_PER_STATEMENT) {
+            let mut values = vec![Vec::with_capacity(part.len()); columns.len()];
             for change in part {
                 self.key_values(pk, &change.value, change)?;
-                params.extend(columns.iter().map(|c| change.value.get(c).and_then(pg_text)));
+                for (column, values) in columns.iter().zip(&mut values) {
+                    values.push(change.value.get(column).and_then(pg_text));
+                }
             }
-            let sql = self.upsert_sql(schema, pk, &columns, part.len(), generation);
-            execute(tx, sql, params).await?;
+            self.upsert(tx, sql.clone(), values).await?;
         }
         Ok(())
     }
@@ -397,9 +405,8 @@ impl PostgresSink {
                 }
                 self.key_values(pk, &change.value, change)?;
                 let columns: Vec<&str> = change.value.keys().collect();
-                let sql = self.upsert_sql(schema, pk, &columns, 1, generation);
-                execute(tx, sql, change.value.values().map(pg_text)).await?;
-                Ok(())
+                let sql = self.upsert_sql(schema, pk, &columns, generation);
+                self.upsert(tx, sql, change.value.values().map(|v| vec![pg_text(v)]).collect()).await
             }
             Operation::Delete => self.delete(tx, schema, pk, &change.value, change).await,
         }
