@@ -25,6 +25,7 @@ pub fn builtin_registry() -> Registry {
     shapesync_sink_redis::register(&mut registry);
     shapesync_sink_sqlite::register(&mut registry);
     shapesync_sink_postgres::register(&mut registry);
+    shapesync_transforms::register(&mut registry);
     registry
 }
 

@@ -91,4 +91,20 @@ pub struct Batch {
     pub sweep: bool,
     /// The batch ends at `up-to-date`: the sink now matches the shape's head.
     pub up_to_date: bool,
+    /// The columns of the rows in `changes` when the pipeline's transforms changed them;
+    /// `None` when they are the source's (`checkpoint.schema`, which always stays the
+    /// source's, since resuming the stream needs it). Read it through [`Batch::schema`].
+    pub row_schema: Option<std::sync::Arc<crate::Schema>>,
+}
+
+impl Batch {
+    /// A batch whose rows have the source's columns.
+    pub fn new(changes: Vec<Change>, checkpoint: Checkpoint, sweep: bool, up_to_date: bool) -> Self {
+        Batch { changes, checkpoint, sweep, up_to_date, row_schema: None }
+    }
+
+    /// The columns of the rows in `changes`: what a sink lays its table or keys out by.
+    pub fn schema(&self) -> &crate::Schema {
+        self.row_schema.as_deref().unwrap_or(&self.checkpoint.schema)
+    }
 }

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use crate::config::RetrySpec;
 use crate::registry::PreparedPipeline;
 use crate::{
-    Batch, Change, Checkpoint, ResumePoint, Sink, SinkError, Source, SourceError, SourceEvent, Transform,
-    TransformError,
+    Batch, Change, Checkpoint, ResumePoint, Schema, Sink, SinkError, Source, SourceError, SourceEvent,
+    Transform, TransformError,
 };
 
 /// How long an in-flight sink commit may run on after shutdown is requested before
@@ -256,6 +256,7 @@ impl Pipeline {
                     },
                     sweep,
                     up_to_date: at_head,
+                    row_schema: this.row_schema(&response.schema)?,
                 };
                 if !this.commit(&batch, &shutdown).await? {
                     return Ok(());
@@ -300,6 +301,17 @@ impl Committer {
             out.append(&mut current);
         }
         Ok(())
+    }
+
+    /// The columns of the transformed rows, when the transforms change the source's.
+    fn row_schema(&self, source: &Schema) -> Result<Option<Arc<Schema>>, TransformError> {
+        let mut changed: Option<Schema> = None;
+        for t in &self.transforms {
+            if let Some(next) = t.schema(changed.as_ref().unwrap_or(source))? {
+                changed = Some(next);
+            }
+        }
+        Ok(changed.map(Arc::new))
     }
 
     /// Reads the stored checkpoint, retrying while the sink is unavailable.

@@ -502,7 +502,7 @@ impl Sink for CutShortSink {
         let kept = self.kept.lock().unwrap().clone();
         if let Some(old) = kept.filter(|_| batch.checkpoint.resyncing) {
             self.inner.apply(batch).await?;
-            let restore = Batch { changes: vec![], checkpoint: old, sweep: false, up_to_date: false };
+            let restore = Batch::new(vec![], old, false, false);
             return self.inner.apply(&restore).await;
         }
         *self.kept.lock().unwrap() = Some(batch.checkpoint.clone());

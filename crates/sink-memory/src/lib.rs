@@ -266,6 +266,7 @@ mod tests {
             },
             sweep,
             up_to_date: true,
+            row_schema: None,
         }
     }
 

@@ -417,7 +417,7 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
         batch: &Batch,
     ) -> Result<(), SinkError> {
-        let schema = &batch.checkpoint.schema;
+        let schema = batch.schema();
         let known = self.table_schema.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if known.as_ref() != Some(schema) {
             self.ensure_table(tx, schema).await?;
@@ -479,8 +479,7 @@ impl Sink for PostgresSink {
         match self.apply_in(&mut tx, batch).await {
             Ok(()) => {
                 tx.commit().await.map_err(classify)?;
-                *self.table_schema.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(batch.checkpoint.schema.clone());
+                *self.table_schema.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch.schema().clone());
                 Ok(())
             }
             Err(e) => {

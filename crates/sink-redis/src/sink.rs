@@ -602,7 +602,7 @@ impl Sink for RedisSink {
 
     async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
         let mut conn = self.conn.clone();
-        let template = self.key_template(&batch.checkpoint.schema)?;
+        let template = self.key_template(batch.schema())?;
         let generation = batch.checkpoint.generation.to_string();
         let checkpoint = batch.checkpoint.to_json();
         let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;

@@ -59,7 +59,7 @@ fn cp(offset: &str, generation: u64, resyncing: bool) -> Checkpoint {
 }
 
 fn batch(changes: Vec<Change>, checkpoint: Checkpoint) -> Batch {
-    Batch { changes, checkpoint, sweep: false, up_to_date: true }
+    Batch::new(changes, checkpoint, false, true)
 }
 
 fn row(pairs: &[(&str, Value)]) -> Row {

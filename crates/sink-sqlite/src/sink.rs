@@ -298,7 +298,7 @@ impl SqliteSink {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| classify(e, &self.path))?;
-        let schema = &batch.checkpoint.schema;
+        let schema = batch.schema();
         if known.as_ref() != Some(schema) {
             self.ensure_table(&tx, schema)?;
         }

@@ -115,10 +115,10 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
         checkpoint: checkpoint("0_0", 10, true),
         sweep: false,
         up_to_date: false,
+        row_schema: None,
     };
     sink.apply(&snapshot).await.expect("apply snapshot");
-    let end =
-        Batch { changes: vec![], checkpoint: checkpoint("0_inf", 10, false), sweep: true, up_to_date: true };
+    let end = Batch::new(vec![], checkpoint("0_inf", 10, false), true, true);
     sink.apply(&end).await.expect("apply snapshot end");
     let synced = expect(&[(1, "one", Some("n1")), (2, "two", None), (3, "three", Some("n3"))]);
     assert_eq!(target.rows().await, synced, "snapshot rows are stored");
@@ -153,6 +153,7 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
         checkpoint: checkpoint("20_8", 10, false),
         sweep: false,
         up_to_date: true,
+        row_schema: None,
     };
     sink.apply(&tx).await.expect("apply live transaction");
     let after_tx = expect(&[(1, "uno", Some("n1")), (3, "three", None), (4, "four", Some("n4"))]);
@@ -181,11 +182,11 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
         checkpoint: checkpoint("0_0", 11, true),
         sweep: false,
         up_to_date: false,
+        row_schema: None,
     };
     sink.apply(&resync).await.expect("apply resync chunk");
     assert!(target.rows().await.contains_key("3"), "old rows stay until the sweep");
-    let sweep =
-        Batch { changes: vec![], checkpoint: checkpoint("0_inf", 11, false), sweep: true, up_to_date: true };
+    let sweep = Batch::new(vec![], checkpoint("0_inf", 11, false), true, true);
     sink.apply(&sweep).await.expect("apply sweep");
     assert_eq!(
         target.rows().await,

@@ -39,7 +39,7 @@ pub fn checkpoint(schema: Schema, offset: &str, generation: u64) -> Checkpoint {
 
 /// A batch that ends up to date, without a sweep.
 pub fn batch(changes: Vec<Change>, checkpoint: Checkpoint) -> Batch {
-    Batch { changes, checkpoint, sweep: false, up_to_date: true }
+    Batch::new(changes, checkpoint, false, true)
 }
 
 /// `change` as a replicated change at log position `lsn`/`op`.
