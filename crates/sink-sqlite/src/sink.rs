@@ -328,7 +328,17 @@ impl SqliteSink {
     fn checkpoint_blocking(&self) -> Result<Option<Checkpoint>, SinkError> {
         let mut state = self.state();
         if state.conn.is_none() && !self.path.exists() {
-            return Ok(None); // nothing written yet; reading must not create the file
+            // Nothing written yet, and reading must not create the file; but a file that
+            // could never be created is worth saying now (`validate --connect`).
+            let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(SinkError::Rejected(format!(
+                    "cannot create SQLite database `{}`: directory `{}` does not exist; create it or fix `path`",
+                    self.path.display(),
+                    dir.display()
+                )));
+            }
+            return Ok(None);
         }
         let conn = self.connection(&mut state)?;
         let stored: Option<String> = conn

@@ -335,6 +335,8 @@ async fn unusable_files_and_settings_are_reported_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let missing_dir = dir.path().join("no/such/dir/cache.db");
     let sink = sink_at(&missing_dir, "items", "missing");
+    let err = sink.checkpoint().await.unwrap_err();
+    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("does not exist")), "{err}");
     let err = sink
         .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
