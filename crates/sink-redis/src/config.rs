@@ -79,6 +79,10 @@ pub struct RedisSinkConfig {
     /// Response timeout of one Redis command, in milliseconds.
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
+    /// For `rediss://`: a PEM file with the certificate authority that signed the
+    /// server's certificate (a private CA). Default: the system's root certificates.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl RedisSinkConfig {
@@ -95,6 +99,7 @@ impl RedisSinkConfig {
             database: None,
             part_size: defaults::PART_SIZE,
             timeout_ms: defaults::TIMEOUT_MS,
+            ca_file: None,
         }
     }
 
@@ -109,12 +114,22 @@ impl RedisSinkConfig {
 
     /// Where to connect. Errors never contain the URL (it may hold a password).
     pub(crate) fn connection_info(&self) -> Result<ConnectionInfo, ConfigError> {
+        let tls = self.url.starts_with("rediss://");
+        if tls && !cfg!(feature = "tls") {
+            return Err(ConfigError::new(
+                "url",
+                "this build has no TLS support for Redis (rediss://); build shapesync-sink-redis with its `tls` feature",
+            ));
+        }
+        if self.ca_file.is_some() && !tls {
+            return Err(ConfigError::new("ca_file", "only applies to rediss:// URLs"));
+        }
         let info = self.url.as_str().into_connection_info().map_err(|e| {
             let detail = e.detail().unwrap_or("unparseable");
             ConfigError::new(
                 "url",
                 format!(
-                    "not a usable Redis URL ({detail}); expected redis://[user:password@]host[:port][/db] or unix:///path/to/redis.sock"
+                    "not a usable Redis URL ({detail}); expected redis://[user:password@]host[:port][/db], rediss://… (TLS) or unix:///path/to/redis.sock"
                 ),
             )
         })?;

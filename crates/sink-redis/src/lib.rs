@@ -83,6 +83,11 @@
 //! `"field":"<row key>"` in the `table` layout (where `key` is the shape's hash). Rows
 //! removed by a sweep or a reset are published as `delete`.
 //!
+//! # TLS
+//! `rediss://` URLs connect over TLS (rustls; the default `tls` feature), verifying the
+//! server's certificate against the system's root certificates, or against `ca_file` (a
+//! PEM file with a private CA). A certificate that fails verification is `Rejected`.
+//!
 //! # Errors
 //! Connection failures, timeouts, `LOADING`, `BUSY`, `OOM`, `READONLY`, `TRYAGAIN` and
 //! cluster-down replies are `SinkError::Unavailable` (the runner retries the idempotent

@@ -141,7 +141,12 @@ fn classify(e: RedisError) -> SinkError {
             )
         )
         || matches!(e.code(), Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS"));
-    if transient {
+    if e.to_string().contains("certificate") {
+        // A TLS handshake that failed verification: retrying cannot fix it.
+        SinkError::Rejected(format!(
+            "redis: {e}; check that the server's certificate matches the host in `url`, or set `ca_file` to the CA that signed it"
+        ))
+    } else if transient {
         SinkError::Unavailable(format!("redis: {e}"))
     } else {
         SinkError::Rejected(format!("redis refused a command: {e}"))
@@ -199,7 +204,25 @@ impl RedisSink {
         ctx: &SinkContext,
     ) -> Result<(Client, ConnectionManagerConfig), SinkError> {
         config.check(ctx).map_err(rejected)?;
-        let client = Client::open(config.connection_info().map_err(rejected)?).map_err(classify)?;
+        let info = config.connection_info().map_err(rejected)?;
+        #[cfg(feature = "tls")]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match &config.ca_file {
+            #[cfg(feature = "tls")]
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    SinkError::Rejected(format!("cannot read `ca_file` {}: {e}", path.display()))
+                })?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                Client::build_with_tls(info, certs).map_err(|e| {
+                    SinkError::Rejected(format!(
+                        "`ca_file` {} holds no usable certificate: {e}",
+                        path.display()
+                    ))
+                })?
+            }
+            _ => Client::open(info).map_err(classify)?,
+        };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_millis(config.timeout_ms)))

@@ -1012,3 +1012,112 @@ async fn a_live_transaction_of_ten_thousand_rows_commits_atomically() {
     assert!(keys_with_prefix(&mut conn, &format!("{}items:", setup.prefix)).await.is_empty());
     cleanup(&setup.prefix).await;
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is on PATH");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn rediss_urls_connect_over_tls_verifying_the_server_against_ca_file() {
+    // A private CA, and a certificate it signs for 127.0.0.1.
+    let dir = std::env::temp_dir().join(unique("redis-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let quiet = ["-days", "1", "-nodes"];
+    openssl(
+        &dir,
+        &[
+            &["req", "-x509", "-newkey", "rsa:2048", "-keyout", "ca.key", "-out", "ca.crt"][..],
+            &quiet,
+            &["-subj", "/CN=shapesync test CA"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+
+    let port = free_port();
+    let mut child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+        ])
+        .args(["--tls-auth-clients", "no"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is on PATH");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server with TLS did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
+
+    let ctx = SinkContext {
+        pipeline: "tls".into(),
+        shape: ShapeInfo { table: "items".into(), ..Default::default() },
+    };
+    let mut config = RedisSinkConfig::new(format!("rediss://127.0.0.1:{port}"));
+    config.ca_file = Some(dir.join("ca.crt"));
+    let sink =
+        RedisSink::connect(config.clone(), ctx.clone()).await.expect("TLS connection verified by ca_file");
+    let b = batch(vec![Change::insert("k1", full_row(1, "a"))], cp("0_inf", 1, false));
+    sink.apply(&b).await.unwrap();
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(b.checkpoint));
+
+    // Without the CA the server's certificate is unknown: refused, with advice.
+    config.ca_file = None;
+    let err = match RedisSink::connect(config.clone(), ctx.clone()).await {
+        Err(e) => e,
+        Ok(sink) => sink.checkpoint().await.unwrap_err(),
+    };
+    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("ca_file")), "{err}");
+    // `ca_file` on a plain redis:// URL is a settings error.
+    config.url = URL.into();
+    config.ca_file = Some(dir.join("ca.crt"));
+    assert_eq!(shapesync_core::SinkConfig::check(&config, &ctx).unwrap_err().key, "ca_file");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
