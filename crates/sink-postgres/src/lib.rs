@@ -27,11 +27,15 @@
 //! emptied table. Inserts are upserts and updates write just the columns they carry
 //! (`replica: default` merges), so replaying a batch changes nothing.
 //!
+//! # TLS
+//! `sslmode` in the URL (`require`, `verify-ca`, `verify-full`, with `sslrootcert` for a
+//! private CA) connects over TLS (rustls; the default `tls` feature).
+//!
 //! # Errors
 //! Connection failures, timeouts, serialization failures, deadlocks, lock timeouts and
 //! a database that is starting or shutting down are `Unavailable` (the runner retries the
-//! batch); a refused login, a missing schema or database, missing privileges and other
-//! refused statements are `Rejected`. No error or log line contains the URL. Every
+//! batch); a refused login, a certificate that fails verification, a missing schema or
+//! database, missing privileges and other refused statements are `Rejected`. No error or log line contains the URL. Every
 //! identifier is quoted, so any column, table or schema name is safe.
 
 mod config;

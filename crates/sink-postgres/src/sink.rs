@@ -130,8 +130,15 @@ fn array_literal(items: &[Value], out: &mut String) {
 
 /// Maps a Postgres failure to the runner's retry classes. Messages never hold the URL.
 fn classify(e: sqlx::Error) -> SinkError {
+    let tls_refused = matches!(e, sqlx::Error::Tls(_))
+        || matches!(e, sqlx::Error::Io(_)) && e.to_string().contains("certificate");
     match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+        // A failed TLS handshake (an unverifiable certificate, a server without TLS under
+        // `sslmode=require`): retrying cannot fix it.
+        _ if tls_refused => SinkError::Rejected(format!(
+            "postgres: {e}; check `sslmode` in `url`, and `sslrootcert` for a private CA"
+        )),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             SinkError::Unavailable(format!("postgres: {e}"))
         }
         sqlx::Error::Database(db) => {

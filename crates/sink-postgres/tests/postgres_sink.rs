@@ -406,3 +406,36 @@ async fn unreachable_servers_missing_schemas_and_bad_settings_are_reported_clear
     assert_eq!(err.key, "url");
     assert!(!err.to_string().contains("s3cret"), "{err}");
 }
+
+#[tokio::test]
+async fn sslmode_in_the_url_encrypts_the_connection_and_verifies_when_asked() {
+    // The local Postgres serves TLS with a self-signed certificate.
+    let db = TestSchema::new("tls").await;
+    let ssl_on: String = sqlx::query_scalar("SHOW ssl").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(ssl_on, "on", "the test needs the local Postgres to offer TLS");
+    let ctx = SinkContext {
+        pipeline: "tls".into(),
+        shape: ShapeInfo { table: "items".into(), ..Default::default() },
+    };
+    let app = format!("shapesync-tls-{}", std::process::id());
+    let config = |query: &str| PostgresSinkConfig {
+        schema: db.name.clone(),
+        ..PostgresSinkConfig::new(format!("{URL}?application_name={app}&{query}"))
+    };
+    let sink = config("sslmode=require").build(ctx.clone()).await.unwrap();
+    let b = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
+    sink.apply(&b).await.unwrap();
+    let encrypted: Option<bool> = sqlx::query_scalar(
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+    )
+    .bind(&app)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(encrypted, Some(true), "the sink's connections use TLS");
+
+    // verify-full against a certificate no root vouches for is refused, with advice.
+    let err = config("sslmode=verify-full").build(ctx.clone()).await.unwrap().checkpoint().await.unwrap_err();
+    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("sslrootcert")), "{err}");
+    db.drop().await;
+}
