@@ -35,8 +35,9 @@
 //! Connection failures, timeouts, serialization failures, deadlocks, lock timeouts and
 //! a database that is starting or shutting down are `Unavailable` (the runner retries the
 //! batch); a refused login, a certificate that fails verification, a missing schema or
-//! database, missing privileges and other refused statements are `Rejected`. No error or log line contains the URL. Every
-//! identifier is quoted, so any column, table or schema name is safe.
+//! database, missing privileges and other refused statements are `Rejected`. No error or
+//! log line contains the URL. Every identifier is quoted, so any column, table or schema
+//! name is safe.
 
 mod config;
 mod sink;
