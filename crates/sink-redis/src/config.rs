@@ -79,6 +79,10 @@ pub struct RedisSinkConfig {
     /// Response timeout of one Redis command, in milliseconds.
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
+    /// `url` is one node of a Redis Cluster: the sink discovers the others and follows
+    /// slot moves. Needs `hash_tag: true`, so each unit's keys share one slot.
+    #[serde(default)]
+    pub cluster: bool,
     /// For `rediss://`: a PEM file with the certificate authority that signed the
     /// server's certificate (a private CA). Default: the system's root certificates.
     #[serde(default)]
@@ -99,6 +103,7 @@ impl RedisSinkConfig {
             database: None,
             part_size: defaults::PART_SIZE,
             timeout_ms: defaults::TIMEOUT_MS,
+            cluster: false,
             ca_file: None,
         }
     }
@@ -187,6 +192,20 @@ impl SinkConfig for RedisSinkConfig {
                 "notify",
                 "expected a channel name; remove the key to disable notifications",
             ));
+        }
+        if self.cluster {
+            if !self.hash_tag {
+                return Err(ConfigError::new(
+                    "cluster",
+                    "needs `hash_tag: true`: a Redis Cluster runs a script or transaction only on keys of one slot, and the hash tag puts all of a pipeline's keys in one",
+                ));
+            }
+            if self.database.is_some_and(|db| db != 0) || self.url.starts_with("unix:") {
+                return Err(ConfigError::new(
+                    "cluster",
+                    "a Redis Cluster has only database 0 and listens on TCP; drop `database` or use a redis:// URL",
+                ));
+            }
         }
         if self.hash_tag {
             if self.prefix.contains(['{', '}']) {

@@ -83,6 +83,11 @@
 //! `"field":"<row key>"` in the `table` layout (where `key` is the shape's hash). Rows
 //! removed by a sweep or a reset are published as `delete`.
 //!
+//! # Redis Cluster
+//! With `cluster: true`, `url` is one node of a cluster; the sink discovers the others and
+//! follows slot moves. It needs `hash_tag: true`: every key of a pipeline then lives in
+//! one slot, so its scripts and pipelines run on one node, as on a single server.
+//!
 //! # TLS
 //! `rediss://` URLs connect over TLS (rustls; the default `tls` feature), verifying the
 //! server's certificate against the system's root certificates, or against `ca_file` (a

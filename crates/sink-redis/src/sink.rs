@@ -2,12 +2,15 @@
 //! transaction and by plain pipelines for snapshot parts and sweep steps.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Arg, Client, Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Arg, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
 use serde_json::value::RawValue;
 use shapesync_core::{
     Batch, Change, Checkpoint, Offset, Operation, Row, Schema, Sink, SinkConfig, SinkContext, SinkError,
@@ -42,9 +45,58 @@ const MEMBERS_PER_COMMAND: usize = 250;
 /// How long to wait for a TCP connection before calling Redis unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The sink's connection: to one server (reconnecting by itself), or to a Redis Cluster
+/// (connected on first use, then following slot moves). Cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<ClusterClient>, Arc<tokio::sync::OnceCell<ClusterConnection>>),
+}
+
+impl Conn {
+    async fn cluster(
+        client: &ClusterClient,
+        cell: &tokio::sync::OnceCell<ClusterConnection>,
+    ) -> redis::RedisResult<ClusterConnection> {
+        cell.get_or_try_init(|| client.get_async_connection()).await.cloned()
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(client, cell) => {
+                Box::pin(async move { Self::cluster(client, cell).await?.req_packed_command(cmd).await })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(client, cell) => Box::pin(async move {
+                Self::cluster(client, cell).await?.req_packed_commands(pipeline, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(..) => 0,
+        }
+    }
+}
+
 /// A Redis cache kept exactly in sync with a shape; see the crate docs for the layout.
 pub struct RedisSink {
-    conn: ConnectionManager,
+    conn: Conn,
     script: Script,
     layout: Layout,
     template: Option<KeyTemplate>,
@@ -186,55 +238,62 @@ type RowState = HashMap<String, Option<String>>;
 impl RedisSink {
     /// Validates `config` and connects. An unreachable server is `Unavailable`.
     pub async fn connect(config: RedisSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
-        let (client, manager_config) = Self::client(&config, &ctx)?;
-        let conn = ConnectionManager::new_with_config(client, manager_config).await.map_err(classify)?;
-        Self::with_connection(config, ctx, conn)
+        let sink = Self::connect_lazy(config, ctx)?;
+        let mut conn = sink.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(classify)?;
+        Ok(sink)
     }
 
     /// Validates `config` without connecting: the first command connects, and an
     /// unreachable server surfaces as `Unavailable` then, which the runner retries.
     pub fn connect_lazy(config: RedisSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
-        let (client, manager_config) = Self::client(&config, &ctx)?;
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(classify)?;
-        Self::with_connection(config, ctx, conn)
-    }
-
-    fn client(
-        config: &RedisSinkConfig,
-        ctx: &SinkContext,
-    ) -> Result<(Client, ConnectionManagerConfig), SinkError> {
-        config.check(ctx).map_err(rejected)?;
+        config.check(&ctx).map_err(rejected)?;
         let info = config.connection_info().map_err(rejected)?;
         #[cfg(feature = "tls")]
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = match &config.ca_file {
-            #[cfg(feature = "tls")]
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    SinkError::Rejected(format!("cannot read `ca_file` {}: {e}", path.display()))
-                })?;
-                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-                Client::build_with_tls(info, certs).map_err(|e| {
-                    SinkError::Rejected(format!(
-                        "`ca_file` {} holds no usable certificate: {e}",
-                        path.display()
-                    ))
-                })?
-            }
-            _ => Client::open(info).map_err(classify)?,
+        let root_cert = match &config.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                SinkError::Rejected(format!("cannot read `ca_file` {}: {e}", path.display()))
+            })?),
+            None => None,
         };
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(Duration::from_millis(config.timeout_ms)))
-            .set_number_of_retries(1);
-        Ok((client, manager_config))
+        let bad_ca = |e: RedisError| {
+            let path = config.ca_file.as_deref().unwrap_or(std::path::Path::new("")).display();
+            SinkError::Rejected(format!("`ca_file` {path} holds no usable certificate: {e}"))
+        };
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let conn = if config.cluster {
+            let mut builder = ClusterClient::builder([info])
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(timeout)
+                .retries(1);
+            #[cfg(feature = "tls")]
+            if root_cert.is_some() {
+                builder =
+                    builder.certs(redis::TlsCertificates { client_tls: None, root_cert: root_cert.clone() });
+            }
+            let client =
+                builder.build().map_err(|e| if root_cert.is_some() { bad_ca(e) } else { classify(e) })?;
+            Conn::Cluster(Arc::new(client), Arc::default())
+        } else {
+            let client = match root_cert {
+                #[cfg(feature = "tls")]
+                Some(pem) => {
+                    let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                    Client::build_with_tls(info, certs).map_err(bad_ca)?
+                }
+                _ => Client::open(info).map_err(classify)?,
+            };
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1);
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, manager_config).map_err(classify)?)
+        };
+        Self::with_connection(config, ctx, conn)
     }
 
-    fn with_connection(
-        config: RedisSinkConfig,
-        ctx: SinkContext,
-        conn: ConnectionManager,
-    ) -> Result<Self, SinkError> {
+    fn with_connection(config: RedisSinkConfig, ctx: SinkContext, conn: Conn) -> Result<Self, SinkError> {
         Ok(RedisSink {
             conn,
             script: Script::new(APPLY_SCRIPT),
@@ -253,11 +312,7 @@ impl RedisSink {
     /// Whether the rows of this snapshot batch land in an empty keyspace (see [`Keyspace`]).
     /// Only the first generation seen can qualify; anything else makes the answer `false`
     /// for the rest of the sink's life.
-    async fn lands_in_empty_keyspace(
-        &self,
-        conn: &mut ConnectionManager,
-        batch: &Batch,
-    ) -> Result<bool, SinkError> {
+    async fn lands_in_empty_keyspace(&self, conn: &mut Conn, batch: &Batch) -> Result<bool, SinkError> {
         let generation = batch.checkpoint.generation;
         let known = *self.keyspace.lock().unwrap_or_else(|e| e.into_inner());
         let state = match known {
@@ -479,7 +534,7 @@ impl RedisSink {
     /// The sink is its keys' only writer, so they cannot change before the unit runs.
     async fn stored_rows(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         template: &KeyTemplate,
         changes: &[Change],
     ) -> Result<RowState, SinkError> {
@@ -520,7 +575,7 @@ impl RedisSink {
     /// checkpoint is stored only once every command of the pipeline has succeeded.
     async fn run(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         unit: Unit,
         generation: &str,
         checkpoint: Option<&str>,
@@ -579,7 +634,7 @@ impl RedisSink {
     /// per step; the last step also stores `checkpoint`, if given.
     async fn sweep(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         generation: u64,
         checkpoint: Option<&str>,
     ) -> Result<(), SinkError> {
