@@ -145,12 +145,7 @@ impl SqliteSink {
                     "SQLite runs without WAL: readers wait while a batch commits"
                 );
             }
-            conn.execute_batch(&format!(
-                "PRAGMA synchronous = NORMAL;
-                 CREATE TABLE IF NOT EXISTS {} (pipeline TEXT PRIMARY KEY, checkpoint TEXT NOT NULL);",
-                quote(CHECKPOINT_TABLE)
-            ))
-            .map_err(|e| classify(e, &self.path))?;
+            conn.execute_batch("PRAGMA synchronous = NORMAL").map_err(|e| classify(e, &self.path))?;
             state.table_schema = None;
             state.conn = Some(conn);
         }
@@ -160,6 +155,11 @@ impl SqliteSink {
     /// Creates the table for `schema`, or brings an existing one up to it: new columns
     /// are added; a primary key that differs is an error.
     fn ensure_table(&self, tx: &Transaction<'_>, schema: &Schema) -> Result<(), SinkError> {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} (pipeline TEXT PRIMARY KEY, checkpoint TEXT NOT NULL)",
+            quote(CHECKPOINT_TABLE)
+        );
+        tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))?;
         let table = quote(&self.table);
         let existing = self.table_columns(tx)?;
         match table::plan_table(schema, &existing).map_err(|m| self.rejected(m))? {
@@ -186,6 +186,15 @@ impl SqliteSink {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the database has a table named `table`.
+    fn exists(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )
     }
 
     /// The table's columns with their position in the primary key (0: not in it); empty
@@ -341,6 +350,9 @@ impl SqliteSink {
             return Ok(None);
         }
         let conn = self.connection(&mut state)?;
+        if !Self::exists(conn, CHECKPOINT_TABLE).map_err(|e| classify(e, &self.path))? {
+            return Ok(None); // a database no pipeline has written to yet
+        }
         let stored: Option<String> = conn
             .query_row(
                 &format!("SELECT checkpoint FROM {} WHERE pipeline = ?1", quote(CHECKPOINT_TABLE)),
@@ -371,8 +383,13 @@ impl SqliteSink {
             tx.execute_batch(&format!("DELETE FROM {}", quote(&self.table)))
                 .map_err(|e| classify(e, &self.path))?;
         }
-        tx.execute(&format!("DELETE FROM {} WHERE pipeline = ?1", quote(CHECKPOINT_TABLE)), [&self.pipeline])
+        if Self::exists(&tx, CHECKPOINT_TABLE).map_err(|e| classify(e, &self.path))? {
+            tx.execute(
+                &format!("DELETE FROM {} WHERE pipeline = ?1", quote(CHECKPOINT_TABLE)),
+                [&self.pipeline],
+            )
             .map_err(|e| classify(e, &self.path))?;
+        }
         tx.commit().map_err(|e| classify(e, &self.path))
     }
 }

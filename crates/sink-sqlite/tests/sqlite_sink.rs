@@ -366,3 +366,23 @@ async fn unusable_files_and_settings_are_reported_clearly() {
         assert_eq!(config.check(&ctx).unwrap_err().key, key);
     }
 }
+
+#[tokio::test]
+async fn reading_the_checkpoint_writes_nothing_to_an_existing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    Connection::open(&path).unwrap().execute_batch("CREATE TABLE app_data (x INTEGER)").unwrap();
+    let sink = sink_at(&path, "items", "reader");
+    assert_eq!(sink.checkpoint().await.unwrap(), None);
+    let tables: Vec<String> = Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tables, ["app_data"], "validate --connect and checkpoints only read");
+    sink.reset().await.unwrap();
+    assert_eq!(sink.checkpoint().await.unwrap(), None);
+}
