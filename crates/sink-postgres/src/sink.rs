@@ -167,12 +167,13 @@ async fn execute(
     tx: &mut Transaction<'static, Postgres>,
     sql: String,
     params: impl IntoIterator<Item = Option<String>>,
-) -> Result<u64, SinkError> {
+) -> Result<(), SinkError> {
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for param in params {
         query = query.bind(param);
     }
-    Ok(query.execute(&mut **tx).await.map_err(classify)?.rows_affected())
+    query.execute(&mut **tx).await.map_err(classify)?;
+    Ok(())
 }
 
 impl PostgresSink {
@@ -504,7 +505,7 @@ impl Sink for PostgresSink {
         }
         let sql = format!("DELETE FROM {} WHERE pipeline = $1", self.checkpoint_table());
         match execute(&mut tx, sql, [Some(self.pipeline.clone())]).await {
-            Ok(_) => {}
+            Ok(()) => {}
             Err(SinkError::Rejected(m)) if m.contains("(42P01)") => {} // never written
             Err(e) => return Err(e),
         }
