@@ -29,7 +29,10 @@ impl TestServer {
     fn add_table(&self, def: TableDef, data: Data) -> TableHandle {
         let key: TableKey = (def.schema.clone(), def.name.clone());
         let mut state = self.shared.state();
-        state.tables.insert(key.clone(), Table { def, data, generation: None, predicates: HashMap::new() });
+        state.tables.insert(
+            key.clone(),
+            Table { def, data, generation: None, predicates: HashMap::new(), strict_where: false },
+        );
         state.new_generation(&key);
         drop(state);
         self.shared.notify();
@@ -143,6 +146,13 @@ impl TableHandle {
         if let Some(generation) = &table.generation {
             generation.rendered.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+    }
+
+    /// Refuses (400, naming `where`) shapes whose `where` has no registered predicate, as
+    /// a server that cannot evaluate SQL must, instead of serving every row.
+    pub fn refuse_unregistered_where(&self) {
+        let mut state = self.shared.state();
+        state.tables.get_mut(&self.key).expect("table exists").strict_where = true;
     }
 
     /// The current handle of the plain shape (`table` only: all columns, no `where`,

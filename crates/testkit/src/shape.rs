@@ -135,6 +135,12 @@ pub(crate) fn parse_request(state: &State, query: &[(String, String)]) -> Result
         Some(_) => return Err(("log", "is invalid".into())),
     };
     let where_clause = get("where").filter(|w| !w.is_empty()).map(str::to_string);
+    if let Some(w) = &where_clause
+        && table.strict_where
+        && !table.predicates.contains_key(w)
+    {
+        return Err(("where", "is not supported by this server, which serves whole tables".into()));
+    }
     let mut params: Vec<(String, String)> = query
         .iter()
         .filter(|(k, _)| k.starts_with("params[") && k.ends_with(']'))

@@ -156,6 +156,9 @@ pub(crate) struct Table {
     /// `None` after a truncate until the next `-1`/`now` request creates a new shape.
     pub generation: Option<Generation>,
     pub predicates: HashMap<String, Predicate>,
+    /// A `where` without a registered predicate is refused (400) instead of only
+    /// affecting the shape's identity.
+    pub strict_where: bool,
 }
 
 impl Table {

@@ -1,0 +1,242 @@
+//! Parsing of the `test_decoding` output plugin's lines: transaction boundaries and row
+//! changes with their columns' values in Postgres text form.
+
+/// One line of `test_decoding` output.
+#[derive(Debug, PartialEq)]
+pub enum Line {
+    /// `BEGIN <xid>`.
+    Begin,
+    /// `COMMIT <xid>`.
+    Commit,
+    /// A row change of table `schema.table`.
+    Change {
+        /// The table's schema.
+        schema: String,
+        /// The table's name.
+        table: String,
+        /// What happened.
+        change: RowChange,
+    },
+    /// `TRUNCATE` of one or more tables (test_decoding names them all in one line).
+    Truncate(Vec<(String, String)>),
+}
+
+/// Column name → value (`None` = NULL); columns whose value did not change and was not
+/// logged (TOASTed) are left out.
+pub type Columns = Vec<(String, Option<String>)>;
+
+/// A row change.
+#[derive(Debug, PartialEq)]
+pub enum RowChange {
+    /// A new row, every column.
+    Insert(Columns),
+    /// The new row; `old_key` holds the old key columns when the key changed (or, under
+    /// `REPLICA IDENTITY FULL`, the old row).
+    Update { old_key: Option<Columns>, new: Columns },
+    /// The key columns of the removed row (`None`: the table has no replica identity).
+    Delete(Option<Columns>),
+}
+
+/// Why a line could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read test_decoding line {line:?}: {reason}")]
+pub struct DecodeError {
+    line: String,
+    reason: &'static str,
+}
+
+/// Parses one line.
+pub fn parse_line(line: &str) -> Result<Line, DecodeError> {
+    let err = |reason| DecodeError { line: line.to_owned(), reason };
+    if line.starts_with("BEGIN") {
+        return Ok(Line::Begin);
+    }
+    if line.starts_with("COMMIT") {
+        return Ok(Line::Commit);
+    }
+    let rest = line.strip_prefix("table ").ok_or_else(|| err("expected BEGIN, COMMIT or table"))?;
+    let mut cursor = Cursor { text: rest };
+    let mut tables = vec![cursor.qualified_name().ok_or_else(|| err("bad table name"))?];
+    while cursor.eat(", ") {
+        tables.push(cursor.qualified_name().ok_or_else(|| err("bad table name"))?);
+    }
+    if !cursor.eat(": ") {
+        return Err(err("expected `: ` after the table name"));
+    }
+    if cursor.eat("TRUNCATE:") {
+        return Ok(Line::Truncate(tables));
+    }
+    let (schema, table) = tables.remove(0);
+    let change = if cursor.eat("INSERT: ") {
+        RowChange::Insert(cursor.columns().ok_or_else(|| err("bad columns"))?)
+    } else if cursor.eat("UPDATE: ") {
+        if cursor.eat("old-key: ") {
+            let old = cursor.columns_until("new-tuple: ").ok_or_else(|| err("bad old key"))?;
+            let new = cursor.columns().ok_or_else(|| err("bad new tuple"))?;
+            RowChange::Update { old_key: Some(old), new }
+        } else {
+            RowChange::Update { old_key: None, new: cursor.columns().ok_or_else(|| err("bad columns"))? }
+        }
+    } else if cursor.eat("DELETE: ") {
+        if cursor.eat("(no-tuple-data)") {
+            RowChange::Delete(None)
+        } else {
+            RowChange::Delete(Some(cursor.columns().ok_or_else(|| err("bad key"))?))
+        }
+    } else {
+        return Err(err("unknown operation"));
+    };
+    Ok(Line::Change { schema, table, change })
+}
+
+struct Cursor<'a> {
+    text: &'a str,
+}
+
+impl Cursor<'_> {
+    fn eat(&mut self, prefix: &str) -> bool {
+        match self.text.strip_prefix(prefix) {
+            Some(rest) => {
+                self.text = rest;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An identifier, quoted (`"a""b"`) or bare (up to `stop`).
+    fn identifier(&mut self, stop: &[char]) -> Option<String> {
+        if let Some(rest) = self.text.strip_prefix('"') {
+            let mut out = String::new();
+            let mut chars = rest.char_indices();
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if rest[i + 1..].starts_with('"') {
+                        out.push('"');
+                        chars.next();
+                    } else {
+                        self.text = &rest[i + 1..];
+                        return Some(out);
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            None
+        } else {
+            let end = self.text.find(stop).unwrap_or(self.text.len());
+            let (name, rest) = self.text.split_at(end);
+            self.text = rest;
+            (!name.is_empty()).then(|| name.to_owned())
+        }
+    }
+
+    fn qualified_name(&mut self) -> Option<(String, String)> {
+        let schema = self.identifier(&['.'])?;
+        if !self.eat(".") {
+            return None;
+        }
+        let table = self.identifier(&[':', ','])?;
+        Some((schema, table))
+    }
+
+    /// `name[type]:value` pairs separated by spaces, to the end of the line.
+    fn columns(&mut self) -> Option<Columns> {
+        self.columns_until("\u{0}")
+    }
+
+    /// Pairs up to (and past) `end`, or to the end of the line.
+    fn columns_until(&mut self, end: &str) -> Option<Columns> {
+        let mut columns = Vec::new();
+        loop {
+            self.eat(" ");
+            if self.text.is_empty() || self.eat(end) {
+                return Some(columns);
+            }
+            let name = self.identifier(&['['])?;
+            // The type, in brackets; it may hold spaces and brackets of its own (`text[]`).
+            let rest = self.text.strip_prefix('[')?;
+            let close = rest.find("]:")?;
+            self.text = &rest[close + 2..];
+            let value = self.value()?;
+            if value.as_deref() != Some(UNCHANGED_TOAST) {
+                columns.push((name, value));
+            }
+        }
+    }
+
+    /// `null`, a quoted literal (`'it''s'`), or a bare token (numbers, booleans).
+    fn value(&mut self) -> Option<Option<String>> {
+        if let Some(rest) = self.text.strip_prefix('\'') {
+            let mut out = String::new();
+            let mut chars = rest.char_indices();
+            while let Some((i, c)) = chars.next() {
+                if c == '\'' {
+                    if rest[i + 1..].starts_with('\'') {
+                        out.push('\'');
+                        chars.next();
+                    } else {
+                        self.text = &rest[i + 1..];
+                        return Some(Some(out));
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            return None;
+        }
+        let end = self.text.find(' ').unwrap_or(self.text.len());
+        let (token, rest) = self.text.split_at(end);
+        self.text = rest;
+        Some((token != "null").then(|| token.to_owned()))
+    }
+}
+
+/// What test_decoding prints for a TOASTed value an update did not change.
+const UNCHANGED_TOAST: &str = "unchanged-toast-datum";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols(pairs: &[(&str, Option<&str>)]) -> Columns {
+        pairs.iter().map(|(n, v)| ((*n).to_owned(), v.map(str::to_owned))).collect()
+    }
+
+    #[test]
+    fn reads_every_line_test_decoding_writes() {
+        assert_eq!(parse_line("BEGIN 123").unwrap(), Line::Begin);
+        assert_eq!(parse_line("COMMIT 123").unwrap(), Line::Commit);
+        let line = r#"table public.items: INSERT: id[bigint]:1 title[text]:'it''s a [b]: c' tags[text[]]:'{a,"b c"}' n[numeric]:null ok[boolean]:true at[timestamp with time zone]:'2026-11-26 10:00:00+00'"#;
+        let Line::Change { schema, table, change } = parse_line(line).unwrap() else { panic!() };
+        assert_eq!((schema.as_str(), table.as_str()), ("public", "items"));
+        assert_eq!(
+            change,
+            RowChange::Insert(cols(&[
+                ("id", Some("1")),
+                ("title", Some("it's a [b]: c")),
+                ("tags", Some("{a,\"b c\"}")),
+                ("n", None),
+                ("ok", Some("true")),
+                ("at", Some("2026-11-26 10:00:00+00")),
+            ]))
+        );
+        let line = r#"table "my schema"."we""ird": UPDATE: old-key: id[integer]:1 new-tuple: id[integer]:2 "a b"[text]:unchanged-toast-datum"#;
+        let Line::Change { schema, table, change } = parse_line(line).unwrap() else { panic!() };
+        assert_eq!((schema.as_str(), table.as_str()), ("my schema", "we\"ird"));
+        assert_eq!(
+            change,
+            RowChange::Update { old_key: Some(cols(&[("id", Some("1"))])), new: cols(&[("id", Some("2"))]) }
+        );
+        assert_eq!(
+            parse_line("table public.items: DELETE: id[bigint]:7").unwrap(),
+            Line::Change {
+                schema: "public".into(),
+                table: "items".into(),
+                change: RowChange::Delete(Some(cols(&[("id", Some("7"))])))
+            }
+        );
+        assert!(matches!(parse_line("table public.items: TRUNCATE: (no-flags)").unwrap(), Line::Truncate(_)));
+        assert!(parse_line("table public.items: MERGE: x").is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! The devserver over the local Postgres (database `test`, wal_level = logical): a
+//! pipeline following it sees the table's rows, then every committed change.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shapesync_core::{Pipeline, RunMode, Value};
+use shapesync_devserver::{DevServer, DevServerOptions};
+use shapesync_electric::{ShapeOptions, ShapeStream};
+use shapesync_sink_memory::{MemorySink, MemoryStore};
+use shapesync_testkit::ServerOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn sql(pool: &PgPool, text: String) {
+    sqlx::raw_sql(AssertSqlSafe(text)).execute(pool).await.unwrap();
+}
+
+/// Waits until `store` holds rows whose `title`s, by key, are `want`.
+async fn wait_for(store: &MemoryStore, want: &[(String, Option<&str>)]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let titles: Vec<(String, Option<String>)> = store
+            .rows()
+            .into_iter()
+            .map(|(k, row)| {
+                let title = match row.get("title") {
+                    Some(Value::Text(t)) => Some(t.clone()),
+                    _ => None,
+                };
+                (k, title)
+            })
+            .collect();
+        let want: Vec<(String, Option<String>)> =
+            want.iter().map(|(k, t)| (k.clone(), t.map(str::to_owned))).collect();
+        if titles == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "store holds {titles:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_follows_a_real_postgres_table_through_the_devserver() {
+    let pool = PgPool::connect(URL).await.expect("local Postgres on 5432, database `test`");
+    let schema = format!("shapesync_dev_{}", std::process::id());
+    sql(&pool, format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")).await;
+    sql(
+        &pool,
+        format!(
+            "CREATE TABLE {schema}.items (id int8 PRIMARY KEY, title text, amount numeric, flag bool, tags text[]);
+             INSERT INTO {schema}.items VALUES
+               (9007199254740993, 'big', 12345678901234567890.5, true, '{{a,\"b c\"}}'),
+               (2, 'two', NULL, false, NULL),
+               (3, 'it''s three', 3.10, NULL, '{{}}')"
+        ),
+    )
+    .await;
+
+    let mut options = DevServerOptions::new(URL, vec![format!("{schema}.items")]);
+    options.server =
+        ServerOptions { long_poll_timeout: Duration::from_millis(200), ..ServerOptions::default() };
+    let server = DevServer::start(options).await.unwrap();
+
+    // It cannot evaluate SQL, so a `where` is refused, naming the parameter.
+    let mut filtered = ShapeOptions::new(server.url().parse().unwrap(), format!("{schema}.items"));
+    filtered.where_clause = Some("title = 'two'".into());
+    let err = ShapeStream::new(filtered).unwrap().next_event().await.unwrap_err();
+    assert!(err.to_string().contains("where"), "{err}");
+
+    let store = MemoryStore::new();
+    let source =
+        ShapeStream::new(ShapeOptions::new(server.url().parse().unwrap(), format!("{schema}.items")))
+            .unwrap();
+    let stop = CancellationToken::new();
+    let pipeline = Pipeline::new("dev", Box::new(source), Arc::new(MemorySink::new(store.clone())));
+    let task = tokio::spawn(pipeline.run(RunMode::Follow, stop.clone()));
+    let key = |id: &str| format!("\"{schema}\".\"items\"/\"{id}\"");
+    wait_for(
+        &store,
+        &[(key("2"), Some("two")), (key("3"), Some("it's three")), (key("9007199254740993"), Some("big"))],
+    )
+    .await;
+    let big = store.get(&key("9007199254740993")).unwrap();
+    assert_eq!(big.get("id"), Some(&Value::Int(9_007_199_254_740_993)));
+    assert_eq!(big.get("amount"), Some(&Value::Numeric("12345678901234567890.5".into())));
+    assert_eq!(big.get("flag"), Some(&Value::Bool(true)));
+    assert_eq!(
+        big.get("tags"),
+        Some(&Value::Array(vec![Value::Text("a".into()), Value::Text("b c".into())]))
+    );
+
+    // One transaction: an insert, an update, a delete, and a key change.
+    sql(
+        &pool,
+        format!(
+            "BEGIN;
+             INSERT INTO {schema}.items (id, title) VALUES (4, 'four');
+             UPDATE {schema}.items SET title = 'TWO', amount = 2.50 WHERE id = 2;
+             DELETE FROM {schema}.items WHERE id = 9007199254740993;
+             UPDATE {schema}.items SET id = 30 WHERE id = 3;
+             COMMIT"
+        ),
+    )
+    .await;
+    wait_for(&store, &[(key("2"), Some("TWO")), (key("30"), Some("it's three")), (key("4"), Some("four"))])
+        .await;
+    assert_eq!(store.get(&key("2")).unwrap().get("amount"), Some(&Value::Numeric("2.50".into())));
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    server.stop().await.unwrap();
+    let slots: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'shapesync_dev_%' AND active",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(slots, 0, "the temporary slot goes with the server");
+    sql(&pool, format!("DROP SCHEMA {schema} CASCADE")).await;
+}
