@@ -66,6 +66,8 @@
 //!   entries. A few parts are in flight at once; rows may land ahead of the checkpoint
 //!   (replay is idempotent). The last part is sent only after every earlier one has
 //!   succeeded, and the checkpoint (`SET`) only after every command of the last part has.
+//!   Each row is still written in one command: a `hash` row that may already exist is
+//!   replaced by one `EVAL` (`DEL` + `HSET`), so a reader never sees it missing.
 //! - A batch with `sweep` writes its changes, then `HSCAN`s the membership `part_size`
 //!   entries at a time and `UNLINK`s rows of older generations. The sweep runs as bounded
 //!   steps, not as one atomic unit with the checkpoint, which goes with the last step:

@@ -34,6 +34,13 @@ end
 return n
 ";
 
+/// Replaces a row's hash in one step (KEYS[1]; ARGV: field, value, …): a reader never
+/// sees the row missing between its `DEL` and `HSET`, which a plain pipeline allows
+/// (Redis serves other clients between any two commands of one). Sent with `EVAL`, so
+/// no script cache has to be loaded first; inside a live transaction's script the two
+/// commands run as they are.
+const REPLACE_SCRIPT: &str = "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1";
+
 /// Snapshot parts sent before the previous ones have answered.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -151,6 +158,8 @@ impl KeyNames {
 struct Unit {
     commands: Vec<Cmd>,
     members: BTreeMap<String, bool>,
+    /// The unit runs as one script (a live transaction), not as a plain pipeline.
+    atomic: bool,
 }
 
 impl Unit {
@@ -426,16 +435,31 @@ impl RedisSink {
         match self.layout {
             Layout::Hash => {
                 let key = self.data_key(id);
-                if replace {
-                    unit.push(command(["DEL", &key]));
-                }
-                let mut hset = command(["HSET", &key]);
+                let mut fields = Vec::new();
                 for (column, value) in row {
                     if let Some(text) = value.render() {
-                        hset.arg(column).arg(&*text);
+                        fields.push((column, text));
                     }
                 }
-                if hset.args_iter().len() > 2 {
+                if fields.is_empty() {
+                    // A row of NULLs is an empty hash, which Redis does not keep.
+                    if replace {
+                        unit.push(command(["DEL", &key]));
+                    }
+                } else if replace && !unit.atomic {
+                    let mut eval = command(["EVAL", REPLACE_SCRIPT, "1", &key]);
+                    for (column, text) in &fields {
+                        eval.arg(*column).arg(&**text);
+                    }
+                    unit.push(eval);
+                } else {
+                    if replace {
+                        unit.push(command(["DEL", &key]));
+                    }
+                    let mut hset = command(["HSET", &key]);
+                    for (column, text) in &fields {
+                        hset.arg(*column).arg(&**text);
+                    }
                     unit.push(hset);
                 }
             }
@@ -579,9 +603,8 @@ impl RedisSink {
         unit: Unit,
         generation: &str,
         checkpoint: Option<&str>,
-        atomic: bool,
     ) -> Result<(), SinkError> {
-        let Unit { commands, members } = unit;
+        let Unit { commands, members, atomic } = unit;
         let (joined, left): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, current)| *current);
         let mut ordered = Vec::with_capacity(commands.len() + 4);
         for chunk in joined.chunks(MEMBERS_PER_COMMAND) {
@@ -657,7 +680,7 @@ impl RedisSink {
                 }
             }
             let done = next == "0";
-            self.run(conn, unit, "", checkpoint.filter(|_| done), false).await?;
+            self.run(conn, unit, "", checkpoint.filter(|_| done)).await?;
             if done {
                 return Ok(());
             }
@@ -704,7 +727,7 @@ impl Sink for RedisSink {
         let mut in_flight = FuturesOrdered::new();
         let count = parts.len();
         for (i, part) in parts.into_iter().enumerate() {
-            let mut unit = Unit::default();
+            let mut unit = Unit { atomic: !snapshot, ..Unit::default() };
             for change in part {
                 self.write_change(&mut unit, &template, change, &mut rows, new_rows)?;
             }
@@ -721,9 +744,7 @@ impl Sink for RedisSink {
             let with_checkpoint = (last && !batch.sweep).then_some(checkpoint);
             let mut conn = self.conn.clone();
             let generation = generation.as_str();
-            in_flight.push_back(async move {
-                self.run(&mut conn, unit, generation, with_checkpoint, !snapshot).await
-            });
+            in_flight.push_back(async move { self.run(&mut conn, unit, generation, with_checkpoint).await });
             if (last || in_flight.len() >= PARTS_IN_FLIGHT)
                 && let Some(committed) = in_flight.next().await
             {
@@ -742,11 +763,11 @@ impl Sink for RedisSink {
         // next run resyncs instead of trusting rows that are partly gone.
         let mut unit = Unit::default();
         unit.push(command(["DEL", &self.keys.checkpoint]));
-        self.run(&mut conn, unit, "", None, false).await?;
+        self.run(&mut conn, unit, "", None).await?;
         self.sweep(&mut conn, u64::MAX, None).await?;
         let mut unit = Unit::default();
         unit.push(command(["UNLINK", &self.keys.members]));
-        self.run(&mut conn, unit, "", None, false).await
+        self.run(&mut conn, unit, "", None).await
     }
 }
 
