@@ -104,31 +104,35 @@ impl Cursor<'_> {
         }
     }
 
+    /// Text in `quote`s with doubled quotes inside (`"a""b"`, `'it''s'`), or `None` when
+    /// the text does not start with `quote` or never closes.
+    fn quoted(&mut self, quote: char) -> Option<String> {
+        let rest = self.text.strip_prefix(quote)?;
+        let mut out = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c != quote {
+                out.push(c);
+            } else if rest[i + 1..].starts_with(quote) {
+                out.push(quote);
+                chars.next();
+            } else {
+                self.text = &rest[i + 1..];
+                return Some(out);
+            }
+        }
+        None
+    }
+
     /// An identifier, quoted (`"a""b"`) or bare (up to `stop`).
     fn identifier(&mut self, stop: &[char]) -> Option<String> {
-        if let Some(rest) = self.text.strip_prefix('"') {
-            let mut out = String::new();
-            let mut chars = rest.char_indices();
-            while let Some((i, c)) = chars.next() {
-                if c == '"' {
-                    if rest[i + 1..].starts_with('"') {
-                        out.push('"');
-                        chars.next();
-                    } else {
-                        self.text = &rest[i + 1..];
-                        return Some(out);
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            None
-        } else {
-            let end = self.text.find(stop).unwrap_or(self.text.len());
-            let (name, rest) = self.text.split_at(end);
-            self.text = rest;
-            (!name.is_empty()).then(|| name.to_owned())
+        if self.text.starts_with('"') {
+            return self.quoted('"');
         }
+        let end = self.text.find(stop).unwrap_or(self.text.len());
+        let (name, rest) = self.text.split_at(end);
+        self.text = rest;
+        (!name.is_empty()).then(|| name.to_owned())
     }
 
     fn qualified_name(&mut self) -> Option<(String, String)> {
@@ -167,23 +171,8 @@ impl Cursor<'_> {
 
     /// `null`, a quoted literal (`'it''s'`), or a bare token (numbers, booleans).
     fn value(&mut self) -> Option<Option<String>> {
-        if let Some(rest) = self.text.strip_prefix('\'') {
-            let mut out = String::new();
-            let mut chars = rest.char_indices();
-            while let Some((i, c)) = chars.next() {
-                if c == '\'' {
-                    if rest[i + 1..].starts_with('\'') {
-                        out.push('\'');
-                        chars.next();
-                    } else {
-                        self.text = &rest[i + 1..];
-                        return Some(Some(out));
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            return None;
+        if self.text.starts_with('\'') {
+            return self.quoted('\'').map(Some);
         }
         let end = self.text.find(' ').unwrap_or(self.text.len());
         let (token, rest) = self.text.split_at(end);
