@@ -59,7 +59,7 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
     std::fs::write(
         &file,
         format!(
-            "pipelines:\n  served:\n    source: {{type: electric, url: '{}', table: serve_items}}\n    sink: {{type: redis, url: 'redis://127.0.0.1:6379', prefix: '{prefix}'}}\nmetrics:\n  listen: 127.0.0.1:{port}\n",
+            "pipelines:\n  served:\n    source: {{type: electric, url: '{}', table: serve_items, replica: full}}\n    transforms: [{{type: filter, column: title, not_equals: t7}}]\n    sink: {{type: redis, url: 'redis://127.0.0.1:6379', prefix: '{prefix}'}}\nmetrics:\n  listen: 127.0.0.1:{port}\n",
             server.url()
         ),
     )
@@ -94,7 +94,8 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
     let (code, metrics) = get(&format!("{base}/metrics")).await.unwrap();
     assert_eq!(code, 200);
     for name in [
-        "shapesync_changes_committed_total{pipeline=\"served\"} 51",
+        "shapesync_changes_committed_total{pipeline=\"served\"} 50",
+        "shapesync_changes_discarded_total{pipeline=\"served\",component=\"transform\"} 1",
         "shapesync_up_to_date{pipeline=\"served\"} 1",
         "shapesync_sink_commit_duration_seconds_bucket{pipeline=\"served\"",
         "shapesync_source_requests_total{pipeline=\"served\",class=\"2xx\"}",
@@ -121,7 +122,7 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
         redis::cmd("GET").arg(format!("{prefix}shapesync:served:checkpoint")).query(&mut con).unwrap();
     assert!(cp.contains("\"resyncing\":false"), "{cp}");
     let rows: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}serve_items:*")).query(&mut con).unwrap();
-    assert_eq!(rows.len(), 51);
+    assert_eq!(rows.len(), 50, "row 7 is filtered out");
     let _: () = redis::cmd("DEL")
         .arg(&rows)
         .arg(format!("{prefix}shapesync:served:checkpoint"))

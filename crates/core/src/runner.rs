@@ -290,8 +290,13 @@ impl Committer {
         let mut current = changes;
         for t in &self.transforms {
             let mut next = Vec::with_capacity(current.len());
+            let given = current.len();
             for change in current {
                 t.apply(change, &mut next)?;
+            }
+            if next.len() < given {
+                let labels = [("pipeline", self.id.clone()), ("component", "transform".to_owned())];
+                counter!("shapesync_changes_discarded_total", &labels).increment((given - next.len()) as u64);
             }
             current = next;
         }
