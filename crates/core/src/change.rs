@@ -103,6 +103,15 @@ impl Batch {
         Batch { changes, checkpoint, sweep, up_to_date, row_schema: None }
     }
 
+    /// A snapshot batch is not a transaction: every change is an insert without a log
+    /// position, and the checkpoint offset is `-1`, `0_N` or `0_inf`. Each row appears
+    /// once, so a sink may write it in parts or many rows per statement.
+    pub fn is_snapshot(&self) -> bool {
+        let offset = self.checkpoint.offset;
+        (offset.is_snapshot() || offset == crate::Offset::SNAPSHOT_END)
+            && self.changes.iter().all(|c| c.op == Operation::Insert && c.position.is_none())
+    }
+
     /// The columns of the rows in `changes`: what a sink lays its table or keys out by.
     pub fn schema(&self) -> &crate::Schema {
         self.row_schema.as_deref().unwrap_or(&self.checkpoint.schema)

@@ -434,7 +434,7 @@ impl PostgresSink {
         let generation = i64::try_from(batch.checkpoint.generation).unwrap_or(i64::MAX);
         // A snapshot batch holds each row once: its inserts go many per statement. Any
         // other batch is applied change by change, in order.
-        let snapshot = batch.changes.iter().all(|c| c.op == Operation::Insert && c.position.is_none());
+        let snapshot = batch.is_snapshot();
         if snapshot {
             self.insert_snapshot(tx, schema, &pk, &batch.changes, generation).await?;
         } else {

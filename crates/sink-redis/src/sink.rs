@@ -13,8 +13,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Arg, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
 use serde_json::value::RawValue;
 use shapesync_core::{
-    Batch, Change, Checkpoint, Offset, Operation, Row, Schema, Sink, SinkConfig, SinkContext, SinkError,
-    async_trait,
+    Batch, Change, Checkpoint, Operation, Row, Schema, Sink, SinkConfig, SinkContext, SinkError, async_trait,
 };
 
 use crate::config::{Layout, RedisSinkConfig};
@@ -212,14 +211,6 @@ fn classify(e: RedisError) -> SinkError {
     } else {
         SinkError::Rejected(format!("redis refused a command: {e}"))
     }
-}
-
-/// Snapshot batches are not transactions, so they may be written in parts: every change
-/// is an insert without a log position, and the checkpoint offset is `-1`, `0_N` or `0_inf`.
-pub(crate) fn is_snapshot_batch(batch: &Batch) -> bool {
-    let offset = batch.checkpoint.offset;
-    (offset.is_snapshot() || offset == Offset::SNAPSHOT_END)
-        && batch.changes.iter().all(|c| c.op == Operation::Insert && c.position.is_none())
 }
 
 /// Merges `columns` into a stored JSON row without re-parsing any value, so numbers
@@ -707,7 +698,7 @@ impl Sink for RedisSink {
         let generation = batch.checkpoint.generation.to_string();
         let checkpoint = batch.checkpoint.to_json();
         let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;
-        let snapshot = is_snapshot_batch(batch);
+        let snapshot = batch.is_snapshot();
         let new_rows = if snapshot {
             self.lands_in_empty_keyspace(&mut conn, batch).await?
         } else {
