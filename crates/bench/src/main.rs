@@ -22,15 +22,19 @@ mod postgres_bench;
 mod procfs;
 mod redis_bench;
 mod sqlite_bench;
+mod stats;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use shapesync_core::{Pipeline, RunMode, ShapeInfo, Sink, SinkContext};
 use shapesync_electric::{ShapeEvent, ShapeOptions, ShapeStream};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "shapesync-bench", about = "shapesync benchmarks")]
@@ -190,6 +194,60 @@ fn main() -> anyhow::Result<()> {
             Cmd::ReadLoop { .. } => unreachable!("handled before the runtime starts"),
         }
     })
+}
+
+/// The context every benchmark sink runs in: pipeline `bench`, table `items`.
+pub fn bench_context() -> SinkContext {
+    SinkContext { pipeline: "bench".into(), shape: ShapeInfo { table: "items".into(), ..Default::default() } }
+}
+
+/// One sync of a fresh synthetic server's rows into a sink: how fast, and the CPU each
+/// side spent.
+pub struct TimedSync {
+    /// Rows per second.
+    pub rate: f64,
+    rows: u64,
+    secs: f64,
+    own_cpu: f64,
+    server_cpu: f64,
+}
+
+impl TimedSync {
+    /// Syncs `rows` synthetic rows into `sink` until up to date.
+    pub async fn run(rows: u64, chunk_bytes: usize, sink: Arc<dyn Sink>) -> anyhow::Result<TimedSync> {
+        let server = ChildServer::start("items", rows, chunk_bytes)?;
+        let (cpu0, server_cpu0) = (procfs::cpu_seconds(None), procfs::cpu_seconds(Some(server.pid())));
+        let started = Instant::now();
+        let source = ShapeStream::new(ShapeOptions::new(server.url.parse()?, "items"))?;
+        Pipeline::new("bench", Box::new(source), sink)
+            .run(RunMode::UntilUpToDate, CancellationToken::new())
+            .await?;
+        let secs = started.elapsed().as_secs_f64();
+        Ok(TimedSync {
+            rate: rows as f64 / secs,
+            rows,
+            secs,
+            own_cpu: procfs::cpu_seconds(None) - cpu0,
+            server_cpu: procfs::cpu_seconds(Some(server.pid())) - server_cpu0,
+        })
+    }
+
+    /// Prints rows/s, peak RSS and CPU per row; `own` names what this process ran.
+    pub fn print(&self, own: &str) {
+        let per_row = |s: f64| s * 1e6 / self.rows as f64;
+        println!(
+            "pipeline: {} rows in {:.2} s = {:.0} rows/s; peak RSS {:.1} MiB",
+            self.rows,
+            self.secs,
+            self.rate,
+            procfs::mib(procfs::peak_rss_bytes())
+        );
+        println!(
+            "  CPU per row: server {:.2} µs, this process ({own}) {:.2} µs",
+            per_row(self.server_cpu),
+            per_row(self.own_cpu)
+        );
+    }
 }
 
 /// A synthetic shape server in a child process, killed on drop.

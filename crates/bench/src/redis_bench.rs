@@ -8,12 +8,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shapesync_core::{Pipeline, RunMode, ShapeInfo, Sink, SinkConfig, SinkContext};
+use shapesync_core::{Pipeline, RunMode, Sink, SinkConfig};
 use shapesync_electric::{ShapeOptions, ShapeStream};
 use shapesync_sink_redis::RedisSinkConfig;
 use shapesync_testkit::{ServerOptions, TestServer};
 use tokio_util::sync::CancellationToken;
 
+use crate::stats::Stats;
 use crate::{ChildServer, procfs};
 
 /// Settings of one run.
@@ -177,59 +178,13 @@ pub fn read_loop(url: &str, key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Latency summary.
-pub struct Stats {
-    count: usize,
-    p50: Duration,
-    p99: Duration,
-    p999: Duration,
-    max: Duration,
-}
-
-impl Stats {
-    fn of(mut lat: Vec<Duration>) -> Stats {
-        lat.sort();
-        let at = |q: f64| {
-            lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or_default()
-        };
-        Stats {
-            count: lat.len(),
-            p50: at(0.5),
-            p99: at(0.99),
-            p999: at(0.999),
-            max: lat.last().copied().unwrap_or_default(),
-        }
-    }
-}
-
-impl std::fmt::Display for Stats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        write!(
-            f,
-            "n={} p50={:.3} ms p99={:.3} ms p99.9={:.3} ms max={:.3} ms",
-            self.count,
-            ms(self.p50),
-            ms(self.p99),
-            ms(self.p999),
-            ms(self.max)
-        )
-    }
-}
-
 async fn sink(b: &RedisBench, prefix: &str, notify: Option<String>) -> anyhow::Result<Arc<dyn Sink>> {
     let mut config = RedisSinkConfig::new(b.url.clone());
     config.prefix = prefix.to_owned();
     config.key = Some("item:{id}".into());
     config.part_size = b.part_size;
     config.notify = notify;
-    let ctx = SinkContext {
-        pipeline: "bench".into(),
-        shape: ShapeInfo { table: "items".into(), ..Default::default() },
-    };
-    Ok(config.build(ctx).await?)
+    Ok(config.build(crate::bench_context()).await?)
 }
 
 async fn sync_once(url: &str, sink: Arc<dyn Sink>, buffer: usize) -> anyhow::Result<()> {

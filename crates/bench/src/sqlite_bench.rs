@@ -8,60 +8,40 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shapesync_core::{Pipeline, RunMode, ShapeInfo, SinkConfig, SinkContext};
-use shapesync_electric::{ShapeOptions, ShapeStream};
+use shapesync_core::SinkConfig;
 use shapesync_sink_sqlite::SqliteSinkConfig;
-use tokio_util::sync::CancellationToken;
 
-use crate::{ChildServer, procfs};
+use crate::stats::Stats;
+use crate::{TimedSync, bench_context};
 
 /// A reader in its own connection and thread, timing a primary-key lookup in a loop
-/// until stopped; returns (count, p99, max).
-fn start_reader(
-    path: &Path,
-    stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<anyhow::Result<(usize, Duration, Duration)>> {
+/// until stopped.
+fn start_reader(path: &Path, stop: Arc<AtomicBool>) -> thread::JoinHandle<anyhow::Result<Vec<Duration>>> {
     let path = path.to_owned();
     thread::spawn(move || {
         let conn = rusqlite::Connection::open(&path)?;
         let mut lat = Vec::with_capacity(1 << 20);
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            let _: Option<String> =
-                match conn.query_row("SELECT title FROM items WHERE id = 1", [], |r| r.get(0)) {
-                    Ok(v) => Some(v),
-                    Err(rusqlite::Error::QueryReturnedNoRows) => None,
-                    Err(e) if e.to_string().contains("no such table") => None,
-                    Err(e) => return Err(e.into()),
-                };
+            match conn.query_row("SELECT title FROM items WHERE id = 1", [], |r| r.get::<_, String>(0)) {
+                Ok(_) | Err(rusqlite::Error::QueryReturnedNoRows) => {}
+                // The table appears with the first batch.
+                Err(e) if e.to_string().contains("no such table") => {}
+                Err(e) => return Err(e.into()),
+            }
             lat.push(t.elapsed());
         }
-        lat.sort();
-        let p99 = lat.get(lat.len() * 99 / 100).copied().unwrap_or_default();
-        Ok((lat.len(), p99, lat.last().copied().unwrap_or_default()))
+        Ok(lat)
     })
 }
 
 /// Syncs a fresh synthetic server into the file at `path`, with a reader if asked,
 /// checks the row count, prints the figures and returns rows/s.
 async fn sync(path: &Path, rows: u64, chunk_bytes: usize, with_reader: bool) -> anyhow::Result<f64> {
-    let server = ChildServer::start("items", rows, chunk_bytes)?;
-    let ctx = SinkContext {
-        pipeline: "bench".into(),
-        shape: ShapeInfo { table: "items".into(), ..Default::default() },
-    };
-    let sink = SqliteSinkConfig::new(path).build(ctx).await?;
+    let sink = SqliteSinkConfig::new(path).build(bench_context()).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let reader = with_reader.then(|| start_reader(path, stop.clone()));
-    let (cpu0, server_cpu0) = (procfs::cpu_seconds(None), procfs::cpu_seconds(Some(server.pid())));
-    let started = Instant::now();
-    let source = ShapeStream::new(ShapeOptions::new(server.url.parse()?, "items"))?;
-    Pipeline::new("bench", Box::new(source), sink)
-        .run(RunMode::UntilUpToDate, CancellationToken::new())
-        .await?;
-    let secs = started.elapsed().as_secs_f64();
-    let (own_cpu, server_cpu) =
-        (procfs::cpu_seconds(None) - cpu0, procfs::cpu_seconds(Some(server.pid())) - server_cpu0);
+    let timed = TimedSync::run(rows, chunk_bytes, sink).await?;
     stop.store(true, Ordering::Relaxed);
     let reads = reader.map(|r| r.join().expect("reader thread")).transpose()?;
     let conn = rusqlite::Connection::open(path)?;
@@ -69,27 +49,15 @@ async fn sync(path: &Path, rows: u64, chunk_bytes: usize, with_reader: bool) -> 
     if synced as u64 != rows {
         bail!("expected {rows} rows in SQLite, found {synced}");
     }
-    let rate = rows as f64 / secs;
-    let per_row = |s: f64| s * 1e6 / rows as f64;
     match reads {
-        None => {
-            println!(
-                "pipeline: {rows} rows in {secs:.2} s = {rate:.0} rows/s; peak RSS {:.1} MiB",
-                procfs::mib(procfs::peak_rss_bytes())
-            );
-            println!(
-                "  CPU per row: server {:.2} µs, this process (pipeline and SQLite) {:.2} µs",
-                per_row(server_cpu),
-                per_row(own_cpu)
-            );
-        }
-        Some((count, p99, max)) => println!(
-            "reader during a sync ({rate:.0} rows/s; primary-key lookup in its own connection): n={count} p99={:.3} ms max={:.3} ms",
-            p99.as_secs_f64() * 1000.0,
-            max.as_secs_f64() * 1000.0
+        None => timed.print("pipeline and SQLite"),
+        Some(lat) => println!(
+            "reader during a sync ({:.0} rows/s; primary-key lookup in its own connection): {}",
+            timed.rate,
+            Stats::of(lat)
         ),
     }
-    Ok(rate)
+    Ok(timed.rate)
 }
 
 /// Runs the phases and prints the figures.
