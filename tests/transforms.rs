@@ -46,9 +46,14 @@ async fn filter_drop_and_rename_shape_what_a_sqlite_table_receives() {
         )
     };
 
-    // The filter reads whole rows: without `replica: full` the file is refused.
+    // The filter reads whole rows: without `replica: full` the file is refused, saying so.
     let partial = PipelineFile::new("transforms-default", &pipeline("default"));
     assert_eq!(shapesync(&["validate", &partial.arg()]).await, ExitCode::from(2));
+    let mut config = shapesync_core::Config::default();
+    config.merge(&partial.0, &pipeline("default"), &|_| None).unwrap();
+    let errors = shapesync_cli::builtin_registry().prepare(&config).err().expect("refused");
+    assert_eq!(errors[0].key, "pipelines.users.transforms.0", "{}", errors[0]);
+    assert!(errors[0].to_string().contains("replica: full"), "{}", errors[0]);
 
     let file = PipelineFile::new("transforms-full", &pipeline("full"));
     assert_eq!(shapesync(&["run", "--once", &file.arg()]).await, ExitCode::SUCCESS);
