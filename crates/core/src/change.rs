@@ -95,12 +95,16 @@ pub struct Batch {
     /// `None` when they are the source's (`checkpoint.schema`, which always stays the
     /// source's, since resuming the stream needs it). Read it through [`Batch::schema`].
     pub row_schema: Option<std::sync::Arc<crate::Schema>>,
+    /// The lease the batch is written under: a sink that keeps leases writes nothing
+    /// unless the stored lease still matches (see [`crate::lease`]). `None` for batches
+    /// written outside a pipeline run (tests, tools), which are not fenced.
+    pub fence: Option<crate::Fence>,
 }
 
 impl Batch {
     /// A batch whose rows have the source's columns.
     pub fn new(changes: Vec<Change>, checkpoint: Checkpoint, sweep: bool, up_to_date: bool) -> Self {
-        Batch { changes, checkpoint, sweep, up_to_date, row_schema: None }
+        Batch { changes, checkpoint, sweep, up_to_date, row_schema: None, fence: None }
     }
 
     /// A snapshot batch is not a transaction: every change is an insert without a log

@@ -68,6 +68,9 @@ pub struct Config {
     pub metrics: Option<MetricsSpec>,
     /// Stop every pipeline when one fails (default: the others keep running).
     pub fail_fast: bool,
+    /// How instances share pipelines (the `lease:` section).
+    pub lease: LeaseSpec,
+    lease_set: bool,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +82,8 @@ struct FileSpec {
     metrics: Option<MetricsSpec>,
     #[serde(default)]
     fail_fast: bool,
+    #[serde(default)]
+    lease: Option<LeaseSpec>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +105,62 @@ struct PipelineFileSpec {
 pub struct MetricsSpec {
     /// Address of the HTTP listener, e.g. `127.0.0.1:9464`.
     pub listen: SocketAddr,
+}
+
+/// The `lease:` section: how instances running the same pipeline files share them.
+/// Each pipeline is written by one instance at a time, the holder of its lease (kept
+/// in the pipeline's sink); the others stand by and take over when it stops or dies.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseSpec {
+    /// The lease's time to live in milliseconds: a standby takes over this long after
+    /// the owner dies (at once when it stops cleanly). The owner renews it three times
+    /// per TTL.
+    pub ttl_ms: u64,
+    /// How often a standby asks for a lease, in milliseconds.
+    pub poll_ms: u64,
+    /// This instance's id in leases; default `<hostname>-<pid>-<random>`.
+    pub instance: Option<String>,
+    /// Spread pipelines over the instances that run the same files: each owns at most
+    /// its share (pipelines / instances, rounded up), plus pipelines nobody took.
+    pub spread: bool,
+}
+
+impl Default for LeaseSpec {
+    fn default() -> Self {
+        LeaseSpec {
+            ttl_ms: defaults::LEASE_TTL_MS,
+            poll_ms: defaults::LEASE_POLL_MS,
+            instance: None,
+            spread: true,
+        }
+    }
+}
+
+impl LeaseSpec {
+    /// The lease timing this section sets.
+    pub fn timing(&self) -> crate::LeaseTiming {
+        crate::LeaseTiming {
+            ttl: Duration::from_millis(self.ttl_ms),
+            poll: Duration::from_millis(self.poll_ms),
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.ttl_ms < 300 {
+            return Err(ConfigError::new("lease.ttl_ms", "expected at least 300 (milliseconds)"));
+        }
+        if self.poll_ms == 0 || self.poll_ms > self.ttl_ms {
+            return Err(ConfigError::new("lease.poll_ms", "expected 0 < poll_ms <= ttl_ms (milliseconds)"));
+        }
+        if self.instance.as_deref().is_some_and(|i| i.is_empty() || i.len() > 200) {
+            return Err(ConfigError::new(
+                "lease.instance",
+                "expected a non-empty id of at most 200 characters",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Sink retry backoff: full jitter, doubling from `initial_ms` up to `max_ms`.
@@ -134,6 +195,10 @@ pub mod defaults {
     pub const RETRY_INITIAL_MS: u64 = 100;
     /// Largest sink-retry backoff ceiling.
     pub const RETRY_MAX_MS: u64 = 30_000;
+    /// A pipeline lease's time to live.
+    pub const LEASE_TTL_MS: u64 = 5_000;
+    /// How often a standby asks for a lease.
+    pub const LEASE_POLL_MS: u64 = 500;
 }
 
 /// One pipeline as written, with its components still untyped: the registry types
@@ -230,6 +295,16 @@ impl Config {
             self.metrics = Some(m);
         }
         self.fail_fast |= spec.fail_fast;
+        if let Some(lease) = spec.lease {
+            lease.check().map_err(|e| e.in_file(file))?;
+            if self.lease_set && self.lease != lease {
+                return Err(
+                    ConfigError::new("lease", "already set differently by an earlier file").in_file(file)
+                );
+            }
+            self.lease = lease;
+            self.lease_set = true;
+        }
         Ok(())
     }
 }

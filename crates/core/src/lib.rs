@@ -5,6 +5,8 @@
 pub mod change;
 pub mod checkpoint;
 pub mod config;
+pub mod fleet;
+pub mod lease;
 pub mod offset;
 pub mod registry;
 pub mod row;
@@ -18,6 +20,8 @@ pub mod value;
 pub use change::{Batch, Change, LogPosition, Operation};
 pub use checkpoint::{Checkpoint, definition_hash};
 pub use config::{Config, ConfigError};
+pub use fleet::Fleet;
+pub use lease::{Acquisition, Fence, LeaseInfo, LeaseRequest, LeaseTiming};
 pub use offset::{Offset, OpPart, ParseOffsetError};
 pub use registry::{PreparedPipeline, Registry, SinkConfig, SourceConfig, SourceContext, TransformConfig};
 pub use row::{ColumnName, Row};

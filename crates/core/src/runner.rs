@@ -1,6 +1,6 @@
 //! The pipeline runner: source → transforms → sink, committing only at
 //! transaction-consistent points, with backpressure, sink retries, mark-and-sweep
-//! resyncs and graceful shutdown.
+//! resyncs, leases (one writer per pipeline) and graceful shutdown.
 
 use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use crate::config::RetrySpec;
 use crate::registry::PreparedPipeline;
 use crate::{
-    Batch, Change, Checkpoint, ResumePoint, Schema, Sink, SinkError, Source, SourceError, SourceEvent,
-    Transform, TransformError,
+    Acquisition, Batch, Change, Checkpoint, Fence, Fleet, LeaseRequest, LeaseTiming, ResumePoint, Schema,
+    Sink, SinkError, Source, SourceError, SourceEvent, Transform, TransformError,
 };
 
 /// How long an in-flight sink commit may run on after shutdown is requested before
@@ -49,6 +49,14 @@ pub enum PipelineError {
     /// The source task ended unexpectedly.
     #[error("the source stopped unexpectedly; this is a bug, please report it")]
     SourceGone,
+    /// `run --once` found another instance running the pipeline.
+    #[error(
+        "instance `{owner}` is running this pipeline and keeps renewing its lease; `run --once` does not take over a running pipeline: that instance keeps the sink in sync, or stop it first"
+    )]
+    Busy {
+        /// The instance holding the lease.
+        owner: String,
+    },
 }
 
 /// Live state of one pipeline, shared with health endpoints and progress displays.
@@ -56,8 +64,10 @@ pub enum PipelineError {
 pub struct PipelineStatus {
     up_to_date: AtomicBool,
     reached_up_to_date: AtomicBool,
+    owned: AtomicBool,
     changes_committed: AtomicU64,
     failure: Mutex<Option<String>>,
+    holder: Mutex<Option<String>>,
 }
 
 impl PipelineStatus {
@@ -69,16 +79,44 @@ impl PipelineStatus {
     pub fn has_reached_up_to_date(&self) -> bool {
         self.reached_up_to_date.load(Ordering::Relaxed)
     }
+    /// This instance holds the pipeline's lease (it writes the sink); otherwise it
+    /// stands by.
+    pub fn is_owned(&self) -> bool {
+        self.owned.load(Ordering::Relaxed)
+    }
+    /// While standing by: the instance that holds the lease, if any does.
+    pub fn holder(&self) -> Option<String> {
+        self.holder.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
     /// Changes committed to the sink since start.
     pub fn changes_committed(&self) -> u64 {
         self.changes_committed.load(Ordering::Relaxed)
     }
     /// Why the pipeline stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().expect("status lock").clone()
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
     fn set_failure(&self, message: String) {
-        *self.failure.lock().expect("status lock") = Some(message);
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+    }
+    fn set_owned(&self, pipeline: &str, owned: bool, holder: Option<String>) {
+        self.owned.store(owned, Ordering::Relaxed);
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder;
+        gauge!("shapesync_pipeline_owned", "pipeline" => pipeline.to_owned()).set(if owned {
+            1.0
+        } else {
+            0.0
+        });
+        if !owned {
+            self.set_up_to_date(pipeline, false);
+        }
+    }
+    fn set_up_to_date(&self, pipeline: &str, up: bool) {
+        self.up_to_date.store(up, Ordering::Relaxed);
+        if up {
+            self.reached_up_to_date.store(true, Ordering::Relaxed);
+        }
+        gauge!("shapesync_up_to_date", "pipeline" => pipeline.to_owned()).set(if up { 1.0 } else { 0.0 });
     }
 }
 
@@ -91,6 +129,7 @@ pub struct Pipeline {
     buffer: usize,
     retry: RetrySpec,
     status: Arc<PipelineStatus>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl PreparedPipeline {
@@ -109,8 +148,43 @@ impl PreparedPipeline {
 struct Position {
     shape_hash: String,
     generation: u64,
+    /// No earlier writer used a generation above this one (see [`Acquisition::Owned`]).
+    generation_floor: u64,
     resyncing: bool,
     committed: Option<(String, crate::Offset)>,
+}
+
+impl Position {
+    /// Starts a new resync: a generation above every one used before.
+    fn start_resync(&mut self) {
+        self.generation = next_generation(self.generation.max(self.generation_floor));
+        self.resyncing = true;
+        self.committed = None;
+    }
+}
+
+/// How one period of owning the lease ended.
+enum Session {
+    /// Shutdown, or the lease's renewer stopped it (see [`LeaseEnd`]).
+    Stopped,
+    /// [`RunMode::UntilUpToDate`] reached the head.
+    Done,
+    /// A commit was refused: another instance holds the lease.
+    Fenced(String),
+    /// A commit found the store no longer holds what we wrote.
+    Lost(String),
+}
+
+/// Why the lease renewer stopped.
+enum LeaseEnd {
+    /// The session ended first.
+    Kept,
+    /// Another instance took the lease.
+    Fenced(String),
+    /// The store lost the lease.
+    Lost(String),
+    /// This instance owns more than its share: hand the pipeline over.
+    HandOver,
 }
 
 impl Pipeline {
@@ -124,6 +198,7 @@ impl Pipeline {
             buffer: crate::config::defaults::BUFFER,
             retry: RetrySpec::default(),
             status: Arc::default(),
+            fleet: None,
         }
     }
 
@@ -145,6 +220,14 @@ impl Pipeline {
         self
     }
 
+    /// Runs as one of `fleet`'s pipelines: its instance id and lease timing, and its
+    /// share of the pipelines when instances spread them. Default: an instance of its
+    /// own with the default timing.
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
     /// The pipeline id.
     pub fn id(&self) -> &str {
         &self.id
@@ -158,6 +241,11 @@ impl Pipeline {
     /// Runs until shutdown (or, in [`RunMode::UntilUpToDate`], until the sink holds
     /// the shape's head). Returns `Ok` on a clean stop; a failure is also recorded
     /// in [`PipelineStatus::failure`].
+    ///
+    /// The pipeline writes only while it holds its lease: until then it stands by,
+    /// asking every `poll`; when the lease is lost to another instance it stands by
+    /// again; when the store turns out to have lost what was written, it takes the
+    /// lease again and resyncs.
     pub async fn run(self, mode: RunMode, shutdown: CancellationToken) -> Result<(), PipelineError> {
         let status = self.status.clone();
         let id = self.id.clone();
@@ -166,109 +254,67 @@ impl Pipeline {
             counter!("shapesync_pipeline_failures_total", "pipeline" => id.clone()).increment(1);
             status.set_failure(e.to_string());
         }
-        gauge!("shapesync_up_to_date", "pipeline" => id).set(0.0);
+        status.set_owned(&id, false, None);
         result
     }
 
     async fn run_inner(self, mode: RunMode, shutdown: CancellationToken) -> Result<(), PipelineError> {
-        let Pipeline { id, mut source, transforms, sink, buffer, retry, status } = self;
-        let this = Committer { id, transforms, sink, retry, status };
-        let Some(stored) = this.load_checkpoint(&shutdown).await? else { return Ok(()) };
-        let shape_hash = source.definition_hash();
-        // No checkpoint: a fresh sync, run as a resync so its first up-to-date sweeps rows a
-        // crashed earlier attempt wrote ahead of its first checkpoint.
-        let mut pos = Position {
-            shape_hash: shape_hash.clone(),
-            generation: next_generation(0),
-            resyncing: true,
-            committed: None,
-        };
-        match stored {
-            Some(cp) if cp.shape_hash == shape_hash => {
-                info!(pipeline = %this.id, handle = %cp.handle, offset = %cp.offset, "resuming from stored checkpoint");
-                pos.generation = cp.generation;
-                pos.resyncing = cp.resyncing;
-                pos.committed = Some((cp.handle.clone(), cp.offset));
-                source.resume(Some(ResumePoint { handle: cp.handle, offset: cp.offset, schema: cp.schema }));
-            }
-            Some(cp) => {
-                info!(pipeline = %this.id, "shape definition changed since the stored checkpoint; resyncing (old rows stay until the new snapshot is complete)");
-                pos.generation = next_generation(cp.generation);
-                source.resume(None);
-            }
-            None => source.resume(None),
-        }
-
-        let (tx, mut rx) = mpsc::channel(buffer);
-        let source_task = tokio::spawn(pump(source, tx));
-        let _abort = AbortOnDrop(source_task);
-        let mut pending: Vec<Change> = Vec::new();
+        let Pipeline { id, mut source, transforms, sink, buffer, retry, status, fleet } = self;
+        let fleet = fleet.unwrap_or_else(|| {
+            Arc::new(Fleet::new(crate::lease::instance_id(), 1, false, LeaseTiming::default()))
+        });
+        let this = Arc::new(Committer { id, transforms, sink, retry, status, fleet });
         let labels = [("pipeline", this.id.clone())];
-
+        status_gauges_at_zero(&this.id);
+        let mut resync = false;
         loop {
-            let event = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    info!(pipeline = %this.id, uncommitted = pending.len(), "shutting down; uncommitted changes will be re-read on restart");
+            let Some((fence, generation_floor)) = this.stand_by(mode, &shutdown).await? else {
+                return Ok(());
+            };
+            let seq = Arc::new(AtomicU64::new(fence.seq));
+            let owned = shutdown.child_token();
+            let renewer = tokio::spawn(this.clone().renew(fence.clone(), seq.clone(), owned.clone()));
+            let (back, session) =
+                this.sync(source, buffer, mode, &fence, &seq, generation_floor, resync, &owned).await;
+            source = back;
+            owned.cancel();
+            let lease_end = renewer.await.unwrap_or(LeaseEnd::Kept);
+            resync = false;
+            let mut current = fence.clone();
+            current.seq = seq.load(Ordering::Relaxed);
+            let session = match session {
+                Ok(s) => s,
+                Err(e) => {
+                    this.release(&current).await;
+                    return Err(e);
+                }
+            };
+            match (session, lease_end) {
+                (Session::Fenced(why), _) | (_, LeaseEnd::Fenced(why)) => {
+                    warn!(pipeline = %this.id, reason = %why, "lost the pipeline's lease to another instance; standing by");
+                    counter!("shapesync_fenced_total", &labels).increment(1);
+                    this.fleet.released(&this.id);
+                    this.status.set_owned(&this.id, false, None);
+                }
+                (Session::Lost(why), _) | (_, LeaseEnd::Lost(why)) => {
+                    warn!(pipeline = %this.id, reason = %why, "the sink no longer holds what this instance wrote; taking the lease again and resyncing from a fresh snapshot");
+                    counter!("shapesync_sink_state_lost_total", &labels).increment(1);
+                    this.fleet.released(&this.id);
+                    this.status.set_owned(&this.id, false, None);
+                    resync = true;
+                }
+                (Session::Done, _) => {
+                    this.release(&current).await;
                     return Ok(());
                 }
-                event = rx.recv() => event,
-            };
-            let response = match event.ok_or(PipelineError::SourceGone)?? {
-                SourceEvent::MustRefetch => {
-                    warn!(pipeline = %this.id, "shape must be refetched; resyncing while serving the old rows");
-                    counter!("shapesync_must_refetch_total", &labels).increment(1);
-                    gauge!("shapesync_up_to_date", &labels).set(0.0);
-                    this.status.up_to_date.store(false, Ordering::Relaxed);
-                    pending.clear();
-                    pos.generation = next_generation(pos.generation);
-                    pos.resyncing = true;
-                    pos.committed = None;
-                    continue;
+                (Session::Stopped, LeaseEnd::HandOver) if !shutdown.is_cancelled() => {
+                    info!(pipeline = %this.id, "handing the pipeline over: this instance owns more than its share");
+                    counter!("shapesync_lease_handovers_total", &labels).increment(1);
+                    this.release(&current).await;
+                    this.status.set_owned(&this.id, false, None);
                 }
-                SourceEvent::Response(r) => r,
-            };
-            let received = response.changes.len() as u64;
-            counter!("shapesync_changes_received_total", &labels).increment(received);
-            let ends_transaction = response.changes.last().is_some_and(|c| c.last_in_tx);
-            this.transform_into(response.changes, &mut pending)?;
-            // The head of the shape, with a snapshot behind it: never at `-1`, whatever a
-            // server says (a sweep there would empty the cache).
-            let at_head = response.up_to_date && response.offset != crate::Offset::Start;
-            let commit_point = at_head || response.offset.is_snapshot() || ends_transaction;
-            if !commit_point {
-                debug!(pipeline = %this.id, offset = %response.offset, carried = pending.len(), "response ends mid-transaction; carrying it into the next");
-                continue;
-            }
-            let sweep = pos.resyncing && at_head;
-            let unchanged =
-                pos.committed.as_ref().is_some_and(|(h, o)| *h == response.handle && *o == response.offset);
-            if !(pending.is_empty() && unchanged && !sweep) {
-                let batch = Batch {
-                    changes: mem::take(&mut pending),
-                    checkpoint: Checkpoint {
-                        shape_hash: pos.shape_hash.clone(),
-                        handle: response.handle.clone(),
-                        offset: response.offset,
-                        schema: (*response.schema).clone(),
-                        generation: pos.generation,
-                        resyncing: pos.resyncing && !sweep,
-                    },
-                    sweep,
-                    up_to_date: at_head,
-                    row_schema: this.row_schema(&response.schema)?,
-                };
-                if !this.commit(&batch, &shutdown).await? {
-                    return Ok(());
-                }
-                pos.resyncing = batch.checkpoint.resyncing;
-                pos.committed = Some((response.handle, response.offset));
-            }
-            if at_head {
-                this.status.up_to_date.store(true, Ordering::Relaxed);
-                this.status.reached_up_to_date.store(true, Ordering::Relaxed);
-                gauge!("shapesync_up_to_date", &labels).set(1.0);
-                if mode == RunMode::UntilUpToDate {
+                (Session::Stopped, _) => {
+                    this.release(&current).await;
                     return Ok(());
                 }
             }
@@ -276,13 +322,28 @@ impl Pipeline {
     }
 }
 
-/// The commit side of a running pipeline.
+/// Registers the pipeline's counters at zero, so alert rules see them before the
+/// first event.
+fn status_gauges_at_zero(pipeline: &str) {
+    let labels = [("pipeline", pipeline.to_owned())];
+    for name in [
+        "shapesync_fenced_total",
+        "shapesync_sink_state_lost_total",
+        "shapesync_lease_acquired_total",
+        "shapesync_lease_handovers_total",
+    ] {
+        counter!(name, &labels).increment(0);
+    }
+}
+
+/// The side of a running pipeline that owns its lease and commits to its sink.
 struct Committer {
     id: String,
     transforms: Vec<Box<dyn Transform>>,
     sink: Arc<dyn Sink>,
     retry: RetrySpec,
     status: Arc<PipelineStatus>,
+    fleet: Arc<Fleet>,
 }
 
 impl Committer {
@@ -319,11 +380,271 @@ impl Committer {
         Ok(changed.map(Arc::new))
     }
 
+    /// Stands by until this instance holds the pipeline's lease; `None` on shutdown.
+    /// Returns the fence and the generation floor (see [`Acquisition::Owned`]).
+    async fn stand_by(
+        &self,
+        mode: RunMode,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(Fence, u64)>, PipelineError> {
+        let timing = self.fleet.timing().clone();
+        let mut failures = 0;
+        let mut told: Option<String> = None;
+        let mut busy_since: Option<Instant> = None;
+        loop {
+            let request = LeaseRequest {
+                owner: self.fleet.instance().to_owned(),
+                ttl_ms: u64::try_from(timing.ttl.as_millis()).unwrap_or(u64::MAX),
+                take: mode == RunMode::UntilUpToDate || self.fleet.may_take(&self.id),
+            };
+            match self.sink.acquire(&request).await {
+                Ok(Acquisition::Owned { fence, generation_floor }) => {
+                    if self.sink.keeps_leases() {
+                        info!(pipeline = %self.id, instance = %fence.owner, epoch = fence.epoch, "took the pipeline's lease; this instance writes it now");
+                    }
+                    counter!("shapesync_lease_acquired_total", "pipeline" => self.id.clone()).increment(1);
+                    self.fleet.observe_owned(&self.id, &[]);
+                    self.status.set_owned(&self.id, true, None);
+                    return Ok(Some((fence, generation_floor)));
+                }
+                Ok(Acquisition::NotOwned(lease)) => {
+                    failures = 0;
+                    self.fleet.observe(&self.id, &lease);
+                    let holder = lease.is_held().then(|| lease.owner.clone());
+                    if holder != told {
+                        match &holder {
+                            Some(owner) => {
+                                info!(pipeline = %self.id, %owner, expires_in_ms = lease.expires_in_ms, "standing by: another instance holds the pipeline's lease")
+                            }
+                            None => {
+                                info!(pipeline = %self.id, "standing by: the lease is free, left to an instance with fewer pipelines")
+                            }
+                        }
+                        told.clone_from(&holder);
+                    }
+                    self.status.set_owned(&self.id, false, holder.clone());
+                    if let (RunMode::UntilUpToDate, Some(owner)) = (mode, holder) {
+                        // A dead owner's lease expires within a TTL; a live one keeps renewing.
+                        let since = *busy_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > timing.ttl + timing.poll * 2 {
+                            return Err(PipelineError::Busy { owner });
+                        }
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
+                        .increment(1);
+                    warn!(pipeline = %self.id, error = %e, "cannot reach the sink to take the pipeline's lease; retrying");
+                    if !self.backoff(failures, shutdown).await {
+                        return Ok(None);
+                    }
+                    failures += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(timing.poll) => {}
+                _ = shutdown.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    /// Renews the lease three times per TTL until `owned` is cancelled; cancels it
+    /// itself when the lease is lost or should be handed over.
+    async fn renew(self: Arc<Self>, fence: Fence, seq: Arc<AtomicU64>, owned: CancellationToken) -> LeaseEnd {
+        let every = self.fleet.timing().renew_every();
+        let end = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = owned.cancelled() => return LeaseEnd::Kept,
+            }
+            let current = Fence { seq: seq.load(Ordering::Relaxed), ..fence.clone() };
+            match self.sink.renew(&current).await {
+                Ok(lease) => {
+                    self.fleet.observe_owned(&self.id, &lease.standbys);
+                    if self.fleet.should_hand_over(&self.id) {
+                        break LeaseEnd::HandOver;
+                    }
+                }
+                Err(SinkError::Fenced(why)) => break LeaseEnd::Fenced(why),
+                Err(SinkError::StateLost(why)) => break LeaseEnd::Lost(why),
+                Err(e) => {
+                    // Writes stay safe meanwhile: every commit checks the fence itself.
+                    warn!(pipeline = %self.id, error = %e, "cannot renew the pipeline's lease; trying again");
+                }
+            }
+        };
+        owned.cancel();
+        end
+    }
+
+    /// Gives the lease up, so a standby takes over at once; failures only cost the
+    /// standby a TTL.
+    async fn release(&self, fence: &Fence) {
+        if let Err(e) = self.sink.release(fence).await {
+            warn!(pipeline = %self.id, error = %e, "cannot release the pipeline's lease; another instance takes it over when it expires");
+        } else if self.sink.keeps_leases() {
+            info!(pipeline = %self.id, "released the pipeline's lease");
+        }
+        self.fleet.released(&self.id);
+    }
+
+    /// Syncs while this instance holds the lease: reads the stored checkpoint, streams
+    /// from it (or from a fresh snapshot) and commits, until the session ends. Gives the
+    /// source back, whatever happened.
+    #[allow(clippy::too_many_arguments)] // one session's inputs, each used once
+    async fn sync(
+        &self,
+        mut source: Box<dyn Source>,
+        buffer: usize,
+        mode: RunMode,
+        fence: &Fence,
+        seq: &AtomicU64,
+        generation_floor: u64,
+        resync: bool,
+        owned: &CancellationToken,
+    ) -> (Box<dyn Source>, Result<Session, PipelineError>) {
+        let stored = match self.load_checkpoint(owned).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return (source, Ok(Session::Stopped)),
+            Err(e) => return (source, Err(e)),
+        };
+        let shape_hash = source.definition_hash();
+        // No checkpoint: a fresh sync, run as a resync so its first up-to-date sweeps rows a
+        // crashed earlier attempt wrote ahead of its first checkpoint.
+        let mut pos = Position {
+            shape_hash: shape_hash.clone(),
+            generation: 0,
+            generation_floor,
+            resyncing: true,
+            committed: None,
+        };
+        match stored {
+            Some(cp) if cp.shape_hash == shape_hash && !resync => {
+                info!(pipeline = %self.id, handle = %cp.handle, offset = %cp.offset, "resuming from stored checkpoint");
+                pos.generation = cp.generation;
+                pos.resyncing = cp.resyncing;
+                pos.committed = Some((cp.handle.clone(), cp.offset));
+                source.resume(Some(ResumePoint { handle: cp.handle, offset: cp.offset, schema: cp.schema }));
+            }
+            Some(cp) => {
+                if resync {
+                    info!(pipeline = %self.id, "resyncing from a fresh snapshot (old rows stay until it is complete)");
+                } else {
+                    info!(pipeline = %self.id, "shape definition changed since the stored checkpoint; resyncing (old rows stay until the new snapshot is complete)");
+                }
+                pos.generation = cp.generation;
+                pos.start_resync();
+                source.resume(None);
+            }
+            None => {
+                pos.start_resync();
+                source.resume(None);
+            }
+        }
+        let stop = CancellationToken::new();
+        let (tx, rx) = mpsc::channel(buffer);
+        let pump = tokio::spawn(pump(source, tx, stop.clone()));
+        let session = self.stream(rx, mode, &mut pos, fence, seq, owned).await;
+        stop.cancel();
+        match pump.await {
+            Ok(source) => (source, session),
+            Err(_) => panic!("the source task of pipeline `{}` panicked", self.id),
+        }
+    }
+
+    /// The body of a session: responses in, batches out, until it ends.
+    async fn stream(
+        &self,
+        mut rx: mpsc::Receiver<Result<SourceEvent, SourceError>>,
+        mode: RunMode,
+        pos: &mut Position,
+        fence: &Fence,
+        seq: &AtomicU64,
+        owned: &CancellationToken,
+    ) -> Result<Session, PipelineError> {
+        let mut pending: Vec<Change> = Vec::new();
+        let labels = [("pipeline", self.id.clone())];
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = owned.cancelled() => {
+                    info!(pipeline = %self.id, uncommitted = pending.len(), "stopping; uncommitted changes will be re-read");
+                    return Ok(Session::Stopped);
+                }
+                event = rx.recv() => event,
+            };
+            let response = match event.ok_or(PipelineError::SourceGone)?? {
+                SourceEvent::MustRefetch => {
+                    warn!(pipeline = %self.id, "shape must be refetched; resyncing while serving the old rows");
+                    counter!("shapesync_must_refetch_total", &labels).increment(1);
+                    self.status.set_up_to_date(&self.id, false);
+                    pending.clear();
+                    pos.start_resync();
+                    continue;
+                }
+                SourceEvent::Response(r) => r,
+            };
+            let received = response.changes.len() as u64;
+            counter!("shapesync_changes_received_total", &labels).increment(received);
+            let ends_transaction = response.changes.last().is_some_and(|c| c.last_in_tx);
+            self.transform_into(response.changes, &mut pending)?;
+            // The head of the shape, with a snapshot behind it: never at `-1`, whatever a
+            // server says (a sweep there would empty the cache).
+            let at_head = response.up_to_date && response.offset != crate::Offset::Start;
+            let commit_point = at_head || response.offset.is_snapshot() || ends_transaction;
+            if !commit_point {
+                debug!(pipeline = %self.id, offset = %response.offset, carried = pending.len(), "response ends mid-transaction; carrying it into the next");
+                continue;
+            }
+            let sweep = pos.resyncing && at_head;
+            let unchanged =
+                pos.committed.as_ref().is_some_and(|(h, o)| *h == response.handle && *o == response.offset);
+            if !(pending.is_empty() && unchanged && !sweep) {
+                let batch = Batch {
+                    changes: mem::take(&mut pending),
+                    checkpoint: Checkpoint {
+                        shape_hash: pos.shape_hash.clone(),
+                        handle: response.handle.clone(),
+                        offset: response.offset,
+                        schema: (*response.schema).clone(),
+                        generation: pos.generation,
+                        resyncing: pos.resyncing && !sweep,
+                    },
+                    sweep,
+                    up_to_date: at_head,
+                    row_schema: self.row_schema(&response.schema)?,
+                    fence: Some(Fence { seq: seq.load(Ordering::Relaxed), ..fence.clone() }),
+                };
+                match self.commit(&batch, owned).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Session::Stopped),
+                    Err(PipelineError::Sink(SinkError::Fenced(why))) => return Ok(Session::Fenced(why)),
+                    Err(PipelineError::Sink(SinkError::StateLost(why))) => return Ok(Session::Lost(why)),
+                    Err(e) => return Err(e),
+                }
+                seq.fetch_add(1, Ordering::Relaxed);
+                if sweep {
+                    info!(pipeline = %self.id, generation = pos.generation, "resync complete: rows that left the shape are swept");
+                }
+                pos.resyncing = batch.checkpoint.resyncing;
+                pos.committed = Some((response.handle, response.offset));
+            }
+            if at_head {
+                self.status.set_up_to_date(&self.id, true);
+                if mode == RunMode::UntilUpToDate {
+                    return Ok(Session::Done);
+                }
+            }
+        }
+    }
+
     /// Reads the stored checkpoint, retrying while the sink is unavailable.
-    /// `Ok(None)` means shutdown was requested first.
+    /// `Ok(None)` means the session was stopped first.
     async fn load_checkpoint(
         &self,
-        shutdown: &CancellationToken,
+        stop: &CancellationToken,
     ) -> Result<Option<Option<Checkpoint>>, PipelineError> {
         let mut attempt = 0;
         loop {
@@ -331,7 +652,7 @@ impl Committer {
                 Ok(cp) => return Ok(Some(cp)),
                 Err(e) if e.is_transient() => {
                     warn!(pipeline = %self.id, error = %e, "cannot read the checkpoint yet");
-                    if !self.backoff(attempt, shutdown).await {
+                    if !self.backoff(attempt, stop).await {
                         return Ok(None);
                     }
                     attempt += 1;
@@ -342,15 +663,15 @@ impl Committer {
     }
 
     /// Applies a batch, retrying transient failures forever with backoff.
-    /// Returns `Ok(false)` when shutdown stopped it before the batch committed.
-    async fn commit(&self, batch: &Batch, shutdown: &CancellationToken) -> Result<bool, PipelineError> {
+    /// Returns `Ok(false)` when the session was stopped before the batch committed.
+    async fn commit(&self, batch: &Batch, stop: &CancellationToken) -> Result<bool, PipelineError> {
         let labels = [("pipeline", self.id.clone())];
         let mut attempt = 0;
         loop {
             let started = Instant::now();
             let outcome = tokio::select! {
                 r = self.sink.apply(batch) => r,
-                _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                _ = async { stop.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
                     warn!(pipeline = %self.id, "abandoning a sink commit that outlived the shutdown grace period; its checkpoint was not stored, so it is re-applied on restart");
                     return Ok(false);
                 }
@@ -371,11 +692,12 @@ impl Committer {
                     counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
                         .increment(1);
                     warn!(pipeline = %self.id, error = %e, attempt, "sink commit failed; retrying the same batch");
-                    if !self.backoff(attempt, shutdown).await {
+                    if !self.backoff(attempt, stop).await {
                         return Ok(false);
                     }
                     attempt += 1;
                 }
+                Err(e @ (SinkError::Fenced(_) | SinkError::StateLost(_))) => return Err(e.into()),
                 Err(e) => {
                     counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
                         .increment(1);
@@ -404,25 +726,32 @@ fn next_generation(current: u64) -> u64 {
     now.max(current + 1)
 }
 
-/// Feeds the source's events to the runner. It takes a channel slot *before* asking
-/// the source for more, so at most `buffer` responses wait for the sink and none is
-/// parsed only to sit in memory waiting for a slot.
-async fn pump(mut source: Box<dyn Source>, tx: mpsc::Sender<Result<SourceEvent, SourceError>>) {
+/// Feeds the source's events to the runner until `stop`, then gives the source back.
+/// It takes a channel slot *before* asking the source for more, so at most `buffer`
+/// responses wait for the sink and none is parsed only to sit in memory waiting for a
+/// slot. Dropping a request in flight is safe: the source is resumed before reuse.
+async fn pump(
+    mut source: Box<dyn Source>,
+    tx: mpsc::Sender<Result<SourceEvent, SourceError>>,
+    stop: CancellationToken,
+) -> Box<dyn Source> {
     loop {
-        let Ok(slot) = tx.reserve().await else { return };
-        let event = source.next().await;
+        let slot = tokio::select! {
+            slot = tx.reserve() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return source,
+            },
+            _ = stop.cancelled() => return source,
+        };
+        let event = tokio::select! {
+            event = source.next() => event,
+            _ = stop.cancelled() => return source,
+        };
         let failed = event.is_err();
         slot.send(event);
         if failed {
-            return;
+            stop.cancelled().await;
+            return source;
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -267,6 +267,7 @@ mod tests {
             sweep,
             up_to_date: true,
             row_schema: None,
+            fence: None,
         }
     }
 

@@ -116,6 +116,7 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
         sweep: false,
         up_to_date: false,
         row_schema: None,
+        fence: None,
     };
     sink.apply(&snapshot).await.expect("apply snapshot");
     let end = Batch::new(vec![], checkpoint("0_inf", 10, false), true, true);
@@ -154,6 +155,7 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
         sweep: false,
         up_to_date: true,
         row_schema: None,
+        fence: None,
     };
     sink.apply(&tx).await.expect("apply live transaction");
     let after_tx = expect(&[(1, "uno", Some("n1")), (3, "three", None), (4, "four", Some("n4"))]);
@@ -183,6 +185,7 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
         sweep: false,
         up_to_date: false,
         row_schema: None,
+        fence: None,
     };
     sink.apply(&resync).await.expect("apply resync chunk");
     assert!(target.rows().await.contains_key("3"), "old rows stay until the sweep");
