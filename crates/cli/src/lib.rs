@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use shapesync_core::{Config, PipelineStatus, Registry, RunMode};
+use shapesync_core::{Config, Fleet, PipelineStatus, Registry, RunMode};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -264,7 +264,10 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
                 Err(code) => return Ok(code),
             };
             if !json {
-                println!("{:<24} {:<28} {:<24} {:>10}  state", "PIPELINE", "HANDLE", "OFFSET", "GENERATION");
+                println!(
+                    "{:<24} {:<28} {:<24} {:>17}  {:<10} {:<32} {:>5}  LEASE",
+                    "PIPELINE", "HANDLE", "OFFSET", "GENERATION", "STATE", "OWNER", "EPOCH"
+                );
             }
             for (id, spec) in &config.pipelines {
                 let sink = registry
@@ -273,6 +276,14 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
                     .await
                     .with_context(|| format!("pipeline {id}"))?;
                 let cp = sink.checkpoint().await.with_context(|| format!("pipeline {id}"))?;
+                let lease = sink.lease().await.with_context(|| format!("pipeline {id}"))?;
+                let expiry = |l: &shapesync_core::LeaseInfo| {
+                    if l.is_held() {
+                        format!("held, expires in {:.1}s", l.expires_in_ms as f64 / 1000.0)
+                    } else {
+                        "free".to_owned()
+                    }
+                };
                 if json {
                     let value = serde_json::json!({
                         "pipeline": id,
@@ -280,19 +291,32 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
                         "offset": cp.as_ref().map(|c| c.offset.to_string()),
                         "generation": cp.as_ref().map(|c| c.generation),
                         "resyncing": cp.as_ref().map(|c| c.resyncing),
+                        "owner": lease.as_ref().map(|l| l.owner.clone()),
+                        "epoch": lease.as_ref().map(|l| l.epoch),
+                        "lease_expires_in_ms": lease.as_ref().map(|l| l.expires_in_ms),
+                        "standbys": lease.as_ref().map(|l| l.standbys.clone()),
                     });
                     println!("{value}");
                 } else {
+                    let (owner, epoch, held) = match &lease {
+                        Some(l) => (l.owner.clone(), l.epoch.to_string(), expiry(l)),
+                        None => ("-".to_owned(), "-".to_owned(), "none".to_owned()),
+                    };
                     match cp {
                         Some(c) => println!(
-                            "{:<24} {:<28} {:<24} {:>10}  {}",
+                            "{:<24} {:<28} {:<24} {:>17}  {:<10} {:<32} {:>5}  {held}",
                             id,
                             c.handle,
                             c.offset.to_string(),
                             c.generation,
-                            if c.resyncing { "resyncing" } else { "synced" }
+                            if c.resyncing { "resyncing" } else { "synced" },
+                            owner,
+                            epoch,
                         ),
-                        None => println!("{id:<24} {:<28} {:<24} {:>10}  never synced", "-", "-", "-"),
+                        None => println!(
+                            "{id:<24} {:<28} {:<24} {:>17}  {:<10} {owner:<32} {epoch:>5}  {held}",
+                            "-", "-", "-", "never"
+                        ),
                     }
                 }
             }
@@ -354,12 +378,17 @@ async fn run(
 ) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    let instance = config.lease.instance.clone().unwrap_or_else(shapesync_core::lease::instance_id);
+    // `run --once` syncs every pipeline it can; a service shares them with its peers.
+    let fleet =
+        Arc::new(Fleet::new(instance, prepared.len(), config.lease.spread && !once, config.lease.timing()));
+    info!(instance = %fleet.instance(), "instance id in pipeline leases");
     let mut statuses: Vec<(String, Arc<PipelineStatus>)> = Vec::new();
     let mut pipelines = Vec::new();
     for p in prepared {
         let id = p.id.clone();
         let pipeline = tokio::select! {
-            built = p.build() => built.with_context(|| format!("pipeline {id}: cannot start"))?,
+            built = p.build() => built.with_context(|| format!("pipeline {id}: cannot start"))?.with_fleet(fleet.clone()),
             _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
         };
         statuses.push((id, pipeline.status()));
@@ -464,6 +493,10 @@ async fn report_progress(statuses: Vec<(String, Arc<PipelineStatus>)>, shutdown:
                 }
             } else if let Some(f) = status.failure() {
                 bar.abandon_with_message(format!("failed: {f}"));
+            } else if !status.is_owned() {
+                let holder = status.holder().unwrap_or_else(|| "nobody yet".to_owned());
+                bar.set_message(format!("standing by (lease held by {holder})"));
+                bar.tick();
             } else {
                 syncing += 1;
                 bar.set_message(format!("syncing: {n} changes committed ({rate:.0}/s)"));

@@ -51,24 +51,35 @@ fn render(handle: &PrometheusHandle) -> String {
     handle.render()
 }
 
-/// 200 once every pipeline has been up to date at least once and none has failed.
+/// 200 once every pipeline this instance owns has been up to date at least once and
+/// none has failed; a pipeline another instance runs (standby) does not hold it back.
 async fn ready(State(statuses): State<Statuses>) -> (StatusCode, Json<serde_json::Value>) {
     let mut all_ready = true;
     let pipelines: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
         .map(|(id, s)| {
             let failure = s.failure();
-            let ready = s.has_reached_up_to_date() && failure.is_none();
+            let owned = s.is_owned();
+            let ready = failure.is_none() && s.is_placed() && (!owned || s.has_reached_up_to_date());
             all_ready &= ready;
-            let state = match (&failure, s.has_reached_up_to_date(), s.is_up_to_date()) {
-                (Some(_), _, _) => "failed",
-                (None, false, _) => "initial sync",
-                (None, true, true) => "up to date",
-                (None, true, false) => "catching up",
+            let state = match (&failure, owned, s.has_reached_up_to_date(), s.is_up_to_date()) {
+                (Some(_), ..) => "failed",
+                (None, false, ..) if !s.is_placed() => "starting",
+                (None, false, ..) => "standby",
+                (None, true, false, _) => "initial sync",
+                (None, true, true, true) => "up to date",
+                (None, true, true, false) => "catching up",
             };
             (
                 id.clone(),
-                serde_json::json!({ "ready": ready, "state": state, "changes_committed": s.changes_committed(), "failure": failure }),
+                serde_json::json!({
+                    "ready": ready,
+                    "state": state,
+                    "owned": owned,
+                    "lease_holder": if owned { None } else { s.holder() },
+                    "changes_committed": s.changes_committed(),
+                    "failure": failure,
+                }),
             )
         })
         .collect();

@@ -196,7 +196,7 @@ async fn killed_at_arbitrary_moments(mut store: Store, name: &str) {
     std::fs::write(
         &file,
         format!(
-            "pipelines:\n  crash:\n    source: {{type: electric, url: '{}', table: crash_items}}\n    sink: {}\n",
+            "lease: {{ttl_ms: 500, poll_ms: 100}}\npipelines:\n  crash:\n    source: {{type: electric, url: '{}', table: crash_items}}\n    sink: {}\n",
             server.url(),
             store.sink_yaml()
         ),

@@ -79,6 +79,7 @@ async fn redis_cache_pipeline_runs_as_documented() {
             p("project:1"),
             p("project:3"),
             p("shapesync:projects:checkpoint"),
+            p("shapesync:projects:lease"),
             p("shapesync:projects:members")
         ]
     );
@@ -108,14 +109,17 @@ async fn redis_cache_pipeline_runs_as_documented() {
     assert_eq!(line["pipeline"], "projects");
     assert!(line["handle"].as_str().is_some_and(|h| !h.is_empty()), "{line}");
     assert_eq!(line["resyncing"], false);
+    assert!(line["owner"].as_str().is_some_and(|o| !o.is_empty()), "the lease names its last owner: {line}");
+    assert!(line["lease_expires_in_ms"].as_i64().is_some_and(|ms| ms <= 0), "run --once released it: {line}");
 
     // `reset` refuses without confirmation, then removes everything with --yes.
     let out = shapesync(&["reset", file, "--pipeline", "projects"], &env);
     assert!(!out.status.success());
-    assert_eq!(keys(&mut con, &prefix).len(), 4, "nothing removed without confirmation");
+    assert_eq!(keys(&mut con, &prefix).len(), 5, "nothing removed without confirmation");
     let out = shapesync(&["reset", file, "--pipeline", "projects", "--yes"], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(keys(&mut con, &prefix).is_empty());
+    assert_eq!(keys(&mut con, &prefix), vec![p("shapesync:projects:lease")], "only the (released) lease stays");
+    let _: () = redis::cmd("DEL").arg(p("shapesync:projects:lease")).query(&mut con).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,7 +132,7 @@ impl Fleet {
         if !self.spread {
             return true;
         }
-        if self.started.elapsed() < self.timing.poll {
+        if self.pipelines > 1 && self.started.elapsed() < self.timing.poll {
             return false; // announce first: instances started together see each other
         }
         let view = self.view();

@@ -65,6 +65,7 @@ pub struct PipelineStatus {
     up_to_date: AtomicBool,
     reached_up_to_date: AtomicBool,
     owned: AtomicBool,
+    placed: AtomicBool,
     changes_committed: AtomicU64,
     failure: Mutex<Option<String>>,
     holder: Mutex<Option<String>>,
@@ -84,6 +85,11 @@ impl PipelineStatus {
     pub fn is_owned(&self) -> bool {
         self.owned.load(Ordering::Relaxed)
     }
+    /// The lease has been asked for at least once: [`PipelineStatus::is_owned`] says
+    /// something (before that the pipeline is starting).
+    pub fn is_placed(&self) -> bool {
+        self.placed.load(Ordering::Relaxed)
+    }
     /// While standing by: the instance that holds the lease, if any does.
     pub fn holder(&self) -> Option<String> {
         self.holder.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -101,6 +107,7 @@ impl PipelineStatus {
     }
     fn set_owned(&self, pipeline: &str, owned: bool, holder: Option<String>) {
         self.owned.store(owned, Ordering::Relaxed);
+        self.placed.store(true, Ordering::Relaxed);
         *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder;
         gauge!("shapesync_pipeline_owned", "pipeline" => pipeline.to_owned()).set(if owned {
             1.0

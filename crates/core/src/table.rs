@@ -11,6 +11,17 @@ pub const GENERATION_COLUMN: &str = "_shapesync_generation";
 /// The table holding each pipeline's checkpoint beside its rows.
 pub const CHECKPOINT_TABLE: &str = "_shapesync_checkpoints";
 
+/// The table holding each pipeline's lease (see [`crate::lease`]): `pipeline`, `owner`,
+/// `epoch`, `seq`, `expires_at_ms`.
+pub const LEASE_TABLE: &str = "_shapesync_leases";
+
+/// The table recording which instances stand by for each pipeline: `pipeline`,
+/// `instance`, `expires_at_ms`.
+pub const STANDBY_TABLE: &str = "_shapesync_standbys";
+
+/// Every table a sink keeps for itself starts with this.
+pub const RESERVED_PREFIX: &str = "_shapesync_";
+
 /// The table a sink writes: `configured`, or the shape's table without its schema
 /// (`public.items` → `items`).
 pub fn table_name(configured: Option<&str>, shape_table: &str) -> String {
@@ -26,10 +37,12 @@ pub fn check_names(table: &str, shape: &ShapeInfo) -> Result<(), ConfigError> {
     if table.is_empty() {
         return Err(ConfigError::new("table", "expected a table name"));
     }
-    if table == CHECKPOINT_TABLE {
+    if table.starts_with(RESERVED_PREFIX) {
         return Err(ConfigError::new(
             "table",
-            format!("`{CHECKPOINT_TABLE}` holds the pipelines' checkpoints; pick another table name"),
+            format!(
+                "names starting with `{RESERVED_PREFIX}` are the sink's own (checkpoints, leases); pick another table name"
+            ),
         ));
     }
     if shape.columns.iter().flatten().any(|c| c == GENERATION_COLUMN) {

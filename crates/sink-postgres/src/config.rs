@@ -70,12 +70,14 @@ impl PostgresSinkConfig {
                 "expected postgres://[user[:password]@]host[:port]/database",
             ));
         }
-        PgConnectOptions::from_str(&self.url).map_err(|_| {
+        let options = PgConnectOptions::from_str(&self.url).map_err(|_| {
             ConfigError::new(
                 "url",
                 "not a usable Postgres URL; expected postgres://[user[:password]@]host[:port]/database",
             )
-        })
+        })?;
+        // `CREATE … IF NOT EXISTS` of an existing table is normal here, not news for the log.
+        Ok(options.options([("client_min_messages", "warning")]))
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {

@@ -40,6 +40,7 @@
 //! name is safe.
 
 mod config;
+mod lease;
 mod sink;
 
 pub use config::{PostgresSinkConfig, defaults};

@@ -4,8 +4,8 @@ use std::sync::Mutex;
 
 use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
-    Batch, Change, Checkpoint, ColumnType, Operation, Row, Schema, Sink, SinkContext, SinkError, Value,
-    async_trait,
+    Acquisition, Batch, Change, Checkpoint, ColumnType, Fence, LeaseInfo, LeaseRequest, Operation, Row,
+    Schema, Sink, SinkContext, SinkError, Value, async_trait,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
@@ -68,10 +68,10 @@ const KEPT_TYPES: &[&str] = &[
 /// A table of a second Postgres database kept exactly in sync with a shape; see the
 /// crate docs.
 pub struct PostgresSink {
-    pool: PgPool,
-    schema: String,
+    pub(crate) pool: PgPool,
+    pub(crate) schema: String,
     table: String,
-    pipeline: String,
+    pub(crate) pipeline: String,
     /// The shape schema the table was last brought up to in this process.
     table_schema: Mutex<Option<Schema>>,
 }
@@ -129,7 +129,7 @@ fn array_literal(items: &[Value], out: &mut String) {
 }
 
 /// Maps a Postgres failure to the runner's retry classes. Messages never hold the URL.
-fn classify(e: sqlx::Error) -> SinkError {
+pub(crate) fn classify(e: sqlx::Error) -> SinkError {
     let tls_refused = matches!(e, sqlx::Error::Tls(_))
         || matches!(e, sqlx::Error::Io(_)) && e.to_string().contains("certificate");
     match &e {
@@ -163,7 +163,7 @@ fn classify(e: sqlx::Error) -> SinkError {
 }
 
 /// Runs `sql` with text parameters.
-async fn execute(
+pub(crate) async fn execute(
     tx: &mut Transaction<'static, Postgres>,
     sql: String,
     params: impl IntoIterator<Item = Option<String>>,
@@ -279,7 +279,7 @@ impl PostgresSink {
     }
 
     /// A missing schema gets advice instead of Postgres' bare message.
-    fn schema_hint(&self, e: SinkError) -> SinkError {
+    pub(crate) fn schema_hint(&self, e: SinkError) -> SinkError {
         match e {
             SinkError::Rejected(m) if m.contains("(3F000)") => SinkError::Rejected(format!(
                 "{m}; create the schema `{}` (CREATE SCHEMA) or set the sink's `schema`",
@@ -425,6 +425,11 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
         batch: &Batch,
     ) -> Result<(), SinkError> {
+        if let Some(fence) = &batch.fence
+            && !self.check_fence(tx, fence).await?
+        {
+            return Ok(()); // committed by an attempt whose answer was lost
+        }
         let schema = batch.schema();
         let known = self.table_schema.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if known.as_ref() != Some(schema) {
@@ -455,6 +460,9 @@ impl PostgresSink {
             self.checkpoint_table()
         );
         execute(tx, sql, [Some(self.pipeline.clone()), Some(batch.checkpoint.to_json())]).await?;
+        if let Some(fence) = &batch.fence {
+            self.count_commit(tx, fence).await?;
+        }
         Ok(())
     }
 }
@@ -500,6 +508,7 @@ impl Sink for PostgresSink {
 
     async fn reset(&self) -> Result<(), SinkError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.take_for_reset(&mut tx).await?;
         if !self.table_columns(&mut tx).await?.is_empty() {
             execute(&mut tx, format!("DELETE FROM {}", self.qualified_table()), []).await?;
         }
@@ -512,6 +521,26 @@ impl Sink for PostgresSink {
         tx.commit().await.map_err(classify)?;
         *self.table_schema.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
+    }
+
+    fn keeps_leases(&self) -> bool {
+        true
+    }
+
+    async fn acquire(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
+        self.acquire_lease(request).await
+    }
+
+    async fn renew(&self, fence: &Fence) -> Result<LeaseInfo, SinkError> {
+        self.renew_lease(fence).await
+    }
+
+    async fn release(&self, fence: &Fence) -> Result<(), SinkError> {
+        self.release_lease(fence).await
+    }
+
+    async fn lease(&self) -> Result<Option<LeaseInfo>, SinkError> {
+        self.read_lease().await
     }
 }
 

@@ -98,6 +98,14 @@ impl SinkUnderTest for PostgresUnderTest {
             })
             .collect()
     }
+
+    async fn lose_state(&self) -> bool {
+        // A database restored empty: every table of the schema is gone.
+        let name = &self.schema.name;
+        let sql = format!("DROP SCHEMA \"{name}\" CASCADE; CREATE SCHEMA \"{name}\"");
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&self.schema.pool).await.unwrap();
+        true
+    }
 }
 
 #[tokio::test]

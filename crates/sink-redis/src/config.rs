@@ -87,6 +87,11 @@ pub struct RedisSinkConfig {
     /// server's certificate (a private CA). Default: the system's root certificates.
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Run even though Redis' `maxmemory-policy` may evict keys (an `allkeys-*` policy),
+    /// which would drop cached rows behind the checkpoint's back. Off: such a Redis is
+    /// refused at start. Only for caches where a missing row is acceptable.
+    #[serde(default)]
+    pub allow_eviction: bool,
 }
 
 impl RedisSinkConfig {
@@ -105,6 +110,7 @@ impl RedisSinkConfig {
             timeout_ms: defaults::TIMEOUT_MS,
             cluster: false,
             ca_file: None,
+            allow_eviction: false,
         }
     }
 

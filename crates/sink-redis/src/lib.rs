@@ -102,6 +102,7 @@
 //! settings are `Rejected`. No error or log line contains the URL.
 
 mod config;
+mod lease;
 mod sink;
 mod template;
 

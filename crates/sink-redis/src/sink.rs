@@ -1,5 +1,5 @@
-//! The Redis sink: rows, membership and checkpoint, written by one Lua script per live
-//! transaction and by plain pipelines for snapshot parts and sweep steps.
+//! The Redis sink: rows, membership and checkpoint, written in units — one per live
+//! transaction, one per snapshot part or sweep step — each one fenced Lua script call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,35 +10,18 @@ use futures::stream::FuturesOrdered;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Arg, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
+use redis::{
+    Arg, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+};
 use serde_json::value::RawValue;
 use shapesync_core::{
-    Batch, Change, Checkpoint, Operation, Row, Schema, Sink, SinkConfig, SinkContext, SinkError, async_trait,
+    Acquisition, Batch, Change, Checkpoint, Fence, LeaseInfo, LeaseRequest, Operation, Row, Schema, Sink,
+    SinkConfig, SinkContext, SinkError, async_trait,
 };
 
 use crate::config::{Layout, RedisSinkConfig};
+use crate::lease::{Scripts, UnitOutcome};
 use crate::template::{KeyError, KeyTemplate};
-
-/// Runs a live transaction's commands atomically. ARGV holds, per command, its argument
-/// count and then its arguments. A failing command aborts the script, so the checkpoint
-/// (always the last command) is never written past data that failed. KEYS[1] is the
-/// checkpoint key, declared so that a cluster routes the script to the pipeline's slot.
-const APPLY_SCRIPT: &str = r"
-local i, n = 1, #ARGV
-while i <= n do
-  local argc = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + argc))
-  i = i + 1 + argc
-end
-return n
-";
-
-/// Replaces a row's hash in one step (KEYS[1]; ARGV: field, value, …): a reader never
-/// sees the row missing between its `DEL` and `HSET`, which a plain pipeline allows
-/// (Redis serves other clients between any two commands of one). Sent with `EVAL`, so
-/// no script cache has to be loaded first; inside a live transaction's script the two
-/// commands run as they are.
-const REPLACE_SCRIPT: &str = "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1";
 
 /// Snapshot parts sent before the previous ones have answered.
 const PARTS_IN_FLIGHT: usize = 4;
@@ -103,7 +86,7 @@ impl ConnectionLike for Conn {
 /// A Redis cache kept exactly in sync with a shape; see the crate docs for the layout.
 pub struct RedisSink {
     conn: Conn,
-    script: Script,
+    scripts: Scripts,
     layout: Layout,
     template: Option<KeyTemplate>,
     primary_key: Option<Vec<String>>,
@@ -113,6 +96,13 @@ pub struct RedisSink {
     part_size: usize,
     keys: KeyNames,
     keyspace: std::sync::Mutex<Keyspace>,
+    /// A unit failed without an answer (a timeout, a dropped connection): whether it
+    /// committed is unknown, so the next batch first asks the lease (see `apply`).
+    uncertain: std::sync::atomic::AtomicBool,
+    /// Refuse an evicting `maxmemory-policy` (false: only warn about it).
+    refuse_eviction: bool,
+    /// The store's settings were checked (see [`RedisSink::check_store`]).
+    store_checked: tokio::sync::OnceCell<()>,
 }
 
 /// What the sink knows about its keys being empty, which lets an initial snapshot into
@@ -134,6 +124,8 @@ struct KeyNames {
     base: String,
     checkpoint: String,
     members: String,
+    /// The pipeline's lease (see the `lease` module).
+    lease: String,
     /// The shape's hash under the `table` layout.
     table: String,
 }
@@ -144,6 +136,7 @@ impl KeyNames {
         KeyNames {
             checkpoint: format!("{base}shapesync:{pipeline}:checkpoint"),
             members: format!("{base}shapesync:{pipeline}:members"),
+            lease: format!("{base}shapesync:{pipeline}:lease"),
             table: format!("{base}{table}"),
             base,
         }
@@ -157,8 +150,6 @@ impl KeyNames {
 struct Unit {
     commands: Vec<Cmd>,
     members: BTreeMap<String, bool>,
-    /// The unit runs as one script (a live transaction), not as a plain pipeline.
-    atomic: bool,
 }
 
 impl Unit {
@@ -296,7 +287,7 @@ impl RedisSink {
     fn with_connection(config: RedisSinkConfig, ctx: SinkContext, conn: Conn) -> Result<Self, SinkError> {
         Ok(RedisSink {
             conn,
-            script: Script::new(APPLY_SCRIPT),
+            scripts: Scripts::new(),
             layout: config.layout,
             template: config.template().map_err(rejected)?,
             primary_key: config.primary_key,
@@ -306,6 +297,9 @@ impl RedisSink {
             notify: config.notify,
             part_size: config.part_size,
             keyspace: std::sync::Mutex::new(Keyspace::Unknown),
+            uncertain: std::sync::atomic::AtomicBool::new(false),
+            refuse_eviction: !config.allow_eviction,
+            store_checked: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -432,21 +426,12 @@ impl RedisSink {
                         fields.push((column, text));
                     }
                 }
-                if fields.is_empty() {
-                    // A row of NULLs is an empty hash, which Redis does not keep.
-                    if replace {
-                        unit.push(command(["DEL", &key]));
-                    }
-                } else if replace && !unit.atomic {
-                    let mut eval = command(["EVAL", REPLACE_SCRIPT, "1", &key]);
-                    for (column, text) in &fields {
-                        eval.arg(*column).arg(&**text);
-                    }
-                    unit.push(eval);
-                } else {
-                    if replace {
-                        unit.push(command(["DEL", &key]));
-                    }
+                if replace {
+                    // Inside the unit's script: no reader sees the row missing in between.
+                    unit.push(command(["DEL", &key]));
+                }
+                if !fields.is_empty() {
+                    // (A row of NULLs is an empty hash, which Redis does not keep.)
                     let mut hset = command(["HSET", &key]);
                     for (column, text) in &fields {
                         hset.arg(*column).arg(&**text);
@@ -582,20 +567,20 @@ impl RedisSink {
         Ok(rows)
     }
 
-    /// Runs `unit`: new memberships (tagged `generation`) first, so a write cut short
-    /// never leaves a row the sweep cannot find, then the unit's commands, then removed
-    /// memberships, then `checkpoint`. An atomic unit (a live transaction) is one script
-    /// call. Any other unit (replayable snapshot parts and sweep steps) is a plain
-    /// pipeline, which costs Redis less and lets readers in between its commands; its
-    /// checkpoint is stored only once every command of the pipeline has succeeded.
+    /// Runs `unit` as one fenced script call (see `lease::UNIT_SCRIPT`): new
+    /// memberships (tagged `generation`) first, so a write cut short never leaves a row
+    /// the sweep cannot find, then the unit's commands, then removed memberships, then
+    /// `checkpoint`. Redis runs a script alone, so readers never see half a unit. A
+    /// failing command stops the script before the checkpoint.
     async fn run(
         &self,
         conn: &mut Conn,
         unit: Unit,
         generation: &str,
         checkpoint: Option<&str>,
-    ) -> Result<(), SinkError> {
-        let Unit { commands, members, atomic } = unit;
+        fence: Option<&Fence>,
+    ) -> Result<UnitOutcome, SinkError> {
+        let Unit { commands, members } = unit;
         let (joined, left): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, current)| *current);
         let mut ordered = Vec::with_capacity(commands.len() + 4);
         for chunk in joined.chunks(MEMBERS_PER_COMMAND) {
@@ -613,45 +598,51 @@ impl RedisSink {
             }
             ordered.push(hdel);
         }
-        let store_checkpoint = checkpoint.map(|json| command(["SET", &self.keys.checkpoint, json]));
-        if atomic {
-            ordered.extend(store_checkpoint);
-            if ordered.is_empty() {
-                return Ok(());
-            }
-            let mut invocation = self.script.key(&self.keys.checkpoint);
-            for cmd in &ordered {
-                invocation.arg(cmd.args_iter().len());
-                for arg in cmd.args_iter() {
-                    if let Arg::Simple(bytes) = arg {
-                        invocation.arg(bytes);
-                    }
+        ordered.extend(checkpoint.map(|json| command(["SET", &self.keys.checkpoint, json])));
+        if ordered.is_empty() && fence.is_none() {
+            return Ok(UnitOutcome::Applied);
+        }
+        let mut invocation = self.scripts.unit.key(&self.keys.lease);
+        match fence {
+            Some(f) => invocation.arg(&f.owner).arg(f.epoch).arg(f.seq).arg(f.ttl_ms),
+            None => invocation.arg("").arg(0).arg(0).arg(0),
+        };
+        invocation.arg(if checkpoint.is_some() { "1" } else { "0" }).arg(generation);
+        for cmd in &ordered {
+            invocation.arg(cmd.args_iter().len());
+            for arg in cmd.args_iter() {
+                if let Arg::Simple(bytes) = arg {
+                    invocation.arg(bytes);
                 }
             }
-            invocation.invoke_async::<redis::Value>(conn).await.map_err(classify)?;
-            return Ok(());
         }
-        if !ordered.is_empty() {
-            let mut pipe = redis::pipe();
-            for cmd in ordered {
-                pipe.add_command(cmd).ignore();
-            }
-            pipe.query_async::<()>(conn).await.map_err(classify)?;
+        let answer = invocation.invoke_async::<Value>(conn).await.map_err(|e| self.classify_unit(e))?;
+        match fence {
+            Some(f) => crate::lease::unit_outcome(answer, f, checkpoint.is_some()),
+            None => Ok(UnitOutcome::Applied),
         }
-        if let Some(set) = store_checkpoint {
-            set.query_async::<()>(conn).await.map_err(classify)?;
+    }
+
+    /// Classifies a unit's failure; one that may have committed without our knowing
+    /// makes the next batch ask first (see `apply`).
+    fn classify_unit(&self, e: RedisError) -> SinkError {
+        let error = classify(e);
+        if error.is_transient() {
+            self.uncertain.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(())
+        error
     }
 
     /// Deletes every member whose generation is below `generation`, `part_size` entries
-    /// per step; the last step also stores `checkpoint`, if given.
+    /// per step, each step a fenced unit; the last step also stores `checkpoint`, if
+    /// given.
     async fn sweep(
         &self,
         conn: &mut Conn,
         generation: u64,
         checkpoint: Option<&str>,
-    ) -> Result<(), SinkError> {
+        fence: Option<&Fence>,
+    ) -> Result<UnitOutcome, SinkError> {
         let mut cursor = "0".to_owned();
         loop {
             let (next, flat): (String, Vec<String>) = redis::cmd("HSCAN")
@@ -671,18 +662,73 @@ impl RedisSink {
                 }
             }
             let done = next == "0";
-            self.run(conn, unit, "", checkpoint.filter(|_| done)).await?;
-            if done {
-                return Ok(());
+            let outcome = self.run(conn, unit, "", checkpoint.filter(|_| done), fence).await?;
+            if done || outcome == UnitOutcome::AlreadyCommitted {
+                return Ok(outcome);
             }
             cursor = next;
         }
     }
+
+    /// Calls the lease script in `mode` for `owner`.
+    async fn lease_call(
+        &self,
+        mode: &str,
+        owner: &str,
+        ttl_ms: u64,
+        fence: Option<&Fence>,
+    ) -> Result<Value, SinkError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.scripts.lease.key(&self.keys.lease);
+        invocation.arg(mode).arg(owner).arg(ttl_ms);
+        if let Some(f) = fence {
+            invocation.arg(f.epoch).arg(f.seq);
+        }
+        invocation.invoke_async::<Value>(&mut conn).await.map_err(classify)
+    }
+
+    /// Checks, once per sink, that Redis keeps every row: an evicting
+    /// `maxmemory-policy` would drop rows silently while the checkpoint says they are
+    /// there, so it is refused (or, with `allow_eviction`, logged).
+    async fn check_store(&self) -> Result<(), SinkError> {
+        self.store_checked
+            .get_or_try_init(|| async {
+                let mut conn = self.conn.clone();
+                let info: Value = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(classify)?;
+                if let Some(policy) = evicting_policy(&info) {
+                    if self.refuse_eviction {
+                        return Err(SinkError::Rejected(format!(
+                            "redis evicts keys under memory pressure (maxmemory-policy {policy}), which would drop cached rows while the checkpoint says they are there; set maxmemory-policy to noeviction (or a volatile-* policy) for this database, or set `allow_eviction: true` on the sink to run anyway"
+                        )));
+                    }
+                    tracing::warn!(policy = %policy, "redis may evict this pipeline's rows (maxmemory-policy); the cache can then miss rows until the next resync");
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The evicting `maxmemory-policy` an `INFO memory` answer names, if any (a cluster
+/// answers per node: any evicting node counts).
+fn evicting_policy(info: &Value) -> Option<String> {
+    let texts: Vec<String> = match info {
+        Value::Map(nodes) => {
+            nodes.iter().filter_map(|(_, v)| String::from_redis_value(v.clone()).ok()).collect()
+        }
+        other => String::from_redis_value(other.clone()).ok().into_iter().collect(),
+    };
+    texts.iter().flat_map(|t| t.lines()).find_map(|line| {
+        let policy = line.strip_prefix("maxmemory_policy:")?.trim();
+        policy.starts_with("allkeys-").then(|| policy.to_owned())
+    })
 }
 
 #[async_trait]
 impl Sink for RedisSink {
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        self.check_store().await?;
         let mut conn = self.conn.clone();
         let stored: Option<String> =
             redis::cmd("GET").arg(&self.keys.checkpoint).query_async(&mut conn).await.map_err(classify)?;
@@ -693,6 +739,17 @@ impl Sink for RedisSink {
     }
 
     async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        let fence = batch.fence.as_ref();
+        if let Some(f) = fence
+            && self.uncertain.swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // The last attempt got no answer: if it committed, do not run it again (a
+            // big transaction re-run would block readers again for nothing).
+            let answer = self.lease_call("check", &f.owner, f.ttl_ms, Some(f)).await?;
+            if crate::lease::unit_outcome(answer, f, true)? == UnitOutcome::AlreadyCommitted {
+                return Ok(());
+            }
+        }
         let mut conn = self.conn.clone();
         let template = self.key_template(batch.schema())?;
         let generation = batch.checkpoint.generation.to_string();
@@ -717,8 +774,9 @@ impl Sink for RedisSink {
         // sent only after every earlier part has committed.
         let mut in_flight = FuturesOrdered::new();
         let count = parts.len();
+        let mut already = false;
         for (i, part) in parts.into_iter().enumerate() {
-            let mut unit = Unit { atomic: !snapshot, ..Unit::default() };
+            let mut unit = Unit::default();
             for change in part {
                 self.write_change(&mut unit, &template, change, &mut rows, new_rows)?;
             }
@@ -727,38 +785,83 @@ impl Sink for RedisSink {
             }
             let last = i + 1 == count;
             if last {
-                while let Some(committed) = in_flight.next().await {
-                    committed?;
+                while let Some(outcome) = in_flight.next().await {
+                    already |= outcome? == UnitOutcome::AlreadyCommitted;
+                }
+                if already {
+                    return Ok(());
                 }
             }
             let checkpoint = checkpoint.as_str();
             let with_checkpoint = (last && !batch.sweep).then_some(checkpoint);
             let mut conn = self.conn.clone();
             let generation = generation.as_str();
-            in_flight.push_back(async move { self.run(&mut conn, unit, generation, with_checkpoint).await });
+            in_flight.push_back(async move {
+                self.run(&mut conn, unit, generation, with_checkpoint, fence).await
+            });
             if (last || in_flight.len() >= PARTS_IN_FLIGHT)
-                && let Some(committed) = in_flight.next().await
+                && let Some(outcome) = in_flight.next().await
             {
-                committed?;
+                already |= outcome? == UnitOutcome::AlreadyCommitted;
+            }
+            if already {
+                while let Some(outcome) = in_flight.next().await {
+                    outcome?;
+                }
+                return Ok(());
             }
         }
         if batch.sweep {
-            self.sweep(&mut conn, batch.checkpoint.generation, Some(&checkpoint)).await?;
+            self.sweep(&mut conn, batch.checkpoint.generation, Some(&checkpoint), fence).await?;
         }
         Ok(())
     }
 
     async fn reset(&self) -> Result<(), SinkError> {
+        // Take the lease from any running owner first: its writes are refused from now
+        // on, so none lands between the steps below; it resyncs once it takes the lease
+        // back. The checkpoint goes first: a reset cut short leaves rows but no progress,
+        // so the next run resyncs instead of trusting rows that are partly gone.
+        let owner = format!("reset-{}", shapesync_core::lease::instance_id());
+        let ttl_ms = shapesync_core::config::defaults::LEASE_TTL_MS;
+        let answer = self.lease_call("force", &owner, ttl_ms, None).await?;
+        let Acquisition::Owned { fence, .. } = crate::lease::acquisition(answer, &owner, ttl_ms)? else {
+            return Err(SinkError::Rejected("redis did not hand the lease to `reset`".into()));
+        };
         let mut conn = self.conn.clone();
-        // The checkpoint goes first: a reset cut short leaves rows but no progress, so the
-        // next run resyncs instead of trusting rows that are partly gone.
         let mut unit = Unit::default();
         unit.push(command(["DEL", &self.keys.checkpoint]));
-        self.run(&mut conn, unit, "", None).await?;
-        self.sweep(&mut conn, u64::MAX, None).await?;
+        self.run(&mut conn, unit, "", None, Some(&fence)).await?;
+        self.sweep(&mut conn, u64::MAX, None, Some(&fence)).await?;
         let mut unit = Unit::default();
         unit.push(command(["UNLINK", &self.keys.members]));
-        self.run(&mut conn, unit, "", None).await
+        self.run(&mut conn, unit, "", None, Some(&fence)).await?;
+        self.release(&fence).await
+    }
+
+    fn keeps_leases(&self) -> bool {
+        true
+    }
+
+    async fn acquire(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
+        self.check_store().await?;
+        let mode = if request.take { "take" } else { "ask" };
+        let answer = self.lease_call(mode, &request.owner, request.ttl_ms, None).await?;
+        crate::lease::acquisition(answer, &request.owner, request.ttl_ms)
+    }
+
+    async fn renew(&self, fence: &Fence) -> Result<LeaseInfo, SinkError> {
+        let answer = self.lease_call("renew", &fence.owner, fence.ttl_ms, Some(fence)).await?;
+        crate::lease::renewal(answer, fence)
+    }
+
+    async fn release(&self, fence: &Fence) -> Result<(), SinkError> {
+        self.lease_call("release", &fence.owner, fence.ttl_ms, Some(fence)).await.map(|_| ())
+    }
+
+    async fn lease(&self) -> Result<Option<LeaseInfo>, SinkError> {
+        let answer = self.lease_call("read", "", 0, None).await?;
+        crate::lease::stored_lease(answer)
     }
 }
 

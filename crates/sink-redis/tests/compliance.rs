@@ -68,6 +68,17 @@ impl SinkUnderTest for Redis {
         };
         rows.into_iter().map(|r| (r["id"].clone(), r)).collect()
     }
+
+    async fn lose_state(&self) -> bool {
+        // A Redis restarted without persistence: every key of the pipeline is gone.
+        let mut con = self.con.lock().await;
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}*", self.config.prefix)).query_async(&mut *con).await.unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut *con).await.unwrap();
+        }
+        true
+    }
 }
 
 #[tokio::test]

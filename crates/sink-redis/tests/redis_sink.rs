@@ -666,8 +666,12 @@ async fn reset_removes_rows_membership_and_checkpoint() {
         let mut conn = redis().await;
         assert!(keys_with_prefix(&mut conn, &setup.prefix).await.len() >= 2);
         sink.reset().await.unwrap();
-        assert_eq!(keys_with_prefix(&mut conn, &setup.prefix).await, Vec::<String>::new());
+        // Only the lease stays, released, so epochs keep rising across the reset.
+        let lease = format!("{}shapesync:p:lease", setup.prefix);
+        assert_eq!(keys_with_prefix(&mut conn, &setup.prefix).await, vec![lease]);
         assert_eq!(sink.checkpoint().await.unwrap(), None);
+        let stored = sink.lease().await.unwrap().expect("a lease record");
+        assert!(!stored.is_held(), "reset releases the lease it took: {stored:?}");
     }
 }
 
@@ -984,7 +988,8 @@ async fn database_setting_selects_the_redis_database() {
     let mut db3 = redis_at(&format!("{URL}/3")).await;
     assert_eq!(hgetall(&mut db3, &setup.key("1")).await["name"], "a");
     sink.reset().await.unwrap();
-    assert_eq!(keys_with_prefix(&mut db3, &setup.prefix).await, Vec::<String>::new());
+    let lease = format!("{}shapesync:p:lease", setup.prefix);
+    assert_eq!(keys_with_prefix(&mut db3, &setup.prefix).await, vec![lease]);
 }
 
 #[tokio::test]

@@ -36,6 +36,7 @@
 //! Every identifier is quoted, so any column or table name is safe.
 
 mod config;
+mod lease;
 mod sink;
 
 pub use config::{SqliteSinkConfig, defaults};

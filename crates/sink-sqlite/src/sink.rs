@@ -8,25 +8,25 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, Transaction, TransactionBehavior};
 use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
-    Batch, Change, Checkpoint, ColumnType, Operation, Row, Schema, Sink, SinkContext, SinkError, Value,
-    async_trait,
+    Acquisition, Batch, Change, Checkpoint, ColumnType, Fence, LeaseInfo, LeaseRequest, Operation, Row,
+    Schema, Sink, SinkContext, SinkError, Value, async_trait,
 };
 
 use crate::config::SqliteSinkConfig;
 
 /// A SQLite table kept exactly in sync with a shape; see the crate docs.
 pub struct SqliteSink {
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     table: String,
-    pipeline: String,
+    pub(crate) pipeline: String,
     busy_timeout: Duration,
     state: Arc<Mutex<State>>,
 }
 
 /// The open connection, and the schema the table was last brought up to.
 #[derive(Default)]
-struct State {
-    conn: Option<Connection>,
+pub(crate) struct State {
+    pub(crate) conn: Option<Connection>,
     table_schema: Option<Schema>,
 }
 
@@ -73,7 +73,7 @@ impl ToSql for Bound<'_> {
 }
 
 /// Maps a SQLite failure to the runner's retry classes.
-fn classify(e: rusqlite::Error, path: &Path) -> SinkError {
+pub(crate) fn classify(e: rusqlite::Error, path: &Path) -> SinkError {
     let path = path.display();
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
@@ -120,7 +120,7 @@ impl SqliteSink {
         &self.table
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -129,7 +129,7 @@ impl SqliteSink {
     }
 
     /// The open connection, opening (and creating) the database first if needed.
-    fn connection<'s>(&self, state: &'s mut State) -> Result<&'s mut Connection, SinkError> {
+    pub(crate) fn connection<'s>(&self, state: &'s mut State) -> Result<&'s mut Connection, SinkError> {
         if state.conn.is_none() {
             let conn = Connection::open(&self.path).map_err(|e| classify(e, &self.path))?;
             conn.busy_timeout(self.busy_timeout).map_err(|e| classify(e, &self.path))?;
@@ -189,7 +189,7 @@ impl SqliteSink {
     }
 
     /// Whether the database has a table named `table`.
-    fn exists(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    pub(crate) fn exists(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
         conn.query_row(
             "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
             [table],
@@ -307,6 +307,11 @@ impl SqliteSink {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| classify(e, &self.path))?;
+        if let Some(fence) = &batch.fence
+            && !self.check_fence(&tx, fence)?
+        {
+            return Ok(()); // committed by an attempt whose answer was lost
+        }
         let schema = batch.schema();
         if known.as_ref() != Some(schema) {
             self.ensure_table(&tx, schema)?;
@@ -329,6 +334,9 @@ impl SqliteSink {
             [&self.pipeline, &batch.checkpoint.to_json()],
         )
         .map_err(|e| classify(e, &self.path))?;
+        if let Some(fence) = &batch.fence {
+            self.count_commit(&tx, fence)?;
+        }
         tx.commit().map_err(|e| classify(e, &self.path))?;
         state.table_schema = Some(schema.clone());
         Ok(())
@@ -379,6 +387,7 @@ impl SqliteSink {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| classify(e, &self.path))?;
+        self.take_for_reset(&tx)?;
         if !self.table_columns(&tx)?.is_empty() {
             tx.execute_batch(&format!("DELETE FROM {}", quote(&self.table)))
                 .map_err(|e| classify(e, &self.path))?;
@@ -411,6 +420,26 @@ impl Sink for SqliteSink {
 
     async fn reset(&self) -> Result<(), SinkError> {
         blocking(|| self.reset_blocking())
+    }
+
+    fn keeps_leases(&self) -> bool {
+        true
+    }
+
+    async fn acquire(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
+        blocking(|| self.acquire_blocking(request))
+    }
+
+    async fn renew(&self, fence: &Fence) -> Result<LeaseInfo, SinkError> {
+        blocking(|| self.renew_blocking(fence))
+    }
+
+    async fn release(&self, fence: &Fence) -> Result<(), SinkError> {
+        blocking(|| self.release_blocking(fence))
+    }
+
+    async fn lease(&self) -> Result<Option<LeaseInfo>, SinkError> {
+        blocking(|| self.lease_blocking())
     }
 }
 

@@ -53,6 +53,22 @@ impl SinkUnderTest for SqliteUnderTest {
         }
         stored
     }
+
+    async fn lose_state(&self) -> bool {
+        // A database replaced by an empty one: every table is gone.
+        let conn = rusqlite::Connection::open(&self.path).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for table in tables {
+            conn.execute_batch(&format!("DROP TABLE \"{}\"", table.replace('"', "\"\""))).unwrap();
+        }
+        true
+    }
 }
 
 #[tokio::test]

@@ -12,11 +12,20 @@
 //! - a resync (new generation) keeps old rows until its sweep, which removes exactly the
 //!   rows the new snapshot did not rewrite, with the checkpoint;
 //! - `reset` removes rows and checkpoint.
+//!
+//! For a sink that keeps leases ([`Sink::keeps_leases`]) it goes on with [`check_leases`]:
+//! one owner at a time, standbys reported, every acquisition a higher epoch, a stale
+//! owner's commit refused with nothing written, a repeated commit recognised, a store
+//! that lost its lease (when [`SinkUnderTest::lose_state`] can make it) noticed, and
+//! `reset` taking the lease from a running owner.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use shapesync_core::{Batch, Change, Checkpoint, LogPosition, Offset, Row, Schema, Sink, Value, async_trait};
+use shapesync_core::{
+    Acquisition, Batch, Change, Checkpoint, Fence, LeaseRequest, LogPosition, Offset, Row, Schema, Sink,
+    SinkError, Value, async_trait,
+};
 
 /// Rows as a reader of the store sees them: `id` → column → text (`Value::render`),
 /// NULL columns absent.
@@ -30,6 +39,12 @@ pub trait SinkUnderTest: Send + Sync {
     async fn open(&self) -> Arc<dyn Sink>;
     /// Every row in the store, keyed by its `id` column.
     async fn rows(&self) -> StoredRows;
+    /// Empties the store behind the sink's back, as a restart without persistence or a
+    /// dropped database would (everything the sink keeps, lease included). Returns false
+    /// when the harness cannot; the suite then skips that check.
+    async fn lose_state(&self) -> bool {
+        false
+    }
 }
 
 /// A row stored as a JSON object (as `Row` serializes) in the reader's form: NULL
@@ -201,4 +216,109 @@ pub async fn check_sink(target: &dyn SinkUnderTest) {
     sink.reset().await.expect("reset");
     assert_eq!(sink.checkpoint().await.expect("checkpoint"), None, "reset removes the checkpoint");
     assert!(target.rows().await.is_empty(), "reset removes the rows");
+
+    if sink.keeps_leases() {
+        check_leases(target).await;
+    }
+}
+
+fn ask(owner: &str, take: bool) -> LeaseRequest {
+    LeaseRequest { owner: owner.into(), ttl_ms: 60_000, take }
+}
+
+async fn take(sink: &dyn Sink, owner: &str) -> Fence {
+    match sink.acquire(&ask(owner, true)).await.expect("acquire") {
+        Acquisition::Owned { fence, .. } => fence,
+        Acquisition::NotOwned(lease) => panic!("`{owner}` could not take a free lease: {lease:?}"),
+    }
+}
+
+fn fenced(batch: &Batch, fence: &Fence) -> Batch {
+    Batch { fence: Some(fence.clone()), ..batch.clone() }
+}
+
+/// The lease rules, on a store the main suite left empty: see the module docs.
+pub async fn check_leases(target: &dyn SinkUnderTest) {
+    let sink = target.open().await;
+    let other = target.open().await; // a second instance over the same store
+    let a = take(&*sink, "instance-a").await;
+    match other.acquire(&ask("instance-b", true)).await.expect("acquire") {
+        Acquisition::NotOwned(lease) => {
+            assert_eq!(lease.owner, "instance-a", "the holder is reported");
+            assert!(lease.is_held(), "a lease just taken is held: {lease:?}");
+        }
+        owned => panic!("a second instance took a held lease: {owned:?}"),
+    }
+    let renewed = sink.renew(&a).await.expect("the holder renews");
+    assert_eq!(renewed.standbys, vec!["instance-b".to_owned()], "the standby that asked is reported");
+
+    // Commits under the lease; a repeated commit (its answer lost) changes nothing.
+    let first = Batch::new(
+        vec![Change::insert(compliance_key(1), row(1, "one", None))],
+        checkpoint("0_inf", 20, false),
+        false,
+        true,
+    );
+    sink.apply(&fenced(&first, &a)).await.expect("a commit under the lease");
+    sink.apply(&fenced(&first, &a)).await.expect("the same commit again is recognised as done");
+    let a = Fence { seq: a.seq + 1, ..a };
+    let second = Batch::new(
+        vec![live(Change::insert(compliance_key(2), row(2, "two", None)), 30, 0, true)],
+        checkpoint("30_0", 20, false),
+        false,
+        true,
+    );
+    sink.apply(&fenced(&second, &a)).await.expect("the next commit");
+    let a = Fence { seq: a.seq + 1, ..a };
+    let kept = expect(&[(1, "one", None), (2, "two", None)]);
+    assert_eq!(target.rows().await, kept);
+
+    // Hand-over: b takes the released lease with a higher epoch and the same count.
+    sink.release(&a).await.expect("release");
+    let b = take(&*other, "instance-b").await;
+    assert!(b.epoch > a.epoch, "every acquisition raises the epoch ({} after {})", b.epoch, a.epoch);
+    assert_eq!(b.seq, a.seq, "the commit count carries over");
+
+    // The old owner is fenced: its commit writes nothing, and its renewal says so.
+    let stale = Batch::new(
+        vec![live(Change::delete(compliance_key(1), [("id", Value::Int(1))].into()), 40, 0, true)],
+        checkpoint("40_0", 20, false),
+        false,
+        true,
+    );
+    let refused = sink.apply(&fenced(&stale, &a)).await;
+    assert!(matches!(refused, Err(SinkError::Fenced(_))), "a stale owner's commit is refused: {refused:?}");
+    assert!(matches!(sink.renew(&a).await, Err(SinkError::Fenced(_))), "and so is its renewal");
+    assert_eq!(target.rows().await, kept, "a refused commit writes nothing");
+    assert_eq!(other.checkpoint().await.expect("checkpoint"), Some(second.checkpoint.clone()));
+
+    // A commit count the store does not hold means it lost or rolled back writes.
+    let behind = Fence { seq: b.seq + 5, ..b.clone() };
+    assert!(
+        matches!(other.apply(&fenced(&stale, &behind)).await, Err(SinkError::StateLost(_))),
+        "a store holding fewer commits than the owner made lost state"
+    );
+    assert_eq!(target.rows().await, kept);
+
+    // `reset` takes the lease from a running owner: its next commit is refused.
+    other.reset().await.expect("reset");
+    assert!(matches!(other.apply(&fenced(&stale, &b)).await, Err(SinkError::Fenced(_))));
+    assert!(target.rows().await.is_empty());
+    let lease = other.lease().await.expect("lease").expect("the lease record stays");
+    assert!(!lease.is_held(), "reset leaves the lease free: {lease:?}");
+    let c = take(&*sink, "instance-a").await;
+    assert!(c.epoch > b.epoch + 1, "reset took the lease in between ({} after {})", c.epoch, b.epoch);
+
+    // A store that lost everything is noticed, not written on.
+    if target.lose_state().await {
+        assert!(matches!(sink.renew(&c).await, Err(SinkError::StateLost(_))), "a renewal notices");
+        assert!(
+            matches!(sink.apply(&fenced(&first, &c)).await, Err(SinkError::StateLost(_))),
+            "a commit notices"
+        );
+        assert!(target.rows().await.is_empty(), "and writes nothing");
+        assert_eq!(sink.checkpoint().await.expect("checkpoint"), None);
+        take(&*sink, "instance-a").await;
+    }
+    sink.reset().await.expect("reset");
 }
