@@ -247,6 +247,8 @@ enum RawElem {
     Nested(Vec<RawElem>),
 }
 
+/// Types a parsed array literal; recursive, but [`ArrayParser`] never nests deeper
+/// than [`MAX_ARRAY_DIMS`].
 fn convert_array(
     elem: RawElem,
     scalar: &dyn Fn(&str) -> Result<Value, &'static str>,
@@ -259,6 +261,11 @@ fn convert_array(
         }
     })
 }
+
+/// Postgres' `MAXDIM`: no array value has more dimensions. The parser refuses deeper
+/// nesting, so server-sent text can never drive its recursion (or `convert_array`'s)
+/// deep enough to overflow the stack.
+const MAX_ARRAY_DIMS: usize = 6;
 
 /// Parser for Postgres array literals: `{1,NULL}`, `{{1,2},{3,4}}`, `{"a,b","q\"x"}`.
 struct ArrayParser<'a> {
@@ -274,7 +281,7 @@ impl ArrayParser<'_> {
             self.pos = eq + 1;
         }
         self.skip_ws();
-        let value = self.parse_array()?;
+        let value = self.parse_array(1)?;
         self.skip_ws();
         if self.pos != self.input.len() {
             return Err("trailing characters after array literal");
@@ -288,9 +295,14 @@ impl ArrayParser<'_> {
         }
     }
 
-    fn parse_array(&mut self) -> Result<RawElem, &'static str> {
+    /// Parses the array opening at `pos`, which is nested `depth` levels deep (1 = the
+    /// outermost).
+    fn parse_array(&mut self, depth: usize) -> Result<RawElem, &'static str> {
         if self.input.get(self.pos) != Some(&b'{') {
             return Err("expected '{' to open an array literal");
+        }
+        if depth > MAX_ARRAY_DIMS {
+            return Err("array nested deeper than Postgres' 6 dimensions");
         }
         self.pos += 1;
         let mut items = Vec::new();
@@ -302,7 +314,7 @@ impl ArrayParser<'_> {
         loop {
             self.skip_ws();
             items.push(match self.input.get(self.pos) {
-                Some(b'{') => self.parse_array()?,
+                Some(b'{') => self.parse_array(depth + 1)?,
                 Some(b'"') => RawElem::Str(self.parse_quoted()?),
                 Some(_) => self.parse_unquoted()?,
                 None => return Err("unterminated array literal"),
@@ -434,6 +446,30 @@ mod tests {
         for bad in ["{1,2", "1,2}", "{1,,2}", "{\"a}", "{1}x", "{a\"b}"] {
             assert!(parse_value("c", &col("text", 1, false), Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn arrays_nested_beyond_postgres_limit_are_errors_not_crashes() {
+        // Before the depth bound these overflowed the stack and aborted the process.
+        for depth in [4_000, 100_000, 7] {
+            let text = format!("{}{}", "{".repeat(depth), "}".repeat(depth));
+            match parse_value("c", &col("text", 1, false), Some(&text)) {
+                Err(TypeError::Invalid { reason, .. }) => {
+                    assert_eq!(reason, "array nested deeper than Postgres' 6 dimensions", "depth {depth}")
+                }
+                other => panic!("depth {depth}: {other:?}"),
+            }
+            let unclosed = "{".repeat(depth);
+            assert!(parse_value("c", &col("text", 1, false), Some(&unclosed)).is_err(), "depth {depth}");
+        }
+        let six = format!("{}1{}", "{".repeat(6), "}".repeat(6));
+        let mut value = parse("int4", 6, &six);
+        for _ in 0..6 {
+            let Value::Array(mut items) = value else { panic!("expected an array: {value:?}") };
+            assert_eq!(items.len(), 1);
+            value = items.pop().unwrap();
+        }
+        assert_eq!(value, Value::Int(1), "six dimensions are Postgres' limit and are accepted");
     }
 
     #[test]

@@ -430,6 +430,34 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_json_anywhere_is_an_answer_not_a_stack_overflow() {
+        // serde_json's default recursion limit (128) is never disabled in this crate,
+        // and ignored values are skipped without recursion.
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let nested = deep(100_000);
+        let ignored = format!(r#"[{{"headers":{{"control":"up-to-date"}},"extra":{nested}}}]"#);
+        assert!(parse(&ignored).is_ok_and(|p| p.up_to_date));
+        let in_headers = format!(r#"[{{"headers":{{"operation":{nested}}}}}]"#);
+        assert!(parse(&in_headers).is_err());
+        let in_value = format!(r#"[{{"key":"k","value":{nested},"headers":{{"operation":"insert"}}}}]"#);
+        assert!(parse(&in_value).is_err());
+        let jsonb = serde_json::to_string(&nested).unwrap();
+        let in_jsonb = format!(
+            r#"[{{"key":"k","value":{{"id":"1","doc":{jsonb}}},"headers":{{"operation":"insert"}}}}]"#
+        );
+        let p = parse(&in_jsonb).unwrap();
+        let doc = &p.changes[0].value["doc"];
+        assert_eq!(serde_json::to_string(doc).unwrap(), nested, "JSON values are kept as raw text");
+        let tags = format!(
+            r#"[{{"key":"k","value":{{"id":"1","tags":"{}"}},"headers":{{"operation":"insert"}}}}]"#,
+            "{".repeat(100_000)
+        );
+        assert!(matches!(parse(&tags), Err(BodyError::Invalid(_))));
+        let schema_header = format!(r#"{{"id":{{"type":"int8","extra":{nested}}}}}"#);
+        assert!(serde_json::from_str::<Schema>(&schema_header).is_err(), "the schema header is bounded too");
+    }
+
+    #[test]
     fn null_in_a_not_null_column_is_invalid() {
         let e = parse(r#"[{"key":"k","value":{"id":null},"headers":{"operation":"insert"}}]"#).unwrap_err();
         let BodyError::Invalid(msg) = e else { panic!("{e:?}") };
