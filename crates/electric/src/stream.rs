@@ -361,13 +361,12 @@ impl ShapeStream {
         if matches!(code, 204 | 304) {
             // Nothing new (a deprecated 204 live timeout, or a revalidated cache hit).
             self.backoff.reset();
-            let handle = self
-                .handle
-                .clone()
-                .or_else(|| header_str(header_map, headers::HANDLE).map(str::to_owned))
-                .ok_or_else(|| {
+            let handle = match self.handle.clone() {
+                Some(known) => known,
+                None => header_text(header_map, headers::HANDLE)?.map(str::to_owned).ok_or_else(|| {
                     ShapeError::protocol(format!("HTTP {code} before the shape handle was known"))
-                })?;
+                })?,
+            };
             let offset = self.offset.unwrap_or(Offset::Start);
             // No body, so no snapshot: never up to date for an `offset=-1`/`now` request
             // (a resync that ends "up to date" with no rows would empty the cache).
@@ -384,18 +383,18 @@ impl ShapeStream {
                 up_to_date,
             })));
         }
-        let handle = header_str(header_map, headers::HANDLE)
+        let handle = header_text(header_map, headers::HANDLE)?
             .ok_or(ShapeError::MissingHeader { header: headers::HANDLE, status: code })?;
-        let offset_text = header_str(header_map, headers::OFFSET)
+        let offset_text = header_text(header_map, headers::OFFSET)?
             .ok_or(ShapeError::MissingHeader { header: headers::OFFSET, status: code })?;
         let offset: Offset = offset_text
             .parse()
             .map_err(|e| ShapeError::protocol(format!("bad `{}` header: {e}", headers::OFFSET)))?;
-        let cursor = header_str(header_map, headers::CURSOR);
+        let cursor = header_text(header_map, headers::CURSOR)?;
         if live && cursor.is_none() {
             return Err(ShapeError::MissingHeader { header: headers::CURSOR, status: code });
         }
-        let schema_text = header_str(header_map, headers::SCHEMA);
+        let schema_text = header_text(header_map, headers::SCHEMA)?;
         if !live && schema_text.is_none() {
             return Err(ShapeError::MissingHeader { header: headers::SCHEMA, status: code });
         }
@@ -589,13 +588,13 @@ impl ShapeStream {
         header_map: &HeaderMap,
     ) -> Result<Option<ShapeEvent>, ShapeError> {
         let status = response.status().as_u16();
-        let handle = header_str(header_map, headers::HANDLE)
+        let handle = header_text(header_map, headers::HANDLE)?
             .ok_or(ShapeError::MissingHeader { header: headers::HANDLE, status })?;
         if self.is_foreign_handle(handle) {
             return self.on_stale_response(handle.to_owned());
         }
         self.handle = Some(handle.to_owned());
-        if let Some(cursor) = header_str(header_map, headers::CURSOR) {
+        if let Some(cursor) = header_text(header_map, headers::CURSOR)? {
             self.cursor = Some(cursor.to_owned());
         }
         self.sse = Some(SseConnection::new(response));
@@ -764,8 +763,19 @@ fn json_text(v: &serde_json::Value) -> String {
     }
 }
 
-fn header_str<'a>(map: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    map.get(name).and_then(|v| v.to_str().ok())
+/// A protocol header's value as text; `Ok(None)` when it is absent. Read as UTF-8 from
+/// the raw bytes: Electric's JSON encoder leaves non-ASCII (say a column named `ünï`
+/// in `electric-schema`) unescaped, which `HeaderValue::to_str` would refuse.
+fn header_text<'a>(map: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ShapeError> {
+    let Some(value) = map.get(name) else { return Ok(None) };
+    std::str::from_utf8(value.as_bytes())
+        .map(Some)
+        .map_err(|_| ShapeError::protocol(format!("the `{name}` header is not valid UTF-8")))
+}
+
+/// An optional header's value as text; `None` when it is absent or not UTF-8.
+fn header_str<'a>(map: &'a HeaderMap, name: &'static str) -> Option<&'a str> {
+    header_text(map, name).ok().flatten()
 }
 
 fn new_cache_buster() -> String {
@@ -956,6 +966,24 @@ mod tests {
         c.push(b"\n");
         assert_eq!(c.next_data().unwrap(), b"2");
         assert_eq!(c.next_data(), None);
+    }
+
+    #[test]
+    fn headers_are_read_as_utf8_and_invalid_bytes_are_a_protocol_error() {
+        let mut map = HeaderMap::new();
+        let schema = r#"{"ünï":{"type":"text"}}"#;
+        map.insert(headers::SCHEMA, reqwest::header::HeaderValue::from_bytes(schema.as_bytes()).unwrap());
+        assert!(map[headers::SCHEMA].to_str().is_err(), "to_str refuses non-ASCII");
+        assert_eq!(header_text(&map, headers::SCHEMA), Ok(Some(schema)));
+        assert_eq!(header_text(&map, headers::HANDLE), Ok(None));
+        map.insert(headers::HANDLE, reqwest::header::HeaderValue::from_bytes(b"h-\xff").unwrap());
+        match header_text(&map, headers::HANDLE) {
+            Err(ShapeError::Protocol(m)) => {
+                assert!(m.contains("`electric-handle` header is not valid UTF-8"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(header_str(&map, headers::HANDLE), None);
     }
 
     #[test]

@@ -610,6 +610,30 @@ async fn case22_values_are_typed_through_the_schema() {
 }
 
 #[tokio::test]
+async fn non_ascii_column_names_arrive_in_the_raw_utf8_schema_header() {
+    // Electric's JSON encoder leaves non-ASCII unescaped, so the `electric-schema`
+    // header carries raw UTF-8 bytes (as the testkit sends it).
+    let server = server().await;
+    let t = server.create_table(
+        TableDef::new("intl")
+            .column(Column::new("id", "int8").primary_key())
+            .column(Column::new("ünï", "text"))
+            .column(Column::new("größe", "int4")),
+    );
+    t.seed([json!({"id": "1", "ünï": "çà va", "größe": "7"})]);
+    let mut s = ShapeStream::new(options(&server, "intl")).unwrap();
+    let r = next_response(&mut s).await;
+    let v = &r.changes[0].value;
+    assert_eq!(v["ünï"], Value::Text("çà va".into()));
+    assert_eq!(v["größe"], Value::Int(7), "typed through the schema, so the header was read");
+    assert!(s.schema().unwrap().0.contains_key("ünï"));
+    until_up_to_date(&mut s).await;
+    t.insert(json!({"id": "2", "ünï": "zwei", "größe": "2"}));
+    let r = next_response(&mut s).await;
+    assert_eq!(r.changes[0].value["größe"], Value::Int(2));
+}
+
+#[tokio::test]
 async fn case23_keys_are_opaque_strings() {
     let server = server().await;
     let t = server.create_table(TableDef::new("t").column(Column::new("id", "text").primary_key()));
