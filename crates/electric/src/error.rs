@@ -37,6 +37,16 @@ pub enum ShapeError {
         /// The response status.
         status: u16,
     },
+    /// The server answered with a redirect (a 3xx other than 304). Redirects are never
+    /// followed: the shape URL carries the `secret`, and the request headers may carry
+    /// credentials, so neither may reach the host a `location` names.
+    #[error(
+        "the shape server answered HTTP {status}, a redirect, which is not followed so that the secret and headers never reach another host; set `url` to the final endpoint (the response's `location` header names it)"
+    )]
+    Redirected {
+        /// The response status.
+        status: u16,
+    },
     /// The server's response breaks the protocol in another way.
     #[error(
         "the shape server broke the protocol: {0}; check that the url points at an Electric /v1/shape endpoint"
@@ -62,7 +72,9 @@ impl From<ShapeError> for SourceError {
                     _ => message,
                 },
             },
-            e @ ShapeError::MissingHeader { .. } => SourceError::Protocol { detail: e.to_string() },
+            e @ (ShapeError::MissingHeader { .. } | ShapeError::Redirected { .. }) => {
+                SourceError::Protocol { detail: e.to_string() }
+            }
             ShapeError::Protocol(detail) => SourceError::Protocol { detail },
         }
     }

@@ -109,11 +109,18 @@ impl std::fmt::Debug for ShapeStream {
 impl ShapeStream {
     /// A stream for `options`, starting at [`ShapeOptions::start`]; see
     /// [`ShapeStream::resume`] to continue from a stored position.
+    ///
+    /// Its HTTP client follows no redirect and sends no `Referer`: the shape URL
+    /// carries the `secret` and the headers may carry credentials, so neither may go
+    /// to a host a `location` names. A redirect ends the stream with
+    /// [`ShapeError::Redirected`].
     pub fn new(options: ShapeOptions) -> Result<Self, ShapeError> {
         #[cfg(feature = "rustls")]
         crate::install_tls_provider();
         let client = Client::builder()
             .user_agent(concat!("shapesync-electric/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
             .build()
             .map_err(|e| ShapeError::InvalidOptions(format!("cannot create the HTTP client: {e}")))?;
         Self::with_client(options, client)
@@ -121,6 +128,12 @@ impl ShapeStream {
 
     /// As [`ShapeStream::new`], with your own `reqwest` client (proxies, TLS roots…).
     /// The per-request timeout from the options still applies.
+    ///
+    /// Build the client with `.redirect(reqwest::redirect::Policy::none())` and
+    /// `.referer(false)`: reqwest's default follows redirects, and would send the
+    /// shape URL (with its `secret`, in `Referer`) and your headers to whatever host
+    /// a redirect names. With such a client, a redirect ends the stream with
+    /// [`ShapeError::Redirected`].
     pub fn with_client(options: ShapeOptions, client: Client) -> Result<Self, ShapeError> {
         options.validate()?;
         Ok(ShapeStream {
@@ -293,8 +306,12 @@ impl ShapeStream {
                 400..=499 => "4xx",
                 _ => "5xx",
             });
-            let header_map = response.headers().clone();
             tracing::debug!(status = status.as_u16(), "shape response");
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                // The client follows none (see `new`): a redirect is a misconfigured `url`.
+                return Err(ShapeError::Redirected { status: status.as_u16() });
+            }
+            let header_map = response.headers().clone();
             if sse && status.is_success() && is_event_stream(&header_map) {
                 if let Some(event) = self.open_sse(response, &header_map)? {
                     return Ok(event);
