@@ -50,6 +50,10 @@ pub struct ElectricSourceConfig {
     /// Follow live changes over Server-Sent Events (default: long-polling).
     #[serde(default)]
     pub live_sse: Option<bool>,
+    /// Largest response body (or SSE event) read, in bytes (default 64 MiB); a larger
+    /// or endless one is retried as a server fault.
+    #[serde(default)]
+    pub max_response_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for ElectricSourceConfig {
@@ -70,6 +74,7 @@ impl std::fmt::Debug for ElectricSourceConfig {
             .field("headers", &redacted_headers(self.headers.keys().map(String::as_str)))
             .field("timeout_secs", &self.timeout_secs)
             .field("live_sse", &self.live_sse)
+            .field("max_response_bytes", &self.max_response_bytes)
             .finish()
     }
 }
@@ -124,6 +129,15 @@ impl ElectricSourceConfig {
             options.request_timeout = Duration::from_secs(secs);
         }
         options.live_sse = self.live_sse.unwrap_or(false);
+        if let Some(bytes) = self.max_response_bytes {
+            if bytes == 0 {
+                return Err(ConfigError::new(
+                    "max_response_bytes",
+                    "must be at least 1 (default 67108864, 64 MiB)",
+                ));
+            }
+            options.max_response_bytes = bytes;
+        }
         options.validate().map_err(|e| ConfigError::new("", e.to_string()))?;
         Ok(options)
     }
@@ -220,6 +234,7 @@ secret: s3cret
 headers: {Authorization: Bearer x}
 timeout_secs: 30
 live_sse: true
+max_response_bytes: 1048576
 "#,
         )
         .unwrap();
@@ -231,6 +246,7 @@ live_sse: true
         assert_eq!(o.log, LogMode::Full);
         assert_eq!(o.request_timeout, Duration::from_secs(30));
         assert!(o.live_sse);
+        assert_eq!(o.max_response_bytes, 1_048_576);
         assert_eq!(o.headers["authorization"], "Bearer x");
         assert_eq!(o.columns_param().unwrap(), "id,\"Status-Check\"");
         assert_eq!(
@@ -267,6 +283,10 @@ live_sse: true
         assert_eq!(e.key, "columns", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\ntimeout_secs: 0\n").unwrap_err();
         assert_eq!(e.key, "timeout_secs", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nmax_response_bytes: 0\n").unwrap_err();
+        assert_eq!(e.key, "max_response_bytes", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nmax_response_bytes: 64MiB\n").unwrap_err();
+        assert_eq!(e.key, "max_response_bytes", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\nheaders: {\"bad name\": v}\n").unwrap_err();
         assert_eq!(e.key, "headers.bad name", "{e}");
         let e = from_yaml("table: t\n").unwrap_err();
@@ -301,6 +321,13 @@ live_sse: true
     }
 
     const MINIMAL: &str = "url: http://h/v1/shape\ntable: t\n";
+
+    #[test]
+    fn max_response_bytes_defaults_to_64_mib() {
+        let o = from_yaml(MINIMAL).unwrap().to_options().unwrap();
+        assert_eq!(o.max_response_bytes, crate::defaults::MAX_RESPONSE_BYTES);
+        assert_eq!(o.max_response_bytes, 64 * 1024 * 1024);
+    }
 
     #[test]
     fn registers_in_a_registry() {

@@ -26,6 +26,9 @@ pub mod defaults {
     pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
     /// Consecutive malformed bodies retried before giving up with a protocol error.
     pub const MALFORMED_BODY_RETRIES: u32 = 3;
+    /// Largest response body (or SSE event) read: 64 MiB, several times Electric's
+    /// 10 MiB chunk threshold (a chunk closes after the fragment that passes it).
+    pub const MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 }
 
 /// `replica`: what updates and deletes carry.
@@ -137,6 +140,12 @@ pub struct ShapeOptions {
     pub backoff: BackoffConfig,
     /// Consecutive malformed (non-JSON) bodies retried before a protocol error.
     pub malformed_body_retries: u32,
+    /// Largest response body read, in bytes; for SSE, the largest single event. A
+    /// body that declares more (`content-length`) is refused before it is read, one
+    /// that sends more (or never ends) is cut off at this size, and either is a
+    /// transient server fault: retried with backoff at the same offset. Raise it if
+    /// the shape holds rows this large.
+    pub max_response_bytes: u64,
     /// Pipeline id to label metrics with; `None` records no metrics.
     pub metrics_pipeline: Option<String>,
 }
@@ -158,6 +167,7 @@ impl std::fmt::Debug for ShapeOptions {
             .field("live_sse", &self.live_sse)
             .field("backoff", &self.backoff)
             .field("malformed_body_retries", &self.malformed_body_retries)
+            .field("max_response_bytes", &self.max_response_bytes)
             .field("metrics_pipeline", &self.metrics_pipeline)
             .finish()
     }
@@ -186,6 +196,7 @@ impl ShapeOptions {
             live_sse: false,
             backoff: BackoffConfig::default(),
             malformed_body_retries: defaults::MALFORMED_BODY_RETRIES,
+            max_response_bytes: defaults::MAX_RESPONSE_BYTES,
             metrics_pipeline: None,
         }
     }
@@ -229,6 +240,9 @@ impl ShapeOptions {
         }
         if self.backoff.base.is_zero() || self.backoff.cap < self.backoff.base {
             return Err(ShapeError::InvalidOptions("backoff needs 0 < base <= cap".into()));
+        }
+        if self.max_response_bytes == 0 {
+            return Err(ShapeError::InvalidOptions("max_response_bytes must be positive".into()));
         }
         Ok(())
     }

@@ -319,14 +319,17 @@ impl ShapeStream {
                 continue;
             }
             // The server's long-poll hold ends with the headers: a body that does not
-            // arrive in time is a transport fault, live or not.
-            let body = match tokio::time::timeout(timeout, response.bytes()).await {
-                Ok(Ok(b)) => b,
-                failed => {
-                    let what = match failed {
-                        Ok(Err(e)) => describe_reqwest_error(&e),
-                        _ => format!("the response body did not arrive within {timeout:?}"),
-                    };
+            // arrive in time is a transport fault, live or not; so is one over the cap.
+            let max_bytes = self.options.max_response_bytes;
+            let read = match tokio::time::timeout(timeout, read_body(response, max_bytes)).await {
+                Ok(Ok(body)) => Ok(body),
+                Ok(Err(BodyReadError::Transport(e))) => Err(describe_reqwest_error(&e)),
+                Ok(Err(BodyReadError::TooLarge { declared })) => Err(too_large(declared, max_bytes)),
+                Err(_) => Err(format!("the response body did not arrive within {timeout:?}")),
+            };
+            let body = match read {
+                Ok(body) => body,
+                Err(what) => {
                     let retry_after = self.retry_after(&header_map);
                     self.wait_after_fault(&what, retry_after).await;
                     continue;
@@ -625,6 +628,14 @@ impl ShapeStream {
         loop {
             let Some(conn) = self.sse.as_mut() else { return Ok(None) };
             let Some(data) = conn.events.next_data() else {
+                let max_bytes = self.options.max_response_bytes;
+                if conn.events.pending_bytes() as u64 > max_bytes {
+                    self.close_sse();
+                    let what =
+                        format!("an SSE event is larger than {}", max_response_bytes_setting(max_bytes));
+                    self.wait_after_fault(&what, None).await;
+                    return Ok(None);
+                }
                 match tokio::time::timeout(idle, conn.response.chunk()).await {
                     Ok(Ok(Some(bytes))) => conn.events.push(&bytes),
                     Ok(Ok(None)) => {
@@ -821,6 +832,57 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
     detail
 }
 
+/// Why a response body was not read whole.
+#[derive(Debug)]
+enum BodyReadError {
+    /// The connection failed or was cut off.
+    Transport(reqwest::Error),
+    /// The body is larger than the cap: by its `content-length` (`declared`), or by
+    /// the bytes that arrived.
+    TooLarge {
+        /// The `content-length`, when that is what gave it away.
+        declared: Option<u64>,
+    },
+}
+
+/// Reads a response body of at most `max_bytes`: one whose `content-length` is
+/// larger is refused before any of it is read, and reading stops (dropping the
+/// connection) as soon as more than `max_bytes` have arrived.
+async fn read_body(mut response: Response, max_bytes: u64) -> Result<Vec<u8>, BodyReadError> {
+    let declared = response.content_length();
+    if declared.is_some_and(|length| length > max_bytes) {
+        return Err(BodyReadError::TooLarge { declared });
+    }
+    // Never more than `max_bytes`, so a lying `content-length` costs no more than that.
+    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(BodyReadError::Transport)? {
+        if (body.len() + chunk.len()) as u64 > max_bytes {
+            return Err(BodyReadError::TooLarge { declared: None });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The fault of a body over the cap, naming the setting that raises it.
+fn too_large(declared: Option<u64>, max_bytes: u64) -> String {
+    match declared {
+        Some(length) => format!(
+            "the response declares a {length}-byte body, more than {}",
+            max_response_bytes_setting(max_bytes)
+        ),
+        None => format!("the response body is larger than {}", max_response_bytes_setting(max_bytes)),
+    }
+}
+
+/// The cap, named so that the user can find the setting: "`max_response_bytes`
+/// (67108864 bytes; raise it if …)".
+fn max_response_bytes_setting(max_bytes: u64) -> String {
+    format!(
+        "`max_response_bytes` ({max_bytes} bytes; raise it if the shape has rows or transactions that large)"
+    )
+}
+
 fn is_event_stream(map: &HeaderMap) -> bool {
     header_str(map, "content-type").is_some_and(|t| t.trim_start().starts_with("text/event-stream"))
 }
@@ -846,6 +908,9 @@ struct SseFramer {
     /// Bytes received; `pos` is where the unread part starts.
     buffer: Vec<u8>,
     pos: usize,
+    /// `buffer[pos..scanned]` holds no line end: a long line is scanned once, not once
+    /// per chunk that extends it.
+    scanned: usize,
     /// `data:` lines of the event being read.
     data: Vec<u8>,
     has_data: bool,
@@ -854,18 +919,31 @@ struct SseFramer {
 impl SseFramer {
     fn push(&mut self, bytes: &[u8]) {
         self.buffer.drain(..self.pos);
+        // A `scanned` below `pos` is stale (lines were read past it): nothing to keep.
+        self.scanned = self.scanned.saturating_sub(self.pos);
         self.pos = 0;
         self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Bytes held for the event being read (its data lines and the unfinished line),
+    /// once [`SseFramer::next_data`] has returned `None`.
+    fn pending_bytes(&self) -> usize {
+        self.buffer.len() - self.pos + self.data.len()
     }
 
     /// The data of the next complete event, if the buffer holds one. Comments
     /// (`: keep-alive`) and fields other than `data` are skipped.
     fn next_data(&mut self) -> Option<Vec<u8>> {
         loop {
-            let rest = &self.buffer[self.pos..];
-            let end = rest.iter().position(|&b| b == b'\n')?;
-            let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]).to_vec();
-            self.pos += end + 1;
+            let from = self.scanned.max(self.pos);
+            let Some(newline) = self.buffer[from..].iter().position(|&b| b == b'\n') else {
+                self.scanned = self.buffer.len();
+                return None;
+            };
+            let end = from + newline;
+            let line = &self.buffer[self.pos..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line).to_vec();
+            self.pos = end + 1;
             if line.is_empty() {
                 if self.has_data {
                     self.has_data = false;
@@ -1001,6 +1079,31 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(header_str(&map, headers::HANDLE), None);
+    }
+
+    #[test]
+    fn sse_framing_finds_a_line_split_over_many_pushes_and_counts_what_it_holds() {
+        let mut c = SseFramer::default();
+        c.push(b"data: {\"a\":1}\n\ndata: ");
+        assert_eq!(c.next_data().unwrap(), b"{\"a\":1}");
+        assert_eq!(c.next_data(), None);
+        assert_eq!(c.pending_bytes(), 6, "the unfinished line");
+        for _ in 0..1000 {
+            c.push(b"xx");
+            assert_eq!(c.next_data(), None);
+        }
+        assert_eq!(c.pending_bytes(), 2006);
+        c.push(b"\ndata: y\n");
+        assert_eq!(c.next_data(), None);
+        assert_eq!(c.pending_bytes(), 2000 + 1 + 1, "the event's two data lines, joined");
+        c.push(b"\n");
+        let data = c.next_data().unwrap();
+        assert_eq!(data.len(), 2002);
+        assert!(data.starts_with(b"xx") && data.ends_with(b"x\ny"));
+        c.push(b"data: z\n\n");
+        assert_eq!(c.next_data().unwrap(), b"z", "a push right after an event");
+        assert_eq!(c.next_data(), None);
+        assert_eq!(c.pending_bytes(), 0);
     }
 
     #[test]

@@ -41,6 +41,7 @@ fn sse(frames: Vec<String>, hold: bool) -> Reply {
         ],
         frames,
         hold,
+        endless: None,
     }
 }
 
@@ -147,6 +148,38 @@ async fn case21_three_short_sse_closes_fall_back_to_long_polling() {
     }
     assert_eq!(script.param(5, "live").as_deref(), Some("true"));
     assert_eq!(script.param(5, "live_sse"), None, "long-polling after three short closes");
+}
+
+#[tokio::test]
+async fn an_sse_event_over_max_response_bytes_is_a_fault_and_the_stream_reconnects() {
+    // A line that never ends, and data lines of an event that never ends.
+    let endless_events = [("data: ", "x".repeat(8 * 1024)), ("", "data: xxxxxxxxxxxxxxxx\n".repeat(512))];
+    for (start, endless) in endless_events {
+        let mut replies = catch_up();
+        let mut never_ends = sse(vec![data(&insert(2, 100, 0, false)), start.into()], false);
+        never_ends.endless = Some(endless);
+        replies.push(never_ends);
+        replies.push(sse(
+            vec![data(&insert(2, 100, 0, false)), data(&insert(3, 100, 2, true)), up_to_date(100)],
+            true,
+        ));
+        let server = scripted(replies).await;
+        let mut options = fast_options(&server.url, "items");
+        options.live_sse = true;
+        options.max_response_bytes = 64 * 1024;
+        let mut s = ShapeStream::new(options).unwrap();
+        until_up_to_date(&mut s).await;
+
+        let r = next_response(&mut s).await;
+        assert_eq!(keys(&r), [item_key(2), item_key(3)], "the change before the endless event comes once");
+        assert_eq!(r.offset, Offset::new(100, 2));
+        let script = &server.script;
+        assert_eq!(script.request_count(), 4, "one reconnect");
+        assert_eq!(script.param(3, "live_sse").as_deref(), Some("true"));
+        assert_eq!(script.param(3, "offset").as_deref(), Some("0_inf"), "reconnected at the same offset");
+        let sent = script.endless_bytes_sent();
+        assert!(sent < 32 * 1024 * 1024, "the client stopped reading at the cap: {sent} bytes sent");
+    }
 }
 
 #[tokio::test]

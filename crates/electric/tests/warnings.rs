@@ -67,6 +67,7 @@ fn stalled_live_body(content_type: &str) -> Reply {
         ],
         frames: vec!["[".into()],
         hold: true,
+        endless: None,
     }
 }
 
@@ -93,6 +94,36 @@ async fn stalled_body_then_change(configure: impl FnOnce(&mut ShapeOptions), con
     assert_eq!(r.offset, Offset::new(1, 0));
     assert_eq!(server.script.param(2, "offset").as_deref(), Some("0_inf"), "same offset");
     captured.text()
+}
+
+#[tokio::test]
+async fn a_body_over_max_response_bytes_is_a_warned_fault_naming_the_setting() {
+    let (captured, _guard) = Captured::start();
+    let mut endless = non_live("0_0", "[");
+    endless.endless = Some(" ".repeat(16 * 1024));
+    let mut declared = non_live("0_0", "[");
+    declared.headers.push(("content-length", "2147483648".into()));
+    declared.hold = true;
+    let server = scripted(vec![endless, declared, non_live("0_inf", UP_TO_DATE)]).await;
+    let mut o = fast_options(&server.url, "items");
+    o.max_response_bytes = 256 * 1024;
+    let mut s = ShapeStream::new(o).unwrap();
+    assert!(next_response(&mut s).await.up_to_date);
+    assert_eq!(server.script.request_count(), 3);
+    let logs = captured.text();
+    assert!(
+        logs.contains(
+            "shape request failed (the response body is larger than `max_response_bytes` (262144 bytes;"
+        ),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(
+            "the response declares a 2147483648-byte body, more than `max_response_bytes` (262144 bytes;"
+        ),
+        "{logs}"
+    );
+    assert!(logs.contains("failures=2"), "the backoff counted both: {logs}");
 }
 
 #[tokio::test]

@@ -1,8 +1,10 @@
 //! A scripted HTTP server for responses the testkit does not produce (SSE streams,
-//! 429s, 204s, proxy 403s, odd bodies): each request gets the next queued reply.
+//! 429s, 204s, proxy 403s, odd bodies, endless bodies): each request gets the next
+//! queued reply.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,6 +14,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
+use futures::StreamExt;
 
 /// One scripted answer.
 pub struct Reply {
@@ -21,6 +24,8 @@ pub struct Reply {
     pub frames: Vec<String>,
     /// Keep the body open after the frames.
     pub hold: bool,
+    /// After the frames, send this piece again and again, forever (an endless body).
+    pub endless: Option<String>,
 }
 
 impl Reply {
@@ -31,6 +36,7 @@ impl Reply {
             headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
             frames: vec![body.to_owned()],
             hold: false,
+            endless: None,
         }
     }
 }
@@ -42,6 +48,8 @@ type Received = (Instant, Vec<(String, String)>);
 pub struct Script {
     replies: Mutex<VecDeque<Reply>>,
     requests: Mutex<Vec<Received>>,
+    /// Bytes of endless bodies handed to the HTTP server so far.
+    endless_bytes: Arc<AtomicU64>,
 }
 
 impl Script {
@@ -60,6 +68,12 @@ impl Script {
     pub fn request_count(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
+
+    /// Bytes of endless bodies produced so far: the server only produces more while
+    /// the client reads (plus what socket buffers hold), so this bounds what it read.
+    pub fn endless_bytes_sent(&self) -> u64 {
+        self.endless_bytes.load(Ordering::Relaxed)
+    }
 }
 
 async fn answer(State(script): State<Arc<Script>>, RawQuery(query): RawQuery) -> Response {
@@ -71,8 +85,16 @@ async fn answer(State(script): State<Arc<Script>>, RawQuery(query): RawQuery) ->
         return r;
     };
     let chunks = futures::stream::iter(reply.frames.into_iter().map(|f| Ok::<_, Infallible>(Bytes::from(f))));
-    let body = if reply.hold {
-        Body::from_stream(futures::StreamExt::chain(chunks, futures::stream::pending()))
+    let body = if let Some(piece) = reply.endless {
+        let piece = Bytes::from(piece);
+        let sent = script.endless_bytes.clone();
+        let endless = futures::stream::repeat_with(move || {
+            sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            Ok(piece.clone())
+        });
+        Body::from_stream(chunks.chain(endless))
+    } else if reply.hold {
+        Body::from_stream(chunks.chain(futures::stream::pending()))
     } else {
         Body::from_stream(chunks)
     };
