@@ -118,7 +118,11 @@ async fn redis_cache_pipeline_runs_as_documented() {
     assert_eq!(keys(&mut con, &prefix).len(), 5, "nothing removed without confirmation");
     let out = shapesync(&["reset", file, "--pipeline", "projects", "--yes"], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(keys(&mut con, &prefix), vec![p("shapesync:projects:lease")], "only the (released) lease stays");
+    assert_eq!(
+        keys(&mut con, &prefix),
+        vec![p("shapesync:projects:lease")],
+        "only the (released) lease stays"
+    );
     let _: () = redis::cmd("DEL").arg(p("shapesync:projects:lease")).query(&mut con).unwrap();
 }
 

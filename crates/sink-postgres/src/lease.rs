@@ -36,8 +36,12 @@ impl PostgresSink {
         format!("{}.{}", quote(&self.schema), quote(STANDBY_TABLE))
     }
 
-    /// Creates the lease tables if missing.
+    /// Creates the lease tables if missing (once per sink, unless they vanish).
     async fn ensure_lease_tables(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), SinkError> {
+        if self.lease_tables_ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.lock_ddl(tx).await?;
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, owner text NOT NULL, epoch int8 NOT NULL, seq int8 NOT NULL, expires_at_ms int8 NOT NULL)",
             self.lease_table()
@@ -48,6 +52,14 @@ impl PostgresSink {
             self.standby_table()
         );
         execute(tx, sql, []).await
+    }
+
+    /// Runs `acquire_lease`'s work, forgetting that the lease tables exist when it fails
+    /// (they may have been dropped).
+    pub(crate) async fn acquire_tracked(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
+        let result = self.acquire_lease(request).await;
+        self.lease_tables_ready.store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        result
     }
 
     /// The pipeline's lease row, locked until the transaction ends. `None` when there
@@ -155,7 +167,7 @@ impl PostgresSink {
         execute(tx, sql, [Some(self.pipeline.clone())]).await
     }
 
-    pub(crate) async fn acquire_lease(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
+    async fn acquire_lease(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         self.ensure_lease_tables(&mut tx).await?;
         // The row must exist to be locked: two instances asking at once then queue on it.

@@ -74,6 +74,8 @@ pub struct PostgresSink {
     pub(crate) pipeline: String,
     /// The shape schema the table was last brought up to in this process.
     table_schema: Mutex<Option<Schema>>,
+    /// The lease tables are known to exist.
+    pub(crate) lease_tables_ready: std::sync::atomic::AtomicBool,
 }
 
 /// `ident` as a quoted SQL identifier: any name, however hostile, stays one identifier.
@@ -190,6 +192,7 @@ impl PostgresSink {
             table: config.table_name(&ctx.shape.table),
             pipeline: ctx.pipeline,
             table_schema: Mutex::new(None),
+            lease_tables_ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -239,6 +242,7 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
         schema: &Schema,
     ) -> Result<(), SinkError> {
+        self.lock_ddl(tx).await?;
         let existing = self.table_columns(tx).await?;
         let plan = table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
         let sql = format!(
@@ -275,6 +279,19 @@ impl PostgresSink {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Serialises creating and altering tables in the sink's schema until the end of the
+    /// transaction: `CREATE TABLE IF NOT EXISTS` run by two sessions at once fails in
+    /// one of them (23505 on `pg_type`), which happens when instances or pipelines start
+    /// together on a fresh schema.
+    pub(crate) async fn lock_ddl(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), SinkError> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('shapesync ddl ' || $1))")
+            .bind(&self.schema)
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 
@@ -528,7 +545,7 @@ impl Sink for PostgresSink {
     }
 
     async fn acquire(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
-        self.acquire_lease(request).await
+        self.acquire_tracked(request).await
     }
 
     async fn renew(&self, fence: &Fence) -> Result<LeaseInfo, SinkError> {
