@@ -346,13 +346,23 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
 }
 
 /// `validate --connect` for one pipeline: probe the source, connect the sink and read
-/// its checkpoint. Reads only.
+/// its checkpoint. Reads only. Both sides are checked, whatever the other answers.
 async fn check_connections(p: shapesync_core::PreparedPipeline) -> anyhow::Result<()> {
-    let mut source = p.source.build().await.context("source")?;
-    source.probe().await.context("source")?;
-    let sink = p.sink.build().await.context("sink")?;
-    sink.checkpoint().await.context("sink")?;
-    Ok(())
+    let source = async {
+        let mut source = p.source.build().await?;
+        source.probe().await
+    };
+    let sink = async {
+        let sink = p.sink.build().await?;
+        sink.checkpoint().await
+    };
+    let (source, sink) = tokio::join!(source, sink);
+    match (source, sink) {
+        (Ok(()), Ok(_)) => Ok(()),
+        (Err(e), Ok(_)) => Err(anyhow!(e).context("source")),
+        (Ok(()), Err(e)) => Err(anyhow!(e).context("sink")),
+        (Err(source), Err(sink)) => Err(anyhow!("source: {source}; sink: {sink}")),
+    }
 }
 
 fn confirm(pipeline: &str) -> anyhow::Result<()> {

@@ -27,6 +27,72 @@ pub fn spawn_run(file: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Redis server of the test's own (so it may be flushed, restarted and restored
+/// without touching other tests' keys), keeping its RDB file in `dir`.
+pub struct OwnRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl OwnRedis {
+    pub fn start(dir: &Path) -> OwnRedis {
+        let port = free_port();
+        let child = Self::spawn(port, dir);
+        let me = OwnRedis { port, dir: dir.into(), child };
+        me.wait_up();
+        me
+    }
+
+    fn spawn(port: u16, dir: &Path) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH")
+    }
+
+    fn wait_up(&self) {
+        let started = std::time::Instant::now();
+        while redis::Client::open(self.url()).unwrap().get_connection().is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn con(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    /// Stops the server without saving; it starts again from the RDB file in its
+    /// directory, if there is one (empty otherwise).
+    pub fn restart(&mut self) {
+        let _ = redis::cmd("SHUTDOWN").arg("NOSAVE").query::<()>(&mut self.con());
+        self.child.wait().unwrap();
+        self.child = Self::spawn(self.port, &self.dir);
+        self.wait_up();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Every key matching `pattern`, sorted.
 pub fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -60,14 +126,14 @@ pub struct Lease {
 impl Lease {
     /// The pid in an instance id `<host>-<pid>-<random>`.
     pub fn owner_pid(&self) -> Option<u32> {
-        self.owner.rsplitn(3, '-').nth(1)?.parse().ok()
+        self.owner.rsplit('-').nth(1)?.parse().ok()
     }
 }
 
 /// A sink a pipeline `pipeline` writes rows of table `table` (columns `id int8`,
 /// `title text`) into.
 pub enum Store {
-    Redis { con: redis::Connection, prefix: String },
+    Redis { url: String, con: redis::Connection, prefix: String },
     Sqlite { path: PathBuf },
     Postgres { pool: sqlx::PgPool, schema: String },
 }
@@ -81,9 +147,14 @@ pub struct Target {
 
 impl Target {
     pub fn redis(pipeline: &str, table: &str, test: &str) -> Target {
+        Target::redis_at(REDIS, pipeline, table, test)
+    }
+
+    pub fn redis_at(url: &str, pipeline: &str, table: &str, test: &str) -> Target {
         let prefix = format!("test:{}:{test}:", std::process::id());
-        let con = redis::Client::open(REDIS).unwrap().get_connection().unwrap();
-        Target { store: Store::Redis { con, prefix }, pipeline: pipeline.into(), table: table.into() }
+        let con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let store = Store::Redis { url: url.into(), con, prefix };
+        Target { store, pipeline: pipeline.into(), table: table.into() }
     }
 
     pub fn sqlite(pipeline: &str, table: &str, dir: &Path) -> Target {
@@ -102,9 +173,9 @@ impl Target {
     /// Another view of the same store, on its own connection (for a concurrent reader).
     pub fn reader(&self) -> Target {
         let store = match &self.store {
-            Store::Redis { prefix, .. } => {
-                let con = redis::Client::open(REDIS).unwrap().get_connection().unwrap();
-                Store::Redis { con, prefix: prefix.clone() }
+            Store::Redis { url, prefix, .. } => {
+                let con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+                Store::Redis { url: url.clone(), con, prefix: prefix.clone() }
             }
             Store::Sqlite { path } => Store::Sqlite { path: path.clone() },
             Store::Postgres { pool, schema } => {
@@ -114,11 +185,16 @@ impl Target {
         Target { store, pipeline: self.pipeline.clone(), table: self.table.clone() }
     }
 
+    /// Opens the store's connection again (after a server restart).
+    pub fn reconnect(&mut self) {
+        *self = self.reader();
+    }
+
     /// The pipeline file's `sink:` mapping.
     pub fn sink_yaml(&self) -> String {
         match &self.store {
-            Store::Redis { prefix, .. } => {
-                format!("{{type: redis, url: '{REDIS}', prefix: '{prefix}', part_size: 50}}")
+            Store::Redis { url, prefix, .. } => {
+                format!("{{type: redis, url: '{url}', prefix: '{prefix}', part_size: 50}}")
             }
             Store::Sqlite { path } => format!("{{type: sqlite, path: '{}'}}", path.display()),
             Store::Postgres { schema, .. } => {
@@ -131,7 +207,7 @@ impl Target {
     pub fn checkpoint(&mut self) -> Option<String> {
         let pipeline = &self.pipeline;
         match &mut self.store {
-            Store::Redis { con, prefix } => {
+            Store::Redis { con, prefix, .. } => {
                 redis::cmd("GET").arg(format!("{prefix}shapesync:{pipeline}:checkpoint")).query(con).unwrap()
             }
             Store::Sqlite { path } => {
@@ -146,8 +222,12 @@ impl Target {
             Store::Postgres { pool, schema } => {
                 let sql =
                     format!("SELECT checkpoint FROM {schema}._shapesync_checkpoints WHERE pipeline = $1");
-                wait(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(&*pipeline).fetch_optional(&*pool))
-                    .unwrap_or(None)
+                wait(
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .bind(pipeline.as_str())
+                        .fetch_optional(&*pool),
+                )
+                .unwrap_or(None)
             }
         }
     }
@@ -156,7 +236,7 @@ impl Target {
     pub fn lease(&mut self) -> Option<Lease> {
         let pipeline = &self.pipeline;
         match &mut self.store {
-            Store::Redis { con, prefix } => {
+            Store::Redis { con, prefix, .. } => {
                 let key = format!("{prefix}shapesync:{pipeline}:lease");
                 let (owner, epoch, expires): (Option<String>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
                     .arg(&key)
@@ -192,9 +272,10 @@ impl Target {
                     "SELECT owner, epoch, expires_at_ms > (extract(epoch from clock_timestamp()) * 1000)::int8
                      FROM {schema}._shapesync_leases WHERE pipeline = $1 AND owner <> ''"
                 );
-                let row: Option<(String, i64, bool)> =
-                    wait(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&*pipeline).fetch_optional(&*pool))
-                        .unwrap_or(None);
+                let row: Option<(String, i64, bool)> = wait(
+                    sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(pipeline.as_str()).fetch_optional(&*pool),
+                )
+                .unwrap_or(None);
                 row.map(|(owner, epoch, held)| Lease { owner, epoch: epoch as u64, held })
             }
         }
@@ -204,7 +285,7 @@ impl Target {
     pub fn rows(&mut self) -> BTreeMap<u64, String> {
         let table = &self.table;
         match &mut self.store {
-            Store::Redis { con, prefix } => keys(con, &format!("{prefix}{table}:*"))
+            Store::Redis { con, prefix, .. } => keys(con, &format!("{prefix}{table}:*"))
                 .into_iter()
                 .filter_map(|key| {
                     let row: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&key).query(con).unwrap();
@@ -238,7 +319,7 @@ impl Target {
     pub fn present(&mut self, n: u64) -> u64 {
         let table = &self.table;
         match &mut self.store {
-            Store::Redis { con, prefix } => {
+            Store::Redis { con, prefix, .. } => {
                 let mut exists = redis::cmd("EXISTS");
                 for id in 1..=n {
                     exists.arg(format!("{prefix}{table}:{id}"));
@@ -269,7 +350,7 @@ impl Target {
     /// Sink-specific bookkeeping agrees with the rows.
     pub fn check_bookkeeping(&mut self, rows: usize) {
         let pipeline = &self.pipeline;
-        if let Store::Redis { con, prefix } = &mut self.store {
+        if let Store::Redis { con, prefix, .. } = &mut self.store {
             let members: usize =
                 redis::cmd("HLEN").arg(format!("{prefix}shapesync:{pipeline}:members")).query(con).unwrap();
             assert_eq!(members, rows, "membership matches the rows");
@@ -278,7 +359,7 @@ impl Target {
 
     pub fn cleanup(&mut self) {
         match &mut self.store {
-            Store::Redis { con, prefix } => {
+            Store::Redis { con, prefix, .. } => {
                 let all = keys(con, &format!("{prefix}*"));
                 if !all.is_empty() {
                     let _: () = redis::cmd("UNLINK").arg(&all).query(con).unwrap();
