@@ -407,3 +407,81 @@ async fn a_paused_postgres_owner_that_wakes_up_is_fenced() {
     let reader = target.reader();
     a_paused_owner_is_fenced(target, reader, "postgres").await;
 }
+
+/// Four instances given the same twelve pipelines own three each; when one dies, the
+/// other three take its pipelines over, four each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_pipelines_and_spread_a_dead_ones_over_the_rest() {
+    const PIPELINES: usize = 12;
+    let server = server().await;
+    let table = server.create_table(
+        TableDef::new("spread_items")
+            .column(Column::new("id", "int8").primary_key().not_null())
+            .column(Column::new("title", "text")),
+    );
+    table.seed((1..=20).map(|i| json!({"id": i.to_string(), "title": format!("t{i}")})));
+    let dir = tempfile::tempdir().unwrap();
+    let mut targets: Vec<Target> = (0..PIPELINES)
+        .map(|i| Target::redis(&format!("p{i}"), "spread_items", &format!("spread{i}")))
+        .collect();
+    let mut yaml = format!("lease: {{ttl_ms: {TTL_MS}, poll_ms: {POLL_MS}}}\npipelines:\n");
+    for target in &targets {
+        yaml += &format!(
+            "  {}:\n    source: {{type: electric, url: '{}', table: spread_items}}\n    sink: {}\n",
+            target.pipeline,
+            server.url(),
+            target.sink_yaml()
+        );
+    }
+    let file = dir.path().join("spread.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut instances = Instances::start(&file, dir.path(), 4);
+
+    // Who owns what, by instance index, once every pipeline is held by a live instance.
+    let owned = |targets: &mut Vec<Target>, instances: &Instances| -> Option<Vec<usize>> {
+        let mut counts = vec![0; instances.children.len()];
+        for target in targets.iter_mut() {
+            let lease = target.lease().filter(|l| l.held)?;
+            counts[instances.holder(&lease)?] += 1;
+        }
+        Some(counts)
+    };
+    let started = Instant::now();
+    let spread = loop {
+        if owned(&mut targets, &instances).is_some_and(|c| c.iter().all(|n| *n == 3)) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "four instances never settled on three pipelines each: {:?}",
+            owned(&mut targets, &instances)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (mut dead, _) = instances.remove(0);
+    signal(&dead, "-KILL");
+    dead.wait().unwrap();
+    let killed = Instant::now();
+    let respread = loop {
+        if owned(&mut targets, &instances).is_some_and(|c| c.iter().all(|n| *n == 4)) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < DEADLINE,
+            "three instances never took the dead one's pipelines over: {:?}",
+            owned(&mut targets, &instances)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "12 pipelines: 3 each over 4 instances after {spread:?}; 4 each over 3 after a SIGKILL in {respread:?}"
+    );
+    for (mut child, log) in std::mem::take(&mut instances.children) {
+        signal(&child, "-TERM");
+        assert!(child.wait().unwrap().success(), "{}", std::fs::read_to_string(log).unwrap_or_default());
+    }
+    for target in &mut targets {
+        assert_eq!(target.rows().len(), 20, "pipeline {} is in sync", target.pipeline);
+        target.cleanup();
+    }
+}

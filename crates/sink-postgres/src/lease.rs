@@ -54,10 +54,16 @@ impl PostgresSink {
         execute(tx, sql, []).await
     }
 
-    /// Runs `acquire_lease`'s work, forgetting that the lease tables exist when it fails
-    /// (they may have been dropped).
+    /// Runs `acquire_lease`'s work; when it fails while the lease tables were believed
+    /// to exist (they may have been dropped: a store that lost its state), tries once
+    /// more, creating them.
     pub(crate) async fn acquire_tracked(&self, request: &LeaseRequest) -> Result<Acquisition, SinkError> {
-        let result = self.acquire_lease(request).await;
+        let believed = self.lease_tables_ready.load(std::sync::atomic::Ordering::Relaxed);
+        let mut result = self.acquire_lease(request).await;
+        if result.is_err() && believed {
+            self.lease_tables_ready.store(false, std::sync::atomic::Ordering::Relaxed);
+            result = self.acquire_lease(request).await;
+        }
         self.lease_tables_ready.store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
         result
     }
