@@ -485,3 +485,35 @@ async fn instances_share_pipelines_and_spread_a_dead_ones_over_the_rest() {
         target.cleanup();
     }
 }
+
+/// `run --once` does not take a pipeline over from a running instance: it says which
+/// instance runs it and exits 1; once that instance stops, `run --once` syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_leaves_a_running_pipeline_to_its_owner() {
+    let server = server().await;
+    let shape = Shape::new(&server);
+    let mut target = Target::redis("shared", "shared_items", "once");
+    let dir = tempfile::tempdir().unwrap();
+    let file = pipeline_file(dir.path(), &server, &target);
+    let mut instances = Instances::start(&file, dir.path(), 1);
+    let (_, lease, _) = wait_for_holder(&mut target, &instances, 0).await;
+    let once = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shapesync"))
+            .args(["run", "--once"])
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let out = once();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&lease.owner) && stderr.contains("keeps renewing its lease"), "{stderr}");
+
+    let (mut owner, _) = instances.remove(0);
+    signal(&owner, "-TERM");
+    assert!(owner.wait().unwrap().success());
+    let out = once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(target.rows(), shape.expected);
+    target.cleanup();
+}

@@ -51,33 +51,39 @@
 //! The checkpoint ([`shapesync_core::Checkpoint::to_json`]) lives at
 //! `<prefix>[{pipeline}:]shapesync:<pipeline>:checkpoint`; nothing else stores progress.
 //! Row membership lives in the hash `<prefix>[{pipeline}:]shapesync:<pipeline>:members`
-//! (row key → generation that last wrote it).
-//! - A live batch (a transaction) is one atomic unit: one Lua script call running its
-//!   commands in order, the checkpoint last. A failing command aborts the script before
-//!   the checkpoint is written; Redis does not roll back the commands before it, but a
-//!   refused command (`Rejected`) stops the pipeline, and replay from the checkpoint
-//!   rewrites them once the cause is fixed. A unit runs alone in Redis however large, so
-//!   size `timeout_ms` for your largest transaction (a unit that times out is retried,
-//!   and replay is idempotent).
+//! (row key → generation that last wrote it), and the pipeline's lease in the hash
+//! `…:lease` (see [`shapesync_core::lease`]: owner, epoch, expiry by Redis' clock, the
+//! commit count `seq`, the highest generation written, and the standbys).
+//!
+//! Everything is written in units, each one Lua script call that first checks the
+//! batch's fence against the lease and writes nothing if another instance took it over
+//! (`Fenced`) or the lease is gone or older (`StateLost`: the runner resyncs), then runs
+//! the unit's commands in order. Redis runs a script alone, so readers never see half a
+//! unit; a failing command aborts the script before the checkpoint (Redis does not roll
+//! back the commands before it, but replay from the checkpoint rewrites them).
+//! - A live batch (a transaction) is one unit, checkpoint last. It runs alone in Redis
+//!   however large, so size `timeout_ms` for your largest transaction; a unit that
+//!   timed out but committed is recognised by the lease's `seq` on the retry and not run
+//!   again.
 //! - A snapshot batch — every change is an insert without a log position, and the
 //!   checkpoint offset is `-1`, `0_N` or `0_inf` — is not a transaction, so it is written
-//!   in parts of `part_size` rows (at most 10,000) as plain pipelines: Redis serves other
-//!   clients between their commands, and no command carries more than 250 membership
-//!   entries. A few parts are in flight at once; rows may land ahead of the checkpoint
-//!   (replay is idempotent). The last part is sent only after every earlier one has
-//!   succeeded, and the checkpoint (`SET`) only after every command of the last part has.
-//!   Each row is still written in one command: a `hash` row that may already exist is
-//!   replaced by one `EVAL` (`DEL` + `HSET`), so a reader never sees it missing.
+//!   in units of `part_size` rows (at most 10,000), a few in flight at once; rows may land
+//!   ahead of the checkpoint (replay is idempotent). The unit with the checkpoint is sent
+//!   only after every earlier one has succeeded. A `hash` row that may already exist is
+//!   replaced by `DEL` + `HSET` in its unit, so a reader never sees it missing.
 //! - A batch with `sweep` writes its changes, then `HSCAN`s the membership `part_size`
-//!   entries at a time and `UNLINK`s rows of older generations. The sweep runs as bounded
-//!   steps, not as one atomic unit with the checkpoint, which goes with the last step:
-//!   for the duration of the sweep, readers may see a partly swept cache (some rows that
-//!   left the shape still present), but never miss a row that is still in the shape,
-//!   since every such row was rewritten with the current generation before the sweep
-//!   began. A sweep cut short leaves the old checkpoint, so the runner retries the batch.
+//!   entries at a time and `UNLINK`s rows of older generations, one unit per step, the
+//!   checkpoint with the last. For the duration of the sweep readers may see a partly
+//!   swept cache (some rows that left the shape still present), but never miss a row that
+//!   is still in the shape, since every such row was rewritten with the current
+//!   generation before the sweep began. A sweep cut short leaves the old checkpoint, so
+//!   the runner retries the batch.
 //!
 //! Within every unit, new memberships are written before the rows, and removed ones after,
 //! so a unit cut short never leaves a row that the next sweep cannot find.
+//!
+//! At start the sink reads `maxmemory-policy` (`INFO memory`) and refuses an `allkeys-*`
+//! policy, which could evict rows behind the checkpoint's back, unless `allow_eviction`.
 //!
 //! # Notifications
 //! With `notify: <channel>`, every unit `PUBLISH`es one message per changed row, delivered
