@@ -599,3 +599,175 @@ async fn transforms_run_in_order_between_source_and_sink() {
     assert_eq!(store.rows().into_keys().collect::<Vec<_>>(), vec![key(1), key(3)]);
     assert_eq!(store.get(&key(3)).unwrap()["title"], Value::Text("C".into()));
 }
+
+/// The memory sink behind a lease, kept as a shared store would keep it: the runner's
+/// side of fencing, without processes or timing.
+struct LeasedSink {
+    inner: MemorySink,
+    lease: Arc<Mutex<Option<shapesync_core::lease::StoredLease>>>,
+    free: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LeasedSink {
+    fn new(store: MemoryStore) -> Self {
+        LeasedSink { inner: MemorySink::new(store), lease: Arc::default(), free: Arc::new(true.into()) }
+    }
+
+    /// Another instance takes the lease over.
+    fn take_over(&self) {
+        let mut lease = self.lease.lock().unwrap();
+        let stored = lease.as_mut().expect("a lease");
+        stored.owner = "other".into();
+        stored.epoch += 1;
+        self.free.store(false, Ordering::SeqCst);
+    }
+
+    fn release_other(&self) {
+        self.free.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Sink for LeasedSink {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        self.inner.checkpoint().await
+    }
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        let fence = batch.fence.as_ref().expect("the runner fences every batch");
+        let mut lease = self.lease.lock().unwrap();
+        let verdict = shapesync_core::lease::judge(lease.as_ref(), fence, true);
+        if let Some(e) = SinkError::from_verdict(verdict.clone()) {
+            return Err(e);
+        }
+        if verdict == shapesync_core::lease::Verdict::Proceed {
+            run_ready(self.inner.apply(batch))?;
+            lease.as_mut().unwrap().seq += 1;
+        }
+        Ok(())
+    }
+    async fn reset(&self) -> Result<(), SinkError> {
+        self.inner.reset().await
+    }
+    fn keeps_leases(&self) -> bool {
+        true
+    }
+    async fn acquire(
+        &self,
+        request: &shapesync_core::LeaseRequest,
+    ) -> Result<shapesync_core::Acquisition, SinkError> {
+        let mut lease = self.lease.lock().unwrap();
+        let held =
+            !self.free.load(Ordering::SeqCst) && lease.as_ref().is_some_and(|l| l.owner != request.owner);
+        if !request.take || held {
+            let owner = lease.as_ref().map(|l| l.owner.clone()).unwrap_or_default();
+            let expires_in_ms = if held { 60_000 } else { 0 };
+            return Ok(shapesync_core::Acquisition::NotOwned(shapesync_core::LeaseInfo {
+                owner,
+                expires_in_ms,
+                ..Default::default()
+            }));
+        }
+        let (epoch, seq) = lease.as_ref().map_or((1, 0), |l| (l.epoch + 1, l.seq));
+        *lease = Some(shapesync_core::lease::StoredLease { owner: request.owner.clone(), epoch, seq });
+        self.free.store(false, Ordering::SeqCst);
+        let fence =
+            shapesync_core::Fence { owner: request.owner.clone(), epoch, seq, ttl_ms: request.ttl_ms };
+        Ok(shapesync_core::Acquisition::Owned { fence, generation_floor: 0 })
+    }
+    async fn renew(&self, fence: &shapesync_core::Fence) -> Result<shapesync_core::LeaseInfo, SinkError> {
+        let lease = self.lease.lock().unwrap();
+        if let Some(e) = SinkError::from_verdict(shapesync_core::lease::judge(lease.as_ref(), fence, false)) {
+            return Err(e);
+        }
+        Ok(shapesync_core::LeaseInfo { owner: fence.owner.clone(), epoch: fence.epoch, ..Default::default() })
+    }
+}
+
+/// Runs a future that never waits (the memory sink's `apply`) to completion, so the
+/// lease lock is held across the whole commit, as a store's transaction would.
+fn run_ready<F: std::future::Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("the memory sink never waits"),
+    }
+}
+
+fn leased_pipeline(h: &mut Harness, sink: Arc<dyn Sink>) -> Pipeline {
+    // A TTL long enough that no renewal runs during the test: the commits meet the fence.
+    let timing =
+        shapesync_core::LeaseTiming { ttl: Duration::from_secs(600), poll: Duration::from_millis(5) };
+    let fleet = Arc::new(shapesync_core::Fleet::new("me", 1, true, timing));
+    pipeline(h, sink).with_fleet(fleet)
+}
+
+#[tokio::test]
+async fn a_commit_refused_by_the_fence_writes_nothing_and_the_pipeline_stands_by_then_resumes() {
+    let mut h = harness("h");
+    let store = MemoryStore::new();
+    let sink = Arc::new(LeasedSink::new(store.clone()));
+    let p = leased_pipeline(&mut h, sink.clone());
+    let status = p.status();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    h.script.send(response("H", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    wait_until(|| status.is_up_to_date()).await;
+    assert!(status.is_owned());
+    let before = store.checkpoint();
+
+    sink.take_over();
+    h.script.send(response("H", "10_0", vec![live(ins(2, "b"), 10, 0, true)], true)).unwrap();
+    wait_until(|| !status.is_owned()).await;
+    assert_eq!(status.holder().as_deref(), Some("other"), "it stands by for the new owner");
+    assert_eq!(store.get(&key(2)), None, "the refused commit wrote nothing");
+    assert_eq!(store.checkpoint(), before, "nor its checkpoint");
+    assert!(status.failure().is_none(), "being fenced is not a failure");
+
+    // The other instance lets go: this one takes the lease back and resumes from the store.
+    sink.release_other();
+    wait_until(|| h.resumed.lock().unwrap().len() == 2).await;
+    let resumed = h.resumed.lock().unwrap()[1].clone().expect("resumes from the stored checkpoint");
+    assert_eq!(resumed.offset.to_string(), "0_inf");
+    h.script.send(response("H", "10_0", vec![live(ins(2, "b"), 10, 0, true)], true)).unwrap();
+    wait_until(|| store.get(&key(2)).is_some()).await;
+    assert!(status.is_owned());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_sink_that_lost_its_state_is_resynced_from_a_fresh_snapshot() {
+    let mut h = harness("h");
+    let store = MemoryStore::new();
+    let sink = Arc::new(LeasedSink::new(store.clone()));
+    let p = leased_pipeline(&mut h, sink.clone());
+    let status = p.status();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    h.script.send(response("H", "0_inf", vec![ins(1, "a"), ins(2, "b")], true)).unwrap();
+    wait_until(|| status.is_up_to_date()).await;
+
+    // The store goes back in time: an older copy, whose lease counts fewer commits.
+    sink.lease.lock().unwrap().as_mut().unwrap().seq = 0;
+    h.script.send(response("H", "10_0", vec![live(ins(3, "c"), 10, 0, true)], true)).unwrap();
+    wait_until(|| h.resumed.lock().unwrap().len() == 2).await;
+    assert_eq!(
+        h.resumed.lock().unwrap()[1],
+        None,
+        "it resyncs from a fresh snapshot, not from the stored offset"
+    );
+    assert_eq!(store.get(&key(3)), None, "nothing was written on top of the lost state");
+    let generation = store.checkpoint().unwrap().generation;
+    h.script.send(response("H2", "0_inf", vec![ins(1, "a"), ins(3, "c")], true)).unwrap();
+    wait_until(|| store.checkpoint().is_some_and(|cp| cp.handle == "H2" && !cp.resyncing)).await;
+    assert!(store.checkpoint().unwrap().generation > generation);
+    assert_eq!(
+        store.rows().into_keys().collect::<Vec<_>>(),
+        vec![key(1), key(3)],
+        "swept to the new snapshot"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
