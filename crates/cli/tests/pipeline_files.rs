@@ -211,6 +211,8 @@ async fn postgres_replica_pipeline_runs_as_documented() {
     let out = shapesync(&["run", "--once", file], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(rows().await[1], (3, "gamma 2".into(), Some("bob".into()), false), "partial update merged");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("already exists"), "Postgres' notices about existing tables are not logged: {log}");
     let resumed = server.requests().iter().filter(|r| r.param("offset") != Some("-1")).count();
     assert!(resumed > 0, "the second run resumed instead of starting over");
 

@@ -169,3 +169,109 @@ fn every_verb_has_useful_help() {
         assert!(help.contains("Usage: shapesync") && help.len() > 200, "{verb}: {help}");
     }
 }
+
+/// Two pipelines in one file, each `source: {table: <table>}` and the given `sink`.
+fn two_pipelines(a: (&str, &str), b: (&str, &str)) -> String {
+    let pipeline = |id: &str, (table, sink): (&str, &str)| {
+        format!(
+            "  {id}:\n    source: {{type: electric, url: 'http://localhost:3000/v1/shape', table: '{table}'}}\n    sink: {sink}\n"
+        )
+    };
+    format!("pipelines:\n{}{}", pipeline("first", a), pipeline("second", b))
+}
+
+#[test]
+fn two_pipelines_writing_one_sqlite_table_are_refused_and_schemas_get_tables_of_their_own() {
+    let sqlite = "{type: sqlite, path: /tmp/shared-cache.db}";
+    // The same table, written twice (once schema-qualified): refused, naming both.
+    let stderr = assert_error(
+        "same-sqlite-table",
+        &two_pipelines(("items", sqlite), ("public.items", sqlite)),
+        "pipelines.second.sink.table",
+        "pipeline `first`",
+    );
+    assert!(stderr.contains("`items`") && stderr.contains("own `table`"), "{stderr}");
+    // Same-named tables of two schemas: two tables by default, no clash.
+    let (code, stderr, _) =
+        validate("two-schemas", &two_pipelines(("s1.items", sqlite), ("s2.items", sqlite)), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    // The same in Postgres, where the target is schema.table of one database.
+    let postgres = "{type: postgres, url: 'postgres://u:secret@db:5432/app'}";
+    let stderr = assert_error(
+        "same-postgres-table",
+        &two_pipelines(("items", postgres), ("items", postgres)),
+        "pipelines.second.sink.table",
+        "`public.items`",
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
+    let other_db = "{type: postgres, url: 'postgres://u@db:5432/other'}";
+    assert_eq!(validate("other-db", &two_pipelines(("items", postgres), ("items", other_db)), &[]).0, 0);
+}
+
+#[test]
+fn two_pipelines_writing_overlapping_redis_keys_are_refused() {
+    let redis = |extra: &str| format!("{{type: redis, url: 'redis://127.0.0.1:6379'{extra}}}");
+    let stderr = assert_error(
+        "same-redis-keys",
+        &two_pipelines(("items", &redis("")), ("items", &redis(""))),
+        "pipelines.second.sink.prefix",
+        "keys starting with `items:`",
+    );
+    assert!(stderr.contains("pipeline `first`"), "{stderr}");
+    assert_error(
+        "nested-redis-keys",
+        &two_pipelines(("items", &redis(", key: 'item:{id}'")), ("items", &redis(", key: 'item:{id}:v2'"))),
+        "pipelines.second.sink.key",
+        "keys starting with `item:`",
+    );
+    // Apart by prefix, by table, by database or by hash tag: fine.
+    for (a, b) in [
+        (redis(", prefix: 'a:'"), redis(", prefix: 'b:'")),
+        (redis(", database: 1"), redis(", database: 2")),
+        (redis(", hash_tag: true"), redis(", hash_tag: true")),
+    ] {
+        let (code, stderr, _) = validate("apart-redis", &two_pipelines(("items", &a), ("items", &b)), &[]);
+        assert_eq!(code, 0, "{a} / {b}: {stderr}");
+    }
+    let (code, stderr, _) =
+        validate("tables-redis", &two_pipelines(("items", &redis("")), ("orders", &redis(""))), &[]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_key_template_that_could_render_the_sinks_own_keys_is_refused() {
+    // `{k}` could render `shapesync:<pipeline>:checkpoint`, overwriting the checkpoint.
+    let pipeline = |sink: &str| {
+        format!(
+            "pipelines:\n  p:\n    source: {{type: electric, url: 'http://localhost:3000/v1/shape', table: items}}\n    sink: {sink}\n"
+        )
+    };
+    assert_error(
+        "template-internal",
+        &pipeline("{type: redis, url: 'redis://127.0.0.1:6379', key: '{k}'}"),
+        "pipelines.p.sink.key",
+        "keys starting with `shapesync:p:`",
+    );
+    assert_error(
+        "template-internal-prefix",
+        &pipeline("{type: redis, url: 'redis://127.0.0.1:6379', prefix: 'app:', key: 'shapes{k}'}"),
+        "pipelines.p.sink.key",
+        "start the key template with fixed text",
+    );
+    let (code, stderr, _) = validate(
+        "template-ok",
+        &pipeline("{type: redis, url: 'redis://127.0.0.1:6379', key: 'item:{k}'}"),
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_missing_ca_file_is_refused_by_validate() {
+    assert_error(
+        "missing-ca",
+        "pipelines:\n  p:\n    source: {type: electric, url: 'http://localhost:3000/v1/shape', table: items}\n    sink: {type: redis, url: 'rediss://127.0.0.1:6380', ca_file: /nonexistent/ca.pem}\n",
+        "pipelines.p.sink.ca_file",
+        "cannot read the file",
+    );
+}

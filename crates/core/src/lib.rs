@@ -23,7 +23,9 @@ pub use config::{Config, ConfigError};
 pub use fleet::Fleet;
 pub use lease::{Acquisition, Fence, LeaseInfo, LeaseRequest, LeaseTiming};
 pub use offset::{Offset, OpPart, ParseOffsetError};
-pub use registry::{PreparedPipeline, Registry, SinkConfig, SourceConfig, SourceContext, TransformConfig};
+pub use registry::{
+    Claim, PreparedPipeline, Registry, SinkConfig, SourceConfig, SourceContext, Space, TransformConfig,
+};
 pub use row::{ColumnName, Row};
 pub use runner::{Pipeline, PipelineError, PipelineStatus, RunMode};
 pub use sink::{ShapeInfo, Sink, SinkContext, SinkError};

@@ -39,12 +39,68 @@ pub struct SourceContext {
     pub pipeline: String,
 }
 
+/// A part of a store that a pipeline's sink writes: two pipelines whose claims overlap
+/// would overwrite (and sweep away) each other's rows, so [`Registry::prepare`] refuses
+/// them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// The store, named without credentials: `redis://host:6379/0`, a file's absolute
+    /// path, `postgres://host:5432/db`.
+    pub store: String,
+    /// The keys or table written in it.
+    pub space: Space,
+    /// The setting that chooses the space, relative to `sink` (named in the error).
+    pub key: String,
+}
+
+/// Keys or names a [`Claim`] covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// Exactly this name (a table, a hash).
+    Exact(String),
+    /// Every name starting with this (rendered Redis keys).
+    Prefix(String),
+}
+
+impl Space {
+    /// Some name is in both.
+    pub fn overlaps(&self, other: &Space) -> bool {
+        match (self, other) {
+            (Space::Exact(a), Space::Exact(b)) => a == b,
+            (Space::Prefix(p), Space::Exact(e)) | (Space::Exact(e), Space::Prefix(p)) => {
+                e.starts_with(p.as_str())
+            }
+            (Space::Prefix(a), Space::Prefix(b)) => a.starts_with(b.as_str()) || b.starts_with(a.as_str()),
+        }
+    }
+
+    /// For error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Space::Exact(name) => format!("`{name}`"),
+            Space::Prefix(prefix) => format!("keys starting with `{prefix}`"),
+        }
+    }
+}
+
+impl Claim {
+    /// Both claims write some name of one store.
+    pub fn overlaps(&self, other: &Claim) -> bool {
+        self.store == other.store && self.space.overlaps(&other.space)
+    }
+}
+
 /// A sink's settings, from the `sink:` mapping minus its `type` key.
 #[async_trait]
 pub trait SinkConfig: DeserializeOwned + Send + 'static {
     /// Checks what deserializing cannot, without I/O. Error keys are relative to `sink`.
     fn check(&self, _ctx: &SinkContext) -> Result<(), ConfigError> {
         Ok(())
+    }
+    /// What this sink writes, so that two pipelines writing the same keys or table are
+    /// refused before they start (default: nothing shared — a store of its own).
+    fn claims(&self, _ctx: &SinkContext) -> Vec<Claim> {
+        Vec::new()
     }
     /// Connects to the store.
     async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError>;
@@ -92,6 +148,8 @@ impl PreparedSource {
 pub struct PreparedSink {
     /// The `type:` name.
     pub type_name: String,
+    /// What it writes (see [`SinkConfig::claims`]).
+    pub claims: Vec<Claim>,
     build: BuildSink,
 }
 
@@ -149,6 +207,39 @@ fn lookup<'r, C>(
     Ok((ctor, name, Node::Dict(*tag, dict)))
 }
 
+/// Every pair of pipelines whose sinks would write the same keys or table.
+fn shared_claims(config: &Config, pipelines: &[PreparedPipeline]) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    for (i, later) in pipelines.iter().enumerate() {
+        let conflict = pipelines[..i].iter().find_map(|earlier| {
+            earlier
+                .sink
+                .claims
+                .iter()
+                .find_map(|a| later.sink.claims.iter().find(|b| a.overlaps(b)).map(|b| (earlier, a, b)))
+        });
+        let Some((earlier, theirs, ours)) = conflict else { continue };
+        let spec = &config.pipelines[&later.id];
+        let other = &config.pipelines[&earlier.id];
+        errors.push(
+            ConfigError::new(
+                join_key(&join_key(&spec.key, "sink"), &ours.key),
+                format!(
+                    "writes {} in the same store as pipeline `{}` ({} in {}), which writes {}; each would overwrite and sweep away the other's rows, so give one of them its own `{}`",
+                    ours.space.describe(),
+                    earlier.id,
+                    join_key(&join_key(&other.key, "sink"), &theirs.key),
+                    other.file.display(),
+                    theirs.space.describe(),
+                    ours.key
+                ),
+            )
+            .in_file(&spec.file),
+        );
+    }
+    errors
+}
+
 fn relative(e: ConfigError, key: &str) -> ConfigError {
     ConfigError { key: join_key(key, &e.key), ..e }
 }
@@ -179,6 +270,7 @@ impl Registry {
             config.check(&ctx).map_err(|e| relative(e, key))?;
             Ok(PreparedSink {
                 type_name: type_name.clone(),
+                claims: config.claims(&ctx),
                 build: Box::new(move || Box::pin(config.build(ctx))),
             })
         });
@@ -208,6 +300,7 @@ impl Registry {
                 Err(e) => errors.push(e.in_file(&spec.file)),
             }
         }
+        errors.extend(shared_claims(config, &ready));
         if errors.is_empty() { Ok(ready) } else { Err(errors) }
     }
 

@@ -22,12 +22,70 @@ pub const STANDBY_TABLE: &str = "_shapesync_standbys";
 /// Every table a sink keeps for itself starts with this.
 pub const RESERVED_PREFIX: &str = "_shapesync_";
 
-/// The table a sink writes: `configured`, or the shape's table without its schema
-/// (`public.items` → `items`).
+/// The table a sink writes: `configured`, or the shape's table — without its schema
+/// when that is `public` (`public.items`, `items` → `items`), prefixed by it otherwise
+/// (`sales.items` → `sales_items`), so that two shapes of same-named tables in two
+/// schemas do not share one table by default. Names are read as Postgres (and Electric's
+/// `table` parameter) reads them: unquoted parts in lower case, quoted ones exactly
+/// (`public."We.ird ""t"""` → `We.ird "t"`).
 pub fn table_name(configured: Option<&str>, shape_table: &str) -> String {
-    match configured {
-        Some(table) => table.to_owned(),
-        None => shape_table.rsplit('.').next().unwrap_or(shape_table).to_owned(),
+    if let Some(table) = configured {
+        return table.to_owned();
+    }
+    match parse_relation(shape_table) {
+        Some((None, table)) => table,
+        Some((Some(schema), table)) if schema == "public" => table,
+        Some((Some(schema), table)) => format!("{schema}_{table}"),
+        None => shape_table.to_owned(), // not a relation name; the source reports it
+    }
+}
+
+/// Splits a possibly schema-qualified, possibly quoted relation name into its schema and
+/// table, as Postgres reads them; `None` when it is not one (an empty part, an unclosed
+/// quote, more than two parts).
+pub fn parse_relation(name: &str) -> Option<(Option<String>, String)> {
+    let mut parts = Vec::new();
+    let mut chars = name.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| *c != '.') {
+                // What Postgres accepts unquoted: letters, digits, `_`, `$` (not first).
+                let allowed =
+                    c.is_alphabetic() || c == '_' || (!part.is_empty() && (c.is_ascii_digit() || c == '$'));
+                if !allowed {
+                    return None;
+                }
+                part.extend(c.to_lowercase());
+            }
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => {}
+            Some(_) => return None, // text after a closing quote
+        }
+    }
+    let table = parts.pop()?;
+    match parts.len() {
+        0 => Some((None, table)),
+        1 => Some((parts.pop(), table)),
+        _ => None,
     }
 }
 
@@ -168,6 +226,26 @@ mod tests {
                 .contains("drop the table")
         );
         assert!(plan_table(&s, &[("id".into(), 1)]).unwrap_err().contains("another program"));
+    }
+
+    #[test]
+    fn default_table_names_keep_non_public_schemas_and_read_quotes_as_postgres_does() {
+        assert_eq!(table_name(None, "items"), "items");
+        assert_eq!(table_name(None, "public.items"), "items");
+        assert_eq!(table_name(None, "Items"), "items", "unquoted names fold to lower case");
+        assert_eq!(table_name(None, "s1.items"), "s1_items");
+        assert_eq!(table_name(None, "s2.items"), "s2_items", "two schemas' `items` get two tables");
+        assert_eq!(table_name(None, r#"public."we.ird ""t""""#), r#"we.ird "t""#);
+        assert_eq!(table_name(None, r#""My Schema"."T""#), "My Schema_T");
+        assert_eq!(table_name(Some("mine"), "s1.items"), "mine");
+        assert_eq!(parse_relation(r#""unclosed"#), None);
+        assert_eq!(parse_relation("a.b.c"), None);
+        assert_eq!(parse_relation("a..b"), None);
+        assert_eq!(
+            table_name(None, "it\"ems; DROP TABLE x"),
+            "it\"ems; DROP TABLE x",
+            "not a relation: kept as given"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
+use shapesync_core::{Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, Space, async_trait};
 use sqlx::postgres::PgConnectOptions;
 
 use shapesync_core::table;
@@ -37,8 +37,9 @@ pub struct PostgresSinkConfig {
     /// The schema holding the table and the checkpoints table; it must exist.
     #[serde(default = "defaults::schema")]
     pub schema: String,
-    /// The table holding the shape's rows. Default: the shape's table name without its
-    /// schema (`public.items` → `items`).
+    /// The table holding the shape's rows. Default: the shape's table name, prefixed by
+    /// its source schema unless that is `public` (`public.items` → `items`,
+    /// `sales.items` → `sales_items`).
     #[serde(default)]
     pub table: Option<String>,
     /// How long to wait for a connection, in milliseconds, before the batch is retried.
@@ -97,6 +98,16 @@ impl SinkConfig for PostgresSinkConfig {
             return Err(ConfigError::new("connect_timeout_ms", "expected a timeout of at least 1 ms"));
         }
         Ok(())
+    }
+
+    fn claims(&self, ctx: &SinkContext) -> Vec<Claim> {
+        let Ok(options) = self.connect_options() else { return Vec::new() };
+        let database = options.get_database().unwrap_or_default();
+        vec![Claim {
+            store: format!("postgres://{}:{}/{database}", options.get_host(), options.get_port()),
+            space: Space::Exact(format!("{}.{}", self.schema, self.table_name(&ctx.shape.table))),
+            key: "table".into(),
+        }]
     }
 
     /// Creates the connection pool without connecting: a database that is down at

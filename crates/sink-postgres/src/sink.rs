@@ -130,6 +130,14 @@ fn array_literal(items: &[Value], out: &mut String) {
     out.push('}');
 }
 
+/// JSON text holds the escape `\u0000` (not an escaped backslash followed by `u0000`).
+fn escapes_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    bytes.windows(6).enumerate().any(|(i, w)| {
+        w == b"\\u0000" && bytes[..i].iter().rev().take_while(|b| **b == b'\\').count() % 2 == 0
+    })
+}
+
 /// Maps a Postgres failure to the runner's retry classes. Messages never hold the URL.
 pub(crate) fn classify(e: sqlx::Error) -> SinkError {
     let tls_refused = matches!(e, sqlx::Error::Tls(_))
@@ -356,6 +364,32 @@ impl PostgresSink {
         Ok(())
     }
 
+    /// Refuses, naming the row and column, a value Postgres cannot store: a NUL character
+    /// (in any text), or `\u0000` in a `jsonb` column. Postgres itself never sends one,
+    /// so a server that does is broken or hostile; Postgres' own error (22021, 22P05)
+    /// would not say which row.
+    fn storable(&self, schema: &Schema, change: &Change) -> Result<(), SinkError> {
+        fn has_nul(value: &Value, jsonb: bool) -> bool {
+            match value {
+                Value::Text(t) | Value::Numeric(t) => t.contains('\0'),
+                Value::Json(t) => t.contains('\0') || (jsonb && escapes_nul(t)),
+                Value::Array(items) => items.iter().any(|v| has_nul(v, jsonb)),
+                _ => false,
+            }
+        }
+        for (column, value) in &change.value {
+            let jsonb = schema.0.get(column).is_some_and(|ty| ty.type_name == "jsonb");
+            if has_nul(value, jsonb) {
+                return Err(self.rejected(format!(
+                    "row {} holds a NUL character (\\u0000) in column `{column}`, which Postgres cannot store{}; the source sent a value no Postgres table holds, so check the server behind `url`",
+                    change.key,
+                    if jsonb { " in jsonb" } else { "" }
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn key_values<'r>(
         &self,
         pk: &[&str],
@@ -402,6 +436,7 @@ impl PostgresSink {
             let mut values = vec![Vec::with_capacity(part.len()); columns.len()];
             for change in part {
                 self.key_values(pk, &change.value, change)?;
+                self.storable(schema, change)?;
                 for (column, values) in columns.iter().zip(&mut values) {
                     values.push(change.value.get(column).and_then(pg_text));
                 }
@@ -429,6 +464,7 @@ impl PostgresSink {
                     self.delete(tx, schema, pk, &before, change).await?;
                 }
                 self.key_values(pk, &change.value, change)?;
+                self.storable(schema, change)?;
                 let columns: Vec<&str> = change.value.keys().collect();
                 let sql = self.upsert_sql(schema, pk, &columns, generation);
                 self.upsert(tx, sql, change.value.values().map(|v| vec![pg_text(v)]).collect()).await
@@ -573,6 +609,14 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Bool(false)]),
         ]);
         assert_eq!(pg_text(&v).unwrap(), r#"{"a \"q\" \\ b",NULL,{"1","f"}}"#);
+    }
+
+    #[test]
+    fn only_a_real_nul_escape_counts() {
+        assert!(escapes_nul(r#"{"a":"x\u0000y"}"#));
+        assert!(!escapes_nul(r#"{"a":"x\\u0000y"}"#), "an escaped backslash, then text");
+        assert!(escapes_nul(r#"{"a":"x\\\u0000y"}"#));
+        assert!(!escapes_nul(r#"{"a":"u0000"}"#));
     }
 
     #[test]

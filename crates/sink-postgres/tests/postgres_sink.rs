@@ -447,3 +447,36 @@ async fn sslmode_in_the_url_encrypts_the_connection_and_verifies_when_asked() {
     assert!(matches!(&err, SinkError::Rejected(m) if m.contains("sslrootcert")), "{err}");
     db.drop().await;
 }
+
+#[tokio::test]
+async fn a_value_postgres_cannot_store_is_refused_naming_its_row_and_column() {
+    let db = TestSchema::new("nul").await;
+    let sink = db.sink("public.docs", "nul");
+    let schema = schema(
+        r#"{"id":{"type":"int8","pk_index":0,"not_null":true},"doc":{"type":"jsonb"},"title":{"type":"text"}}"#,
+    );
+    let good = row(&[("id", Value::Int(1)), ("doc", Value::Json(r#"{"a":"x\\u0000"}"#.into()))]);
+    sink.apply(&batch(
+        vec![Change::insert("\"public\".\"docs\"/\"1\"", good)],
+        checkpoint(schema.clone(), "0_0", 1),
+    ))
+    .await
+    .expect("an escaped backslash before u0000 is no NUL");
+    for (column, value) in
+        [("doc", Value::Json(r#"{"a":"x\u0000y"}"#.into())), ("title", Value::Text("a\0b".into()))]
+    {
+        let bad = row(&[("id", Value::Int(2)), (column, value)]);
+        let snapshot = batch(
+            vec![Change::insert("\"public\".\"docs\"/\"2\"", bad)],
+            checkpoint(schema.clone(), "0_1", 1),
+        );
+        match sink.apply(&snapshot).await {
+            Err(SinkError::Rejected(m)) => {
+                assert!(m.contains(r#""public"."docs"/"2""#) && m.contains(&format!("`{column}`")), "{m}")
+            }
+            other => panic!("{column}: {other:?}"),
+        }
+    }
+    assert_eq!(db.dump("docs").await.len(), 1, "nothing of the refused batches was written");
+    db.drop().await;
+}

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use redis::{ConnectionInfo, IntoConnectionInfo};
 use serde::Deserialize;
-use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
+use shapesync_core::{Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, Space, async_trait};
 
-use crate::sink::RedisSink;
+use crate::sink::{KeyNames, RedisSink, internal_prefix};
 use crate::template::KeyTemplate;
 
 /// Default values of the optional settings, in one place.
@@ -123,6 +123,18 @@ impl RedisSinkConfig {
             .map_err(|m| ConfigError::new("key", format!("invalid key template: {m}")))
     }
 
+    /// The keys rows are written under, and the keys the sink keeps for itself.
+    pub(crate) fn key_spaces(&self, ctx: &SinkContext) -> (Space, Space) {
+        let names = KeyNames::new(&self.prefix, self.hash_tag, &ctx.pipeline, &ctx.shape.table);
+        let internal = Space::Prefix(format!("{}{}", names.base, internal_prefix(&ctx.pipeline)));
+        let rows = match (self.layout, self.template()) {
+            (Layout::Table, _) => Space::Exact(names.table),
+            (_, Ok(Some(template))) => Space::Prefix(format!("{}{}", names.base, template.literal_prefix())),
+            _ => Space::Prefix(format!("{}{}:", names.base, ctx.shape.table)),
+        };
+        (rows, internal)
+    }
+
     /// Where to connect. Errors never contain the URL (it may hold a password).
     pub(crate) fn connection_info(&self) -> Result<ConnectionInfo, ConfigError> {
         let tls = self.url.starts_with("rediss://");
@@ -227,7 +239,22 @@ impl SinkConfig for RedisSinkConfig {
                 ));
             }
         }
+        if let Some(path) = &self.ca_file
+            && let Err(e) = std::fs::metadata(path)
+        {
+            return Err(ConfigError::new("ca_file", format!("cannot read the file: {e}")));
+        }
         let template = self.template()?;
+        let (rows, internal) = self.key_spaces(ctx);
+        if rows.overlaps(&internal) {
+            return Err(ConfigError::new(
+                if self.key.is_some() { "key" } else { "prefix" },
+                format!(
+                    "row keys could be rendered as the sink's own keys ({}: the checkpoint, membership and lease); start the key template with fixed text, e.g. `item:{{id}}`",
+                    internal.describe()
+                ),
+            ));
+        }
         if let Some(pk) = &self.primary_key {
             if pk.is_empty() {
                 return Err(ConfigError::new("primary_key", "expected at least one column"));
@@ -252,6 +279,18 @@ impl SinkConfig for RedisSinkConfig {
             }
         }
         Ok(())
+    }
+
+    fn claims(&self, ctx: &SinkContext) -> Vec<Claim> {
+        let Ok(info) = self.connection_info() else { return Vec::new() };
+        let db = info.redis_settings().db();
+        let store = format!("redis://{}/{db}", info.addr());
+        let (rows, internal) = self.key_spaces(ctx);
+        let key = if self.key.is_some() { "key" } else { "prefix" };
+        vec![
+            Claim { store: store.clone(), space: rows, key: key.into() },
+            Claim { store, space: internal, key: "prefix".into() },
+        ]
     }
 
     /// Connects; a server that is down at start-up does not fail the pipeline: the sink

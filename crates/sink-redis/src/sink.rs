@@ -118,25 +118,30 @@ enum Keyspace {
     Populated,
 }
 
+/// What every key the sink keeps for itself starts with, after the base.
+pub(crate) fn internal_prefix(pipeline: &str) -> String {
+    format!("shapesync:{pipeline}:")
+}
+
 /// The names of every key a pipeline owns.
-struct KeyNames {
+pub(crate) struct KeyNames {
     /// `prefix` plus the hash tag: the start of every key.
-    base: String,
+    pub(crate) base: String,
     checkpoint: String,
     members: String,
     /// The pipeline's lease (see the `lease` module).
     lease: String,
     /// The shape's hash under the `table` layout.
-    table: String,
+    pub(crate) table: String,
 }
 
 impl KeyNames {
-    fn new(prefix: &str, hash_tag: bool, pipeline: &str, table: &str) -> Self {
+    pub(crate) fn new(prefix: &str, hash_tag: bool, pipeline: &str, table: &str) -> Self {
         let base = if hash_tag { format!("{prefix}{{{pipeline}}}:") } else { prefix.to_owned() };
         KeyNames {
-            checkpoint: format!("{base}shapesync:{pipeline}:checkpoint"),
-            members: format!("{base}shapesync:{pipeline}:members"),
-            lease: format!("{base}shapesync:{pipeline}:lease"),
+            checkpoint: format!("{base}{}checkpoint", internal_prefix(pipeline)),
+            members: format!("{base}{}members", internal_prefix(pipeline)),
+            lease: format!("{base}{}lease", internal_prefix(pipeline)),
             table: format!("{base}{table}"),
             base,
         }

@@ -76,6 +76,14 @@ impl KeyTemplate {
         Ok(KeyTemplate { parts, escape: false })
     }
 
+    /// The fixed text every key rendered by this template starts with.
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Literal(text)) => text,
+            _ => "",
+        }
+    }
+
     /// `<prefix>` followed by the given columns joined by `:`, each value escaped
     /// (`\` → `\\`, `:` → `\:`), so distinct values always give distinct keys.
     pub fn joined(prefix: &str, columns: &[&str]) -> Self {

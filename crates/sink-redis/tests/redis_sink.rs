@@ -1126,3 +1126,45 @@ async fn rediss_urls_connect_over_tls_verifying_the_server_against_ca_file() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_transaction_that_timed_out_but_committed_is_not_run_again() {
+    // A live transaction Redis needs far longer than `timeout_ms` for: the first call
+    // times out on the client's side but commits; the retry must learn so from the lease
+    // and not run the whole unit again (every run would block readers as long again).
+    // Each run publishes one message per row, so the messages count the runs.
+    const ROWS: i64 = 10_000;
+    let mut setup = Setup::new("timedout", Layout::Hash);
+    let channel = format!("{}events", setup.prefix);
+    setup.config.notify = Some(channel.clone());
+    setup.config.timeout_ms = 20;
+    let sink = setup.sink().await;
+    let request = shapesync_core::LeaseRequest { owner: "me".into(), ttl_ms: 60_000, take: true };
+    let fence = match sink.acquire(&request).await.unwrap() {
+        shapesync_core::Acquisition::Owned { fence, .. } => fence,
+        other => panic!("{other:?}"),
+    };
+    let mut pubsub = redis::Client::open(URL).unwrap().get_async_pubsub().await.unwrap();
+    pubsub.subscribe(&channel).await.unwrap();
+    let mut messages = pubsub.on_message();
+
+    let changes =
+        (0..ROWS).map(|i| live(Change::insert(format!("k{i}"), full_row(i, "a")), 9, i as u64)).collect();
+    let tx = Batch { fence: Some(fence), ..batch(changes, cp("9_0", 1, false)) };
+    let failures = apply_with_retry(&sink, &tx).await;
+    assert!(failures > 0, "the transaction outlasted the 20 ms timeout at least once");
+
+    // A marker published after the retries returned: every message of every run is before it.
+    let _: () = redis().await.publish(&channel, "marker").await.unwrap();
+    let mut published = 0;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), messages.next()).await.unwrap().unwrap();
+        if msg.get_payload::<String>().unwrap() == "marker" {
+            break;
+        }
+        published += 1;
+    }
+    assert_eq!(published, ROWS, "the unit ran exactly once ({failures} timed-out attempts)");
+    assert_eq!(sink.checkpoint().await.unwrap(), Some(tx.checkpoint.clone()));
+    cleanup(&setup.prefix).await;
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use shapesync_core::{ConfigError, Sink, SinkConfig, SinkContext, SinkError, async_trait};
+use shapesync_core::{Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, Space, async_trait};
 
 use shapesync_core::table;
 
@@ -27,8 +27,9 @@ pub struct SqliteSinkConfig {
     /// The database file. It is created on the first write if missing; its directory
     /// must exist.
     pub path: PathBuf,
-    /// The table holding the shape's rows. Default: the shape's table name without its
-    /// schema (`public.items` → `items`).
+    /// The table holding the shape's rows. Default: the shape's table name, prefixed by
+    /// its schema unless that is `public` (`public.items` → `items`, `sales.items` →
+    /// `sales_items`).
     #[serde(default)]
     pub table: Option<String>,
     /// How long a write waits for a lock another connection holds, in milliseconds,
@@ -67,6 +68,15 @@ impl SinkConfig for SqliteSinkConfig {
             return Err(ConfigError::new("busy_timeout_ms", "expected a timeout of at least 1 ms"));
         }
         Ok(())
+    }
+
+    fn claims(&self, ctx: &SinkContext) -> Vec<Claim> {
+        let file = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
+        vec![Claim {
+            store: file.display().to_string(),
+            space: Space::Exact(self.table_name(&ctx.shape.table)),
+            key: "table".into(),
+        }]
     }
 
     async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
