@@ -97,6 +97,8 @@ struct PipelineFileSpec {
     buffer: Option<usize>,
     #[serde(default)]
     retry: RetrySpec,
+    #[serde(default)]
+    max_transaction_changes: Option<usize>,
 }
 
 /// The `metrics:` section.
@@ -195,6 +197,9 @@ pub mod defaults {
     pub const RETRY_INITIAL_MS: u64 = 100;
     /// Largest sink-retry backoff ceiling.
     pub const RETRY_MAX_MS: u64 = 30_000;
+    /// The most changes of one transaction held in memory while its end has not arrived
+    /// (~0.5–1 GB of rows): a server that never ends a transaction cannot fill memory.
+    pub const MAX_TRANSACTION_CHANGES: usize = 1_000_000;
     /// A pipeline lease's time to live.
     pub const LEASE_TTL_MS: u64 = 5_000;
     /// How often a standby asks for a lease.
@@ -219,6 +224,8 @@ pub struct PipelineSpec {
     pub buffer: usize,
     /// Sink retry backoff.
     pub retry: RetrySpec,
+    /// The most changes of one transaction held while its end has not arrived.
+    pub max_transaction_changes: usize,
 }
 
 impl Config {
@@ -266,6 +273,12 @@ impl Config {
                 .in_file(file));
             }
             let buffer = p.buffer.unwrap_or(defaults::BUFFER);
+            let max_transaction_changes =
+                p.max_transaction_changes.unwrap_or(defaults::MAX_TRANSACTION_CHANGES);
+            if max_transaction_changes == 0 {
+                return Err(ConfigError::new(format!("{key}.max_transaction_changes"), "must be at least 1")
+                    .in_file(file));
+            }
             if buffer == 0 {
                 return Err(ConfigError::new(format!("{key}.buffer"), "must be at least 1").in_file(file));
             }
@@ -283,6 +296,7 @@ impl Config {
                     sink: p.sink,
                     buffer,
                     retry: p.retry,
+                    max_transaction_changes,
                 },
             );
         }

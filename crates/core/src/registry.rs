@@ -174,6 +174,8 @@ pub struct PreparedPipeline {
     pub buffer: usize,
     /// Sink retry backoff.
     pub retry: RetrySpec,
+    /// The most changes of one unfinished transaction held in memory.
+    pub max_transaction_changes: usize,
 }
 
 /// Reads the `type:` of the component mapping at `key` and finds its constructor among
@@ -352,6 +354,7 @@ impl Registry {
             sink,
             buffer: spec.buffer,
             retry: spec.retry,
+            max_transaction_changes: spec.max_transaction_changes,
         })
     }
 }

@@ -49,6 +49,14 @@ pub enum PipelineError {
     /// The source task ended unexpectedly.
     #[error("the source stopped unexpectedly; this is a bug, please report it")]
     SourceGone,
+    /// A transaction did not end within the configured number of changes.
+    #[error(
+        "a transaction went on past {max} changes without ending; if your transactions are that large, raise the pipeline's `max_transaction_changes`, otherwise check the server behind the source's `url`"
+    )]
+    TransactionTooLarge {
+        /// The limit.
+        max: usize,
+    },
     /// `run --once` found another instance running the pipeline.
     #[error(
         "instance `{owner}` is running this pipeline and keeps renewing its lease; `run --once` does not take over a running pipeline: that instance keeps the sink in sync, or stop it first"
@@ -137,6 +145,7 @@ pub struct Pipeline {
     retry: RetrySpec,
     status: Arc<PipelineStatus>,
     fleet: Option<Arc<Fleet>>,
+    max_transaction_changes: usize,
 }
 
 impl PreparedPipeline {
@@ -147,7 +156,8 @@ impl PreparedPipeline {
         Ok(Pipeline::new(self.id, source, sink)
             .with_transforms(self.transforms)
             .with_buffer(self.buffer)
-            .with_retry(self.retry))
+            .with_retry(self.retry)
+            .with_max_transaction_changes(self.max_transaction_changes))
     }
 }
 
@@ -206,6 +216,7 @@ impl Pipeline {
             retry: RetrySpec::default(),
             status: Arc::default(),
             fleet: None,
+            max_transaction_changes: crate::config::defaults::MAX_TRANSACTION_CHANGES,
         }
     }
 
@@ -224,6 +235,13 @@ impl Pipeline {
     /// Sets the sink retry backoff.
     pub fn with_retry(mut self, retry: RetrySpec) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Sets the most changes of one unfinished transaction held in memory (at least 1);
+    /// a transaction that goes on past it stops the pipeline.
+    pub fn with_max_transaction_changes(mut self, max: usize) -> Self {
+        self.max_transaction_changes = max.max(1);
         self
     }
 
@@ -266,11 +284,22 @@ impl Pipeline {
     }
 
     async fn run_inner(self, mode: RunMode, shutdown: CancellationToken) -> Result<(), PipelineError> {
-        let Pipeline { id, mut source, transforms, sink, buffer, retry, status, fleet } = self;
+        let Pipeline {
+            id,
+            mut source,
+            transforms,
+            sink,
+            buffer,
+            retry,
+            status,
+            fleet,
+            max_transaction_changes,
+        } = self;
         let fleet = fleet.unwrap_or_else(|| {
             Arc::new(Fleet::new(crate::lease::instance_id(), 1, false, LeaseTiming::default()))
         });
-        let this = Arc::new(Committer { id, transforms, sink, retry, status, fleet });
+        let this =
+            Arc::new(Committer { id, transforms, sink, retry, status, fleet, max_transaction_changes });
         let labels = [("pipeline", this.id.clone())];
         status_gauges_at_zero(&this.id);
         let mut resync = false;
@@ -351,6 +380,7 @@ struct Committer {
     retry: RetrySpec,
     status: Arc<PipelineStatus>,
     fleet: Arc<Fleet>,
+    max_transaction_changes: usize,
 }
 
 impl Committer {
@@ -602,6 +632,9 @@ impl Committer {
             let at_head = response.up_to_date && response.offset != crate::Offset::Start;
             let commit_point = at_head || response.offset.is_snapshot() || ends_transaction;
             if !commit_point {
+                if pending.len() > self.max_transaction_changes {
+                    return Err(PipelineError::TransactionTooLarge { max: self.max_transaction_changes });
+                }
                 debug!(pipeline = %self.id, offset = %response.offset, carried = pending.len(), "response ends mid-transaction; carrying it into the next");
                 continue;
             }

@@ -771,3 +771,21 @@ async fn a_sink_that_lost_its_state_is_resynced_from_a_fresh_snapshot() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_transaction_that_never_ends_stops_the_pipeline_at_the_limit_instead_of_filling_memory() {
+    let mut h = harness("h");
+    let store = MemoryStore::new();
+    let p = pipeline(&mut h, Arc::new(MemorySink::new(store.clone()))).with_max_transaction_changes(10);
+    let task = tokio::spawn(p.run(RunMode::Follow, CancellationToken::new()));
+    h.script.send(response("H", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    // Responses of one transaction that never reaches its last change.
+    for (i, id) in (10..).step_by(4).take(4).enumerate() {
+        let changes =
+            (0..4).map(|op| live(ins(id + op, "x"), 50, (i * 4) as u64 + op as u64, false)).collect();
+        h.script.send(response("H", &format!("50_{}", i * 4 + 3), changes, false)).unwrap();
+    }
+    let result = tokio::time::timeout(DEADLINE, task).await.expect("stops").unwrap();
+    assert!(matches!(result, Err(PipelineError::TransactionTooLarge { max: 10 })), "{result:?}");
+    assert_eq!(store.len(), 1, "nothing of the unfinished transaction was written");
+}

@@ -664,8 +664,14 @@ impl ShapeStream {
                         continue;
                     }
                     conn.changes.push(change);
+                    conn.buffered_bytes += data.len() as u64;
+                    if conn.buffered_bytes > self.options.max_response_bytes {
+                        // A server that never says up-to-date must not fill memory: hand
+                        // what arrived on, as a long-poll response cut short would be.
+                        return Ok(Some(self.sse_flush(false, None)));
+                    }
                 }
-                Ok(Message::UpToDate(global_lsn)) => return Ok(Some(self.sse_up_to_date(global_lsn))),
+                Ok(Message::UpToDate(global_lsn)) => return Ok(Some(self.sse_flush(true, global_lsn))),
                 Ok(Message::MustRefetch) => return Ok(Some(self.reset(None, true))),
                 Ok(Message::Ignored) => {}
                 Err(BodyError::Invalid(detail)) => {
@@ -681,10 +687,18 @@ impl ShapeStream {
         }
     }
 
-    /// An SSE `up-to-date`: yields the buffered changes with the resume offset
-    /// max(last change's `<lsn>_<op>`, `<global_last_seen_lsn>_0`) (spec §6.4).
-    fn sse_up_to_date(&mut self, global_lsn: Option<u64>) -> ShapeEvent {
-        let changes = self.sse.as_mut().map(|c| std::mem::take(&mut c.changes)).unwrap_or_default();
+    /// An SSE `up-to-date` (or `max_response_bytes` of changes without one): yields the
+    /// buffered changes with the resume offset max(last change's `<lsn>_<op>`,
+    /// `<global_last_seen_lsn>_0`) (spec §6.4).
+    fn sse_flush(&mut self, up_to_date: bool, global_lsn: Option<u64>) -> ShapeEvent {
+        let changes = self
+            .sse
+            .as_mut()
+            .map(|c| {
+                c.buffered_bytes = 0;
+                std::mem::take(&mut c.changes)
+            })
+            .unwrap_or_default();
         let last = changes.iter().filter_map(|c| c.position).max();
         let mut offset = self.offset.unwrap_or(Offset::Start);
         if let Some(p) = last {
@@ -703,7 +717,7 @@ impl ShapeStream {
             handle: self.handle.clone().unwrap_or_default(),
             offset,
             schema: self.schema.clone().unwrap_or_default(),
-            up_to_date: true,
+            up_to_date,
         })
     }
 
@@ -894,11 +908,19 @@ struct SseConnection {
     events: SseFramer,
     /// Changes waiting for `up-to-date`.
     changes: Vec<Change>,
+    /// The size of their SSE data, which `max_response_bytes` bounds.
+    buffered_bytes: u64,
 }
 
 impl SseConnection {
     fn new(response: Response) -> Self {
-        SseConnection { response, opened: Instant::now(), events: SseFramer::default(), changes: Vec::new() }
+        SseConnection {
+            response,
+            opened: Instant::now(),
+            events: SseFramer::default(),
+            changes: Vec::new(),
+            buffered_bytes: 0,
+        }
     }
 }
 

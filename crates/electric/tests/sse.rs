@@ -197,3 +197,25 @@ async fn sse_requests_answered_as_long_polls_still_work() {
     let live = server.requests().into_iter().find(|r| r.is_live()).unwrap();
     assert_eq!(live.param("live_sse"), Some("true"));
 }
+
+#[tokio::test]
+async fn sse_changes_without_up_to_date_are_handed_on_before_they_pass_max_response_bytes() {
+    // A server that streams changes and never says up-to-date: the client hands them on
+    // in responses of about `max_response_bytes`, never holding more.
+    let mut replies = catch_up();
+    let mut endless = sse(vec![], false);
+    endless.endless = Some(data(&insert(2, 100, 0, false)));
+    replies.push(endless);
+    let server = scripted(replies).await;
+    let mut options = fast_options(&server.url, "items");
+    options.live_sse = true;
+    options.max_response_bytes = 16 * 1024;
+    let mut s = ShapeStream::new(options).unwrap();
+    until_up_to_date(&mut s).await;
+    let r = next_response(&mut s).await;
+    assert!(!r.up_to_date, "no up-to-date was sent");
+    assert_eq!(r.offset, Offset::new(100, 0), "resumable after the last change handed on");
+    let json = insert(2, 100, 0, false).len(); // what counts: the events' data
+    assert!(r.changes.len() <= 16 * 1024 / json + 1, "{} changes held at once", r.changes.len());
+    assert!(!r.changes.is_empty());
+}
