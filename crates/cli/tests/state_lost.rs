@@ -71,7 +71,7 @@ async fn metric(port: u16, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_data_is_noticed_and_resynced() {
     let dir = tempfile::tempdir().unwrap();
-    let mut redis = OwnRedis::start(dir.path());
+    let mut redis = OwnRedis::start(dir.path()).unwrap();
     let server = TestServer::start(ServerOptions {
         chunk_bytes: 16 * 1024,
         long_poll_timeout: Duration::from_millis(200),
@@ -104,23 +104,23 @@ async fn a_redis_that_lost_its_data_is_noticed_and_resynced() {
     exact_after(&mut target, &shape, &log, 1, "the first sync").await;
 
     // FLUSHALL: everything gone, lease included.
-    let _: () = redis::cmd("FLUSHALL").query(&mut redis.con()).unwrap();
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.con().unwrap()).unwrap();
     shape.change();
     exact_after(&mut target, &shape, &log, 2, "after FLUSHALL").await;
 
     // A restart without persistence: the same, with Redis away for a moment.
-    redis.restart();
+    redis.restart().unwrap();
     target.reconnect();
     shape.change();
     exact_after(&mut target, &shape, &log, 3, "after a restart without persistence").await;
 
     // A restore from an older RDB: old rows, an old checkpoint, an old lease.
-    let _: () = redis::cmd("SAVE").query(&mut redis.con()).unwrap();
+    let _: () = redis::cmd("SAVE").query(&mut redis.con().unwrap()).unwrap();
     for _ in 0..20 {
         shape.change();
     }
     exact_after(&mut target, &shape, &log, 3, "changes after the save").await;
-    redis.restart();
+    redis.restart().unwrap();
     target.reconnect();
     std::fs::remove_file(dir.path().join("dump.rdb")).unwrap();
     exact_after(&mut target, &shape, &log, 4, "after a restore from an older RDB").await;
@@ -151,12 +151,12 @@ async fn a_redis_that_lost_its_data_is_noticed_and_resynced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_may_evict_keys_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let redis = OwnRedis::start(dir.path());
+    let redis = OwnRedis::start(dir.path()).unwrap();
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory-policy")
         .arg("allkeys-lru")
-        .query(&mut redis.con())
+        .query(&mut redis.con().unwrap())
         .unwrap();
     let server = TestServer::start(ServerOptions::default()).await.unwrap();
     server.create_table(TableDef::new("items").column(Column::new("id", "int8").primary_key().not_null()));

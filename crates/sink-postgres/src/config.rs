@@ -77,6 +77,11 @@ impl PostgresSinkConfig {
                 "not a usable Postgres URL; expected postgres://[user[:password]@]host[:port]/database",
             )
         })?;
+        // Operators find the sink's sessions in `pg_stat_activity` by name.
+        let options = match options.get_application_name() {
+            Some(_) => options,
+            None => options.application_name("shapesync"),
+        };
         // `CREATE … IF NOT EXISTS` of an existing table is normal here, not news for the log.
         Ok(options.options([("client_min_messages", "warning")]))
     }

@@ -27,71 +27,8 @@ pub fn spawn_run(file: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A Redis server of the test's own (so it may be flushed, restarted and restored
-/// without touching other tests' keys), keeping its RDB file in `dir`.
-pub struct OwnRedis {
-    pub port: u16,
-    dir: PathBuf,
-    child: Child,
-}
-
-impl OwnRedis {
-    pub fn start(dir: &Path) -> OwnRedis {
-        let port = free_port();
-        let child = Self::spawn(port, dir);
-        let me = OwnRedis { port, dir: dir.into(), child };
-        me.wait_up();
-        me
-    }
-
-    fn spawn(port: u16, dir: &Path) -> Child {
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH")
-    }
-
-    fn wait_up(&self) {
-        let started = std::time::Instant::now();
-        while redis::Client::open(self.url()).unwrap().get_connection().is_err() {
-            assert!(started.elapsed() < std::time::Duration::from_secs(10), "redis-server did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn con(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
-    }
-
-    /// Stops the server without saving; it starts again from the RDB file in its
-    /// directory, if there is one (empty otherwise).
-    pub fn restart(&mut self) {
-        let _ = redis::cmd("SHUTDOWN").arg("NOSAVE").query::<()>(&mut self.con());
-        self.child.wait().unwrap();
-        self.child = Self::spawn(self.port, &self.dir);
-        self.wait_up();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[allow(unused_imports)] // each test file uses its own part
+pub use shapesync_reliability::{OwnRedis, free_port};
 
 /// Every key matching `pattern`, sorted.
 pub fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
