@@ -427,14 +427,18 @@ struct Tally {
 async fn watch(sinks: Arc<Vec<Sink>>, wipes: Arc<Vec<AtomicU64>>, stop: Arc<AtomicBool>) -> Tally {
     let mut tally = Tally::default();
     let mut synced = vec![false; sinks.len()];
+    let mut seen_wipes = vec![0; sinks.len()];
     while !stop.load(Ordering::Relaxed) {
         tally.looks += 1;
         for (i, sink) in sinks.iter().enumerate() {
             let wiped = wipes[i].load(Ordering::SeqCst);
+            if wiped != seen_wipes[i] {
+                synced[i] = false; // wiped on purpose: its rows are gone until it resyncs
+                seen_wipes[i] = wiped;
+            }
             let Ok(look) = sink.look().await else { continue }; // a sink restarting, a table not yet made
             if wipes[i].load(Ordering::SeqCst) != wiped {
-                synced[i] = false; // wiped on purpose while looking: rows may be gone
-                continue;
+                continue; // wiped while looking
             }
             if synced[i] && look.missing > 0 {
                 tally.missing += 1;
