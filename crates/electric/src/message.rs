@@ -464,3 +464,71 @@ mod tests {
         assert!(msg.contains("NOT NULL"), "{msg}");
     }
 }
+
+/// Property tests: whatever a server sends as a body or an SSE event, the parser answers
+/// (messages or an error) and never panics. A fixed budget keeps CI's time bounded;
+/// proptest keeps failing cases in `proptest-regressions/` (committed).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use shapesync_core::Schema;
+
+    use super::*;
+
+    fn schema() -> Schema {
+        serde_json::from_str(
+            r#"{"id":{"type":"int8","pk_index":0,"not_null":true},"tags":{"type":"text","dims":1},
+                "doc":{"type":"jsonb"},"n":{"type":"numeric"},"f":{"type":"float8"},"b":{"type":"bool"}}"#,
+        )
+        .unwrap()
+    }
+
+    /// A value in a message: well-formed for its column, or not.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("null".to_owned()),
+            "-?[0-9]{1,20}".prop_map(|n| format!("\"{n}\"")),
+            "[{}\",\\\\a-z0-9 ]{0,16}".prop_map(|t| serde_json::to_string(&t).unwrap()),
+            "[-0-9.eE]{0,8}",
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+        ]
+    }
+
+    /// A message of Electric's shape with arbitrary parts, or a control message.
+    fn message() -> impl Strategy<Value = String> {
+        let op = prop_oneof![Just("insert"), Just("update"), Just("delete"), Just("nope")];
+        let change = (op, value(), value(), value(), value(), any::<bool>(), 0u64..u64::MAX).prop_map(
+            |(op, id, tags, doc, n, last, lsn)| {
+                format!(
+                    r#"{{"key":"k","value":{{"id":{id},"tags":{tags},"doc":{doc},"n":{n}}},"headers":{{"operation":"{op}","lsn":"{lsn}","op_position":0,"last":{last}}}}}"#
+                )
+            },
+        );
+        let control = prop_oneof![
+            Just(r#"{"headers":{"control":"up-to-date"}}"#.to_owned()),
+            Just(r#"{"headers":{"control":"must-refetch"}}"#.to_owned()),
+            "[a-z-]{0,12}".prop_map(|c| format!(r#"{{"headers":{{"control":"{c}"}}}}"#)),
+        ];
+        prop_oneof![4 => change, 1 => control]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_are_a_body_or_an_error(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_body(&body, &schema());
+            let _ = parse_message(&body, &schema());
+        }
+
+        #[test]
+        fn any_list_of_messages_is_a_body_or_an_error(messages in proptest::collection::vec(message(), 0..8)) {
+            let body = format!("[{}]", messages.join(","));
+            let _ = parse_body(body.as_bytes(), &schema());
+            for m in &messages {
+                let _ = parse_message(m.as_bytes(), &schema());
+            }
+        }
+    }
+}
