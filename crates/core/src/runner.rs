@@ -301,7 +301,7 @@ impl Pipeline {
         let this =
             Arc::new(Committer { id, transforms, sink, retry, status, fleet, max_transaction_changes });
         let labels = [("pipeline", this.id.clone())];
-        status_gauges_at_zero(&this.id);
+        counters_at_zero(&this.id);
         let mut resync = false;
         loop {
             let Some((fence, generation_floor)) = this.stand_by(mode, &shutdown).await? else {
@@ -360,7 +360,7 @@ impl Pipeline {
 
 /// Registers the pipeline's counters at zero, so alert rules see them before the
 /// first event.
-fn status_gauges_at_zero(pipeline: &str) {
+fn counters_at_zero(pipeline: &str) {
     let labels = [("pipeline", pipeline.to_owned())];
     for name in [
         "shapesync_fenced_total",

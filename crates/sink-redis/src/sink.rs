@@ -699,7 +699,15 @@ impl RedisSink {
         self.store_checked
             .get_or_try_init(|| async {
                 let mut conn = self.conn.clone();
-                let info: Value = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(classify)?;
+                let info: Value = match redis::cmd("INFO").arg("memory").query_async(&mut conn).await.map_err(classify) {
+                    Ok(info) => info,
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => {
+                        // A managed Redis may refuse INFO to this user: say what to check instead.
+                        tracing::warn!(error = %e, "cannot read Redis' maxmemory-policy; make sure it is noeviction (or volatile-*), or the cache may lose rows");
+                        return Ok(());
+                    }
+                };
                 if let Some(policy) = evicting_policy(&info) {
                     if self.refuse_eviction {
                         return Err(SinkError::Rejected(format!(
