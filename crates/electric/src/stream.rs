@@ -1039,7 +1039,7 @@ impl Source for ShapeStream {
 
     /// One `offset=now` request (no rows) on a separate stream: the server answers, knows
     /// the table and accepts the parameters and secret. Transient faults are retried
-    /// until [`PROBE_TIMEOUT`], then reported.
+    /// for 10 s (`PROBE_TIMEOUT`), then reported.
     async fn probe(&mut self) -> Result<(), SourceError> {
         let mut options = self.options.clone();
         options.start = crate::StartFrom::Now;

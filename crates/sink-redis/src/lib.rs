@@ -43,9 +43,12 @@
 //!
 //! Every key starts with `prefix`; with `hash_tag: true` it is followed by the Redis
 //! Cluster hash tag `{<pipeline>}:`, so all of a pipeline's keys share one slot.
-//! Two pipelines must not share a `prefix` for the same table unless `hash_tag` is on:
-//! their row keys would collide, and each would overwrite (and sweep away) the other's
-//! rows. (Membership and checkpoint keys are named after the pipeline; rows are not.)
+//! Two pipelines whose row keys could collide (the same `prefix` and table, or templates
+//! whose fixed starts overlap, on one server and database, without `hash_tag`) would
+//! overwrite and sweep away each other's rows, so `validate` and `run` refuse them
+//! ([`shapesync_core::SinkConfig::claims`]). The sink's own keys (checkpoint, membership,
+//! lease) live under `<prefix>[{pipeline}:]shapesync:<pipeline>:`; a template that could
+//! render a key there — one starting with a column — is refused.
 //!
 //! # Progress and atomicity
 //! The checkpoint ([`shapesync_core::Checkpoint::to_json`]) lives at
