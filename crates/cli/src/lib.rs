@@ -138,7 +138,12 @@ async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_testkit::Te
 /// 1 a pipeline or command failed, 2 bad usage or configuration.
 pub fn run_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log);
+    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+        eprintln!(
+            "error: --log (or SHAPESYNC_LOG): {e}; expected a filter such as `info` or `shapesync_core=debug,info`"
+        );
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -175,8 +180,8 @@ async fn execute(command: Command, registry: Registry) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+fn init_logging(format: LogFormat, filter: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
     let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(color);
@@ -184,6 +189,7 @@ fn init_logging(format: LogFormat, filter: &str) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    Ok(())
 }
 
 /// Loads and checks the files; on failure prints every problem and returns exit code 2.
@@ -327,13 +333,14 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
                 Ok(x) => x,
                 Err(code) => return Ok(code),
             };
-            let spec = config.pipelines.get(&pipeline).ok_or_else(|| {
-                anyhow!(
-                    "no pipeline `{pipeline}` in {}; known: {}",
+            let Some(spec) = config.pipelines.get(&pipeline) else {
+                eprintln!(
+                    "error: no pipeline `{pipeline}` in {}; known: {}",
                     display_files(&files),
                     config.pipelines.keys().cloned().collect::<Vec<_>>().join(", ")
-                )
-            })?;
+                );
+                return Ok(ExitCode::from(2));
+            };
             if !yes {
                 confirm(&pipeline)?;
             }

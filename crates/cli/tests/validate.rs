@@ -275,3 +275,16 @@ fn a_missing_ca_file_is_refused_by_validate() {
         "cannot read the file",
     );
 }
+
+#[test]
+fn an_invalid_log_filter_and_an_unknown_pipeline_to_reset_are_usage_errors() {
+    let f = file("usage", GOOD);
+    let path = f.0.to_str().unwrap();
+    let out = shapesync(&["--log", "shapesync=loud", "validate", path], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log"));
+    let out = shapesync(&["reset", path, "--pipeline", "nope", "--yes"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no pipeline `nope`") && stderr.contains("known: projects"), "{stderr}");
+}
