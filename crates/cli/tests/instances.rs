@@ -344,11 +344,37 @@ async fn a_paused_owner_is_fenced(mut target: Target, reader: Target, name: &str
     let watcher = watch(reader, stop.clone());
     instances.add();
 
-    // Pause the owner while it waits for changes, past its lease.
+    // Pause the owner while it waits for changes, past its lease. A pause that lands
+    // inside one of its transactions (a lease renewal) holds that store's lock: SQLite
+    // lets no one write until the owner resumes, Postgres ends the idle session after
+    // 10 s. Then wake it briefly and pause it again.
     let (paused, paused_log) = instances.remove(0);
-    signal(&paused, "-STOP");
-    let (_, second, waited) = wait_for_holder(&mut target, &instances, first.epoch + 1).await;
-    eprintln!("{name}: the standby took over {waited:?} after the owner was paused");
+    let mut pauses = 0;
+    let (second, waited) = loop {
+        signal(&paused, "-STOP");
+        pauses += 1;
+        let started = Instant::now();
+        loop {
+            if let Some(lease) = target.lease().filter(|l| l.held && l.epoch > first.epoch)
+                && instances.holder(&lease).is_some()
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match target.lease().filter(|l| l.held && l.epoch > first.epoch) {
+            Some(lease) => break (lease, started.elapsed()),
+            None => {
+                assert!(pauses < 5, "the standby never took over from the paused owner");
+                signal(&paused, "-CONT");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    eprintln!("{name}: the standby took over {waited:?} after the owner was paused ({pauses} pause(s))");
     for _ in 0..10 {
         shape.change(&mut rng);
     }

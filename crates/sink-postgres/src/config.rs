@@ -14,6 +14,9 @@ use crate::sink::PostgresSink;
 
 /// Default values of the optional settings, in one place.
 pub mod defaults {
+    /// How long Postgres keeps a sink session that sits idle inside a transaction (a
+    /// paused or cut-off instance holding locks) before ending it.
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
     /// The Postgres schema the table goes to.
     pub const SCHEMA: &str = "public";
     /// How long to wait for a connection before calling the database unavailable.
@@ -83,7 +86,13 @@ impl PostgresSinkConfig {
             None => options.application_name("shapesync"),
         };
         // `CREATE … IF NOT EXISTS` of an existing table is normal here, not news for the log.
-        Ok(options.options([("client_min_messages", "warning")]))
+        // A session idle inside a transaction is an instance paused or cut off while it
+        // held the lease row's lock: Postgres ends it, so another instance can take over
+        // (the sink itself never waits between the statements of a transaction).
+        Ok(options.options([
+            ("client_min_messages", "warning"),
+            ("idle_in_transaction_session_timeout", defaults::IDLE_IN_TRANSACTION_TIMEOUT),
+        ]))
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {

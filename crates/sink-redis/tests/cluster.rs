@@ -24,9 +24,16 @@ impl OwnCluster {
     async fn start() -> OwnCluster {
         let dir = std::env::temp_dir().join(format!("shapesync-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<u16> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-            .collect();
+        // Each node also listens on its port + 10000 (the cluster bus), so both must be
+        // free and the port at most 55535.
+        let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            if port <= 55_535 && free(port + 10_000) && !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
         let children = ports
             .iter()
             .map(|port| {

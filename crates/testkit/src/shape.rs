@@ -214,61 +214,14 @@ fn field_path(field: &'static str) -> &'static str {
     }
 }
 
-/// Splits a comma/dot separated identifier list, honouring `"quoted"` identifiers
-/// (with `""` escapes). Unquoted identifiers are folded to lower case like Postgres.
-fn split_identifiers(s: &str, sep: char) -> Option<Vec<String>> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let mut ident = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next()? {
-                    '"' if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        ident.push('"');
-                    }
-                    '"' => break,
-                    c => ident.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == sep {
-                    break;
-                }
-                ident.extend(c.to_lowercase());
-                chars.next();
-            }
-            ident = ident.trim().to_string();
-        }
-        if ident.is_empty() {
-            return None;
-        }
-        out.push(ident);
-        match chars.next() {
-            None => return Some(out),
-            Some(c) if c == sep => {}
-            Some(_) => return None,
-        }
-    }
-}
-
 fn parse_table(s: &str) -> Option<TableKey> {
-    let mut parts = split_identifiers(s, '.')?;
-    match parts.len() {
-        1 => Some(("public".into(), parts.remove(0))),
-        2 => {
-            let name = parts.remove(1);
-            Some((parts.remove(0), name))
-        }
-        _ => None,
-    }
+    let (schema, table) = shapesync_core::table::parse_relation(s)?;
+    Some((schema.unwrap_or_else(|| "public".into()), table))
 }
 
 fn parse_columns(def: &TableDef, list: &str) -> Result<Vec<usize>, Invalid> {
-    let names = split_identifiers(list, ',').ok_or(("columns", "has invalid format".to_string()))?;
+    let names = shapesync_core::table::split_identifiers(list, ',')
+        .ok_or(("columns", "has invalid format".to_string()))?;
     let unknown: Vec<&str> =
         names.iter().filter(|n| def.column_index(n).is_none()).map(String::as_str).collect();
     if !unknown.is_empty() {
