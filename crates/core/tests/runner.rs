@@ -695,23 +695,34 @@ fn run_ready<F: std::future::Future>(future: F) -> F::Output {
     }
 }
 
-fn leased_pipeline(h: &mut Harness, sink: Arc<dyn Sink>) -> Pipeline {
-    // A TTL long enough that no renewal runs during the test: the commits meet the fence.
+/// A running pipeline over a [`LeasedSink`].
+struct Leased {
+    store: MemoryStore,
+    sink: Arc<LeasedSink>,
+    status: Arc<shapesync_core::PipelineStatus>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), PipelineError>>,
+}
+
+/// Starts `h`'s pipeline over a leased memory store. A TTL long enough that no renewal
+/// runs during the test: the commits meet the fence.
+fn start_leased(h: &mut Harness) -> Leased {
+    let store = MemoryStore::new();
+    let sink = Arc::new(LeasedSink::new(store.clone()));
     let timing =
         shapesync_core::LeaseTiming { ttl: Duration::from_secs(600), poll: Duration::from_millis(5) };
     let fleet = Arc::new(shapesync_core::Fleet::new("me", 1, true, timing));
-    pipeline(h, sink).with_fleet(fleet)
+    let p = pipeline(h, sink.clone()).with_fleet(fleet);
+    let status = p.status();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    Leased { store, sink, status, stop, task }
 }
 
 #[tokio::test]
 async fn a_commit_refused_by_the_fence_writes_nothing_and_the_pipeline_stands_by_then_resumes() {
     let mut h = harness("h");
-    let store = MemoryStore::new();
-    let sink = Arc::new(LeasedSink::new(store.clone()));
-    let p = leased_pipeline(&mut h, sink.clone());
-    let status = p.status();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    let Leased { store, sink, status, stop, task } = start_leased(&mut h);
     h.script.send(response("H", "0_inf", vec![ins(1, "a")], true)).unwrap();
     wait_until(|| status.is_up_to_date()).await;
     assert!(status.is_owned());
@@ -740,12 +751,7 @@ async fn a_commit_refused_by_the_fence_writes_nothing_and_the_pipeline_stands_by
 #[tokio::test]
 async fn a_sink_that_lost_its_state_is_resynced_from_a_fresh_snapshot() {
     let mut h = harness("h");
-    let store = MemoryStore::new();
-    let sink = Arc::new(LeasedSink::new(store.clone()));
-    let p = leased_pipeline(&mut h, sink.clone());
-    let status = p.status();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    let Leased { store, sink, status, stop, task } = start_leased(&mut h);
     h.script.send(response("H", "0_inf", vec![ins(1, "a"), ins(2, "b")], true)).unwrap();
     wait_until(|| status.is_up_to_date()).await;
 

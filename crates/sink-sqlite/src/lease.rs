@@ -128,8 +128,15 @@ impl SqliteSink {
         Ok(())
     }
 
-    /// Takes the lease for `owner` whoever holds it: a new epoch, the same commit count.
-    fn take(&self, tx: &Transaction<'_>, owner: &str, expires_at_ms: i64) -> Result<Fence, SinkError> {
+    /// Takes the lease for `owner` whoever holds it until `expires_at_ms`: a new epoch,
+    /// the same commit count; its fence extends it by `ttl_ms`.
+    fn take(
+        &self,
+        tx: &Transaction<'_>,
+        owner: &str,
+        expires_at_ms: i64,
+        ttl_ms: u64,
+    ) -> Result<Fence, SinkError> {
         let old = self.lease_row(tx)?;
         let stored = StoredLease {
             owner: owner.to_owned(),
@@ -139,7 +146,7 @@ impl SqliteSink {
         self.store_lease(tx, &stored, expires_at_ms)?;
         let sql = format!("DELETE FROM {} WHERE pipeline = ?1 AND instance = ?2", quote(STANDBY_TABLE));
         tx.execute(&sql, [&self.pipeline, owner]).map_err(|e| self.classify(e))?;
-        Ok(Fence { owner: owner.to_owned(), epoch: stored.epoch, seq: stored.seq, ttl_ms: 0 })
+        Ok(Fence { owner: owner.to_owned(), epoch: stored.epoch, seq: stored.seq, ttl_ms })
     }
 
     /// Checks a batch's fence inside its transaction: `Ok(true)` to write it,
@@ -190,7 +197,7 @@ impl SqliteSink {
             let held_by_other =
                 row.as_ref().is_some_and(|r| r.expires_at_ms > now && r.stored.owner != request.owner);
             if request.take && !held_by_other {
-                let fence = Fence { ttl_ms: request.ttl_ms, ..self.take(tx, &request.owner, expires)? };
+                let fence = self.take(tx, &request.owner, expires, request.ttl_ms)?;
                 return Ok(Acquisition::Owned { fence, generation_floor: 0 });
             }
             let sql = format!(
@@ -256,7 +263,7 @@ impl SqliteSink {
     /// lease back), and no instance waits for the reset's lease to expire.
     pub(crate) fn take_for_reset(&self, tx: &Transaction<'_>) -> Result<(), SinkError> {
         if Self::exists(tx, LEASE_TABLE).map_err(|e| self.classify(e))? {
-            self.take(tx, &format!("reset-{}", shapesync_core::lease::instance_id()), 0)?;
+            self.take(tx, &format!("reset-{}", shapesync_core::lease::instance_id()), 0, 0)?;
         }
         Ok(())
     }
