@@ -22,6 +22,7 @@ mod message;
 mod options;
 mod request;
 mod stream;
+mod tags;
 
 pub use config::{ElectricSourceConfig, ParamValue};
 pub use error::ShapeError;

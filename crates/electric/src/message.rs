@@ -12,6 +12,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_json::error::Category;
 use shapesync_core::{Change, LogPosition, Operation, Row, Schema, Value};
 
+use crate::tags::{Mark, MoveEvent, MovePattern, TagHeaders};
+
 /// What one body held.
 #[derive(Debug, Default)]
 pub(crate) struct ParsedBody {
@@ -21,6 +23,9 @@ pub(crate) struct ParsedBody {
     pub up_to_date: bool,
     /// The body held a `must-refetch` control message.
     pub must_refetch: bool,
+    /// Tag headers and move events (subquery shapes only), each at the index of the
+    /// change it belongs to or comes before, in order.
+    pub marks: Vec<(usize, Mark)>,
 }
 
 /// Why a body could not be used.
@@ -143,18 +148,32 @@ struct Headers<'a> {
     operation: Option<Str<'a>>,
     #[serde(borrow)]
     control: Option<Str<'a>>,
-    event: Option<IgnoredAny>,
+    #[serde(borrow)]
+    event: Option<Str<'a>>,
+    patterns: Option<Vec<Pattern>>,
+    tags: Option<Vec<String>>,
+    removed_tags: Option<Vec<String>>,
+    active_conditions: Option<Vec<bool>>,
     lsn: Option<Num>,
     op_position: Option<Num>,
     last: Option<bool>,
     global_last_seen_lsn: Option<Num>,
 }
 
+/// One `{pos, value}` of a move event (TypeScript client `types.ts`: `MovePattern`).
+#[derive(Deserialize)]
+struct Pattern {
+    pos: u16,
+    value: String,
+}
+
 /// One message, as far as the stream cares.
 #[derive(Debug)]
 pub(crate) enum Message {
-    /// A row change.
-    Change(Change),
+    /// A row change, with its tag headers when the shape has subqueries.
+    Change(Change, Option<TagHeaders>),
+    /// A `move-in` or `move-out` event.
+    Move(MoveEvent),
     /// `up-to-date`, with its `global_last_seen_lsn` when present.
     UpToDate(Option<u64>),
     /// `must-refetch`.
@@ -202,10 +221,21 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
                 }
             });
         }
+        if let Some(event) = &h.event {
+            let out = match event.0.as_ref() {
+                "move-out" => true,
+                "move-in" => false,
+                other => {
+                    tracing::debug!(event = other, "ignoring an unknown event message");
+                    return Ok(Message::Ignored);
+                }
+            };
+            let patterns = h.patterns.ok_or_else(|| de::Error::custom("a move event has no patterns"))?;
+            let patterns = patterns.into_iter().map(|p| MovePattern { pos: p.pos, value: p.value }).collect();
+            return Ok(Message::Move(MoveEvent { out, patterns }));
+        }
         let Some(operation) = &h.operation else {
-            if h.event.is_none() {
-                tracing::debug!("ignoring a message with neither operation nor control");
-            }
+            tracing::debug!("ignoring a message with neither operation nor control");
             return Ok(Message::Ignored);
         };
         let op = match operation.0.as_ref() {
@@ -222,14 +252,23 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
         let key = key.ok_or_else(|| de::Error::custom("a change message has no key"))?;
         let position =
             h.lsn.map(|lsn| LogPosition { lsn: lsn.0, op_position: h.op_position.map_or(0, |o| o.0) });
-        Ok(Message::Change(Change {
+        let tags =
+            (h.tags.is_some() || h.removed_tags.is_some() || h.active_conditions.is_some()).then(|| {
+                TagHeaders {
+                    tags: h.tags.unwrap_or_default(),
+                    removed_tags: h.removed_tags.unwrap_or_default(),
+                    active_conditions: h.active_conditions,
+                }
+            });
+        let change = Change {
             op,
             key,
             value: value.unwrap_or_default(),
             old_value,
             position,
             last_in_tx: h.last == Some(true),
-        }))
+        };
+        Ok(Message::Change(change, tags))
     }
 }
 
@@ -279,10 +318,17 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
             ParsedBody { changes: Vec::with_capacity(seq.size_hint().unwrap_or(0)), ..Default::default() };
         while let Some(message) = seq.next_element_seed(MessageSeed(self.0))? {
             match message {
-                Message::Change(change) => {
+                Message::Change(change, tags) => {
                     // A change after up-to-date would be odd; it simply reopens the batch.
                     parsed.up_to_date = false;
+                    if let Some(tags) = tags {
+                        parsed.marks.push((parsed.changes.len(), Mark::Tags(tags)));
+                    }
                     parsed.changes.push(change);
+                }
+                Message::Move(event) => {
+                    parsed.up_to_date = false;
+                    parsed.marks.push((parsed.changes.len(), Mark::Move(event)));
                 }
                 Message::UpToDate(_) => parsed.up_to_date = true,
                 Message::MustRefetch => parsed.must_refetch = true,
@@ -404,9 +450,44 @@ mod tests {
             br#"{"key":"k","value":{"id":"1"},"headers":{"operation":"insert","lsn":"5","op_position":2}}"#,
             &schema(),
         );
-        let Ok(Message::Change(c)) = m else { panic!("{m:?}") };
+        let Ok(Message::Change(c, None)) = m else { panic!("{m:?}") };
         assert_eq!(c.position, Some(LogPosition { lsn: 5, op_position: 2 }));
         assert!(matches!(parse_message(b"{\"key\"", &schema()), Err(BodyError::Malformed(_))));
+    }
+
+    #[test]
+    fn tags_and_move_events_are_marked_where_they_sit() {
+        // Wire form: log_items.ex `from_change` (tags, removed_tags, active_conditions)
+        // and move_broadcast.ex `make` (event, patterns, txids).
+        let p = parse(
+            r#"[{"key":"k1","value":{"id":"1"},"headers":{"operation":"insert","tags":["ha/","/hb"],"active_conditions":[true,false]}},
+                {"headers":{"event":"move-out","patterns":[{"pos":0,"value":"ha"}],"txids":[9]}},
+                {"key":"k1","value":{"id":"1"},"headers":{"operation":"update","tags":["hc"],"removed_tags":["ha/"]}},
+                {"key":"k2","value":{"id":"2"},"headers":{"operation":"insert"}},
+                {"headers":{"event":"move-in","patterns":[{"pos":1,"value":"hb"}]}},
+                {"headers":{"event":"something-new"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(p.changes.len(), 3);
+        let marks: Vec<String> = p
+            .marks
+            .iter()
+            .map(|(at, m)| match m {
+                Mark::Tags(t) => {
+                    format!("{at}:tags{:?}{:?}{:?}", t.tags, t.removed_tags, t.active_conditions)
+                }
+                Mark::Move(e) => format!("{at}:{}{}", if e.out { "out" } else { "in" }, e.patterns.len()),
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            [r#"0:tags["ha/", "/hb"][]Some([true, false])"#, "1:out1", r#"1:tags["hc"]["ha/"]None"#, "3:in1"]
+        );
+        assert!(matches!(parse(r#"[{"headers":{"event":"move-out"}}]"#), Err(BodyError::Invalid(_))));
+        assert!(matches!(
+            parse(r#"[{"headers":{"event":"move-out","patterns":[{"pos":-1,"value":"h"}]}}]"#),
+            Err(BodyError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use shapesync_core::{
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::message::{BodyError, Message, parse_body, parse_message};
 use crate::request::{RequestState, redact_url, shape_url};
+use crate::tags::{Mark, Resolution, TagTracker};
 use crate::{ShapeError, ShapeOptions};
 
 /// Response header names.
@@ -92,6 +93,8 @@ pub struct ShapeStream {
     sse: Option<SseConnection>,
     sse_short_closes: u32,
     sse_disabled: bool,
+    /// Which rows carry which subquery tags, to turn move-outs into deletes.
+    tags: TagTracker,
 }
 
 impl std::fmt::Debug for ShapeStream {
@@ -160,6 +163,7 @@ impl ShapeStream {
             sse: None,
             sse_short_closes: 0,
             sse_disabled: false,
+            tags: TagTracker::new(true),
         })
     }
 
@@ -171,6 +175,10 @@ impl ShapeStream {
         self.last_position = None;
         self.cursor = None;
         self.schema_text = None;
+        // A resumed stream has not seen the tags of the rows synced before it, unless
+        // the consumer only holds what it saw since (`log=changes_only`: a refetch there
+        // brings no snapshot back, so the index stays best-effort).
+        self.tags.reset(from.is_none() || self.options.log == crate::LogMode::ChangesOnly);
         match from {
             Some(point) => {
                 self.handle = Some(point.handle);
@@ -453,6 +461,11 @@ impl ShapeStream {
             return Ok(Some(self.reset(None, true)));
         }
 
+        let mut changes = parsed.changes;
+        if self.tags.apply(&mut changes, parsed.marks, &schema) == Resolution::Unknown {
+            return Ok(Some(self.refetch_for_unknown_tags()));
+        }
+
         // The response is good: commit it to the stream state.
         self.backoff.reset();
         self.malformed_bodies = 0;
@@ -477,12 +490,12 @@ impl ShapeStream {
         }
         self.schema = Some(schema.clone());
         self.live = up_to_date;
-        self.last_position = self.last_position.max(parsed.changes.iter().filter_map(|c| c.position).max());
+        self.last_position = self.last_position.max(changes.iter().filter_map(|c| c.position).max());
         if !live && !up_to_date && request_offset == Some(offset) && self.fast_loop.record(offset) {
             return self.on_fast_loop().map(Some);
         }
         Ok(Some(ShapeEvent::Response(SourceResponse {
-            changes: parsed.changes,
+            changes,
             handle: handle.to_owned(),
             offset,
             schema,
@@ -563,6 +576,17 @@ impl ShapeStream {
         }))
     }
 
+    /// A move-out came for rows whose tags this stream never saw (it resumed from a
+    /// stored position): which of them left is unknown, so the shape is read again from
+    /// `offset=-1` under the same handle, and the consumer resyncs from that snapshot.
+    fn refetch_for_unknown_tags(&mut self) -> ShapeEvent {
+        tracing::info!(
+            "a move-out arrived for rows synced before this stream resumed (their subquery tags are not known); refetching the shape so the rows that left are removed exactly"
+        );
+        let handle = self.handle.clone();
+        self.reset(handle, false)
+    }
+
     /// Back to `offset=-1`, with a fresh cache-buster so no cached response is reused.
     fn reset(&mut self, new_handle: Option<String>, expire_old: bool) -> ShapeEvent {
         if let Some(old) = self.handle.take()
@@ -582,6 +606,7 @@ impl ShapeStream {
         self.last_position = None;
         self.schema = None;
         self.schema_text = None;
+        self.tags.reset(true);
         self.cache_buster = Some(new_cache_buster());
         self.fast_loop.times.clear();
         self.resets_since_success += 1;
@@ -658,12 +683,15 @@ impl ShapeStream {
             };
             let schema = self.schema.clone().unwrap_or_default();
             match parse_message(&data, &schema) {
-                Ok(Message::Change(change)) => {
+                Ok(Message::Change(change, tags)) => {
                     if change.position.is_some() && change.position <= self.last_position {
                         tracing::trace!("skipping an op already delivered before the SSE reconnect");
                         continue;
                     }
-                    conn.changes.push(change);
+                    let marks = tags.map(|t| vec![(0, Mark::Tags(t))]).unwrap_or_default();
+                    let mut changes = vec![change];
+                    self.tags.apply(&mut changes, marks, &schema);
+                    conn.changes.append(&mut changes);
                     conn.buffered_bytes += data.len() as u64;
                     if conn.buffered_bytes > self.options.max_response_bytes {
                         // A server that never says up-to-date must not fill memory: hand
@@ -673,6 +701,15 @@ impl ShapeStream {
                 }
                 Ok(Message::UpToDate(global_lsn)) => return Ok(Some(self.sse_flush(true, global_lsn))),
                 Ok(Message::MustRefetch) => return Ok(Some(self.reset(None, true))),
+                Ok(Message::Move(event)) => {
+                    let mut deletes = Vec::new();
+                    if self.tags.apply(&mut deletes, vec![(0, Mark::Move(event))], &schema)
+                        == Resolution::Unknown
+                    {
+                        return Ok(Some(self.refetch_for_unknown_tags()));
+                    }
+                    conn.changes.append(&mut deletes);
+                }
                 Ok(Message::Ignored) => {}
                 Err(BodyError::Invalid(detail)) => {
                     self.sse = None;
