@@ -70,7 +70,8 @@ impl Lease {
 /// A sink a pipeline `pipeline` writes rows of table `table` (columns `id int8`,
 /// `title text`) into.
 pub enum Store {
-    Redis { url: String, con: redis::Connection, prefix: String },
+    /// `layout` is the sink's `layout:` (`hash`, `json` or `table`).
+    Redis { url: String, con: redis::Connection, prefix: String, layout: &'static str },
     Sqlite { path: PathBuf },
     Postgres { pool: sqlx::PgPool, schema: String },
 }
@@ -88,9 +89,14 @@ impl Target {
     }
 
     pub fn redis_at(url: &str, pipeline: &str, table: &str, test: &str) -> Target {
+        Target::redis_layout(url, pipeline, table, test, "hash")
+    }
+
+    /// A Redis target with the given row layout (`hash`, `json` or `table`).
+    pub fn redis_layout(url: &str, pipeline: &str, table: &str, test: &str, layout: &'static str) -> Target {
         let prefix = format!("test:{}:{test}:", std::process::id());
         let con = redis::Client::open(url).unwrap().get_connection().unwrap();
-        let store = Store::Redis { url: url.into(), con, prefix };
+        let store = Store::Redis { url: url.into(), con, prefix, layout };
         Target { store, pipeline: pipeline.into(), table: table.into() }
     }
 
@@ -110,9 +116,9 @@ impl Target {
     /// Another view of the same store, on its own connection (for a concurrent reader).
     pub fn reader(&self) -> Target {
         let store = match &self.store {
-            Store::Redis { url, prefix, .. } => {
+            Store::Redis { url, prefix, layout, .. } => {
                 let con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
-                Store::Redis { url: url.clone(), con, prefix: prefix.clone() }
+                Store::Redis { url: url.clone(), con, prefix: prefix.clone(), layout }
             }
             Store::Sqlite { path } => Store::Sqlite { path: path.clone() },
             Store::Postgres { pool, schema } => {
@@ -130,8 +136,8 @@ impl Target {
     /// The pipeline file's `sink:` mapping.
     pub fn sink_yaml(&self) -> String {
         match &self.store {
-            Store::Redis { url, prefix, .. } => {
-                format!("{{type: redis, url: '{url}', prefix: '{prefix}', part_size: 50}}")
+            Store::Redis { url, prefix, layout, .. } => {
+                format!("{{type: redis, url: '{url}', prefix: '{prefix}', part_size: 50, layout: {layout}}}")
             }
             Store::Sqlite { path } => format!("{{type: sqlite, path: '{}'}}", path.display()),
             Store::Postgres { schema, .. } => {
@@ -222,6 +228,29 @@ impl Target {
     pub fn rows(&mut self) -> BTreeMap<u64, String> {
         let table = &self.table;
         match &mut self.store {
+            Store::Redis { con, prefix, layout: "json", .. } => keys(con, &format!("{prefix}{table}:*"))
+                .into_iter()
+                .filter_map(|key| {
+                    let json: Option<String> = redis::cmd("GET").arg(&key).query(con).unwrap();
+                    let row: serde_json::Value = serde_json::from_str(&json?).unwrap();
+                    let id = row["id"].as_u64().unwrap();
+                    assert_eq!(key, format!("{prefix}{table}:{id}"), "the key matches the row");
+                    Some((id, row["title"].as_str().unwrap_or_default().to_owned()))
+                })
+                .collect(),
+            Store::Redis { con, prefix, layout: "table", .. } => {
+                let fields: BTreeMap<String, String> =
+                    redis::cmd("HGETALL").arg(format!("{prefix}{table}")).query(con).unwrap();
+                fields
+                    .into_iter()
+                    .map(|(field, json)| {
+                        let row: serde_json::Value = serde_json::from_str(&json).unwrap();
+                        let id = row["id"].as_u64().unwrap();
+                        assert_eq!(field, id.to_string(), "the field matches the row");
+                        (id, row["title"].as_str().unwrap_or_default().to_owned())
+                    })
+                    .collect()
+            }
             Store::Redis { con, prefix, .. } => keys(con, &format!("{prefix}{table}:*"))
                 .into_iter()
                 .filter_map(|key| {
