@@ -462,8 +462,10 @@ impl ShapeStream {
         }
 
         let mut changes = parsed.changes;
-        if self.tags.apply(&mut changes, parsed.marks, &schema) == Resolution::Unknown {
-            return Ok(Some(self.refetch_for_unknown_tags()));
+        match self.tags.apply(&mut changes, parsed.marks, &schema) {
+            Ok(Resolution::Resolved) => {}
+            Ok(Resolution::Unknown) => return Ok(Some(self.refetch_for_unknown_tags())),
+            Err(detail) => return Err(ShapeError::Protocol(detail)),
         }
 
         // The response is good: commit it to the stream state.
@@ -690,7 +692,12 @@ impl ShapeStream {
                     }
                     let marks = tags.map(|t| vec![(0, Mark::Tags(t))]).unwrap_or_default();
                     let mut changes = vec![change];
-                    self.tags.apply(&mut changes, marks, &schema);
+                    match self.tags.apply(&mut changes, marks, &schema) {
+                        Ok(Resolution::Resolved) => {}
+                        Ok(Resolution::Unknown) => return Ok(Some(self.refetch_for_unknown_tags())),
+                        Err(detail) => return Err(ShapeError::Protocol(detail)),
+                    }
+                    let Some(conn) = self.sse.as_mut() else { return Ok(None) };
                     conn.changes.append(&mut changes);
                     conn.buffered_bytes += data.len() as u64;
                     if conn.buffered_bytes > self.options.max_response_bytes {
@@ -703,11 +710,12 @@ impl ShapeStream {
                 Ok(Message::MustRefetch) => return Ok(Some(self.reset(None, true))),
                 Ok(Message::Move(event)) => {
                     let mut deletes = Vec::new();
-                    if self.tags.apply(&mut deletes, vec![(0, Mark::Move(event))], &schema)
-                        == Resolution::Unknown
-                    {
-                        return Ok(Some(self.refetch_for_unknown_tags()));
+                    match self.tags.apply(&mut deletes, vec![(0, Mark::Move(event))], &schema) {
+                        Ok(Resolution::Resolved) => {}
+                        Ok(Resolution::Unknown) => return Ok(Some(self.refetch_for_unknown_tags())),
+                        Err(detail) => return Err(ShapeError::Protocol(detail)),
                     }
+                    let Some(conn) = self.sse.as_mut() else { return Ok(None) };
                     conn.changes.append(&mut deletes);
                 }
                 Ok(Message::Ignored) => {}

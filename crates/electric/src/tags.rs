@@ -28,9 +28,11 @@
 //! `docs/ARCHITECTURE.md` records why the index is not stored in the sinks.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::hash::BuildHasher;
 
-use shapesync_core::{Change, Operation, Row, Schema};
+use hashbrown::{DefaultHashBuilder, HashTable};
+use shapesync_core::{Change, Operation, Row, Schema, Value};
+use smallvec::SmallVec;
 
 /// The tag headers of one change message (`tags`, `removed_tags`, `active_conditions`).
 #[derive(Debug, Default, PartialEq)]
@@ -81,45 +83,98 @@ pub(crate) enum Resolution {
     Unknown,
 }
 
-/// A slot of a tag: (position, interned dependency-value hash).
-type Slot = (u16, Arc<str>);
-
-/// What the index keeps per tagged row.
-#[derive(Debug)]
-struct Tagged {
-    /// One entry per tag (disjunct), each the non-empty slots of that tag.
-    disjuncts: Vec<Box<[Slot]>>,
-    /// `active_conditions`, when the server sends them.
-    active: Option<Box<[bool]>>,
-    /// The key columns, for the delete a move-out becomes.
-    key_columns: Row,
+/// One slot of a tag: the disjunct it belongs to, its position in the `where`, and the
+/// interned id of its dependency-value hash. Eight bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    disjunct: u8,
+    pos: u8,
+    value: u32,
 }
 
-impl Tagged {
-    /// A row is in the shape while some disjunct has every position active
-    /// (materializer.ex `evaluate_inclusion`: a missing position counts as active).
-    fn is_included(&self) -> bool {
-        let Some(active) = &self.active else { return !self.disjuncts.is_empty() };
-        self.disjuncts.is_empty()
-            || self
-                .disjuncts
-                .iter()
-                .any(|d| d.iter().all(|(pos, _)| active.get(usize::from(*pos)).copied().unwrap_or(true)))
+/// `active_conditions` as bits; `len == 0` when the server sent none.
+#[derive(Clone, Copy, Debug, Default)]
+struct Conditions {
+    bits: u64,
+    len: u8,
+}
+
+impl Conditions {
+    fn get(self, pos: u8) -> bool {
+        pos >= self.len || self.bits & (1 << pos) != 0
+    }
+
+    fn set(&mut self, pos: u8, on: bool) {
+        if pos < self.len {
+            if on {
+                self.bits |= 1 << pos;
+            } else {
+                self.bits &= !(1 << pos);
+            }
+        }
     }
 }
 
-/// The per-stream index of tagged rows.
-#[derive(Debug, Default)]
+/// Most `where`s have a handful of subqueries; beyond these limits a tag cannot be
+/// indexed compactly and the stream stops with a protocol error instead.
+const MAX_POSITIONS: usize = 64;
+const MAX_DISJUNCTS: usize = 256;
+
+/// What the index keeps per tagged row: about 100 bytes with its key (see
+/// docs/PERFORMANCE.md), which is why it is laid out by hand.
+#[derive(Debug)]
+struct Entry {
+    key: Box<str>,
+    slots: SmallVec<[Slot; 2]>,
+    active: Conditions,
+    /// The key columns, when they cannot be read back from `key` (see [`key_sections`]).
+    key_values: Option<Box<[Value]>>,
+}
+
+impl Entry {
+    /// A row is in the shape while some disjunct has every position active
+    /// (materializer.ex `evaluate_inclusion`: a missing position counts as active);
+    /// without conditions, while it has any tag left.
+    fn is_included(&self) -> bool {
+        if self.active.len == 0 {
+            return !self.slots.is_empty();
+        }
+        let mut disjuncts = self.slots.iter().map(|s| s.disjunct).collect::<SmallVec<[u8; 4]>>();
+        disjuncts.dedup();
+        disjuncts.is_empty()
+            || disjuncts
+                .iter()
+                .any(|d| self.slots.iter().filter(|s| s.disjunct == *d).all(|s| self.active.get(s.pos)))
+    }
+}
+
+/// The per-stream index of tagged rows: a slab of entries, found by key through a
+/// hash table of slab indices (4 bytes a bucket), and interned tag values.
+#[derive(Default)]
 pub(crate) struct TagTracker {
-    rows: HashMap<Box<str>, Tagged>,
-    /// Interned slot values: most rows share a few dependency values.
-    values: HashSet<Arc<str>>,
-    /// Size of `values` after the last purge of unused ones.
-    values_after_purge: usize,
+    entries: Vec<Option<Entry>>,
+    free_entries: Vec<u32>,
+    by_key: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    values: HashMap<Box<str>, u32>,
+    value_names: Vec<Box<str>>,
+    /// Per value id: how many slots use it (0: free for reuse).
+    value_uses: Vec<u32>,
+    free_values: Vec<u32>,
     /// The index covers every row the consumer holds: the stream started at `-1`
     /// (or at `now` with nothing held) rather than resuming.
     complete: bool,
+    len: usize,
 }
+
+impl std::fmt::Debug for TagTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TagTracker").field("rows", &self.len).field("complete", &self.complete).finish()
+    }
+}
+
+/// Why a response's tags could not be applied.
+type Refusal = String;
 
 impl TagTracker {
     /// An empty index; `complete` says whether it covers all rows the consumer holds.
@@ -135,21 +190,22 @@ impl TagTracker {
     /// Tagged rows indexed.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.len
     }
 
     /// Applies a response's marks to the index and turns its move-outs into deletes of
-    /// the rows that left the shape, placed where the events were.
+    /// the rows that left the shape, placed where the events were. On anything but
+    /// `Ok(Resolved)` the changes are unspecified: the caller refetches or stops.
     pub fn apply(
         &mut self,
         changes: &mut Vec<Change>,
         marks: Vec<(usize, Mark)>,
         schema: &Schema,
-    ) -> Resolution {
-        if marks.is_empty() && self.rows.is_empty() {
-            return Resolution::Resolved; // no subqueries: the common case costs nothing
+    ) -> Result<Resolution, Refusal> {
+        if marks.is_empty() && self.len == 0 {
+            return Ok(Resolution::Resolved); // no subqueries: the common case costs nothing
         }
-        let key_columns = schema.primary_key();
+        let key_columns = key_columns(schema);
         let mut marks = marks.into_iter().peekable();
         let input = std::mem::take(changes);
         let total = input.len();
@@ -162,146 +218,311 @@ impl TagTracker {
                     Mark::Tags(h) => headers = Some(h),
                     Mark::Move(event) => {
                         if event.out && !self.complete {
-                            return Resolution::Unknown;
+                            return Ok(Resolution::Unknown);
                         }
-                        out.extend(self.on_move(&event));
+                        match self.on_move(&event, schema, &key_columns) {
+                            Some(deletes) => out.extend(deletes),
+                            None => return Ok(Resolution::Unknown),
+                        }
                     }
                 }
             }
             let Some(change) = input.next() else { break };
-            self.on_change(&change, headers, &key_columns);
+            self.on_change(&change, headers, schema, &key_columns)?;
             out.push(change);
         }
         *changes = out;
-        self.purge_values();
-        Resolution::Resolved
+        Ok(Resolution::Resolved)
     }
 
-    fn on_change(&mut self, change: &Change, headers: Option<TagHeaders>, key_columns: &[&str]) {
-        let key = change.key.as_str();
-        match change.op {
-            Operation::Delete => {
-                self.rows.remove(key);
+    fn find(&self, key: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        let entries = &self.entries;
+        self.by_key.find(hash, |&id| entries[id as usize].as_ref().is_some_and(|e| &*e.key == key)).copied()
+    }
+
+    fn remove(&mut self, id: u32) -> Entry {
+        let entry = self.entries[id as usize].take().expect("indexed entries exist");
+        let hash = self.hasher.hash_one(&*entry.key);
+        if let Ok(found) = self.by_key.find_entry(hash, |&other| other == id) {
+            found.remove();
+        }
+        for slot in &entry.slots {
+            self.release_value(slot.value);
+        }
+        self.free_entries.push(id);
+        self.len -= 1;
+        entry
+    }
+
+    fn add(&mut self, entry: Entry) {
+        let hash = self.hasher.hash_one(&*entry.key);
+        let id = match self.free_entries.pop() {
+            Some(id) => {
+                self.entries[id as usize] = Some(entry);
+                id
             }
-            Operation::Insert | Operation::Update => {
-                let Some(h) = headers else {
-                    if change.op == Operation::Insert {
-                        self.rows.remove(key); // a row re-inserted without tags is untagged
-                    }
-                    return;
-                };
-                let disjuncts = (!h.tags.is_empty()).then(|| self.disjuncts(&h.tags));
-                let active = h.active_conditions.map(Vec::into_boxed_slice);
-                match self.rows.get_mut(key) {
-                    Some(row) => {
-                        // materializer.ex: new tags replace the old when sent, as do
-                        // active_conditions; otherwise the row keeps its own.
-                        if let Some(d) = disjuncts {
-                            row.disjuncts = d;
-                        } else if !h.removed_tags.is_empty() {
-                            row.disjuncts.clear();
-                        }
-                        if let Some(a) = active {
-                            row.active = Some(a);
-                        }
-                        if change.op == Operation::Insert {
-                            row.key_columns = pick(&change.value, key_columns);
-                        }
-                        if row.disjuncts.is_empty() {
-                            self.rows.remove(key);
-                        }
-                    }
-                    None => {
-                        let Some(disjuncts) = disjuncts else { return };
-                        let tagged =
-                            Tagged { disjuncts, active, key_columns: pick(&change.value, key_columns) };
-                        self.rows.insert(key.into(), tagged);
-                    }
+            None => {
+                self.entries.push(Some(entry));
+                u32::try_from(self.entries.len() - 1).expect("fewer than 4 billion tagged rows")
+            }
+        };
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.by_key.insert_unique(hash, id, |&other| {
+            hasher.hash_one(&*entries[other as usize].as_ref().expect("indexed entries exist").key)
+        });
+        self.len += 1;
+    }
+
+    fn on_change(
+        &mut self,
+        change: &Change,
+        headers: Option<TagHeaders>,
+        schema: &Schema,
+        key_columns: &[&str],
+    ) -> Result<(), Refusal> {
+        let key = change.key.as_str();
+        let existing = self.find(key);
+        if change.op == Operation::Delete {
+            if let Some(id) = existing {
+                self.remove(id);
+            }
+            return Ok(());
+        }
+        let Some(h) = headers else {
+            if let (Operation::Insert, Some(id)) = (change.op, existing) {
+                self.remove(id); // a row re-inserted without tags is untagged
+            }
+            return Ok(());
+        };
+        let active = conditions(h.active_conditions.as_deref())?;
+        let new_slots = if h.tags.is_empty() { None } else { Some(self.slots(&h.tags)?) };
+        let Some(id) = existing else {
+            let Some(slots) = new_slots else { return Ok(()) };
+            let key_values = stored_key_values(key, &change.value, schema, key_columns);
+            self.add(Entry { key: key.into(), slots, active: active.unwrap_or_default(), key_values });
+            return Ok(());
+        };
+        // materializer.ex `apply_changes` (UpdatedRecord): sent tags replace the row's,
+        // as do sent active_conditions; otherwise the row keeps its own.
+        let mut entry = self.remove(id);
+        match new_slots {
+            Some(slots) => entry.slots = slots,
+            None if !h.removed_tags.is_empty() => entry.slots.clear(),
+            None => {
+                for slot in &entry.slots {
+                    self.value_uses[slot.value as usize] += 1; // kept: take them back
                 }
             }
         }
+        if let Some(a) = active {
+            entry.active = a;
+        }
+        if change.op == Operation::Insert {
+            entry.key_values = stored_key_values(key, &change.value, schema, key_columns);
+        }
+        if !entry.slots.is_empty() {
+            self.add(entry);
+        }
+        Ok(())
     }
 
-    /// Applies a move event; returns the deletes of rows that left the shape.
-    fn on_move(&mut self, event: &MoveEvent) -> Vec<Change> {
-        let moved: HashSet<(u16, &str)> = event.patterns.iter().map(|p| (p.pos, p.value.as_str())).collect();
+    /// Applies a move event; returns the deletes of rows that left the shape, or
+    /// `None` if one of them has key columns that cannot be rebuilt.
+    fn on_move(&mut self, event: &MoveEvent, schema: &Schema, key_columns: &[&str]) -> Option<Vec<Change>> {
+        let moved: HashSet<(u8, u32)> = event
+            .patterns
+            .iter()
+            .filter_map(|p| Some((u8::try_from(p.pos).ok()?, *self.values.get(p.value.as_str())?)))
+            .collect();
+        if moved.is_empty() {
+            return Some(Vec::new());
+        }
+        let hit = |s: &Slot| moved.contains(&(s.pos, s.value));
         let mut gone = Vec::new();
+        let mut released = Vec::new();
         // A scan, not a reverse index: move events are rare next to changes, and a
-        // (position, value) → keys map would double the index's memory.
-        for (key, row) in &mut self.rows {
-            let hit = |slot: &Slot| moved.contains(&(slot.0, &*slot.1));
-            if !row.disjuncts.iter().any(|d| d.iter().any(hit)) {
+        // (position, value) → rows map would double the index's memory.
+        for (id, entry) in self.entries.iter_mut().enumerate() {
+            let Some(entry) = entry else { continue };
+            if !entry.slots.iter().any(hit) {
                 continue;
             }
-            match &mut row.active {
-                Some(active) => {
-                    for (pos, _) in row.disjuncts.iter().flat_map(|d| d.iter()).filter(|s| hit(s)) {
-                        if let Some(flag) = active.get_mut(usize::from(*pos)) {
-                            *flag = !event.out;
-                        }
-                    }
+            if entry.active.len > 0 {
+                for slot in entry.slots.iter().filter(|s| hit(s)) {
+                    entry.active.set(slot.pos, !event.out);
                 }
-                None if event.out => row.disjuncts.retain(|d| !d.iter().any(hit)),
-                None => {}
+            } else if event.out {
+                let dead: SmallVec<[u8; 4]> =
+                    entry.slots.iter().filter(|s| hit(s)).map(|s| s.disjunct).collect();
+                entry.slots.retain(|s| {
+                    let keep = !dead.contains(&s.disjunct);
+                    if !keep {
+                        released.push(s.value);
+                    }
+                    keep
+                });
             }
-            if event.out && !row.is_included() {
-                gone.push(key.clone());
+            if event.out && !entry.is_included() {
+                gone.push(id as u32);
             }
         }
-        gone.into_iter()
-            .filter_map(|key| {
-                let row = self.rows.remove(&key)?;
-                Some(Change::delete(String::from(key), row.key_columns))
-            })
-            .collect()
+        for value in released {
+            self.release_value(value);
+        }
+        let mut deletes = Vec::with_capacity(gone.len());
+        for id in gone {
+            let entry = self.remove(id);
+            let value = key_row(&entry, schema, key_columns)?;
+            deletes.push(Change::delete(String::from(entry.key), value));
+        }
+        Some(deletes)
     }
 
     /// Parses tags (`"h1/h2"`, `"h1/"`, `"/h2"`, flat `"h"`) into interned slots.
-    fn disjuncts(&mut self, tags: &[String]) -> Vec<Box<[Slot]>> {
-        tags.iter()
-            .map(|tag| {
-                tag.split('/')
-                    .enumerate()
-                    .filter(|(_, v)| !v.is_empty())
-                    .map(|(pos, v)| (u16::try_from(pos).unwrap_or(u16::MAX), self.intern(v)))
-                    .collect()
-            })
-            .collect()
-    }
-
-    fn intern(&mut self, value: &str) -> Arc<str> {
-        if let Some(v) = self.values.get(value) {
-            return v.clone();
+    fn slots(&mut self, tags: &[String]) -> Result<SmallVec<[Slot; 2]>, Refusal> {
+        if tags.len() > MAX_DISJUNCTS {
+            return Err(format!(
+                "a row carries {} subquery tags; at most {MAX_DISJUNCTS} are supported",
+                tags.len()
+            ));
         }
-        let v: Arc<str> = value.into();
-        self.values.insert(v.clone());
-        v
+        let mut slots = SmallVec::new();
+        for (disjunct, tag) in tags.iter().enumerate() {
+            for (pos, value) in tag.split('/').enumerate().filter(|(_, v)| !v.is_empty()) {
+                if pos >= MAX_POSITIONS {
+                    return Err(format!("a subquery tag has more than {MAX_POSITIONS} positions"));
+                }
+                let value = self.intern(value);
+                slots.push(Slot { disjunct: disjunct as u8, pos: pos as u8, value });
+            }
+        }
+        Ok(slots)
     }
 
-    /// Drops interned values no row uses any more, once the set has doubled.
-    fn purge_values(&mut self) {
-        if self.values.len() > 1024 && self.values.len() > 2 * self.values_after_purge {
-            self.values.retain(|v| Arc::strong_count(v) > 1);
-            self.values_after_purge = self.values.len();
+    fn intern(&mut self, value: &str) -> u32 {
+        if let Some(&id) = self.values.get(value) {
+            self.value_uses[id as usize] += 1;
+            return id;
+        }
+        let id = match self.free_values.pop() {
+            Some(id) => {
+                self.value_names[id as usize] = value.into();
+                id
+            }
+            None => {
+                self.value_uses.push(0);
+                self.value_names.push(value.into());
+                u32::try_from(self.value_uses.len() - 1).expect("fewer than 4 billion tag values")
+            }
+        };
+        self.value_uses[id as usize] = 1;
+        self.values.insert(value.into(), id);
+        id
+    }
+
+    fn release_value(&mut self, id: u32) {
+        let uses = &mut self.value_uses[id as usize];
+        *uses -= 1;
+        if *uses == 0 {
+            self.values.remove(&self.value_names[id as usize]);
+            self.value_names[id as usize] = Box::default();
+            self.free_values.push(id);
         }
     }
 }
 
-/// The key columns of a row (all of it when the table has no primary key).
-fn pick(value: &Row, key_columns: &[&str]) -> Row {
-    if key_columns.is_empty() {
-        return value.clone();
+fn conditions(active: Option<&[bool]>) -> Result<Option<Conditions>, Refusal> {
+    let Some(active) = active else { return Ok(None) };
+    if active.len() > MAX_POSITIONS {
+        return Err(format!(
+            "a row carries {} subquery conditions; at most {MAX_POSITIONS} are supported",
+            active.len()
+        ));
     }
-    let mut row = Row::with_capacity(key_columns.len());
-    for (name, v) in value.iter().filter(|(name, _)| key_columns.contains(name)) {
-        row.insert(Arc::<str>::from(name), v.clone());
+    let bits = active.iter().enumerate().filter(|(_, on)| **on).fold(0u64, |b, (i, _)| b | 1 << i);
+    Ok(Some(Conditions { bits, len: active.len() as u8 }))
+}
+
+/// The columns Electric builds a row's key from: the primary key in order, or every
+/// column by name when the table has none (changes.ex `build_key` / `join_escape_pk`).
+fn key_columns(schema: &Schema) -> Vec<&str> {
+    let pk = schema.primary_key();
+    if pk.is_empty() { schema.0.keys().map(|c| &**c).collect() } else { pk }
+}
+
+/// The key columns' text as Electric wrote them into the key (changes.ex `build_key`):
+/// `"<schema>"."<table>"` then one section per column, `/"<text with / doubled>"` or
+/// `/_` for NULL. Every `/` inside the relation or a value is doubled and sections are
+/// delimited by `"` or `_`, so the separators are exactly the lone slashes.
+fn key_sections(key: &str, n: usize) -> Option<Vec<Option<String>>> {
+    let bytes = key.as_bytes();
+    let mut separators = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'/' {
+            let start = i;
+            while i < bytes.len() && bytes[i] == b'/' {
+                i += 1;
+            }
+            if i - start == 1 {
+                separators.push(start);
+            }
+        } else {
+            i += 1;
+        }
     }
-    row
+    if separators.len() != n {
+        return None;
+    }
+    let ends = separators.iter().skip(1).copied().chain(std::iter::once(key.len()));
+    separators
+        .iter()
+        .zip(ends)
+        .map(|(&sep, end)| match &key[sep + 1..end] {
+            "_" => Some(None),
+            quoted if quoted.len() >= 2 && quoted.starts_with('"') && quoted.ends_with('"') => {
+                Some(Some(quoted[1..quoted.len() - 1].replace("//", "/")))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The key columns' values read back from the key, if that works for this schema.
+fn values_from_key(key: &str, schema: &Schema, key_columns: &[&str]) -> Option<Vec<Value>> {
+    let sections = key_sections(key, key_columns.len())?;
+    key_columns.iter().zip(&sections).map(|(c, text)| schema.parse(c, text.as_deref()).ok()).collect()
+}
+
+/// `None` when the key columns can be read back from the key exactly (checked here,
+/// against the row's own values); otherwise the values, stored with the entry.
+fn stored_key_values(key: &str, value: &Row, schema: &Schema, key_columns: &[&str]) -> Option<Box<[Value]>> {
+    let actual: Option<Vec<Value>> = key_columns.iter().map(|c| value.get(c).cloned()).collect();
+    let actual = actual?; // the change lacks a key column: nothing better to keep
+    if values_from_key(key, schema, key_columns).as_ref() == Some(&actual) {
+        None
+    } else {
+        Some(actual.into_boxed_slice())
+    }
+}
+
+/// The delete's value: the key columns of the row.
+fn key_row(entry: &Entry, schema: &Schema, key_columns: &[&str]) -> Option<Row> {
+    let values = match &entry.key_values {
+        Some(stored) => stored.to_vec(),
+        None => values_from_key(&entry.key, schema, key_columns)?,
+    };
+    let mut row = Row::with_capacity(values.len());
+    for (column, value) in key_columns.iter().zip(values) {
+        row.insert(schema.intern(column), value);
+    }
+    Some(row)
 }
 
 #[cfg(test)]
 mod tests {
-    use shapesync_core::Value;
+    use std::sync::Arc;
 
     use super::*;
 
@@ -336,7 +557,7 @@ mod tests {
 
     fn run(t: &mut TagTracker, changes: Vec<Change>, marks: Vec<(usize, Mark)>) -> (Resolution, Vec<String>) {
         let mut changes = changes;
-        let r = t.apply(&mut changes, marks, &schema());
+        let r = t.apply(&mut changes, marks, &schema()).unwrap();
         let ops = changes.iter().map(|c| format!("{}:{}", c.op.as_str(), c.key)).collect();
         (r, ops)
     }
@@ -376,10 +597,46 @@ mod tests {
         let mut t = TagTracker::new(true);
         run(&mut t, vec![insert(7)], vec![(0, tags(&["a"], None))]);
         let mut changes = Vec::new();
-        t.apply(&mut changes, vec![(0, moved(true, &[(0, "a")]))], &schema());
+        t.apply(&mut changes, vec![(0, moved(true, &[(0, "a")]))], &schema()).unwrap();
         assert_eq!(changes[0].op, Operation::Delete);
         assert_eq!(changes[0].value.get("id"), Some(&Value::Int(7)));
         assert_eq!(changes[0].value.get("p"), None);
+
+        // An Electric key holds the key columns' text: nothing else is stored.
+        let mut row = insert(9);
+        row.key = r#""public"."t"/"9""#.into();
+        run(&mut t, vec![row], vec![(0, tags(&["b"], None))]);
+        let id = t.find(r#""public"."t"/"9""#).unwrap();
+        assert!(t.entries[id as usize].as_ref().unwrap().key_values.is_none());
+        let mut changes = Vec::new();
+        t.apply(&mut changes, vec![(0, moved(true, &[(0, "b")]))], &schema()).unwrap();
+        assert_eq!(changes[0].value.get("id"), Some(&Value::Int(9)));
+        assert_eq!(changes[0].value.len(), 1);
+    }
+
+    #[test]
+    fn key_sections_read_electrics_escaping() {
+        // changes.ex `build_key` doctests.
+        assert_eq!(
+            key_sections(r#""hello"."world"/"b"/"d""#, 2),
+            Some(vec![Some("b".into()), Some("d".into())])
+        );
+        assert_eq!(
+            key_sections(r#""hello"."world"/"test//test"/"test""#, 2),
+            Some(vec![Some("test/test".into()), Some("test".into())])
+        );
+        assert_eq!(key_sections(r#""a".."b"."c"/"""#, 1), Some(vec![Some(String::new())]));
+        assert_eq!(key_sections(r#""s//x"."t"/_/"//""#, 2), Some(vec![None, Some("/".into())]));
+        assert_eq!(key_sections(r#""s"."t"/"a"/"b""#, 1), None, "wrong section count");
+        assert_eq!(key_sections("k7", 1), None);
+    }
+
+    #[test]
+    fn too_many_positions_are_refused_not_truncated() {
+        let mut t = TagTracker::new(true);
+        let tag = "/".repeat(64) + "h";
+        let mut changes = vec![insert(1)];
+        assert!(t.apply(&mut changes, vec![(0, tags(&[&tag], None))], &schema()).is_err());
     }
 
     #[test]
@@ -472,6 +729,46 @@ mod tests {
             delete.op = Operation::Delete;
             run(&mut t, vec![delete], vec![]);
         }
-        assert!(t.values.len() <= 2048, "{}", t.values.len());
+        assert!(t.values.is_empty(), "{}", t.values.len());
+        assert!(t.value_uses.len() <= 2, "ids are reused: {}", t.value_uses.len());
+    }
+
+    /// The index's memory for a 1M-row subquery shape (100 projects, one flat tag and
+    /// one condition per row): `cargo test -p shapesync-electric --release --lib --
+    /// --ignored tag_index_memory --nocapture` prints it (docs/PERFORMANCE.md).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn tag_index_memory() {
+        fn rss_kib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+        let before = rss_kib();
+        let mut t = TagTracker::new(true);
+        let values: Vec<String> = (0..100).map(|p| format!("{:032x}", p * 7919)).collect();
+        for chunk in (0..1_000_000i64).collect::<Vec<_>>().chunks(10_000) {
+            let changes: Vec<Change> = chunk
+                .iter()
+                .map(|i| {
+                    let mut c = insert(*i);
+                    c.key = format!("\"public\".\"items\"/\"{i}\"");
+                    c
+                })
+                .collect();
+            let marks = chunk
+                .iter()
+                .enumerate()
+                .map(|(n, i)| (n, tags(&[&values[(*i % 100) as usize]], Some(&[true]))))
+                .collect();
+            run(&mut t, changes, marks);
+        }
+        let after = rss_kib();
+        assert_eq!(t.len(), 1_000_000);
+        println!(
+            "tag index for 1,000,000 rows: {} MiB ({} bytes/row)",
+            (after - before) / 1024,
+            (after - before) * 1024 / 1_000_000
+        );
     }
 }
