@@ -9,6 +9,7 @@ use shapesync_core::Offset;
 use crate::server::{Shared, TestServer};
 use crate::shape::ShapeDef;
 use crate::store::{Data, ScriptOp, Table, TableKey};
+use crate::subquery::SubqueryWhere;
 use crate::synthetic::synthetic_table_def;
 use crate::table::{RowView, TableDef};
 
@@ -31,7 +32,14 @@ impl TestServer {
         let mut state = self.shared.state();
         state.tables.insert(
             key.clone(),
-            Table { def, data, generation: None, predicates: HashMap::new(), strict_where: false },
+            Table {
+                def,
+                data,
+                generation: None,
+                predicates: HashMap::new(),
+                subqueries: HashMap::new(),
+                strict_where: false,
+            },
         );
         state.new_generation(&key);
         drop(state);
@@ -76,7 +84,7 @@ impl TableHandle {
             assert!(generation.log.is_empty(), "seed() after transactions were appended; use a transaction");
             // Same handle: seeding only fills the snapshot of the existing shape.
             generation.snapshot = snapshot;
-            generation.rendered.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            generation.invalidate();
         }
     }
 
@@ -142,10 +150,100 @@ impl TableHandle {
     ) {
         let mut state = self.shared.state();
         let table = state.tables.get_mut(&self.key).expect("table exists");
-        table.predicates.insert(where_clause.into(), Arc::new(predicate));
+        let where_clause = where_clause.into();
+        table.subqueries.remove(&where_clause);
+        table.predicates.insert(where_clause, Arc::new(predicate));
         if let Some(generation) = &table.generation {
-            generation.rendered.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            generation.invalidate();
         }
+    }
+
+    /// Makes shapes with `where=<where_clause>` (exact string) behave like an Electric shape
+    /// whose `where` is a disjunction of subquery tests, one per position:
+    /// `positions[0] IN (subquery 0) OR positions[1] IN (subquery 1) OR …`. A row is in the
+    /// shape iff, for some position `p`, its `positions[p]` column value is in `members[p]`
+    /// (NULL never is). `members[p]` are the values the subquery returns initially; change
+    /// them with [`TableHandle::move_out`] / [`TableHandle::move_in`].
+    ///
+    /// Messages of the shape carry `headers.tags` (one per position: with one position a
+    /// flat `"<hash>"`, with several `"<hash>//"`, `"/<hash>/"`, …, `/`-separated slots with the
+    /// slot of its own position filled) and `headers.active_conditions` (one bool per
+    /// position: is the row's value currently a member). Slot values are [`crate::tag_hash`]
+    /// of the row's column value. Register before the shape's first transaction: log
+    /// entries get their tags when they are committed.
+    ///
+    /// # Panics
+    /// On an unknown column or `members.len() != positions.len()`.
+    pub fn register_subquery_where(&self, where_clause: &str, positions: &[&str], members: &[&[&str]]) {
+        let disjuncts: Vec<Vec<usize>> = (0..positions.len()).map(|p| vec![p]).collect();
+        let disjuncts: Vec<&[usize]> = disjuncts.iter().map(Vec::as_slice).collect();
+        self.register_subquery_dnf(where_clause, positions, &disjuncts, members);
+    }
+
+    /// Like [`TableHandle::register_subquery_where`] but the positions form ONE disjunct, a
+    /// conjunction: `positions[0] IN (subquery 0) AND positions[1] IN (subquery 1) …`. A row
+    /// is in the shape iff every position is active; its single tag has a slot per position,
+    /// e.g. `"<hash a>/<hash b>"`.
+    pub fn register_subquery_where_all(&self, where_clause: &str, positions: &[&str], members: &[&[&str]]) {
+        let all: Vec<usize> = (0..positions.len()).collect();
+        self.register_subquery_dnf(where_clause, positions, &[&all], members);
+    }
+
+    /// The general form: `positions` are the DNF positions (column tested by each),
+    /// `disjuncts` lists the positions of each disjunct (the `where` is the OR of the ANDs
+    /// of its disjuncts), `members[p]` the initial values of position `p`'s subquery. Tags
+    /// have one string per disjunct with a slot per position, empty for positions outside
+    /// the disjunct (Electric `shapes/shape.ex` `compute_tags`).
+    ///
+    /// # Panics
+    /// On an unknown column, a position out of range, an empty disjunct, or
+    /// `members.len() != positions.len()`.
+    pub fn register_subquery_dnf(
+        &self,
+        where_clause: &str,
+        positions: &[&str],
+        disjuncts: &[&[usize]],
+        members: &[&[&str]],
+    ) {
+        let mut state = self.shared.state();
+        let table = state.tables.get_mut(&self.key).expect("table exists");
+        let subquery = SubqueryWhere::new(&table.def, positions, disjuncts, members);
+        table.predicates.remove(where_clause);
+        table.subqueries.insert(where_clause.to_string(), subquery.clone());
+        if let Some(generation) = &mut table.generation {
+            generation.subqueries.insert(where_clause.to_string(), subquery);
+            generation.invalidate();
+        }
+    }
+
+    /// `values` leave the subquery of position `pos` of the subquery where `where_clause`.
+    /// Appends, at a new LSN and txid, the event
+    /// `{"headers":{"event":"move-out","patterns":[{"pos":pos,"value":tag_hash(v)}…],"txids":[txid]}}`
+    /// to that shape's log and nothing else: no deletes (clients drop rows whose
+    /// tags/active conditions no longer hold). Returns the event's offset.
+    ///
+    /// # Panics
+    /// If `where_clause` is not a registered subquery where or `pos` is out of range.
+    pub fn move_out(&self, where_clause: &str, pos: usize, values: &[&str]) -> Offset {
+        let offset = self.shared.state().move_subquery(&self.key, where_clause, pos, values, false);
+        self.shared.notify();
+        offset
+    }
+
+    /// `values` enter the subquery of position `pos`. Appends, at a new LSN and txid (op
+    /// positions 0, 1, …), the `move-in` event (same form as [`TableHandle::move_out`]),
+    /// then one insert per row that was not in the shape and now is (headers `operation`,
+    /// `relation`, `is_move_in: true`, `tags`, `active_conditions`; full row as value), then
+    /// a `snapshot-end` control message if there was any such row. Rows already in the
+    /// shape get nothing: clients flip their active conditions from the event. Returns the
+    /// offset of the last entry.
+    ///
+    /// # Panics
+    /// As [`TableHandle::move_out`].
+    pub fn move_in(&self, where_clause: &str, pos: usize, values: &[&str]) -> Offset {
+        let offset = self.shared.state().move_subquery(&self.key, where_clause, pos, values, true);
+        self.shared.notify();
+        offset
     }
 
     /// Refuses (400, naming `where`) shapes whose `where` has no registered predicate, as

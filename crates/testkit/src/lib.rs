@@ -18,6 +18,21 @@
 //!   handle), [`TableHandle::register_where`] (a Rust predicate for a `where` string, giving
 //!   move-in/move-out), [`TableHandle::handle`].
 //!   Row values are JSON objects of column -> Postgres text string or `null`.
+//! - Subquery shapes (scripted, not SQL): [`TableHandle::register_subquery_where`]`(where,
+//!   positions, members)` makes `where=<where>` a disjunction `positions[p] IN (subquery p)`
+//!   whose subqueries currently return `members[p]`;
+//!   [`TableHandle::register_subquery_where_all`] makes it one conjunction (composite tags
+//!   `"<hash a>/<hash b>"`), [`TableHandle::register_subquery_dnf`] takes any disjuncts.
+//!   Messages of such shapes carry `headers.tags` (one string per disjunct, `/`-separated
+//!   slots per position, empty outside the disjunct; flat with one position) and
+//!   `headers.active_conditions` (one bool per position), updates also `removed_tags`; slot
+//!   values are [`tag_hash`] of the column value. [`TableHandle::move_out`]`(where, pos,
+//!   values)` appends only a `{"headers":{"event":"move-out","patterns":[{"pos","value"}],
+//!   "txids"}}` event; [`TableHandle::move_in`] appends the `move-in` event, inserts
+//!   (`is_move_in: true`, with tags) of rows that enter the shape and a `snapshot-end`.
+//!   Each move takes a new LSN and txid. Log entries keep the tags and active conditions of
+//!   their commit time; snapshots (and [`TableHandle::rotate`]) use the members of their
+//!   creation time.
 //! - [`TestServer::create_synthetic_table`] + [`TableHandle::append_generated`]: a generated
 //!   table whose snapshot is produced on the fly (benchmarks of 1,000,000 rows).
 //! - Faults: [`TestServer::inject`] / [`TestServer::inject_times`] queue a [`Fault`] for the
@@ -78,6 +93,7 @@ mod server;
 mod shape;
 mod sse;
 mod store;
+mod subquery;
 mod synthetic;
 mod table;
 
@@ -85,5 +101,6 @@ pub use fault::{ElectricHeader, Fault};
 pub use handle::{TableHandle, Transaction};
 pub use server::{RequestRecord, ServerOptions, TestServer, TestkitError};
 pub use shapesync_core::Offset;
+pub use subquery::tag_hash;
 pub use synthetic::{SYNTHETIC_COLUMNS, synthetic_row, synthetic_table_def};
 pub use table::{Column, RowView, TableDef};

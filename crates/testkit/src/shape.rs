@@ -9,7 +9,10 @@ use serde::Serialize;
 use serde::ser::SerializeMap;
 use shapesync_core::{Offset, OpPart};
 
-use crate::store::{Data, Entry, Generation, Op, Predicate, Row, Snapshot, State, Table, TableKey};
+use crate::store::{
+    Data, Entry, EntryKind, Generation, Op, Predicate, Row, Snapshot, State, Table, TableKey,
+};
+use crate::subquery::{RowMeta, SubqueryWhere};
 use crate::synthetic;
 use crate::table::{RowView, TableDef};
 
@@ -138,6 +141,7 @@ pub(crate) fn parse_request(state: &State, query: &[(String, String)]) -> Result
     if let Some(w) = &where_clause
         && table.strict_where
         && !table.predicates.contains_key(w)
+        && !table.subqueries.contains_key(w)
     {
         return Err(("where", "is not supported by this server, which serves whole tables".into()));
     }
@@ -295,7 +299,8 @@ impl Body {
                     let row = synthetic::row(id);
                     buf.clear();
                     let value = Values { def: &chunk.def, row: &row, columns: &chunk.selected };
-                    write_message(&mut buf, &chunk.def.key_of(&row), "insert", value, None, None, &chunk.def);
+                    let key = chunk.def.key_of(&row);
+                    write_message(&mut buf, &key, "insert", value, None, None, Extra::default(), &chunk.def);
                     body.push(&buf);
                 }
                 if let Some(end) = chunk.snapshot_end {
@@ -439,7 +444,7 @@ pub(crate) fn subset_snapshot(
     let view = ShapeView::new(table, generation, &req.def);
     let subset_predicate = subset.where_clause.as_ref().and_then(|w| table.predicates.get(w));
     let in_subset = |row: &[Option<String>]| {
-        view.matches(row)
+        view.matches_now(row)
             && subset_predicate.is_none_or(|p| p(&RowView { def: &table.def, row, params: &subset.params }))
     };
     let mut rows: Vec<Row> = match &table.data {
@@ -457,7 +462,8 @@ pub(crate) fn subset_snapshot(
     let mark: u32 = rand::random::<u32>() >> 1;
     let mut data = Messages::default();
     for row in rows.iter().skip(subset.offset).take(subset.limit.unwrap_or(usize::MAX)) {
-        let mut msg = view.render(&table.def.key_of(row), "insert", row, None, None);
+        let extra = Extra::of(view.meta_now(row).as_ref());
+        let mut msg = view.render(&table.def.key_of(row), "insert", row, None, None, extra);
         // Add `snapshot_mark` to the headers object, which the message ends with.
         msg.truncate(msg.len() - 2);
         msg.extend_from_slice(format!(r#","snapshot_mark":{mark}}}}}"#).as_bytes());
@@ -484,28 +490,127 @@ fn compare_values(a: Option<&str>, b: Option<&str>) -> std::cmp::Ordering {
     }
 }
 
+/// How a shape filters rows.
+enum Filter<'a> {
+    /// No `where`, or a `where` without a registered predicate.
+    All,
+    /// A `where` registered with [`crate::TableHandle::register_where`].
+    Predicate(&'a Predicate),
+    /// A subquery `where`: members when the snapshot was taken and now.
+    Subquery { name: &'a str, at_snapshot: &'a SubqueryWhere, current: &'a SubqueryWhere },
+}
+
 /// A table generation seen through one shape definition.
 struct ShapeView<'a> {
     def: &'a TableDef,
     generation: &'a Generation,
     shape: &'a ShapeDef,
     selected: Vec<usize>,
-    predicate: Option<&'a Predicate>,
+    filter: Filter<'a>,
+}
+
+/// Extra headers of a message beyond operation/relation and the transaction headers.
+#[derive(Default)]
+struct Extra<'a> {
+    key_change_to: Option<&'a str>,
+    key_change_from: Option<&'a str>,
+    tags: Option<Vec<String>>,
+    removed_tags: Option<Vec<String>>,
+    active_conditions: Option<Vec<bool>>,
+    is_move_in: bool,
+}
+
+impl Extra<'_> {
+    /// `tags` and `active_conditions` of a row in a subquery shape (log_items.ex
+    /// `from_change`: both only when non-empty).
+    fn of(meta: Option<&RowMeta>) -> Self {
+        match meta {
+            Some(m) => Extra {
+                tags: (!m.tags.is_empty()).then(|| m.tags.clone()),
+                active_conditions: (!m.active_conditions.is_empty()).then(|| m.active_conditions.clone()),
+                ..Extra::default()
+            },
+            None => Extra::default(),
+        }
+    }
 }
 
 impl<'a> ShapeView<'a> {
     fn new(table: &'a Table, generation: &'a Generation, shape: &'a ShapeDef) -> Self {
         let selected = shape.columns.clone().unwrap_or_else(|| (0..table.def.columns.len()).collect());
-        let predicate = shape.where_clause.as_ref().and_then(|w| table.predicates.get(w));
-        ShapeView { def: &table.def, generation, shape, selected, predicate }
+        let filter = match &shape.where_clause {
+            None => Filter::All,
+            Some(w) => match (table.subqueries.get_key_value(w), generation.subqueries.get(w)) {
+                (Some((name, current)), Some(at_snapshot)) => Filter::Subquery { name, at_snapshot, current },
+                (Some((name, current)), None) => Filter::Subquery { name, at_snapshot: current, current },
+                _ => table.predicates.get(w).map_or(Filter::All, Filter::Predicate),
+            },
+        };
+        ShapeView { def: &table.def, generation, shape, selected, filter }
     }
 
     fn schema(&self) -> String {
         self.def.schema_json(&self.selected)
     }
 
-    fn matches(&self, row: &[Option<String>]) -> bool {
-        self.predicate.is_none_or(|p| p(&RowView { def: self.def, row, params: &self.shape.params }))
+    fn predicate_matches(&self, p: &Predicate, row: &[Option<String>]) -> bool {
+        p(&RowView { def: self.def, row, params: &self.shape.params })
+    }
+
+    /// Is `row` in the shape now (subset snapshots read the current rows)?
+    fn matches_now(&self, row: &[Option<String>]) -> bool {
+        match &self.filter {
+            Filter::All => true,
+            Filter::Predicate(p) => self.predicate_matches(p, row),
+            Filter::Subquery { current, .. } => current.meta(row).included,
+        }
+    }
+
+    /// The row's subquery metadata now, for subset rows.
+    fn meta_now(&self, row: &[Option<String>]) -> Option<RowMeta> {
+        match &self.filter {
+            Filter::Subquery { current, .. } => Some(current.meta(row)),
+            _ => None,
+        }
+    }
+
+    /// Is `row` of the generation's snapshot in the shape, and its metadata then.
+    fn snapshot_row(&self, row: &[Option<String>]) -> (bool, Option<RowMeta>) {
+        match &self.filter {
+            Filter::All => (true, None),
+            Filter::Predicate(p) => (self.predicate_matches(p, row), None),
+            Filter::Subquery { at_snapshot, .. } => {
+                let meta = at_snapshot.meta(row);
+                (meta.included, Some(meta))
+            }
+        }
+    }
+
+    /// The (old, new) row metadata of a log entry in this subquery shape, as of its commit
+    /// (entries committed before the where was registered are evaluated now).
+    fn entry_meta(&self, e: &Entry) -> (Option<RowMeta>, Option<RowMeta>) {
+        match &self.filter {
+            Filter::Subquery { name, current, .. } => match e.meta.get(*name) {
+                Some((old, new)) => (old.clone(), new.clone()),
+                None => (e.old.as_ref().map(|r| current.meta(r)), e.new.as_ref().map(|r| current.meta(r))),
+            },
+            _ => (None, None),
+        }
+    }
+
+    /// Whether the old and the new row of a change are in the shape.
+    fn entry_matches(&self, e: &Entry) -> (bool, bool) {
+        match &self.filter {
+            Filter::All => (e.old.is_some(), e.new.is_some()),
+            Filter::Predicate(p) => (
+                e.old.as_ref().is_some_and(|r| self.predicate_matches(p, r)),
+                e.new.as_ref().is_some_and(|r| self.predicate_matches(p, r)),
+            ),
+            Filter::Subquery { .. } => {
+                let (old, new) = self.entry_meta(e);
+                (old.is_some_and(|m| m.included), new.is_some_and(|m| m.included))
+            }
+        }
     }
 
     /// The offset of the last entry this shape sees, or `0_inf`.
@@ -513,9 +618,21 @@ impl<'a> ShapeView<'a> {
         self.generation.log.iter().rev().find(|e| self.visible(e)).map_or(Offset::SNAPSHOT_END, |e| e.offset)
     }
 
+    /// Does this shape's log contain the entry? Move events and move-in rows belong to one
+    /// subquery shape. A change is in the log if its old or new row is in the shape, except
+    /// an update that changes none of the selected columns of a non-subquery shape, which
+    /// Electric drops (`shapes/shape.ex` `do_convert_change` and `should_keep_change?`; for
+    /// subquery shapes such updates are kept, they carry `active_conditions`).
     fn visible(&self, e: &Entry) -> bool {
-        let matched = |r: &Option<Row>| r.as_ref().is_some_and(|r| self.matches(r));
-        matched(&e.old) || matched(&e.new)
+        if let Some(only) = &e.only_for {
+            return matches!(&self.filter, Filter::Subquery { name, .. } if *name == only.as_str());
+        }
+        let (old, new) = self.entry_matches(e);
+        if e.op == Op::Update && old && new && !matches!(self.filter, Filter::Subquery { .. }) {
+            let (o, n) = (e.old.as_ref().expect("update has old"), e.new.as_ref().expect("update has new"));
+            return self.selected.iter().any(|&i| o[i] != n[i]);
+        }
+        old || new
     }
 
     /// Rendered snapshot rows of this shape cut into chunks (stored tables only), cached per
@@ -531,8 +648,11 @@ impl<'a> ShapeView<'a> {
                     Vec::new()
                 } else {
                     rows.iter()
-                        .filter(|(_, r)| self.matches(r))
-                        .map(|(key, r)| self.render(key, "insert", r, None, None))
+                        .filter_map(|(key, r)| {
+                            let (included, meta) = self.snapshot_row(r);
+                            included
+                                .then(|| self.render(key, "insert", r, None, None, Extra::of(meta.as_ref())))
+                        })
                         .collect()
                 };
                 let ranges = chunk_ranges(&messages, chunk_bytes);
@@ -546,7 +666,7 @@ impl<'a> ShapeView<'a> {
         let sample: usize = (1..=64u64)
             .map(|id| {
                 let row = synthetic::row(id);
-                self.render(&self.def.key_of(&row), "insert", &row, None, None).len() + 1
+                self.render(&self.def.key_of(&row), "insert", &row, None, None, Extra::default()).len() + 1
             })
             .sum();
         ((chunk_bytes * 64 / sample) as u64).max(1)
@@ -601,7 +721,54 @@ impl<'a> ShapeView<'a> {
         reply(Offset::new(0, n as u64), body, false, true)
     }
 
-    /// Visible log entries after `after`, cut by bytes. `None` if there are none.
+    /// Indexes of the visible log entries from `start`, each with its `last` flag: the last
+    /// change of its transaction in THIS shape (Electric marks it after converting the
+    /// transaction for the shape: `consumer/transaction_converter.ex` `convert_changes`,
+    /// rendered by log_items.ex `put_if_true(:last, change.last?)`). Transactions are
+    /// appended whole, so the flags of a prefix never change as the log grows.
+    fn visible_from(&self, start: usize) -> Vec<(usize, bool)> {
+        let log = &self.generation.log;
+        let visible: Vec<usize> = (start..log.len()).filter(|&i| self.visible(&log[i])).collect();
+        visible
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let last = matches!(log[i].kind, EntryKind::Change)
+                    && visible.get(k + 1).is_none_or(|&next| log[next].lsn != log[i].lsn);
+                (i, last)
+            })
+            .collect()
+    }
+
+    /// The end of the log chunk holding the entries after `after`: chunk boundaries are
+    /// fixed positions in this shape's log, placed after the entry that brings a chunk to
+    /// `chunk_bytes` of rendered messages (like Electric's storage, `shape_cache/log_chunker.ex`
+    /// `fit_into_chunk`), independent of the request. Electric serves up to the first
+    /// boundary after the request offset, or to the shape's latest offset when the offset is
+    /// in the open last chunk (`api.ex` `determine_log_chunk_offset`,
+    /// `Shapes.get_chunk_end_log_offset`).
+    fn chunk_end(&self, after: Offset, chunk_bytes: usize) -> Offset {
+        let mut h = DefaultHasher::new();
+        (self.shape, chunk_bytes).hash(&mut h);
+        let mut cache = self.generation.log_chunks.lock().unwrap_or_else(|e| e.into_inner());
+        let index = cache.entry(h.finish()).or_default();
+        let log = &self.generation.log;
+        if index.scanned < log.len() {
+            for (i, last) in self.visible_from(index.scanned) {
+                index.bytes += self.render_entry(i, last).len() + 1;
+                if index.bytes >= chunk_bytes {
+                    index.boundaries.push(log[i].offset);
+                    index.bytes = 0;
+                }
+            }
+            index.scanned = log.len();
+        }
+        let k = index.boundaries.partition_point(|b| *b <= after);
+        index.boundaries.get(k).copied().unwrap_or_else(|| self.latest_offset())
+    }
+
+    /// Visible log entries after `after` up to the end of their chunk, and that end.
+    /// `None` if there are none.
     fn log_chunk(
         &self,
         after: Offset,
@@ -610,41 +777,68 @@ impl<'a> ShapeView<'a> {
     ) -> Option<(Messages, Offset)> {
         let log = &self.generation.log;
         let start = log.partition_point(|e| e.offset <= after);
-        let visible: Vec<&Entry> = log[start..].iter().filter(|e| self.visible(e)).collect();
+        let visible = self.visible_from(start);
         if visible.is_empty() {
             return None;
         }
+        let chunk_end = self.chunk_end(after, chunk_bytes);
         let mut body = Messages::default();
         let mut end = after;
         let mut ops_of_tx = 0;
-        for (i, e) in visible.iter().enumerate() {
-            let last_of_tx = visible.get(i + 1).is_none_or(|next| next.lsn != e.lsn);
-            if cut_mid_transaction && last_of_tx && ops_of_tx > 0 {
+        for &(i, last) in &visible {
+            let e = &log[i];
+            if e.offset > chunk_end {
                 break;
             }
-            ops_of_tx = if last_of_tx { 0 } else { ops_of_tx + 1 };
-            body.push(&self.render_entry(e, last_of_tx));
+            if cut_mid_transaction && last && ops_of_tx > 0 {
+                break;
+            }
+            ops_of_tx = if last { 0 } else { ops_of_tx + 1 };
+            body.push(&self.render_entry(i, last));
             end = e.offset;
-            if body.bytes >= chunk_bytes {
-                break;
-            }
         }
         Some((body, end))
     }
 
-    fn render_entry(&self, e: &Entry, last: bool) -> Vec<u8> {
+    /// Renders log entry `i` (visible in this shape) as log_items.ex `from_change` does for
+    /// the change converted by `shapes/shape.ex` `do_convert_change`: updates whose old or
+    /// new row is outside the shape become inserts/deletes, subquery shapes add `tags`,
+    /// `active_conditions` and on updates `removed_tags` (old tags not in the new ones), and
+    /// a key change (delete + insert entries) keeps `key_change_to`/`key_change_from` only
+    /// when both halves are in the shape (else it is a plain delete or insert).
+    fn render_entry(&self, i: usize, last: bool) -> Vec<u8> {
+        let log = &self.generation.log;
+        let e = &log[i];
+        match &e.kind {
+            EntryKind::Control(json) => return json.clone().into_bytes(),
+            EntryKind::MoveIn => {
+                // Move-in query rows: querying.ex `query_move_in` (`is_move_in`, tags and
+                // active conditions, no transaction headers).
+                let (_, meta) = self.entry_meta(e);
+                let extra = Extra { is_move_in: true, ..Extra::of(meta.as_ref()) };
+                return self.render(&e.key, "insert", e.new.as_deref().expect("row"), None, None, extra);
+            }
+            EntryKind::Change => {}
+        }
         let tx = TxHeaders { e, last };
-        let old_match = e.old.as_ref().is_some_and(|r| self.matches(r));
-        let new_match = e.new.as_ref().is_some_and(|r| self.matches(r));
+        let (old_match, new_match) = self.entry_matches(e);
+        let (old_meta, new_meta) = self.entry_meta(e);
         let (old, new) = (e.old.as_deref(), e.new.as_deref());
         match (e.op, old_match, new_match) {
             (Op::Update, true, true) => {
                 let (old, new) = (old.expect("update has old"), new.expect("update has new"));
+                let mut extra = Extra::of(new_meta.as_ref());
+                if extra.tags.is_some() {
+                    let old_tags = old_meta.map(|m| m.tags).unwrap_or_default();
+                    let new_tags = extra.tags.as_deref().unwrap_or_default();
+                    extra.removed_tags =
+                        Some(old_tags.into_iter().filter(|t| !new_tags.contains(t)).collect());
+                }
                 let changed: Vec<usize> =
                     self.selected.iter().copied().filter(|&i| old[i] != new[i]).collect();
                 if self.shape.replica_full {
                     let old_value = Values { def: self.def, row: old, columns: &changed };
-                    self.render(&e.key, "update", new, Some(old_value), Some(tx))
+                    self.render(&e.key, "update", new, Some(old_value), Some(tx), extra)
                 } else {
                     let mut columns = self.def.key_columns();
                     columns.retain(|i| self.selected.contains(i));
@@ -652,19 +846,43 @@ impl<'a> ShapeView<'a> {
                     columns.sort_unstable();
                     columns.dedup();
                     let value = Values { def: self.def, row: new, columns: &columns };
-                    render_message(&e.key, "update", value, None, Some(tx), self.def)
+                    render_message(&e.key, "update", value, None, Some(tx), extra, self.def)
                 }
             }
-            (_, _, true) => self.render(&e.key, "insert", new.expect("row"), None, Some(tx)),
+            (_, _, true) => {
+                let mut extra = Extra::of(new_meta.as_ref());
+                if e.key_change_from.is_some() && i > 0 && self.visible(&log[i - 1]) {
+                    extra.key_change_from = e.key_change_from.as_deref();
+                }
+                self.render(&e.key, "insert", new.expect("row"), None, Some(tx), extra)
+            }
             _ => {
                 let old = old.expect("delete has old row");
+                let partner = log.get(i + 1).filter(|p| e.key_change_to.is_some() && self.visible(p));
+                let extra = match partner {
+                    Some(partner) => {
+                        // log_items.ex `from_change(%UpdatedRecord{})` with a changed key: the
+                        // delete half carries the new tags plus the removed ones, no `last`.
+                        let (_, partner_meta) = self.entry_meta(partner);
+                        let mut extra = Extra::of(partner_meta.as_ref());
+                        if let Some(tags) = &mut extra.tags {
+                            let old_tags = old_meta.map(|m| m.tags).unwrap_or_default();
+                            let removed: Vec<String> =
+                                old_tags.into_iter().filter(|t| !tags.contains(t)).collect();
+                            tags.extend(removed);
+                        }
+                        extra.key_change_to = e.key_change_to.as_deref();
+                        extra
+                    }
+                    None => Extra::of(old_meta.as_ref()),
+                };
                 if self.shape.replica_full || !self.def.has_primary_key() {
-                    self.render(&e.key, "delete", old, None, Some(tx))
+                    self.render(&e.key, "delete", old, None, Some(tx), extra)
                 } else {
                     let mut columns = self.def.key_columns();
                     columns.retain(|i| self.selected.contains(i));
                     let value = Values { def: self.def, row: old, columns: &columns };
-                    render_message(&e.key, "delete", value, None, Some(tx), self.def)
+                    render_message(&e.key, "delete", value, None, Some(tx), extra, self.def)
                 }
             }
         }
@@ -678,26 +896,21 @@ impl<'a> ShapeView<'a> {
         row: &[Option<String>],
         old: Option<Values>,
         tx: Option<TxHeaders>,
+        extra: Extra,
     ) -> Vec<u8> {
-        let mut buf = Vec::new();
-        self.render_into(&mut buf, key, op, row, old, tx);
-        buf
-    }
-
-    fn render_into(
-        &self,
-        buf: &mut Vec<u8>,
-        key: &str,
-        op: &str,
-        row: &[Option<String>],
-        old: Option<Values>,
-        tx: Option<TxHeaders>,
-    ) {
         let value = Values { def: self.def, row, columns: &self.selected };
-        write_message(buf, key, op, value, old, tx, self.def);
+        render_message(key, op, value, old, tx, extra, self.def)
     }
 }
 
+/// Fixed log chunk boundaries of one shape: the log entries scanned so far, the bytes of
+/// the open chunk, and the offsets of the last entry of each closed chunk.
+#[derive(Default)]
+pub(crate) struct LogChunkIndex {
+    scanned: usize,
+    bytes: usize,
+    boundaries: Vec<Offset>,
+}
 /// A stored snapshot rendered for one shape: its messages and chunk boundaries.
 pub(crate) struct StoredChunks {
     messages: Vec<Vec<u8>>,
@@ -794,8 +1007,17 @@ struct Headers<'a> {
     key_change_to: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     key_change_from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_move_in: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed_tags: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active_conditions: Option<Vec<bool>>,
 }
 
+/// A change message; `headers` is serialized last (subset rendering relies on it).
 #[derive(Serialize)]
 struct Message<'a> {
     key: &'a str,
@@ -811,13 +1033,15 @@ fn render_message(
     value: Values,
     old: Option<Values>,
     tx: Option<TxHeaders>,
+    extra: Extra,
     def: &TableDef,
 ) -> Vec<u8> {
     let mut buf = Vec::new();
-    write_message(&mut buf, key, op, value, old, tx, def);
+    write_message(&mut buf, key, op, value, old, tx, extra, def);
     buf
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_message(
     buf: &mut Vec<u8>,
     key: &str,
@@ -825,6 +1049,7 @@ fn write_message(
     value: Values,
     old: Option<Values>,
     tx: Option<TxHeaders>,
+    extra: Extra,
     def: &TableDef,
 ) {
     let headers = Headers {
@@ -837,8 +1062,12 @@ fn write_message(
             _ => 0,
         }),
         last: tx.and_then(|t| t.last.then_some(true)),
-        key_change_to: tx.and_then(|t| t.e.key_change_to.as_deref()),
-        key_change_from: tx.and_then(|t| t.e.key_change_from.as_deref()),
+        key_change_to: extra.key_change_to,
+        key_change_from: extra.key_change_from,
+        is_move_in: extra.is_move_in.then_some(true),
+        tags: extra.tags,
+        removed_tags: extra.removed_tags,
+        active_conditions: extra.active_conditions,
     };
     let msg = Message { key, value, old_value: old, headers };
     serde_json::to_writer(&mut *buf, &msg).expect("serializing to a Vec cannot fail");

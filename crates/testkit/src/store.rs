@@ -7,7 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value as Json;
 use shapesync_core::Offset;
 
-use crate::shape::StoredChunks;
+use crate::shape::{LogChunkIndex, StoredChunks};
+use crate::subquery::{RowMeta, SubqueryWhere};
 use crate::synthetic;
 use crate::table::{RowView, TableDef};
 
@@ -47,8 +48,126 @@ impl State {
         let xmin = self.next_txid;
         let table = self.tables.get_mut(key).expect("table exists");
         let snapshot = table.data.snapshot();
-        table.generation =
-            Some(Generation { id, snapshot, log: Vec::new(), xmin, rendered: Mutex::default() });
+        table.generation = Some(Generation {
+            id,
+            snapshot,
+            subqueries: table.subqueries.clone(),
+            log: Vec::new(),
+            xmin,
+            rendered: Mutex::default(),
+            log_chunks: Mutex::default(),
+        });
+    }
+
+    /// Allocates the LSN and txid of a new transaction (or move event).
+    fn next_tx(&mut self, lsn: Option<u64>, txid: Option<u64>) -> (u64, u64) {
+        let lsn = match lsn {
+            Some(l) => {
+                assert!(l > self.last_lsn, "LSN {l} must be above the last LSN {}", self.last_lsn);
+                l
+            }
+            None => self.last_lsn + 8,
+        };
+        let txid = txid.unwrap_or(self.next_txid);
+        self.last_lsn = lsn;
+        self.next_txid = self.next_txid.max(txid + 1);
+        (lsn, txid)
+    }
+
+    /// Moves `values` out of (or into) position `pos` of the subquery where `where_clause`
+    /// and appends the move event for that shape, for a move-in followed by the inserts of
+    /// rows that enter the shape and a `snapshot-end`. Returns the offset of the last entry.
+    ///
+    /// Follows Electric's `consumer/subqueries/move_broadcast.ex` `make` (the event: `event`,
+    /// `patterns` of `{pos, value: hash}`, `txids`), `consumer/subqueries/splice_plan.ex`
+    /// `build` (the move-in event is followed by the move-in snapshot) and
+    /// `consumer/effects.ex` `execute_effect(%AppendMoveInSnapshot{})` (a `snapshot-end`
+    /// after a non-empty move-in snapshot). Unlike Electric, which appends control messages
+    /// at the next op offset of the shape's last entry, the testkit gives each move its own
+    /// LSN and txid, like the dependency transaction that caused it.
+    pub fn move_subquery(
+        &mut self,
+        key: &TableKey,
+        where_clause: &str,
+        pos: usize,
+        values: &[&str],
+        move_in: bool,
+    ) -> Offset {
+        let (lsn, txid) = self.next_tx(None, None);
+        let xmin = self.next_txid;
+        let table = self.tables.get_mut(key).expect("table exists");
+        let subquery = table
+            .subqueries
+            .get_mut(where_clause)
+            .unwrap_or_else(|| panic!("no subquery where {where_clause:?} is registered"));
+        assert!(
+            pos < subquery.positions(),
+            "position {pos} is not one of the {} positions",
+            subquery.positions()
+        );
+        let before = subquery.clone();
+        for v in values {
+            if move_in {
+                subquery.members[pos].insert(v.to_string());
+            } else {
+                subquery.members[pos].remove(*v);
+            }
+        }
+        let subquery = subquery.clone();
+        let patterns: Vec<serde_json::Value> = values
+            .iter()
+            .map(|v| serde_json::json!({"pos": pos, "value": crate::subquery::tag_hash(Some(v))}))
+            .collect();
+        let event = if move_in { "move-in" } else { "move-out" };
+        let message = serde_json::json!({"headers": {"event": event, "patterns": patterns, "txids": [txid]}});
+        let control = |op: u64, json: String| Entry {
+            offset: Offset::new(lsn, op),
+            lsn,
+            txid,
+            kind: EntryKind::Control(json),
+            only_for: Some(where_clause.to_string()),
+            op: Op::Insert,
+            key: String::new(),
+            old: None,
+            new: None,
+            key_change_to: None,
+            key_change_from: None,
+            meta: HashMap::new(),
+        };
+        let mut entries = vec![control(0, message.to_string())];
+        if move_in && let Data::Stored { rows, .. } = &table.data {
+            for (row_key, row) in rows.values() {
+                let after = subquery.meta(row);
+                if before.meta(row).included || !after.included {
+                    continue;
+                }
+                entries.push(Entry {
+                    offset: Offset::new(lsn, entries.len() as u64),
+                    lsn,
+                    txid,
+                    kind: EntryKind::MoveIn,
+                    only_for: Some(where_clause.to_string()),
+                    op: Op::Insert,
+                    key: row_key.clone(),
+                    old: None,
+                    new: Some(row.clone()),
+                    key_change_to: None,
+                    key_change_from: None,
+                    meta: HashMap::from([(where_clause.to_string(), (None, Some(after)))]),
+                });
+            }
+            if entries.len() > 1 {
+                let end = format!(
+                    r#"{{"headers":{{"control":"snapshot-end","xmin":"{xmin}","xmax":"{xmin}","xip_list":[]}}}}"#
+                );
+                entries.push(control(entries.len() as u64, end));
+            }
+        }
+        let last = entries.last().expect("non-empty").offset;
+        if let Some(generation) = &mut table.generation {
+            generation.log.extend(entries);
+        }
+        last
     }
 
     /// Applies a scripted transaction and appends its entries to the table's log.
@@ -61,16 +180,7 @@ impl State {
         txid: Option<u64>,
     ) -> Offset {
         assert!(!ops.is_empty(), "a transaction needs at least one operation");
-        let lsn = match lsn {
-            Some(l) => {
-                assert!(l > self.last_lsn, "LSN {l} must be above the last LSN {}", self.last_lsn);
-                l
-            }
-            None => self.last_lsn + 8,
-        };
-        let txid = txid.unwrap_or(self.next_txid);
-        self.last_lsn = lsn;
-        self.next_txid = self.next_txid.max(txid + 1);
+        let (lsn, txid) = self.next_tx(lsn, txid);
         let table = self.tables.get_mut(key).expect("table exists");
         let mut entries = Vec::new();
         for (i, op) in ops.into_iter().enumerate() {
@@ -79,12 +189,15 @@ impl State {
                 offset: Offset::new(lsn, pos),
                 lsn,
                 txid,
+                kind: EntryKind::Change,
+                only_for: None,
                 op,
                 key,
                 old,
                 new,
                 key_change_to: None,
                 key_change_from: None,
+                meta: HashMap::new(),
             };
             match op {
                 ScriptOp::Insert(values) => {
@@ -130,6 +243,14 @@ impl State {
                 }
             }
         }
+        // Tags and active conditions as of this transaction, for every subquery shape.
+        for e in &mut entries {
+            for (where_clause, subquery) in &table.subqueries {
+                let meta =
+                    (e.old.as_ref().map(|r| subquery.meta(r)), e.new.as_ref().map(|r| subquery.meta(r)));
+                e.meta.insert(where_clause.clone(), meta);
+            }
+        }
         let last = entries.last().expect("non-empty").offset;
         if let Some(generation) = &mut table.generation {
             generation.log.extend(entries);
@@ -156,6 +277,8 @@ pub(crate) struct Table {
     /// `None` after a truncate until the next `-1`/`now` request creates a new shape.
     pub generation: Option<Generation>,
     pub predicates: HashMap<String, Predicate>,
+    /// Subquery wheres with their current members.
+    pub subqueries: HashMap<String, SubqueryWhere>,
     /// A `where` without a registered predicate is refused (400) instead of only
     /// affecting the shape's identity.
     pub strict_where: bool,
@@ -223,11 +346,24 @@ impl Data {
 pub(crate) struct Generation {
     pub id: u64,
     pub snapshot: Snapshot,
+    /// Subquery members when the snapshot was taken (the snapshot is rendered with them).
+    pub subqueries: HashMap<String, SubqueryWhere>,
     pub log: Vec<Entry>,
     /// Reported as `snapshot-end` xmin/xmax.
     pub xmin: u64,
     /// Rendered snapshot chunks per shape definition; cleared when the snapshot or predicates change.
     pub rendered: Mutex<HashMap<u64, Arc<StoredChunks>>>,
+    /// Fixed log chunk boundaries per shape definition and threshold, extended as the log grows.
+    pub log_chunks: Mutex<HashMap<u64, LogChunkIndex>>,
+}
+
+impl Generation {
+    /// Forgets rendered snapshots and log chunk boundaries (after the snapshot or a
+    /// shape's filter changed).
+    pub fn invalidate(&self) {
+        self.rendered.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.log_chunks.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// The rows of a generation's snapshot, frozen at its creation.
@@ -243,12 +379,27 @@ pub(crate) struct Entry {
     pub offset: Offset,
     pub lsn: u64,
     pub txid: u64,
+    pub kind: EntryKind,
+    /// Move events and move-in rows belong to one subquery shape (`where` string).
+    pub only_for: Option<String>,
     pub op: Op,
     pub key: String,
     pub old: Option<Row>,
     pub new: Option<Row>,
     pub key_change_to: Option<String>,
     pub key_change_from: Option<String>,
+    /// Per subquery where: the (old, new) row's metadata when the entry was written.
+    pub meta: HashMap<String, (Option<RowMeta>, Option<RowMeta>)>,
+}
+
+/// What a log entry is.
+pub(crate) enum EntryKind {
+    /// A change of a transaction.
+    Change,
+    /// A pre-rendered control message (move event or `snapshot-end`).
+    Control(String),
+    /// A row of a move-in snapshot: an insert with `is_move_in`, no transaction headers.
+    MoveIn,
 }
 
 /// The operation of a log entry.
