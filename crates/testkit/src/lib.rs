@@ -2,7 +2,7 @@
 //!
 //! It follows the server behaviour described in `electric-protocol.md`: snapshot chunks
 //! `0_0..0_N` ending in `snapshot-end`, log offsets `<lsn>_<op>`, exclusive request offsets,
-//! byte-threshold chunking, `up-to-date` only at the head (never for `offset=-1`), live
+//! byte-threshold chunking at fixed log positions, `up-to-date` only at the head (never for `offset=-1`), live
 //! long-polls with strictly increasing cursors, 409 must-refetch on rotation or handle
 //! mismatch, validation 400s in Electric's order, 401 with a secret, out-of-bounds 400s,
 //! `replica=full`, `columns`, `log=changes_only`, `offset=now`, `If-None-Match` 304s, subset snapshots and SSE.
@@ -80,9 +80,18 @@
 //! taken from the table's current rows (a `where` needs [`TableHandle::register_where`];
 //! predicates read `$n` values with [`RowView::param`]).
 //!
-//! SSE (`live=true&live_sse=true`) streams `data:` frames with `: keep-alive` comments and
-//! closes after [`ServerOptions::sse_timeout`] or silently on rotation; only the
-//! [`Fault::MissingHeader`] fault applies to SSE responses.
+//! Log chunks end at fixed positions of each shape's log (after the message that brings
+//! a chunk to [`ServerOptions::chunk_bytes`]), whatever the request offset, so a response
+//! may end short of the head without `up-to-date`. `last: true` marks the last change of a
+//! transaction in the requesting shape.
+//!
+//! SSE (`live=true&live_sse=true`): a request with a backlog gets it, up to the end of its
+//! chunk, as one `text/event-stream` response that then closes (`up-to-date` only if the
+//! chunk reaches the head); a request at the head streams `data:` frames as changes arrive,
+//! with `: keep-alive` comments, and ends after [`ServerOptions::sse_timeout`] (no final
+//! message) or silently on rotation. An offset beyond the log is held for
+//! [`ServerOptions::out_of_bounds_wait`], then long-polls get a 400 and SSE streams close
+//! silently. Only the [`Fault::MissingHeader`] fault applies to SSE responses.
 
 pub mod cli;
 pub mod compliance;

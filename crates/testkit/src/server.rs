@@ -30,11 +30,17 @@ pub struct ServerOptions {
     pub chunk_bytes: usize,
     /// How long a live request is held when there is nothing new (`ELECTRIC_LONG_POLL_TIMEOUT`).
     pub long_poll_timeout: Duration,
-    /// How long an offset beyond the log end waits for data before the 400 out-of-bounds.
+    /// How long a request whose offset is beyond the shape's log is held, like a live
+    /// request, waiting for the log to reach it; then long-polls get the 400 out-of-bounds
+    /// and SSE streams close silently. Electric holds for `long_poll_timeout / 2`
+    /// (`api.ex` `do_serve_shape_log` `is_out_of_bounds` clause); the default, 10 s, is that
+    /// for the default `long_poll_timeout`.
     pub out_of_bounds_wait: Duration,
     /// When set, every request must carry `secret=<this>` (or `api_secret`), else 401.
     pub secret: Option<String>,
-    /// SSE (`live_sse=true`): the server closes the stream after this long (Electric: 60 s).
+    /// SSE (`live_sse=true`): a live stream at the head ends after this long, without a
+    /// final message (Electric's `sse_timeout`, 60 s); also sets `cache-control: max-age`
+    /// of SSE responses to this in seconds minus one.
     pub sse_timeout: Duration,
     /// SSE: a `: keep-alive` comment is sent after this much silence (Electric: 21 s).
     pub sse_keepalive: Duration,

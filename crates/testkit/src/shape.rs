@@ -321,6 +321,15 @@ pub(crate) struct EvalFlags {
     pub chunk_bytes: usize,
 }
 
+/// The handle and latest offset of `def`'s shape, or `None` if the table has no shape
+/// generation (after a truncate).
+pub(crate) fn latest_offset(state: &State, def: &ShapeDef) -> Option<(String, Offset)> {
+    let table = state.tables.get(&def.table)?;
+    let generation = table.generation.as_ref()?;
+    let view = ShapeView::new(table, generation, def);
+    Some((def.handle(generation.id), view.latest_offset()))
+}
+
 /// Decides the response for `req` (creating a shape generation for `-1`/`now` if needed).
 pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags) -> Eval {
     let key = &req.def.table;

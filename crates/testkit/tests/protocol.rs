@@ -563,3 +563,43 @@ async fn shutdown_ends_pending_long_polls_and_stops_listening() {
     assert_eq!(poll.await.unwrap().unwrap(), 200, "the long-poll is answered, not left hanging");
     assert!(reqwest::get(url).await.is_err(), "nothing listens after shutdown");
 }
+
+#[tokio::test]
+async fn log_chunk_boundaries_are_fixed_whatever_the_request_offset() {
+    let (server, items) = items_server(ServerOptions { chunk_bytes: 700, ..fast_options() }, 0).await;
+    let offsets: Vec<String> = (0..20)
+        .map(|i| {
+            items.insert(json!({"id": i.to_string(), "title": "some text to take up space"})).to_string()
+        })
+        .collect();
+    let responses = sync_to_head(&server, &[]).await;
+    let first_chunk_end = responses[1].offset().to_string();
+    let handle = responses[1].handle().to_string();
+    assert_ne!(first_chunk_end, offsets[19], "the first log chunk ends short of the head");
+    // From inside the first chunk, the response still ends at its fixed end.
+    let r = get(&server, &[("table", "items"), ("offset", &offsets[0]), ("handle", &handle)]).await;
+    assert_eq!(r.offset(), first_chunk_end);
+    assert!(!r.ends_up_to_date());
+    assert!(r.header("electric-up-to-date").is_none());
+    assert_eq!(r.changes()[0]["key"], r#""public"."items"/"1""#);
+}
+
+#[tokio::test]
+async fn last_marks_the_last_change_of_the_transaction_in_this_shape() {
+    let (server, items) = items_server(fast_options(), 0).await;
+    items.register_where("n = '1'", |row| row.get("n") == Some("1"));
+    items
+        .transaction()
+        .insert(json!({"id": "1", "n": "1"}))
+        .insert(json!({"id": "2", "n": "1"}))
+        .insert(json!({"id": "3", "n": "0"}))
+        .update(json!({"id": "1", "title": "t"}))
+        .commit();
+    let log = sync_to_head(&server, &[("where", "n = '1'"), ("columns", "id,n")]).await.pop().unwrap();
+    let changes = log.changes();
+    // The insert of row 3 is outside the shape and the update changes no selected column.
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(changes[0]["headers"].get("last").is_none());
+    assert_eq!(changes[1]["key"], r#""public"."items"/"2""#);
+    assert_eq!(changes[1]["headers"]["last"], json!(true));
+}
