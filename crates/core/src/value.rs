@@ -210,7 +210,8 @@ pub fn parse_value(column: &str, ty: &ColumnType, text: Option<&str>) -> Result<
         reason,
     };
     if ty.dims > 0 {
-        let mut parser = ArrayParser { input: text.as_bytes(), pos: 0 };
+        let mut parser =
+            ArrayParser { input: text.as_bytes(), pos: 0, delim: array_delimiter(&ty.type_name) };
         let parsed = parser.parse_top().map_err(invalid)?;
         return convert_array(parsed, &|elem| parse_scalar(&ty.type_name, elem)).map_err(invalid);
     }
@@ -262,15 +263,24 @@ fn convert_array(
     })
 }
 
+/// The element delimiter of arrays of `type_name`: `;` for `box` (whose values contain
+/// commas: `(1,1),(0,0)`), `,` for every other built-in type (Postgres' `pg_type.typdelim`).
+fn array_delimiter(type_name: &str) -> u8 {
+    if type_name == "box" { b';' } else { b',' }
+}
+
 /// Postgres' `MAXDIM`: no array value has more dimensions. The parser refuses deeper
 /// nesting, so server-sent text can never drive its recursion (or `convert_array`'s)
 /// deep enough to overflow the stack.
 const MAX_ARRAY_DIMS: usize = 6;
 
-/// Parser for Postgres array literals: `{1,NULL}`, `{{1,2},{3,4}}`, `{"a,b","q\"x"}`.
+/// Parser for Postgres array literals: `{1,NULL}`, `{{1,2},{3,4}}`, `{"a,b","q\"x"}`,
+/// and `{(1,1),(0,0);(2,2),(1,1)}` for `box[]`, whose delimiter is `;`.
 struct ArrayParser<'a> {
     input: &'a [u8],
     pos: usize,
+    /// The element delimiter ([`array_delimiter`]).
+    delim: u8,
 }
 
 impl ArrayParser<'_> {
@@ -321,11 +331,12 @@ impl ArrayParser<'_> {
             });
             self.skip_ws();
             match self.input.get(self.pos) {
-                Some(b',') => self.pos += 1,
+                Some(&b) if b == self.delim => self.pos += 1,
                 Some(b'}') => {
                     self.pos += 1;
                     return Ok(RawElem::Nested(items));
                 }
+                _ if self.delim == b';' => return Err("expected ';' or '}' in box array literal"),
                 _ => return Err("expected ',' or '}' in array literal"),
             }
         }
@@ -359,7 +370,8 @@ impl ArrayParser<'_> {
         let mut out = Vec::new();
         while let Some(&b) = self.input.get(self.pos) {
             match b {
-                b',' | b'}' => break,
+                b'}' => break,
+                _ if b == self.delim => break,
                 b'{' | b'"' => return Err("unexpected character in unquoted array element"),
                 b'\\' => {
                     out.push(*self.input.get(self.pos + 1).ok_or("dangling escape in array element")?);
@@ -439,6 +451,38 @@ mod tests {
             ])
         );
         assert_eq!(parse("int4", 1, "[0:1]={7,8}"), Value::Array(vec![Value::Int(7), Value::Int(8)]));
+    }
+
+    #[test]
+    fn box_arrays_use_semicolons_between_elements() {
+        // `select array['((1,1),(0,0))'::box, '((3,3),(2,2))', null]::text` in Postgres.
+        assert_eq!(
+            parse("box", 1, "{(1,1),(0,0);(3,3),(2,2);NULL}"),
+            Value::Array(vec![
+                Value::Text("(1,1),(0,0)".into()),
+                Value::Text("(3,3),(2,2)".into()),
+                Value::Null
+            ])
+        );
+        assert_eq!(
+            parse("box", 2, "{{(1,1),(0,0)};{(2,2),(1,1)}}"),
+            Value::Array(vec![
+                Value::Array(vec![Value::Text("(1,1),(0,0)".into())]),
+                Value::Array(vec![Value::Text("(2,2),(1,1)".into())]),
+            ])
+        );
+        assert_eq!(
+            parse("box", 1, "{\"(1,1),(0,0)\"}"),
+            Value::Array(vec![Value::Text("(1,1),(0,0)".into())])
+        );
+        // Other geometric types keep `,`: `point[]` elements are quoted by Postgres.
+        assert_eq!(
+            parse("point", 1, r#"{"(1,2)","(3,4)"}"#),
+            Value::Array(vec![Value::Text("(1,2)".into()), Value::Text("(3,4)".into())])
+        );
+        let e = parse_value("c", &col("box", 1, false), Some("{(1,1),(0,0),(3,3),(2,2)}"));
+        assert!(e.is_ok(), "one element: a box array cannot be split on commas");
+        assert!(parse_value("c", &col("box", 1, false), Some("{(1,1),(0,0);}")).is_err());
     }
 
     #[test]
