@@ -1,6 +1,7 @@
 //! `type: electric` in pipeline files.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,9 +45,28 @@ pub struct ElectricSourceConfig {
     /// Extra request headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Request timeout in seconds (default 45; keep it above the server's 20 s hold).
+    /// A file of `Name: value` header lines, re-read before every request (rotating
+    /// tokens); its headers replace same-named `headers`.
+    #[serde(default)]
+    pub headers_file: Option<PathBuf>,
+    /// A file holding the Electric API secret, re-read before every request; not
+    /// together with `secret`.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// 401/403 answers retried (with backoff, re-reading the files) before the
+    /// pipeline fails (default 5).
+    #[serde(default)]
+    pub auth_retries: Option<u32>,
+    /// Bound on a live long-poll and on the wait for response headers, in seconds
+    /// (default 45; keep it above the server's 20 s hold).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Longest wait for a connection, in seconds (default 10).
+    #[serde(default)]
+    pub connect_timeout_secs: Option<u64>,
+    /// Longest silence while a non-live body downloads, in seconds (default 30).
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
     /// Follow live changes over Server-Sent Events (default: long-polling).
     #[serde(default)]
     pub live_sse: Option<bool>,
@@ -72,7 +92,12 @@ impl std::fmt::Debug for ElectricSourceConfig {
             .field("log", &self.log)
             .field("secret", &self.secret.as_ref().map(|_| REDACTED))
             .field("headers", &redacted_headers(self.headers.keys().map(String::as_str)))
+            .field("headers_file", &self.headers_file)
+            .field("secret_file", &self.secret_file)
+            .field("auth_retries", &self.auth_retries)
             .field("timeout_secs", &self.timeout_secs)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("idle_timeout_secs", &self.idle_timeout_secs)
             .field("live_sse", &self.live_sse)
             .field("max_response_bytes", &self.max_response_bytes)
             .finish()
@@ -122,12 +147,25 @@ impl ElectricSourceConfig {
                 ConfigError::new(format!("headers.{name}"), "not a valid HTTP header name and value")
             })?;
         }
-        if let Some(secs) = self.timeout_secs {
-            if secs == 0 {
-                return Err(ConfigError::new("timeout_secs", "must be at least 1"));
-            }
-            options.request_timeout = Duration::from_secs(secs);
+        if self.secret.is_some() && self.secret_file.is_some() {
+            return Err(ConfigError::new("secret_file", "set `secret` or `secret_file`, not both"));
         }
+        options.headers_file = self.headers_file.clone();
+        options.secret_file = self.secret_file.clone();
+        if let Some(n) = self.auth_retries {
+            options.auth_retries = n;
+        }
+        let seconds = |key: &str, value: Option<u64>, default: Duration| match value {
+            Some(0) => {
+                Err(ConfigError::new(key, format!("must be at least 1 (default {})", default.as_secs())))
+            }
+            Some(secs) => Ok(Duration::from_secs(secs)),
+            None => Ok(default),
+        };
+        options.request_timeout = seconds("timeout_secs", self.timeout_secs, options.request_timeout)?;
+        options.connect_timeout =
+            seconds("connect_timeout_secs", self.connect_timeout_secs, options.connect_timeout)?;
+        options.idle_timeout = seconds("idle_timeout_secs", self.idle_timeout_secs, options.idle_timeout)?;
         options.live_sse = self.live_sse.unwrap_or(false);
         if let Some(bytes) = self.max_response_bytes {
             if bytes == 0 {
@@ -232,7 +270,11 @@ replica: full
 log: full
 secret: s3cret
 headers: {Authorization: Bearer x}
+headers_file: /run/secrets/electric-headers
+auth_retries: 9
 timeout_secs: 30
+connect_timeout_secs: 3
+idle_timeout_secs: 120
 live_sse: true
 max_response_bytes: 1048576
 "#,
@@ -245,6 +287,11 @@ max_response_bytes: 1048576
         assert_eq!(o.replica, Replica::Full);
         assert_eq!(o.log, LogMode::Full);
         assert_eq!(o.request_timeout, Duration::from_secs(30));
+        assert_eq!(o.connect_timeout, Duration::from_secs(3));
+        assert_eq!(o.idle_timeout, Duration::from_secs(120));
+        assert_eq!(o.headers_file.as_deref(), Some(std::path::Path::new("/run/secrets/electric-headers")));
+        assert_eq!(o.secret_file, None);
+        assert_eq!(o.auth_retries, 9);
         assert!(o.live_sse);
         assert_eq!(o.max_response_bytes, 1_048_576);
         assert_eq!(o.headers["authorization"], "Bearer x");
@@ -283,6 +330,14 @@ max_response_bytes: 1048576
         assert_eq!(e.key, "columns", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\ntimeout_secs: 0\n").unwrap_err();
         assert_eq!(e.key, "timeout_secs", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nidle_timeout_secs: 0\n").unwrap_err();
+        assert_eq!(e.key, "idle_timeout_secs", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nconnect_timeout_secs: 0\n").unwrap_err();
+        assert_eq!(e.key, "connect_timeout_secs", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nsecret: a\nsecret_file: /s\n").unwrap_err();
+        assert_eq!(e.key, "secret_file", "{e}");
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\nauth_retries: -1\n").unwrap_err();
+        assert_eq!(e.key, "auth_retries", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\nmax_response_bytes: 0\n").unwrap_err();
         assert_eq!(e.key, "max_response_bytes", "{e}");
         let e = from_yaml("url: http://h/v1/shape\ntable: t\nmax_response_bytes: 64MiB\n").unwrap_err();
@@ -327,6 +382,21 @@ max_response_bytes: 1048576
         let o = from_yaml(MINIMAL).unwrap().to_options().unwrap();
         assert_eq!(o.max_response_bytes, crate::defaults::MAX_RESPONSE_BYTES);
         assert_eq!(o.max_response_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn timeouts_and_credential_settings_default_in_one_place() {
+        let o = from_yaml(MINIMAL).unwrap().to_options().unwrap();
+        assert_eq!(o.request_timeout, crate::defaults::REQUEST_TIMEOUT);
+        assert_eq!(o.connect_timeout, crate::defaults::CONNECT_TIMEOUT);
+        assert_eq!(o.idle_timeout, crate::defaults::IDLE_TIMEOUT);
+        assert_eq!(o.auth_retries, crate::defaults::AUTH_RETRIES);
+        assert_eq!((o.headers_file, o.secret_file), (None, None));
+        let o = from_yaml("url: http://h/v1/shape\ntable: t\nsecret_file: /run/s\n")
+            .unwrap()
+            .to_options()
+            .unwrap();
+        assert_eq!(o.secret_file.as_deref(), Some(std::path::Path::new("/run/s")));
     }
 
     #[test]

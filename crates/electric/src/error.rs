@@ -47,6 +47,15 @@ pub enum ShapeError {
         /// The response status.
         status: u16,
     },
+    /// The server answered twice in a row, even for a fresh `offset=-1` request, with
+    /// `electric-schema: null`: it no longer finds the table (dropped or renamed).
+    #[error(
+        "the shape server no longer finds table `{table}` (it answers with `electric-schema: null`): the table was dropped or renamed; recreate it or change `table`, then start the pipeline again"
+    )]
+    TableGone {
+        /// The `table` option.
+        table: String,
+    },
     /// The server's response breaks the protocol in another way.
     #[error(
         "the shape server broke the protocol: {0}; check that the url points at an Electric /v1/shape endpoint"
@@ -72,6 +81,7 @@ impl From<ShapeError> for SourceError {
                     _ => message,
                 },
             },
+            e @ ShapeError::TableGone { .. } => SourceError::Setup { detail: e.to_string() },
             e @ (ShapeError::MissingHeader { .. } | ShapeError::Redirected { .. }) => {
                 SourceError::Protocol { detail: e.to_string() }
             }

@@ -2,6 +2,7 @@
 //! where to start, and the retry/timeout policy.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -18,6 +19,14 @@ pub mod defaults {
 
     /// Request timeout: above the server's 20 s long-poll hold (as the TS client's 45 s).
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
+    /// Longest wait for a TCP (and TLS) connection to the server.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Longest silence while a non-live body downloads: a 10 MiB chunk over a slow
+    /// link may take minutes, but bytes keep coming.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// 401/403 answers retried (with backoff, re-reading credential files) before the
+    /// stream fails.
+    pub const AUTH_RETRIES: u32 = 5;
     /// First backoff ceiling (TS: 1 s).
     pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
     /// Largest backoff ceiling (TS: 32 s).
@@ -128,13 +137,34 @@ pub struct ShapeOptions {
     pub secret: Option<String>,
     /// Extra request headers (e.g. `Authorization`). Never logged.
     pub headers: HeaderMap,
+    /// A file of `Name: value` lines (blank lines and `#` comments skipped), re-read
+    /// before every request so a mounted secret or a sidecar can rotate a token. Its
+    /// headers replace same-named ones of [`ShapeOptions::headers`]. Never logged.
+    pub headers_file: Option<PathBuf>,
+    /// A file holding the API secret (surrounding whitespace trimmed), re-read before
+    /// every request; it replaces [`ShapeOptions::secret`]. Never logged.
+    pub secret_file: Option<PathBuf>,
+    /// 401/403 answers (and unreadable credential files) retried in a row, with
+    /// backoff and re-reading the credential files, before the stream fails with
+    /// [`ShapeError::Rejected`] (or [`ShapeError::InvalidOptions`] for a file).
+    pub auth_retries: u32,
     /// Where to start when not resuming.
     pub start: StartFrom,
-    /// Per-request timeout; keep it above the server's long-poll hold (20 s). For SSE
-    /// it bounds the wait for headers and the silence between messages.
+    /// Bounds a live long-poll (headers and body; keep it above the server's 20 s
+    /// hold) and the wait for a non-live response's headers. For SSE it bounds the wait
+    /// for headers and the silence between messages. Non-live bodies are bounded by
+    /// [`ShapeOptions::idle_timeout`] instead, so a large chunk on a slow link completes.
     pub request_timeout: Duration,
-    /// Follow live changes over Server-Sent Events instead of long-polling; falls back
-    /// to long-polling after 3 consecutive connections that close within a second.
+    /// Longest wait for a connection. Applies to the client [`crate::ShapeStream::new`]
+    /// builds; with your own client, set `connect_timeout` on it.
+    pub connect_timeout: Duration,
+    /// Longest silence (no body bytes) while a non-live response body downloads; the
+    /// download as a whole has no time limit.
+    pub idle_timeout: Duration,
+    /// Follow live changes over Server-Sent Events instead of long-polling. A
+    /// connection that ends having delivered nothing is followed by one long-poll;
+    /// after 3 in a row that close within a second the stream long-polls for 5 minutes
+    /// or 20 good long-polls, then tries SSE again.
     pub live_sse: bool,
     /// Retry policy for transient faults.
     pub backoff: BackoffConfig,
@@ -162,8 +192,13 @@ impl std::fmt::Debug for ShapeOptions {
             .field("log", &self.log)
             .field("secret", &self.secret.as_ref().map(|_| REDACTED))
             .field("headers", &redacted_headers(self.headers.keys().map(HeaderName::as_str)))
+            .field("headers_file", &self.headers_file)
+            .field("secret_file", &self.secret_file)
+            .field("auth_retries", &self.auth_retries)
             .field("start", &self.start)
             .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .field("live_sse", &self.live_sse)
             .field("backoff", &self.backoff)
             .field("malformed_body_retries", &self.malformed_body_retries)
@@ -191,8 +226,13 @@ impl ShapeOptions {
             log: LogMode::Full,
             secret: None,
             headers: HeaderMap::new(),
+            headers_file: None,
+            secret_file: None,
+            auth_retries: defaults::AUTH_RETRIES,
             start: StartFrom::Beginning,
             request_timeout: defaults::REQUEST_TIMEOUT,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
             live_sse: false,
             backoff: BackoffConfig::default(),
             malformed_body_retries: defaults::MALFORMED_BODY_RETRIES,
@@ -237,6 +277,14 @@ impl ShapeOptions {
         }
         if self.request_timeout.is_zero() {
             return Err(ShapeError::InvalidOptions("request_timeout must be positive".into()));
+        }
+        if self.connect_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err(ShapeError::InvalidOptions(
+                "connect_timeout and idle_timeout must be positive".into(),
+            ));
+        }
+        if self.secret.is_some() && self.secret_file.is_some() {
+            return Err(ShapeError::InvalidOptions("set secret or secret_file, not both".into()));
         }
         if self.backoff.base.is_zero() || self.backoff.cap < self.backoff.base {
             return Err(ShapeError::InvalidOptions("backoff needs 0 < base <= cap".into()));

@@ -1,5 +1,8 @@
 //! Building request URLs, and printing them without secrets.
 
+use std::path::Path;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use shapesync_core::Offset;
 use url::Url;
 
@@ -34,10 +37,14 @@ pub(crate) struct RequestState<'a> {
     pub cursor: Option<&'a str>,
     pub cache_buster: Option<&'a str>,
     pub expired_handle: Option<&'a str>,
+    /// Replaces [`ShapeOptions::secret`] (read from `secret_file`).
+    pub secret: Option<&'a str>,
 }
 
-/// The URL of one shape request: the base URL's own parameters, then the shape
-/// definition, then the stream position.
+/// The URL of one shape request: the base URL's own parameters, the shape definition
+/// and the stream position, sorted by name (stably: a repeated name keeps its order) so
+/// that equal requests have equal URLs and CDNs can collapse them, as the TS client does
+/// (`client.ts` `#constructUrl`/`#requestShape`: `fetchUrl.searchParams.sort()`).
 pub(crate) fn shape_url(options: &ShapeOptions, state: &RequestState<'_>) -> Url {
     let columns = options.columns_param();
     let mut shape: Vec<(String, String)> = vec![("table".into(), options.table.clone())];
@@ -56,8 +63,8 @@ pub(crate) fn shape_url(options: &ShapeOptions, state: &RequestState<'_>) -> Url
     if options.log != LogMode::Full {
         shape.push(("log".into(), options.log.as_str().into()));
     }
-    if let Some(s) = &options.secret {
-        shape.push(("secret".into(), s.clone()));
+    if let Some(s) = state.secret.or(options.secret.as_deref()) {
+        shape.push(("secret".into(), s.to_owned()));
     }
     let sets_params = !options.params.is_empty();
     let mut url = options.url.clone();
@@ -71,35 +78,67 @@ pub(crate) fn shape_url(options: &ShapeOptions, state: &RequestState<'_>) -> Url
         })
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    {
-        let mut q = url.query_pairs_mut();
-        q.clear();
-        q.extend_pairs(kept);
-        q.extend_pairs(shape);
-        match state.offset {
-            Some(o) => q.append_pair("offset", &o.to_string()),
-            None => q.append_pair("offset", "now"),
-        };
-        if let Some(h) = state.handle {
-            q.append_pair("handle", h);
+    let mut pairs = kept;
+    pairs.extend(shape);
+    let offset = match state.offset {
+        Some(o) => o.to_string(),
+        None => "now".to_owned(),
+    };
+    pairs.push(("offset".into(), offset));
+    if let Some(h) = state.handle {
+        pairs.push(("handle".into(), h.into()));
+    }
+    if state.live {
+        pairs.push(("live".into(), "true".into()));
+        if state.live_sse {
+            pairs.push(("live_sse".into(), "true".into()));
         }
-        if state.live {
-            q.append_pair("live", "true");
-            if state.live_sse {
-                q.append_pair("live_sse", "true");
-            }
-            if let Some(c) = state.cursor {
-                q.append_pair("cursor", c);
-            }
-        }
-        if let Some(e) = state.expired_handle {
-            q.append_pair("expired_handle", e);
-        }
-        if let Some(b) = state.cache_buster {
-            q.append_pair("cache-buster", b);
+        if let Some(c) = state.cursor {
+            pairs.push(("cursor".into(), c.into()));
         }
     }
+    if let Some(e) = state.expired_handle {
+        pairs.push(("expired_handle".into(), e.into()));
+    }
+    if let Some(b) = state.cache_buster {
+        pairs.push(("cache-buster".into(), b.into()));
+    }
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    url.query_pairs_mut().clear().extend_pairs(pairs);
     url
+}
+
+/// Reads a `headers_file`: `Name: value` lines; blank lines and lines starting with `#`
+/// are skipped. Errors name the file and line, never a value.
+pub(crate) async fn read_headers_file(path: &Path) -> Result<HeaderMap, String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("cannot read headers_file {}: {e}", path.display()))?;
+    let mut headers = HeaderMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("headers_file {} line {}: expected `Name: value`", path.display(), i + 1);
+        let (name, value) = line.split_once(':').ok_or_else(bad)?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+        let value = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
+/// Reads a `secret_file`: its whole content, surrounding whitespace trimmed.
+pub(crate) async fn read_secret_file(path: &Path) -> Result<String, String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("cannot read secret_file {}: {e}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("secret_file {} is empty", path.display()));
+    }
+    Ok(secret.to_owned())
 }
 
 /// The URL with its password, user name and `secret` values replaced by `***`,
@@ -156,6 +195,7 @@ mod tests {
                 cursor: Some("123"),
                 cache_buster: Some("cb"),
                 expired_handle: None,
+                secret: None,
             },
         );
         let q = query(&url);
@@ -175,6 +215,43 @@ mod tests {
         assert_eq!(q["cursor"], "123");
         assert_eq!(q["cache-buster"], "cb");
         assert_eq!(url.query_pairs().filter(|(k, _)| k == "offset").count(), 1);
+        let names: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "parameters are in sorted order");
+        assert_eq!(names.first().map(String::as_str), Some("cache-buster"));
+    }
+
+    #[test]
+    fn equal_requests_have_equal_urls_whatever_the_base_url_order() {
+        let state = RequestState { offset: Some(Offset::new(1, 0)), handle: Some("h"), ..Default::default() };
+        let a = ShapeOptions::new("http://h/v1/shape?b=2&a=1".parse().unwrap(), "items");
+        let b = ShapeOptions::new("http://h/v1/shape?a=1&b=2".parse().unwrap(), "items");
+        assert_eq!(shape_url(&a, &state), shape_url(&b, &state));
+        assert_eq!(shape_url(&a, &state).query(), Some("a=1&b=2&handle=h&offset=1_0&table=items"));
+    }
+
+    #[tokio::test]
+    async fn credential_files_are_read_without_echoing_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("headers");
+        std::fs::write(&path, "# rotated by a sidecar\n\nAuthorization: Bearer t0ken\nX-Tenant:acme\n")
+            .unwrap();
+        let h = read_headers_file(&path).await.unwrap();
+        assert_eq!(h["authorization"], "Bearer t0ken");
+        assert_eq!(h["x-tenant"], "acme");
+        std::fs::write(&path, "Authorization: Bearer t0ken\nno colon s3cret\n").unwrap();
+        let e = read_headers_file(&path).await.unwrap_err();
+        assert!(e.contains("line 2") && !e.contains("s3cret") && !e.contains("t0ken"), "{e}");
+        std::fs::write(&path, "X-Bad: v\u{7f}s3cret\n").unwrap();
+        let e = read_headers_file(&path).await.unwrap_err();
+        assert!(e.contains("line 1") && !e.contains("s3cret"), "{e}");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "  s3cret\n").unwrap();
+        assert_eq!(read_secret_file(&secret).await.unwrap(), "s3cret");
+        std::fs::write(&secret, "\n").unwrap();
+        assert!(read_secret_file(&secret).await.unwrap_err().contains("empty"));
+        assert!(read_secret_file(&dir.path().join("missing")).await.unwrap_err().contains("cannot read"));
     }
 
     #[test]

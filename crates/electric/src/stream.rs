@@ -14,7 +14,7 @@ use shapesync_core::{
 
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::message::{BodyError, Message, parse_body, parse_message};
-use crate::request::{RequestState, redact_url, shape_url};
+use crate::request::{RequestState, read_headers_file, read_secret_file, redact_url, shape_url};
 use crate::tags::{Mark, Resolution, TagTracker};
 use crate::{ShapeError, ShapeOptions};
 
@@ -42,8 +42,18 @@ const FAST_LOOP_WINDOW: Duration = Duration::from_millis(500);
 const FAST_LOOP_LIMIT: u32 = 5;
 /// An SSE connection closing sooner than this counts as a short close.
 const SSE_SHORT_CLOSE: Duration = Duration::from_secs(1);
-/// Consecutive short SSE closes before falling back to long-polling.
+/// Consecutive short SSE closes before falling back to long-polling (TS:
+/// `client.ts` `#maxShortSseConnections`).
 const SSE_SHORT_CLOSES: u32 = 3;
+/// Ceiling of the first jittered wait after a short SSE close; it doubles per short
+/// close in a row (TS: `client.ts` `#sseBackoffBaseDelay`).
+const SSE_BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Largest ceiling of that wait (TS: `#sseBackoffMaxDelay`).
+const SSE_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// After falling back to long-polling, SSE is tried again after this long…
+const SSE_FALLBACK_TIME: Duration = Duration::from_secs(5 * 60);
+/// …or after this many good long-polls, whichever comes first.
+const SSE_FALLBACK_POLLS: u32 = 20;
 /// Expired handles remembered.
 const EXPIRED_HANDLES_KEPT: usize = 16;
 
@@ -92,9 +102,29 @@ pub struct ShapeStream {
     last_position: Option<LogPosition>,
     sse: Option<SseConnection>,
     sse_short_closes: u32,
-    sse_disabled: bool,
+    /// The last SSE connection ended having delivered nothing: the next live request
+    /// is a long-poll (which gets the real answer: data, or the out-of-bounds 400).
+    sse_poll_next: bool,
+    /// Long-polling instead of SSE since short closes piled up (a buffering proxy?).
+    sse_fallback: Option<SseFallback>,
+    /// Headers read from `headers_file` before the latest request.
+    file_headers: HeaderMap,
+    /// The secret read from `secret_file` before the latest request.
+    file_secret: Option<String>,
+    /// 401/403 answers (or unreadable credential files) in a row.
+    auth_failures: u32,
+    /// Responses in a row whose `electric-schema` was `null` (the table is gone).
+    schemaless: u32,
     /// Which rows carry which subquery tags, to turn move-outs into deletes.
     tags: TagTracker,
+}
+
+/// Long-polling for a while after SSE connections kept closing at once.
+#[derive(Debug, Clone, Copy)]
+struct SseFallback {
+    since: Instant,
+    /// Good long-polls since.
+    polls: u32,
 }
 
 impl std::fmt::Debug for ShapeStream {
@@ -124,13 +154,15 @@ impl ShapeStream {
             .user_agent(concat!("shapesync-electric/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .referer(false)
+            .connect_timeout(options.connect_timeout)
             .build()
             .map_err(|e| ShapeError::InvalidOptions(format!("cannot create the HTTP client: {e}")))?;
         Self::with_client(options, client)
     }
 
     /// As [`ShapeStream::new`], with your own `reqwest` client (proxies, TLS roots…).
-    /// The per-request timeout from the options still applies.
+    /// The request and idle timeouts from the options still apply; the connect
+    /// timeout is the client's own.
     ///
     /// Build the client with `.redirect(reqwest::redirect::Policy::none())` and
     /// `.referer(false)`: reqwest's default follows redirects, and would send the
@@ -162,7 +194,12 @@ impl ShapeStream {
             last_position: None,
             sse: None,
             sse_short_closes: 0,
-            sse_disabled: false,
+            sse_poll_next: false,
+            sse_fallback: None,
+            file_headers: HeaderMap::new(),
+            file_secret: None,
+            auth_failures: 0,
+            schemaless: 0,
             tags: TagTracker::new(true),
         })
     }
@@ -262,8 +299,20 @@ impl ShapeStream {
             if let Some(delay) = self.pending_delay.take() {
                 tokio::time::sleep(delay).await;
             }
+            if let Err(what) = self.refresh_credentials().await {
+                self.auth_failures += 1;
+                if self.auth_failures > self.options.auth_retries {
+                    self.auth_failures = 0;
+                    return Err(ShapeError::InvalidOptions(format!(
+                        "{what}, {} times in a row; make the file readable with valid contents",
+                        self.options.auth_retries + 1
+                    )));
+                }
+                self.wait_after_fault(&what, None).await;
+                continue;
+            }
             let live = self.live;
-            let sse = live && self.options.live_sse && !self.sse_disabled;
+            let sse = live && self.options.live_sse && self.sse_allowed();
             let url = shape_url(
                 &self.options,
                 &RequestState {
@@ -273,6 +322,7 @@ impl ShapeStream {
                     live_sse: sse,
                     cursor: self.cursor.as_deref(),
                     cache_buster: self.cache_buster.as_deref(),
+                    secret: self.file_secret.as_deref(),
                     expired_handle: self
                         .expired_to_send
                         .as_deref()
@@ -281,17 +331,28 @@ impl ShapeStream {
             );
             tracing::debug!(url = %redact_url(&url), live, sse, "shape request");
             let timeout = self.options.request_timeout;
-            let request = self.client.get(url).headers(self.options.headers.clone());
-            // An SSE stream outlives any whole-request timeout: bound each wait instead.
-            let sent = if sse {
-                tokio::time::timeout(timeout, request.send()).await.ok()
-            } else {
+            let mut request_headers = self.options.headers.clone();
+            // `headers_file` entries replace same-named `headers`.
+            request_headers.extend(self.file_headers.clone());
+            let request = self.client.get(url).headers(request_headers);
+            let sent = if live && !sse {
+                // A long-poll: the server's hold plus the body, bounded as a whole.
                 Some(request.timeout(timeout).send().await)
+            } else {
+                // An SSE stream outlives any whole-request timeout, and so may a large
+                // non-live body on a slow link: bound the wait for headers here, then
+                // the silences of the body (`read_sse`, `read_body`).
+                tokio::time::timeout(timeout, request.send()).await.ok()
             };
             let response = match sent {
                 Some(Ok(r)) => r,
-                None => {
+                None if sse => {
                     tracing::debug!("SSE request got no headers in time; reconnecting");
+                    continue;
+                }
+                None => {
+                    self.count_request("error");
+                    self.wait_after_fault(&format!("no response headers within {timeout:?}"), None).await;
                     continue;
                 }
                 Some(Err(e)) if live && e.is_timeout() => {
@@ -326,15 +387,25 @@ impl ShapeStream {
                 }
                 continue;
             }
-            // The server's long-poll hold ends with the headers: a body that does not
-            // arrive in time is a transport fault, live or not; so is one over the cap.
+            // A live body must arrive within the request timeout; a non-live one may
+            // take as long as it needs while bytes keep coming (`idle_timeout`). A
+            // stalled body is a transport fault, and so is one over the cap (counted
+            // decoded, after gzip).
             let max_bytes = self.options.max_response_bytes;
-            let read = match tokio::time::timeout(timeout, read_body(response, max_bytes)).await {
-                Ok(Ok(body)) => Ok(body),
-                Ok(Err(BodyReadError::Transport(e))) => Err(describe_reqwest_error(&e)),
-                Ok(Err(BodyReadError::TooLarge { declared })) => Err(too_large(declared, max_bytes)),
-                Err(_) => Err(format!("the response body did not arrive within {timeout:?}")),
+            let read = if live {
+                match tokio::time::timeout(timeout, read_body(response, max_bytes, None)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(BodyReadError::Late(timeout)),
+                }
+            } else {
+                read_body(response, max_bytes, Some(self.options.idle_timeout)).await
             };
+            let read = read.map_err(|e| match e {
+                BodyReadError::Transport(e) => describe_reqwest_error(&e),
+                BodyReadError::TooLarge { declared } => too_large(declared, max_bytes),
+                BodyReadError::Stalled(idle) => format!("no bytes of the response body arrived for {idle:?}"),
+                BodyReadError::Late(after) => format!("the response body did not arrive within {after:?}"),
+            });
             let body = match read {
                 Ok(body) => body,
                 Err(what) => {
@@ -350,6 +421,18 @@ impl ShapeStream {
                 continue;
             }
             match status.as_u16() {
+                401 | 403 if self.auth_failures < self.options.auth_retries => {
+                    // Credentials may be rotating: retry, re-reading the credential files.
+                    self.auth_failures += 1;
+                    let retry_after = self.retry_after(&header_map);
+                    let what = format!("HTTP {}: credentials refused", status.as_u16());
+                    self.wait_after_fault(&what, retry_after).await;
+                }
+                401 | 403 => {
+                    // A caller may fix the credentials and call again: a fresh budget.
+                    self.auth_failures = 0;
+                    return Err(self.rejection(status.as_u16(), &body));
+                }
                 409 => {
                     let new_handle = header_str(&header_map, headers::HANDLE).map(str::to_owned);
                     tracing::info!("shape must be refetched (HTTP 409)");
@@ -389,6 +472,8 @@ impl ShapeStream {
         if matches!(code, 204 | 304) {
             // Nothing new (a deprecated 204 live timeout, or a revalidated cache hit).
             self.backoff.reset();
+            self.auth_failures = 0;
+            self.cache_buster = None;
             let handle = match self.handle.clone() {
                 Some(known) => known,
                 None => header_text(header_map, headers::HANDLE)?.map(str::to_owned).ok_or_else(|| {
@@ -429,6 +514,9 @@ impl ShapeStream {
 
         if self.is_foreign_handle(handle) {
             return self.on_stale_response(handle.to_owned());
+        }
+        if schema_text.is_some_and(|text| text.trim() == "null") {
+            return self.on_table_gone().map(Some);
         }
 
         let schema = match schema_text {
@@ -473,6 +561,14 @@ impl ShapeStream {
         self.malformed_bodies = 0;
         self.stale_retries = 0;
         self.resets_since_success = 0;
+        self.auth_failures = 0;
+        self.schemaless = 0;
+        // A cache-buster is for the request after a reset or a stale response only
+        // (TS: `client.ts` `#requestShape` passes it to that one request).
+        self.cache_buster = None;
+        if live {
+            self.on_long_poll_success();
+        }
         if parsed.up_to_date {
             self.self_healed = false;
             self.fast_loop.detections = 0;
@@ -550,6 +646,21 @@ impl ShapeStream {
         Err(ShapeError::protocol(
             "caches keep serving an expired or foreign shape handle, even after a reset; purge the CDN/proxy cache in front of Electric",
         ))
+    }
+
+    /// `electric-schema: null`: the server found no table when it answered (dropped or
+    /// renamed mid-request: `api.ex` `schema/1` gives nil for `:table_not_found`). The
+    /// server drops shapes on a dropped table, so this is a must-refetch; the fresh
+    /// request then gets the server's 400 for a missing table. A second `null` in a row
+    /// (no good response between) ends the stream with [`ShapeError::TableGone`].
+    fn on_table_gone(&mut self) -> Result<ShapeEvent, ShapeError> {
+        self.schemaless += 1;
+        if self.schemaless > 1 {
+            self.schemaless = 0;
+            return Err(ShapeError::TableGone { table: self.options.table.clone() });
+        }
+        tracing::warn!(table = %self.options.table, "the server has no schema for the table (dropped?); refetching the shape");
+        Ok(self.reset(None, true))
     }
 
     fn on_fast_loop(&mut self) -> Result<ShapeEvent, ShapeError> {
@@ -641,6 +752,8 @@ impl ShapeStream {
             return self.on_stale_response(handle.to_owned());
         }
         self.handle = Some(handle.to_owned());
+        self.auth_failures = 0;
+        self.cache_buster = None;
         if let Some(cursor) = header_text(header_map, headers::CURSOR)? {
             self.cursor = Some(cursor.to_owned());
         }
@@ -667,18 +780,18 @@ impl ShapeStream {
                     Ok(Ok(Some(bytes))) => conn.events.push(&bytes),
                     Ok(Ok(None)) => {
                         tracing::debug!("SSE connection closed; reconnecting");
-                        self.close_sse();
-                        return Ok(None);
+                        return Ok(self.end_sse());
                     }
                     Ok(Err(e)) => {
-                        self.close_sse();
-                        self.wait_after_fault(&describe_reqwest_error(&e), None).await;
-                        return Ok(None);
+                        let event = self.end_sse();
+                        if event.is_none() {
+                            self.wait_after_fault(&describe_reqwest_error(&e), None).await;
+                        }
+                        return Ok(event);
                     }
                     Err(_) => {
                         tracing::warn!("SSE connection silent for {idle:?}; reconnecting");
-                        self.close_sse();
-                        return Ok(None);
+                        return Ok(self.end_sse());
                     }
                 }
                 continue;
@@ -725,11 +838,45 @@ impl ShapeStream {
                 }
                 Err(BodyError::Malformed(detail)) => {
                     self.close_sse();
+                    self.malformed_bodies += 1;
+                    if self.malformed_bodies > self.options.malformed_body_retries {
+                        return Err(ShapeError::Protocol(format!(
+                            "{detail}, {} times in a row",
+                            self.malformed_bodies
+                        )));
+                    }
                     self.wait_after_fault(&detail, None).await;
                     return Ok(None);
                 }
             }
         }
+    }
+
+    /// The SSE connection ended: closed, failed or silent for the request timeout.
+    ///
+    /// The server ends a live SSE request that finds a backlog after serving it as one
+    /// chunk, often without `up-to-date` (`api.ex` `do_serve_shape_log`), and any SSE
+    /// stream after `sse_timeout`, mid-transaction or not (`stream_sse_events`,
+    /// `next_sse_event`). So the changes read since the last `up-to-date` are handed
+    /// on as a response that is not up to date, resuming after the last of them.
+    ///
+    /// A connection that delivered nothing makes the next request a plain long-poll:
+    /// over SSE an out-of-bounds offset gets a `200 text/event-stream` that closes
+    /// silently (`do_serve_shape_log` for `is_out_of_bounds`, then `next_sse_event` on
+    /// `:out_of_bounds_timeout`), while a long-poll gets the real 400 (or data). SSE
+    /// resumes after a good long-poll, so no path reconnects at one offset forever.
+    fn end_sse(&mut self) -> Option<ShapeEvent> {
+        let conn = self.sse.as_ref()?;
+        let event = (!conn.changes.is_empty()).then(|| self.sse_flush(false, None));
+        let conn = self.sse.take()?;
+        if conn.flushes == 0 {
+            tracing::debug!("the SSE connection ended having delivered nothing; long-polling once");
+            self.sse_poll_next = true;
+        }
+        // A connection cut with changes pending is the server's backlog chunk, which
+        // closes at once by design: no sign of a buffering proxy.
+        self.note_sse_closed(conn.opened, event.is_some());
+        event
     }
 
     /// An SSE `up-to-date` (or `max_response_bytes` of changes without one): yields the
@@ -754,6 +901,10 @@ impl ShapeStream {
         }
         self.last_position = self.last_position.max(last);
         self.offset = Some(offset);
+        if let Some(conn) = self.sse.as_mut() {
+            conn.flushes += 1;
+        }
+        self.malformed_bodies = 0;
         self.backoff.reset();
         self.resets_since_success = 0;
         self.self_healed = false;
@@ -766,20 +917,74 @@ impl ShapeStream {
         })
     }
 
-    /// Drops the SSE connection; three short-lived ones in a row switch to long-polling.
+    /// Drops the SSE connection and what it buffered (the next request re-reads it).
     fn close_sse(&mut self) {
         let Some(conn) = self.sse.take() else { return };
-        if conn.opened.elapsed() < SSE_SHORT_CLOSE {
-            self.sse_short_closes += 1;
-            if self.sse_short_closes >= SSE_SHORT_CLOSES && !self.sse_disabled {
-                tracing::warn!(
-                    "SSE connections keep closing at once (a buffering proxy?); falling back to long-polling"
-                );
-                self.sse_disabled = true;
+        self.note_sse_closed(conn.opened, false);
+    }
+
+    /// Counts short SSE connections (TS: `shape-stream-state.ts`
+    /// `handleSseConnectionClosed`): each one in a row waits a jittered, doubling delay
+    /// before the next request (TS: `client.ts` `#sseBackoffBaseDelay`); three in a
+    /// row fall back to long-polling, until [`SSE_FALLBACK_TIME`] has passed or
+    /// [`SSE_FALLBACK_POLLS`] long-polls have succeeded. `exempt`: a short connection
+    /// that is no sign of a buffering proxy.
+    fn note_sse_closed(&mut self, opened: Instant, exempt: bool) {
+        if opened.elapsed() >= SSE_SHORT_CLOSE {
+            self.sse_short_closes = 0;
+            return;
+        }
+        if exempt {
+            return;
+        }
+        self.sse_short_closes += 1;
+        if self.sse_short_closes >= SSE_SHORT_CLOSES {
+            tracing::warn!(
+                "SSE connections keep closing at once (a buffering proxy? nginx needs `X-Accel-Buffering: no`); long-polling for a while"
+            );
+            self.sse_fallback = Some(SseFallback { since: Instant::now(), polls: 0 });
+            return;
+        }
+        let factor = 1u32 << self.sse_short_closes.min(16);
+        let ceiling = SSE_BACKOFF_BASE.saturating_mul(factor).min(SSE_BACKOFF_CAP);
+        let delay = Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling.as_secs_f64()));
+        self.pending_delay = Some(self.pending_delay.map_or(delay, |d| d.max(delay)));
+    }
+
+    /// Whether the next live request may use SSE (see [`ShapeStream::end_sse`] and
+    /// [`ShapeStream::note_sse_closed`]).
+    fn sse_allowed(&mut self) -> bool {
+        if self.sse_poll_next {
+            return false;
+        }
+        if let Some(fallback) = self.sse_fallback {
+            if fallback.since.elapsed() < SSE_FALLBACK_TIME && fallback.polls < SSE_FALLBACK_POLLS {
+                return false;
             }
-        } else {
+            tracing::info!("trying SSE again after long-polling for a while");
+            self.sse_fallback = None;
             self.sse_short_closes = 0;
         }
+        true
+    }
+
+    /// A live long-poll succeeded: SSE may follow again.
+    fn on_long_poll_success(&mut self) {
+        self.sse_poll_next = false;
+        if let Some(fallback) = self.sse_fallback.as_mut() {
+            fallback.polls += 1;
+        }
+    }
+
+    /// Re-reads `headers_file` and `secret_file`, when set, before a request.
+    async fn refresh_credentials(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.options.headers_file {
+            self.file_headers = read_headers_file(path).await?;
+        }
+        if let Some(path) = &self.options.secret_file {
+            self.file_secret = Some(read_secret_file(path).await?);
+        }
+        Ok(())
     }
 
     fn retry_after(&self, header_map: &HeaderMap) -> Option<Duration> {
@@ -803,9 +1008,14 @@ impl ShapeStream {
             message: Option<String>,
             errors: Option<BTreeMap<String, serde_json::Value>>,
         }
-        let hide = |s: String| match self.options.secret.as_deref() {
-            Some(secret) if !secret.is_empty() => s.replace(secret, "***"),
-            _ => s,
+        let hide = |mut s: String| {
+            for secret in [self.options.secret.as_deref(), self.file_secret.as_deref()].into_iter().flatten()
+            {
+                if !secret.is_empty() {
+                    s = s.replace(secret, "***");
+                }
+            }
+            s
         };
         let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
         let errors: BTreeMap<String, Vec<String>> = parsed
@@ -902,19 +1112,35 @@ enum BodyReadError {
         /// The `content-length`, when that is what gave it away.
         declared: Option<u64>,
     },
+    /// No bytes arrived for this long (`idle_timeout`).
+    Stalled(Duration),
+    /// A live body was not whole within this long (`request_timeout`).
+    Late(Duration),
 }
 
-/// Reads a response body of at most `max_bytes`: one whose `content-length` is
-/// larger is refused before any of it is read, and reading stops (dropping the
-/// connection) as soon as more than `max_bytes` have arrived.
-async fn read_body(mut response: Response, max_bytes: u64) -> Result<Vec<u8>, BodyReadError> {
+/// Reads a response body of at most `max_bytes` (decoded: reqwest undoes gzip and then
+/// reports no `content-length`): one whose `content-length` is larger is refused
+/// before any of it is read, and reading stops (dropping the connection) as soon as
+/// more than `max_bytes` have arrived. With `idle`, a silence that long is an error.
+async fn read_body(
+    mut response: Response,
+    max_bytes: u64,
+    idle: Option<Duration>,
+) -> Result<Vec<u8>, BodyReadError> {
     let declared = response.content_length();
     if declared.is_some_and(|length| length > max_bytes) {
         return Err(BodyReadError::TooLarge { declared });
     }
     // Never more than `max_bytes`, so a lying `content-length` costs no more than that.
-    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(chunk) = response.chunk().await.map_err(BodyReadError::Transport)? {
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(max_bytes) as usize);
+    loop {
+        let next = match idle {
+            Some(idle) => tokio::time::timeout(idle, response.chunk())
+                .await
+                .map_err(|_| BodyReadError::Stalled(idle))?,
+            None => response.chunk().await,
+        };
+        let Some(chunk) = next.map_err(BodyReadError::Transport)? else { break };
         if (body.len() + chunk.len()) as u64 > max_bytes {
             return Err(BodyReadError::TooLarge { declared: None });
         }
@@ -955,6 +1181,8 @@ struct SseConnection {
     changes: Vec<Change>,
     /// The size of their SSE data, which `max_response_bytes` bounds.
     buffered_bytes: u64,
+    /// Responses handed on from this connection.
+    flushes: u32,
 }
 
 impl SseConnection {
@@ -965,6 +1193,7 @@ impl SseConnection {
             events: SseFramer::default(),
             changes: Vec::new(),
             buffered_bytes: 0,
+            flushes: 0,
         }
     }
 }

@@ -261,7 +261,10 @@ async fn case09_409_with_new_handle_resyncs_from_start_with_a_cache_buster() {
     assert_eq!(log[0].status, Some(409));
     assert_eq!(log[1].param("offset"), Some("-1"));
     assert!(log[1].param("cache-buster").is_some_and(|b| !b.is_empty()));
-    assert!(log[1..].iter().all(|r| r.param("cache-buster").is_some()), "every request after a 409");
+    // Only the request right after the 409 busts caches (TS `client.ts` `#requestShape`):
+    // the later ones are plain, so CDNs can serve and collapse them.
+    assert!(log.len() > 2);
+    assert!(log[2..].iter().all(|r| r.param("cache-buster").is_none()), "only the request after a 409");
 }
 
 #[tokio::test]
@@ -421,6 +424,7 @@ async fn case15_validation_errors_are_typed_and_not_retried() {
 
     let mut o = options(&server, "items");
     o.secret = Some("wrong-s3cret".into());
+    o.auth_retries = 0; // 401s are retried `auth_retries` times (see credentials.rs)
     let e = rejected(&server, ShapeStream::new(o).unwrap()).await;
     match &e {
         ShapeError::Rejected { status: 401, param, .. } => assert_eq!(param.as_deref(), Some("secret")),

@@ -47,18 +47,39 @@ async fn malformed_json_is_retried_then_becomes_a_protocol_error() {
 }
 
 #[tokio::test]
-async fn a_request_timeout_is_retried() {
+async fn a_stalled_non_live_body_is_retried_after_the_idle_timeout() {
     let server = server().await;
     items(&server).seed((1..=10).map(|i| json!({"id": i.to_string(), "title": "some text"})));
     let mut o = options(&server, "items");
-    o.request_timeout = Duration::from_millis(300);
+    o.request_timeout = Duration::from_secs(120);
+    o.idle_timeout = Duration::from_millis(300);
     let mut s = ShapeStream::new(o).unwrap();
-    server.inject(Fault::Trickle { bytes: 5, delay: Duration::from_millis(100) });
+    // The first 50 bytes, then silence far beyond the test's step.
+    server.inject(Fault::Trickle { bytes: 50, delay: Duration::from_secs(600) });
     let r = next_response(&mut s).await;
     assert_eq!(r.changes.len(), 10);
     let log = server.requests();
-    assert_eq!(log.len(), 2, "the trickled request timed out and was retried");
+    assert_eq!(log.len(), 2, "the stalled request was given up and retried");
     assert_eq!(log[1].param("offset"), Some("-1"));
+}
+
+#[tokio::test]
+async fn a_slow_but_steady_non_live_body_outlasting_the_request_timeout_completes() {
+    let server = server().await;
+    let title = "t".repeat(100);
+    items(&server).seed((1..=20).map(|i| json!({"id": i.to_string(), "title": title})));
+    let mut o = options(&server, "items");
+    // The body (over 3000 bytes, 100 every 50 ms) takes over 1.5 s: longer than the
+    // request timeout, while no gap comes near the idle timeout.
+    o.request_timeout = Duration::from_secs(1);
+    o.idle_timeout = Duration::from_millis(500);
+    let mut s = ShapeStream::new(o).unwrap();
+    server.inject(Fault::Trickle { bytes: 100, delay: Duration::from_millis(50) });
+    let r = next_response(&mut s).await;
+    assert_eq!(r.changes.len(), 20);
+    let log = server.requests();
+    assert_eq!(log.len(), 1, "one request, downloaded whole: {log:?}");
+    assert_eq!(log[0].fault, Some(Fault::Trickle { bytes: 100, delay: Duration::from_millis(50) }));
 }
 
 #[tokio::test]

@@ -105,12 +105,16 @@ async fn case21_sse_buffers_to_up_to_date_and_deduplicates_after_a_reconnect() {
     assert_eq!(r.offset, Offset::new(100, 2));
     assert!(r.changes[1].last_in_tx);
 
+    // The connection closed mid-transaction: what arrived is handed on, not up to date,
+    // and the next request resumes after it.
     let r = next_response(&mut s).await;
-    assert_eq!(
-        keys(&r),
-        [item_key(4), item_key(5)],
-        "the re-sent op is dropped, the cut transaction is whole"
-    );
+    assert_eq!(keys(&r), [item_key(4)]);
+    assert!(!r.up_to_date);
+    assert_eq!(r.offset, Offset::new(200, 0));
+
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(5)], "the re-sent ops are dropped");
+    assert!(r.up_to_date);
     assert_eq!(r.offset, Offset::new(200, 2));
 
     let r = next_response(&mut s).await;
@@ -121,33 +125,136 @@ async fn case21_sse_buffers_to_up_to_date_and_deduplicates_after_a_reconnect() {
     assert_eq!(script.param(2, "live_sse").as_deref(), Some("true"));
     assert_eq!(script.param(2, "offset").as_deref(), Some("0_inf"));
     assert_eq!(script.param(2, "handle").as_deref(), Some(HANDLE));
-    assert_eq!(script.param(3, "offset").as_deref(), Some("100_2"), "reconnect from the last delivered op");
+    assert_eq!(script.param(3, "offset").as_deref(), Some("200_0"), "reconnect after the last delivered op");
     assert_eq!(script.param(3, "cursor").as_deref(), Some("100"));
 }
 
-#[tokio::test]
-async fn case21_three_short_sse_closes_fall_back_to_long_polling() {
-    let mut replies = catch_up();
-    for _ in 0..3 {
-        replies.push(sse(vec![], false));
-    }
-    let body = format!("[{},{{\"headers\":{{\"control\":\"up-to-date\"}}}}]", insert(9, 300, 0, true));
-    replies.push(Reply::new(
+/// A live long-poll answer: `changes` then up-to-date, ending at `offset`.
+fn long_poll(changes: &[String], offset: &str) -> Reply {
+    let mut body: Vec<String> = changes.to_vec();
+    body.push(r#"{"headers":{"control":"up-to-date"}}"#.into());
+    Reply::new(
         200,
-        &[("electric-handle", HANDLE), ("electric-offset", "300_0"), ("electric-cursor", "5")],
-        &body,
-    ));
+        &[("electric-handle", HANDLE), ("electric-offset", offset), ("electric-cursor", "5")],
+        &format!("[{}]", body.join(",")),
+    )
+}
+
+#[tokio::test]
+async fn case21_three_short_sse_closes_fall_back_to_long_polling_then_sse_is_tried_again() {
+    // A buffering proxy: each SSE response arrives whole (up-to-date included) and
+    // closes at once.
+    let mut replies = catch_up();
+    for lsn in [100, 200, 300] {
+        replies.push(sse(vec![data(&insert(lsn, lsn, 0, true)), up_to_date(lsn)], false));
+    }
+    for i in 0..20u64 {
+        let lsn = 400 + i;
+        replies.push(long_poll(&[insert(lsn, lsn, 0, true)], &format!("{lsn}_0")));
+    }
+    replies.push(sse(vec![data(&insert(500, 500, 0, true)), up_to_date(500)], true));
     let (server, mut s) = sse_stream(replies).await;
     until_up_to_date(&mut s).await;
+    for lsn in [100, 200, 300] {
+        let r = next_response(&mut s).await;
+        assert_eq!(keys(&r), [item_key(lsn)]);
+        assert_eq!(r.offset, Offset::new(lsn, 0));
+    }
+    for i in 0..20u64 {
+        let r = next_response(&mut s).await;
+        assert_eq!(keys(&r), [item_key(400 + i)]);
+    }
     let r = next_response(&mut s).await;
-    assert_eq!(keys(&r), [item_key(9)]);
-    assert_eq!(r.offset, Offset::new(300, 0));
+    assert_eq!(keys(&r), [item_key(500)], "SSE again");
     let script = &server.script;
     for i in 2..5 {
         assert_eq!(script.param(i, "live_sse").as_deref(), Some("true"), "request {i}");
     }
-    assert_eq!(script.param(5, "live").as_deref(), Some("true"));
-    assert_eq!(script.param(5, "live_sse"), None, "long-polling after three short closes");
+    for i in 5..25 {
+        assert_eq!(script.param(i, "live").as_deref(), Some("true"), "request {i}");
+        assert_eq!(script.param(i, "live_sse"), None, "long-polling after three short closes: request {i}");
+    }
+    assert_eq!(
+        script.param(25, "live_sse").as_deref(),
+        Some("true"),
+        "SSE is tried again after 20 long-polls"
+    );
+    assert_eq!(script.param(25, "offset").as_deref(), Some("419_0"));
+}
+
+#[tokio::test]
+async fn an_sse_backlog_chunk_without_up_to_date_is_handed_on_and_the_next_request_starts_after_it() {
+    // `api.ex` `do_serve_shape_log`: a live SSE request that finds data waiting gets one
+    // chunk of it and the connection ends, here without up-to-date (more is waiting).
+    let mut replies = catch_up();
+    replies.push(sse(vec![data(&insert(2, 100, 0, false)), data(&insert(3, 100, 2, true))], false));
+    replies.push(sse(vec![data(&insert(4, 200, 0, false))], false));
+    replies.push(sse(vec![data(&insert(5, 200, 2, true)), up_to_date(200)], true));
+    let (server, mut s) = sse_stream(replies).await;
+    until_up_to_date(&mut s).await;
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(2), item_key(3)]);
+    assert!(!r.up_to_date);
+    assert_eq!(r.offset, Offset::new(100, 2));
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(4)]);
+    assert!(!r.up_to_date);
+    assert_eq!(r.offset, Offset::new(200, 0), "mid-transaction: resume after its last op");
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(5)]);
+    assert!(r.up_to_date);
+    let script = &server.script;
+    assert_eq!(script.param(3, "offset").as_deref(), Some("100_2"));
+    assert_eq!(script.param(4, "offset").as_deref(), Some("200_0"));
+    for i in 2..5 {
+        assert_eq!(script.param(i, "live_sse").as_deref(), Some("true"), "request {i} stays on SSE");
+    }
+}
+
+#[tokio::test]
+async fn an_sse_connection_that_delivers_nothing_is_followed_by_a_long_poll_then_sse_again() {
+    // `sse_timeout` ends a quiet stream without up-to-date; only keep-alives came.
+    let mut replies = catch_up();
+    replies.push(sse(vec![": keep-alive\n\n".into()], false));
+    replies.push(long_poll(&[insert(2, 100, 0, true)], "100_0"));
+    replies.push(sse(vec![data(&insert(3, 200, 0, true)), up_to_date(200)], true));
+    let (server, mut s) = sse_stream(replies).await;
+    until_up_to_date(&mut s).await;
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(2)]);
+    assert_eq!(r.offset, Offset::new(100, 0));
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(3)]);
+    let script = &server.script;
+    assert_eq!(script.param(3, "live").as_deref(), Some("true"));
+    assert_eq!(script.param(3, "live_sse"), None, "a plain long-poll after the empty SSE close");
+    assert_eq!(script.param(3, "offset").as_deref(), Some("0_inf"));
+    assert_eq!(script.param(4, "live_sse").as_deref(), Some("true"), "back to SSE after the long-poll");
+    assert_eq!(script.param(4, "offset").as_deref(), Some("100_0"));
+}
+
+#[tokio::test]
+async fn an_out_of_bounds_offset_over_sse_closes_silently_and_the_long_poll_after_it_resets() {
+    // Over SSE an out-of-bounds offset is a 200 event stream that ends with nothing
+    // (`api.ex` `do_serve_shape_log` + `next_sse_event` on `:out_of_bounds_timeout`);
+    // a long-poll gets the real 400.
+    let mut replies = catch_up();
+    replies.push(sse(vec![], false));
+    replies.push(Reply::new(
+        400,
+        &[("content-type", "application/json")],
+        r#"{"message":"Invalid request","errors":{"offset":["out of bounds for this shape"]}}"#,
+    ));
+    replies.extend(catch_up());
+    let (server, mut s) = sse_stream(replies).await;
+    until_up_to_date(&mut s).await;
+    assert!(matches!(next(&mut s).await, shapesync_electric::ShapeEvent::MustRefetch { .. }));
+    assert_eq!(keys(&next_response(&mut s).await), [item_key(1)]);
+    let script = &server.script;
+    assert_eq!(script.param(2, "live_sse").as_deref(), Some("true"));
+    assert_eq!(script.param(3, "live_sse"), None);
+    assert_eq!(script.param(4, "offset").as_deref(), Some("-1"));
+    assert!(script.param(4, "cache-buster").is_some(), "the request after a reset busts caches");
 }
 
 #[tokio::test]

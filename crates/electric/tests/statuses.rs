@@ -47,15 +47,17 @@ async fn an_empty_body_is_no_messages() {
 }
 
 #[tokio::test]
-async fn a_proxy_403_is_a_typed_error_with_its_message() {
-    let (server, mut s) = start(vec![Reply::new(403, &[], "Forbidden by policy")]).await;
+async fn a_proxy_403_is_a_typed_error_with_its_message_after_auth_retries() {
+    let retries = shapesync_electric::defaults::AUTH_RETRIES as usize;
+    let (server, mut s) =
+        start((0..=retries).map(|_| Reply::new(403, &[], "Forbidden by policy")).collect()).await;
     match try_next(&mut s).await {
         Err(ShapeError::Rejected { status: 403, param: None, message, .. }) => {
             assert_eq!(message, "Forbidden by policy")
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(server.script.request_count(), 1, "not retried");
+    assert_eq!(server.script.request_count(), retries + 1, "retried `auth_retries` times, then failed");
 }
 
 #[tokio::test]
@@ -99,12 +101,15 @@ async fn a_must_refetch_message_in_a_200_body_resets_the_stream() {
 
 #[tokio::test]
 async fn after_a_rejection_new_credentials_continue_at_the_same_offset() {
-    let (server, mut s) = start(vec![
+    let server = scripted(vec![
         non_live("0_0", r#"[{"key":"k1","value":{"id":"1"},"headers":{"operation":"insert"}}]"#),
         Reply::new(401, &[], r#"{"message":"token expired"}"#),
         non_live("0_inf", r#"[{"headers":{"control":"up-to-date"}}]"#),
     ])
     .await;
+    let mut options = fast_options(&server.url, "items");
+    options.auth_retries = 0;
+    let mut s = ShapeStream::new(options).unwrap();
     next_response(&mut s).await;
     let e = try_next(&mut s).await.unwrap_err();
     assert!(matches!(e, ShapeError::Rejected { status: 401, .. }), "{e:?}");
@@ -200,4 +205,48 @@ async fn a_200_ending_at_offset_minus_one_is_never_up_to_date() {
     assert_eq!(r.offset, Offset::Start);
     assert!(!s.is_live());
     assert!(next_response(&mut s).await.up_to_date);
+}
+
+#[tokio::test]
+async fn a_null_schema_mid_shape_is_a_must_refetch() {
+    // `api.ex` `schema/1` gives nil (`electric-schema: null`) when the table is gone
+    // mid-request; the fresh request then gets the server's 400 for a missing table.
+    let (server, mut s) = start(vec![
+        non_live("0_0", r#"[{"key":"k1","value":{"id":"1"},"headers":{"operation":"insert"}}]"#),
+        Reply::new(200, &[("electric-handle", H), ("electric-offset", "0_1"), ("electric-schema", "null")], "[]"),
+        Reply::new(
+            400,
+            &[],
+            r#"{"message":"Invalid request","errors":{"table":["Table \"public\".\"items\" does not exist"]}}"#,
+        ),
+    ])
+    .await;
+    next_response(&mut s).await;
+    assert!(matches!(next(&mut s).await, ShapeEvent::MustRefetch { .. }));
+    match try_next(&mut s).await {
+        Err(ShapeError::Rejected { status: 400, param, .. }) => assert_eq!(param.as_deref(), Some("table")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.script.param(2, "offset").as_deref(), Some("-1"));
+}
+
+#[tokio::test]
+async fn a_null_schema_twice_in_a_row_is_a_typed_table_gone_error() {
+    let null_schema = || {
+        Reply::new(
+            200,
+            &[("electric-handle", H), ("electric-offset", "0_0"), ("electric-schema", "null")],
+            "[]",
+        )
+    };
+    let (server, mut s) = start(vec![null_schema(), null_schema()]).await;
+    assert!(matches!(next(&mut s).await, ShapeEvent::MustRefetch { .. }));
+    match try_next(&mut s).await {
+        Err(e @ ShapeError::TableGone { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("`items`") && text.contains("recreate it or change `table`"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.script.request_count(), 2);
 }

@@ -41,8 +41,8 @@ impl Reply {
     }
 }
 
-/// A request's arrival time and query.
-type Received = (Instant, Vec<(String, String)>);
+/// A request's arrival time, query and headers.
+type Received = (Instant, Vec<(String, String)>, axum::http::HeaderMap);
 
 #[derive(Default)]
 pub struct Script {
@@ -57,6 +57,12 @@ impl Script {
     pub fn param(&self, index: usize, name: &str) -> Option<String> {
         let log = self.requests.lock().unwrap();
         log[index].1.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// Header `name` of request `index`.
+    pub fn header(&self, index: usize, name: &str) -> Option<String> {
+        let log = self.requests.lock().unwrap();
+        log[index].2.get(name).map(|v| v.to_str().unwrap().to_owned())
     }
 
     /// When request `index` arrived.
@@ -76,9 +82,13 @@ impl Script {
     }
 }
 
-async fn answer(State(script): State<Arc<Script>>, RawQuery(query): RawQuery) -> Response {
+async fn answer(
+    State(script): State<Arc<Script>>,
+    RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let query = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
-    script.requests.lock().unwrap().push((Instant::now(), query));
+    script.requests.lock().unwrap().push((Instant::now(), query, headers));
     let Some(reply) = script.replies.lock().unwrap().pop_front() else {
         let mut r = Response::new(Body::from("{\"message\":\"unscripted request\"}"));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
