@@ -6,8 +6,9 @@
 //! `electric-schema` header. Transient faults (5xx, 429, timeouts, dropped
 //! connections) are retried forever with full-jitter backoff at the same offset;
 //! a 409 (or an out-of-bounds offset) yields [`ShapeEvent::MustRefetch`] and the
-//! stream restarts the shape with a unique `cache-buster`; other 4xx and protocol
-//! violations end the stream with a typed [`ShapeError`].
+//! stream restarts the shape with a unique `cache-buster`; a 401/403 is retried
+//! [`ShapeOptions::auth_retries`] times, re-reading the credential files; other 4xx
+//! and protocol violations end the stream with a typed [`ShapeError`].
 //!
 //! Live changes come by long-polling, or over Server-Sent Events with
 //! [`ShapeOptions::live_sse`].

@@ -347,7 +347,8 @@ impl ShapeStream {
             let response = match sent {
                 Some(Ok(r)) => r,
                 None if sse => {
-                    tracing::debug!("SSE request got no headers in time; reconnecting");
+                    tracing::debug!("SSE request got no headers in time; long-polling once");
+                    self.sse_poll_next = true;
                     continue;
                 }
                 None => {
@@ -355,7 +356,7 @@ impl ShapeStream {
                     self.wait_after_fault(&format!("no response headers within {timeout:?}"), None).await;
                     continue;
                 }
-                Some(Err(e)) if live && e.is_timeout() => {
+                Some(Err(e)) if live && e.is_timeout() && !e.is_connect() => {
                     // A live request outlived the server's hold (the TS "live watchdog"):
                     // just poll again; the timeout itself paces these retries.
                     tracing::debug!("live request timed out; polling again");
@@ -860,7 +861,7 @@ impl ShapeStream {
     /// `next_sse_event`). So the changes read since the last `up-to-date` are handed
     /// on as a response that is not up to date, resuming after the last of them.
     ///
-    /// A connection that delivered nothing makes the next request a plain long-poll:
+    /// A connection that moved nothing on makes the next request a plain long-poll:
     /// over SSE an out-of-bounds offset gets a `200 text/event-stream` that closes
     /// silently (`do_serve_shape_log` for `is_out_of_bounds`, then `next_sse_event` on
     /// `:out_of_bounds_timeout`), while a long-poll gets the real 400 (or data). SSE
@@ -869,8 +870,8 @@ impl ShapeStream {
         let conn = self.sse.as_ref()?;
         let event = (!conn.changes.is_empty()).then(|| self.sse_flush(false, None));
         let conn = self.sse.take()?;
-        if conn.flushes == 0 {
-            tracing::debug!("the SSE connection ended having delivered nothing; long-polling once");
+        if !conn.progressed {
+            tracing::debug!("the SSE connection ended having moved nothing on; long-polling once");
             self.sse_poll_next = true;
         }
         // A connection cut with changes pending is the server's backlog chunk, which
@@ -900,9 +901,11 @@ impl ShapeStream {
             offset = offset.max(Offset::new(lsn, 0));
         }
         self.last_position = self.last_position.max(last);
+        let advanced = self.offset != Some(offset);
         self.offset = Some(offset);
         if let Some(conn) = self.sse.as_mut() {
-            conn.flushes += 1;
+            // Progress: the offset moved, or the server confirmed the head.
+            conn.progressed |= advanced || up_to_date;
         }
         self.malformed_bodies = 0;
         self.backoff.reset();
@@ -1181,8 +1184,8 @@ struct SseConnection {
     changes: Vec<Change>,
     /// The size of their SSE data, which `max_response_bytes` bounds.
     buffered_bytes: u64,
-    /// Responses handed on from this connection.
-    flushes: u32,
+    /// It moved the offset on or said up-to-date.
+    progressed: bool,
 }
 
 impl SseConnection {
@@ -1193,7 +1196,7 @@ impl SseConnection {
             events: SseFramer::default(),
             changes: Vec::new(),
             buffered_bytes: 0,
-            flushes: 0,
+            progressed: false,
         }
     }
 }

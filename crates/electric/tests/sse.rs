@@ -326,3 +326,21 @@ async fn sse_changes_without_up_to_date_are_handed_on_before_they_pass_max_respo
     assert!(r.changes.len() <= 16 * 1024 / json + 1, "{} changes held at once", r.changes.len());
     assert!(!r.changes.is_empty());
 }
+
+#[tokio::test]
+async fn an_sse_connection_whose_changes_cannot_move_the_offset_is_followed_by_a_long_poll() {
+    // Changes without `lsn`/`op_position` give no resume offset: reconnecting over SSE
+    // at the same offset could go on forever, so a long-poll comes next.
+    let mut replies = catch_up();
+    let unpositioned = json!({"key": item_key(7), "value": {"id": "7"}, "headers": {"operation": "insert"}});
+    replies.push(sse(vec![data(&unpositioned.to_string())], false));
+    replies.push(long_poll(&[insert(8, 100, 0, true)], "100_0"));
+    let (server, mut s) = sse_stream(replies).await;
+    until_up_to_date(&mut s).await;
+    let r = next_response(&mut s).await;
+    assert_eq!(keys(&r), [item_key(7)]);
+    assert!(!r.up_to_date);
+    assert_eq!(r.offset, Offset::SNAPSHOT_END, "nothing to resume after");
+    assert_eq!(keys(&next_response(&mut s).await), [item_key(8)]);
+    assert_eq!(server.script.param(3, "live_sse"), None, "a long-poll, not SSE at the same offset");
+}
