@@ -67,7 +67,10 @@ async fn setup(name: &str) -> (TestServer, TableHandle, Model) {
             .column(Column::new("project_id", "int8")),
     );
     let rows: BTreeMap<u64, (String, u64)> = (1..=60).map(|i| (i, (format!("row {i}"), i % 3))).collect();
-    table.seed(rows.iter().map(|(id, (t, p))| json!({"id": id.to_string(), "title": t, "project_id": p.to_string()})));
+    table.seed(
+        rows.iter()
+            .map(|(id, (t, p))| json!({"id": id.to_string(), "title": t, "project_id": p.to_string()})),
+    );
     // Projects 1 and 2 are active; project 0's rows are not in the shape.
     table.register_subquery_where(WHERE, &["project_id"], &[&["1", "2"]]);
     (server, table, Model { rows, active: vec![1, 2] })
@@ -173,7 +176,8 @@ async fn redis_json_rows_move_out_and_back_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_table_rows_move_out_and_back_in() {
-    moves_out_and_back_in(Target::redis_layout(REDIS, "sq_table", "sq_table_items", "sq_table", "table")).await;
+    moves_out_and_back_in(Target::redis_layout(REDIS, "sq_table", "sq_table_items", "sq_table", "table"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

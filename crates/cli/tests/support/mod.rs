@@ -71,9 +71,19 @@ impl Lease {
 /// `title text`) into.
 pub enum Store {
     /// `layout` is the sink's `layout:` (`hash`, `json` or `table`).
-    Redis { url: String, con: redis::Connection, prefix: String, layout: &'static str },
-    Sqlite { path: PathBuf },
-    Postgres { pool: sqlx::PgPool, schema: String },
+    Redis {
+        url: String,
+        con: redis::Connection,
+        prefix: String,
+        layout: &'static str,
+    },
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgres {
+        pool: sqlx::PgPool,
+        schema: String,
+    },
 }
 
 /// A store plus the names the test's pipeline uses.
