@@ -1,6 +1,6 @@
-//! SSE live mode (spec §6.4, case 21). The testkit answers `live_sse` as a long-poll,
-//! so framing, reconnects and the fallback run against a scripted SSE server; the last
-//! test checks the long-poll answer from the testkit.
+//! SSE live mode (spec §6.4, case 21). Framing, reconnects and the fallback run against
+//! a scripted SSE server; the last tests follow the testkit, whose SSE behaves like
+//! Electric's `api.ex` (a backlog is one chunk and the connection closes).
 
 mod support;
 
@@ -343,4 +343,62 @@ async fn an_sse_connection_whose_changes_cannot_move_the_offset_is_followed_by_a
     assert_eq!(r.offset, Offset::SNAPSHOT_END, "nothing to resume after");
     assert_eq!(keys(&next_response(&mut s).await), [item_key(8)]);
     assert_eq!(server.script.param(3, "live_sse"), None, "a long-poll, not SSE at the same offset");
+}
+
+/// Against the testkit's server-faithful SSE (a backlog is one chunk that closes, often
+/// without up-to-date; streams end after `sse_timeout`), a live stream follows
+/// transactions committed in bursts larger than a chunk and ends with exactly the rows,
+/// without ever asking for the same offset over and over.
+#[tokio::test]
+async fn sse_against_the_testkit_converges_through_backlogs_larger_than_a_chunk() {
+    let server = server_with(shapesync_testkit::ServerOptions {
+        chunk_bytes: 512,
+        long_poll_timeout: std::time::Duration::from_millis(200),
+        out_of_bounds_wait: std::time::Duration::from_millis(200),
+        sse_timeout: std::time::Duration::from_millis(700),
+        ..Default::default()
+    })
+    .await;
+    let table = items(&server);
+    table.seed((1..=5).map(|i| json!({"id": i.to_string(), "title": format!("t{i}"), "n": "0"})));
+    let mut o = options(&server, "items");
+    o.live_sse = true;
+    let mut stream = ShapeStream::new(o).unwrap();
+    let mut rows = Materialized::default();
+    rows.apply_all(&until_up_to_date(&mut stream).await);
+
+    let mut expected: std::collections::BTreeMap<String, String> =
+        (1..=5).map(|i| (item_key(i), format!("t{i}"))).collect();
+    for burst in 0..4u64 {
+        for i in 0..30u64 {
+            let id = 100 + burst * 30 + i;
+            let title = format!("burst {burst} row {i} with some padding to fill chunks");
+            table.transaction().insert(json!({"id": id.to_string(), "title": title, "n": "1"})).commit();
+            expected.insert(item_key(id), title);
+        }
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let held: std::collections::BTreeMap<String, String> = rows
+                .rows
+                .iter()
+                .map(|(k, r)| {
+                    (k.clone(), r.get("title").and_then(|v| v.render()).unwrap_or_default().into_owned())
+                })
+                .collect();
+            if held == expected {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "burst {burst}: never converged");
+            rows.apply(&next_response(&mut stream).await.changes);
+        }
+    }
+    let log = server.requests();
+    let mut same_offset_run = 1;
+    for pair in log.windows(2) {
+        let same = pair[0].param("offset") == pair[1].param("offset")
+            && pair[0].param("handle") == pair[1].param("handle");
+        same_offset_run = if same { same_offset_run + 1 } else { 1 };
+        assert!(same_offset_run <= 5, "six requests in a row at one offset: {log:?}");
+    }
+    assert!(log.iter().any(|r| r.param("live_sse") == Some("true")), "SSE was used");
 }
