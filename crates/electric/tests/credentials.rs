@@ -122,3 +122,88 @@ async fn the_headers_file_is_read_before_every_request_and_overrides_headers() {
     assert_eq!(script.header(1, "x-tenant").as_deref(), Some("acme"), "`headers` still apply");
     assert!(!format!("{s:?}").contains("Bearer"), "values are never shown");
 }
+
+/// The auth proxy's current token and the 401s it has sent.
+#[derive(Clone, Default)]
+struct Gate {
+    token: std::sync::Arc<std::sync::Mutex<String>>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// An auth proxy in front of the testkit, as deployments put in front of Electric: it
+/// forwards requests whose `authorization` is the current token and answers 401 to any
+/// other.
+async fn auth_proxy(upstream: String, gate: Gate) -> String {
+    use axum::extract::{RawQuery, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+
+    type Shared = (String, Gate, reqwest::Client);
+    async fn forward(
+        State((upstream, gate, client)): State<Shared>,
+        RawQuery(q): RawQuery,
+        headers: HeaderMap,
+    ) -> Response {
+        let expected = format!("Bearer {}", gate.token.lock().unwrap());
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            gate.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return (StatusCode::UNAUTHORIZED, r#"{"message":"token expired"}"#).into_response();
+        }
+        let reply = client.get(format!("{upstream}?{}", q.unwrap_or_default())).send().await.unwrap();
+        let status = StatusCode::from_u16(reply.status().as_u16()).unwrap();
+        let mut out = HeaderMap::new();
+        for (name, value) in reply.headers() {
+            if name.as_str().starts_with("electric-") || name == "content-type" {
+                out.insert(name.clone(), value.clone());
+            }
+        }
+        (status, out, reply.bytes().await.unwrap()).into_response()
+    }
+    let app = axum::Router::new().route("/v1/shape", axum::routing::get(forward)).with_state((
+        upstream,
+        gate,
+        reqwest::Client::new(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/shape", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test]
+async fn a_token_rotated_in_the_headers_file_after_a_401_continues_the_stream_without_a_restart() {
+    let server = server().await;
+    let table = items(&server);
+    table.seed([json!({"id": "1"})]);
+    let gate = Gate::default();
+    *gate.token.lock().unwrap() = "first".to_owned();
+    let proxy = auth_proxy(server.url(), gate.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("headers");
+    std::fs::write(&headers, "Authorization: Bearer first\n").unwrap();
+    let mut o = fast_options(&proxy, "items");
+    o.headers_file = Some(headers.clone());
+    o.auth_retries = 100_000; // however long the test takes to rotate the file
+    let mut s = ShapeStream::new(o).unwrap();
+    assert!(until_up_to_date(&mut s).await.iter().any(|r| !r.changes.is_empty()));
+
+    // The proxy's token expires while the stream is live; a sidecar writes the new one.
+    *gate.token.lock().unwrap() = "second".to_owned();
+    table.insert(json!({"id": "2"}));
+    let task = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while !got.iter().any(|c: &shapesync_core::Change| c.key == item_key(2)) {
+            got.extend(next_response(&mut s).await.changes);
+        }
+        got
+    });
+    // Once the proxy has refused the old token, the new one lands in the file.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while gate.refused.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the proxy never refused the expired token");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rotate(&headers, "Authorization: Bearer second\n");
+    let got = tokio::time::timeout(STEP, task).await.expect("the stream goes on").unwrap();
+    assert!(got.iter().any(|c| c.key == item_key(2)));
+}
