@@ -31,7 +31,7 @@ pub use runner::{Pipeline, PipelineError, PipelineStatus, RunMode};
 pub use sink::{ShapeInfo, Sink, SinkContext, SinkError};
 pub use source::{ResumePoint, Source, SourceError, SourceEvent, SourceResponse};
 pub use transform::{Transform, TransformError};
-pub use value::{ColumnType, Schema, TypeError, Value, parse_value};
+pub use value::{ColumnType, Schema, TypeError, Value, array_delimiter, parse_value};
 
 /// Re-exported so plugins use the same `async_trait` as the traits they implement.
 pub use async_trait::async_trait;

@@ -265,7 +265,8 @@ fn convert_array(
 
 /// The element delimiter of arrays of `type_name`: `;` for `box` (whose values contain
 /// commas: `(1,1),(0,0)`), `,` for every other built-in type (Postgres' `pg_type.typdelim`).
-fn array_delimiter(type_name: &str) -> u8 {
+/// Parsing reads arrays with it, and a sink writing Postgres array literals must too.
+pub fn array_delimiter(type_name: &str) -> u8 {
     if type_name == "box" { b';' } else { b',' }
 }
 

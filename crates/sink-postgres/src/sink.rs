@@ -90,14 +90,21 @@ fn column_type(column: &ColumnType) -> String {
     if column.dims > 0 { format!("{base}[]") } else { base.to_owned() }
 }
 
-/// A value as Postgres' text input for its column's type; `None` for NULL.
-fn pg_text(value: &Value) -> Option<String> {
+/// A value of `column` as Postgres' text input for the column's type; `None` for NULL.
+fn column_text(schema: &Schema, column: &str, value: &Value) -> Option<String> {
+    let delimiter = schema.0.get(column).map_or(b',', |ty| shapesync_core::array_delimiter(&ty.type_name));
+    pg_text(value, char::from(delimiter))
+}
+
+/// A value as Postgres' text input; arrays separate elements with `delimiter` (`;` for
+/// `box[]`, `,` otherwise: `pg_type.typdelim`). `None` for NULL.
+fn pg_text(value: &Value, delimiter: char) -> Option<String> {
     match value {
         Value::Null => None,
         Value::Bool(b) => Some(if *b { "t" } else { "f" }.to_owned()),
         Value::Array(items) => {
             let mut out = String::new();
-            array_literal(items, &mut out);
+            array_literal(items, delimiter, &mut out);
             Some(out)
         }
         other => other.render().map(|t| t.into_owned()),
@@ -105,17 +112,17 @@ fn pg_text(value: &Value) -> Option<String> {
 }
 
 /// Writes a Postgres array literal: `{"a",NULL,{"b"}}`, every element quoted.
-fn array_literal(items: &[Value], out: &mut String) {
+fn array_literal(items: &[Value], delimiter: char, out: &mut String) {
     out.push('{');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(delimiter);
         }
         match item {
             Value::Null => out.push_str("NULL"),
-            Value::Array(inner) => array_literal(inner, out),
+            Value::Array(inner) => array_literal(inner, delimiter, out),
             scalar => {
-                let text = pg_text(scalar).unwrap_or_default();
+                let text = pg_text(scalar, delimiter).unwrap_or_default();
                 out.push('"');
                 for c in text.chars() {
                     if c == '"' || c == '\\' {
@@ -417,7 +424,9 @@ impl PostgresSink {
             })
             .collect();
         let sql = format!("DELETE FROM {} WHERE {}", self.qualified_table(), condition.join(" AND "));
-        execute(tx, sql, key.into_iter().map(pg_text)).await?;
+        let texts: Vec<Option<String>> =
+            pk.iter().zip(&key).map(|(c, v)| column_text(schema, c, v)).collect();
+        execute(tx, sql, texts).await?;
         Ok(())
     }
 
@@ -438,7 +447,7 @@ impl PostgresSink {
                 self.key_values(pk, &change.value, change)?;
                 self.storable(schema, change)?;
                 for (column, values) in columns.iter().zip(&mut values) {
-                    values.push(change.value.get(column).and_then(pg_text));
+                    values.push(change.value.get(column).and_then(|v| column_text(schema, column, v)));
                 }
             }
             self.upsert(tx, sql.clone(), values).await?;
@@ -467,7 +476,8 @@ impl PostgresSink {
                 self.storable(schema, change)?;
                 let columns: Vec<&str> = change.value.keys().collect();
                 let sql = self.upsert_sql(schema, pk, &columns, generation);
-                self.upsert(tx, sql, change.value.values().map(|v| vec![pg_text(v)]).collect()).await
+                let values = change.value.iter().map(|(c, v)| vec![column_text(schema, c, v)]).collect();
+                self.upsert(tx, sql, values).await
             }
             Operation::Delete => self.delete(tx, schema, pk, &change.value, change).await,
         }
@@ -608,7 +618,9 @@ mod tests {
             Value::Null,
             Value::Array(vec![Value::Int(1), Value::Bool(false)]),
         ]);
-        assert_eq!(pg_text(&v).unwrap(), r#"{"a \"q\" \\ b",NULL,{"1","f"}}"#);
+        assert_eq!(pg_text(&v, ',').unwrap(), r#"{"a \"q\" \\ b",NULL,{"1","f"}}"#);
+        let boxes = Value::Array(vec![Value::Text("(3,4),(1,2)".into()), Value::Text("(7,8),(5,6)".into())]);
+        assert_eq!(pg_text(&boxes, ';').unwrap(), r#"{"(3,4),(1,2)";"(7,8),(5,6)"}"#, "box[] uses `;`");
     }
 
     #[test]
