@@ -552,7 +552,7 @@ impl ShapeStream {
 
         let mut changes = parsed.changes;
         match self.tags.apply(&mut changes, parsed.marks, &schema) {
-            Ok(Resolution::Resolved) => {}
+            Ok(Resolution::Resolved) => self.count_moves(),
             Ok(Resolution::Unknown) => return Ok(Some(self.refetch_for_unknown_tags())),
             Err(detail) => return Err(ShapeError::Protocol(detail)),
         }
@@ -731,6 +731,23 @@ impl ShapeStream {
         ShapeEvent::MustRefetch { new_handle }
     }
 
+    /// Reports what the tag index saw move as `shapesync_source_move_events_total{pipeline,
+    /// event}` and `shapesync_source_rows_moved_out_total{pipeline}`, when a pipeline is named.
+    fn count_moves(&mut self) {
+        let counts = self.tags.take_counts();
+        let Some(pipeline) = &self.options.metrics_pipeline else { return };
+        if counts.move_outs > 0 {
+            metrics::counter!("shapesync_source_move_events_total", "pipeline" => pipeline.clone(), "event" => "move-out")
+                .increment(counts.move_outs);
+            metrics::counter!("shapesync_source_rows_moved_out_total", "pipeline" => pipeline.clone())
+                .increment(counts.rows_moved_out);
+        }
+        if counts.move_ins > 0 {
+            metrics::counter!("shapesync_source_move_events_total", "pipeline" => pipeline.clone(), "event" => "move-in")
+                .increment(counts.move_ins);
+        }
+    }
+
     /// Counts one request outcome (`2xx`, `3xx`, `409`, `4xx`, `5xx`, `error`) as
     /// `shapesync_source_requests_total{pipeline, class}`, when a pipeline is named.
     fn count_request(&self, class: &'static str) {
@@ -825,7 +842,7 @@ impl ShapeStream {
                 Ok(Message::Move(event)) => {
                     let mut deletes = Vec::new();
                     match self.tags.apply(&mut deletes, vec![(0, Mark::Move(event))], &schema) {
-                        Ok(Resolution::Resolved) => {}
+                        Ok(Resolution::Resolved) => self.count_moves(),
                         Ok(Resolution::Unknown) => return Ok(Some(self.refetch_for_unknown_tags())),
                         Err(detail) => return Err(ShapeError::Protocol(detail)),
                     }

@@ -165,6 +165,19 @@ pub(crate) struct TagTracker {
     /// (or at `now` with nothing held) rather than resuming.
     complete: bool,
     len: usize,
+    /// What moved since [`TagTracker::take_counts`] was last called.
+    counts: MoveCounts,
+}
+
+/// Move events seen and rows they removed, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MoveCounts {
+    /// `move-in` events.
+    pub move_ins: u64,
+    /// `move-out` events.
+    pub move_outs: u64,
+    /// Rows a move-out removed (each became a delete).
+    pub rows_moved_out: u64,
 }
 
 impl std::fmt::Debug for TagTracker {
@@ -182,9 +195,16 @@ impl TagTracker {
         TagTracker { complete, ..TagTracker::default() }
     }
 
-    /// Forgets everything (a reset or a resume).
+    /// Forgets everything (a reset or a resume); the counts survive.
     pub fn reset(&mut self, complete: bool) {
+        let counts = self.counts;
         *self = TagTracker::new(complete);
+        self.counts = counts;
+    }
+
+    /// What moved since the last call.
+    pub fn take_counts(&mut self) -> MoveCounts {
+        std::mem::take(&mut self.counts)
     }
 
     /// Tagged rows indexed.
@@ -221,7 +241,15 @@ impl TagTracker {
                             return Ok(Resolution::Unknown);
                         }
                         match self.on_move(&event, schema, &key_columns) {
-                            Some(deletes) => out.extend(deletes),
+                            Some(deletes) => {
+                                if event.out {
+                                    self.counts.move_outs += 1;
+                                    self.counts.rows_moved_out += deletes.len() as u64;
+                                } else {
+                                    self.counts.move_ins += 1;
+                                }
+                                out.extend(deletes);
+                            }
                             None => return Ok(Resolution::Unknown),
                         }
                     }
@@ -708,6 +736,16 @@ mod tests {
         run(&mut t, vec![update, delete], marks);
         assert!(run(&mut t, vec![], vec![(0, moved(true, &[(0, "a")]))]).1.is_empty());
         assert_eq!(run(&mut t, vec![], vec![(0, moved(true, &[(0, "b")]))]).1, ["delete:k1"]);
+    }
+
+    #[test]
+    fn moves_are_counted_for_metrics() {
+        let mut t = TagTracker::new(true);
+        run(&mut t, vec![insert(1), insert(2)], vec![(0, tags(&["a"], None)), (1, tags(&["a"], None))]);
+        run(&mut t, vec![], vec![(0, moved(false, &[(0, "b")])), (0, moved(true, &[(0, "a")]))]);
+        t.reset(true);
+        assert_eq!(t.take_counts(), MoveCounts { move_ins: 1, move_outs: 1, rows_moved_out: 2 });
+        assert_eq!(t.take_counts(), MoveCounts::default());
     }
 
     #[test]
