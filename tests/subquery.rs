@@ -66,23 +66,15 @@ fn stored(name: &str) -> BTreeSet<String> {
     shapesync_sink_memory::store(name).rows().into_keys().collect()
 }
 
-fn move_project(model: &mut Model, table: &TableHandle, w: &str, project: u64, into: bool) {
+/// Moves `value` of position `pos` (0: projects, 1: owners) into or out of its subquery.
+fn move_at(model: &mut Model, table: &TableHandle, w: &str, pos: usize, value: u64, into: bool) {
+    let set = if pos == 0 { &mut model.projects } else { &mut model.owners };
     if into {
-        table.move_in(w, 0, &[&project.to_string()]);
-        model.projects.insert(project);
+        table.move_in(w, pos, &[&value.to_string()]);
+        set.insert(value);
     } else {
-        table.move_out(w, 0, &[&project.to_string()]);
-        model.projects.remove(&project);
-    }
-}
-
-fn move_owner(model: &mut Model, table: &TableHandle, w: &str, owner: u64, into: bool) {
-    if into {
-        table.move_in(w, 1, &[&owner.to_string()]);
-        model.owners.insert(owner);
-    } else {
-        table.move_out(w, 1, &[&owner.to_string()]);
-        model.owners.remove(&owner);
+        table.move_out(w, pos, &[&value.to_string()]);
+        set.remove(&value);
     }
 }
 
@@ -110,17 +102,17 @@ async fn follows_moves(form: Form, name: &str) {
     run_once(&warm, &server, name, w).await;
     assert_eq!(stored(&warm), model.expected(name));
 
-    move_project(&mut model, &table, w, 1, false);
-    move_owner(&mut model, &table, w, 12, true);
-    move_owner(&mut model, &table, w, 10, false);
-    move_project(&mut model, &table, w, 1, true);
-    move_owner(&mut model, &table, w, 11, false);
+    move_at(&mut model, &table, w, 0, 1, false);
+    move_at(&mut model, &table, w, 1, 12, true);
+    move_at(&mut model, &table, w, 1, 10, false);
+    move_at(&mut model, &table, w, 0, 1, true);
+    move_at(&mut model, &table, w, 1, 11, false);
     run_once(name, &server, name, w).await;
     assert_eq!(stored(name), model.expected(name), "a fresh run resolves the moves itself");
 
     // Resumed runs meet move-outs without the earlier rows' tags: they refetch.
-    move_project(&mut model, &table, w, 2, false);
-    move_owner(&mut model, &table, w, 13, true);
+    move_at(&mut model, &table, w, 0, 2, false);
+    move_at(&mut model, &table, w, 1, 13, true);
     run_once(name, &server, name, w).await;
     assert_eq!(stored(name), model.expected(name), "a resumed run refetches");
     assert!(shapesync_sink_memory::store(name).is_up_to_date());
