@@ -1,0 +1,153 @@
+#!/usr/bin/env node
+// Follows one shape with the official TypeScript client's ShapeStream and reports what it
+// sees, so tests/official_client.rs can compare it with shapesync's Rust client.
+//
+//   node follow.mjs --url http://127.0.0.1:PORT/v1/shape --param table=items
+//                   [--param where=...] [--sse] [--until-offset 24008200_4]
+//
+// Output: one JSON object per line on stdout.
+//   {"type":"batch","handle":…,"offset":…,"messages":[…]}   one per subscriber callback
+//       a change:  {"kind":"change","op":"insert","key":…,"value":{column: text|null}}
+//       a control: {"kind":"control","control":"up-to-date", …other headers}
+//       an event:  {"kind":"event","event":"move-out", …other headers}
+//   {"type":"rows","rows":{key:{column: text|null}}}          the materialised rows, at the end
+//   {"type":"error","message":…}                              the stream failed (exit 1)
+// `offset` and `handle` are `stream.lastOffset` / `stream.shapeHandle` when the batch is
+// delivered. Values are compared as text: see `text()` below.
+//
+// Stops (prints the rows and exits 0) when stdin closes (the Rust test closes it), or after
+// an up-to-date batch whose offset is `--until-offset`.
+
+import { ShapeStream, isChangeMessage, isControlMessage } from '@electric-sql/client'
+
+function usage(message) {
+  process.stderr.write(`follow.mjs: ${message}\n`)
+  process.exit(2)
+}
+
+const args = process.argv.slice(2)
+const params = {}
+let url
+let sse = false
+let untilOffset
+for (let i = 0; i < args.length; i++) {
+  const arg = args[i]
+  const value = () => {
+    if (i + 1 >= args.length) usage(`${arg} needs a value`)
+    return args[++i]
+  }
+  if (arg === `--url`) url = value()
+  else if (arg === `--sse`) sse = true
+  else if (arg === `--until-offset`) untilOffset = value()
+  else if (arg === `--param`) {
+    const p = value()
+    const eq = p.indexOf(`=`)
+    if (eq <= 0) usage(`--param wants name=value, got ${p}`)
+    params[p.slice(0, eq)] = p.slice(eq + 1)
+  } else usage(`unknown argument ${arg}`)
+}
+if (!url) usage(`--url is required`)
+if (!params.table) usage(`--param table=… is required`)
+
+// A value as text, the way tests/official_client.rs renders shapesync's typed values:
+// NULL is null; bigint/number/boolean are their decimal or true/false text; strings as
+// they are; arrays are JSON arrays of element texts (nested arrays nest); JSON objects
+// are their JSON text with keys sorted. The client's default parser produced these types
+// (int8 -> bigint, int2/int4/float -> number, bool -> boolean, json(b) -> object, arrays).
+function element(v) {
+  if (v === null || v === undefined) return null
+  if (Array.isArray(v)) return v.map(element)
+  return text(v)
+}
+function sortKeys(v) {
+  if (typeof v === `bigint`) return v.toString()
+  if (v === null || typeof v !== `object`) return v
+  if (Array.isArray(v)) return v.map(sortKeys)
+  const out = {}
+  for (const k of Object.keys(v).sort()) out[k] = sortKeys(v[k])
+  return out
+}
+function text(v) {
+  if (v === null || v === undefined) return null
+  if (Array.isArray(v)) return JSON.stringify(v.map(element))
+  if (typeof v === `object`) return JSON.stringify(sortKeys(v))
+  return String(v)
+}
+function row(value) {
+  const out = {}
+  for (const [column, v] of Object.entries(value ?? {})) out[column] = text(v)
+  return out
+}
+function headersJson(headers) {
+  return JSON.parse(JSON.stringify(headers, (_k, v) => (typeof v === `bigint` ? v.toString() : v)))
+}
+
+function emit(obj) {
+  process.stdout.write(JSON.stringify(obj) + `\n`)
+}
+
+const rows = new Map()
+let finished = false
+function finish(code) {
+  if (finished) return
+  finished = true
+  aborter.abort()
+  emit({ type: `rows`, rows: Object.fromEntries(rows) })
+  // Let stdout drain before exiting.
+  process.stdout.write(``, () => process.exit(code))
+}
+
+const aborter = new AbortController()
+const stream = new ShapeStream({
+  url,
+  params,
+  liveSse: sse,
+  signal: aborter.signal,
+  onError: (error) => {
+    if (finished) return
+    emit({ type: `error`, message: String(error?.stack ?? error) })
+    finished = true
+    process.stdout.write(``, () => process.exit(1))
+  },
+})
+
+stream.subscribe(
+  (messages) => {
+    if (finished) return
+    const out = []
+    let upToDate = false
+    for (const m of messages) {
+      if (isChangeMessage(m)) {
+        const op = m.headers.operation
+        const value = row(m.value)
+        out.push({ kind: `change`, op, key: m.key, value })
+        if (op === `insert`) rows.set(m.key, value)
+        else if (op === `update`) rows.set(m.key, { ...(rows.get(m.key) ?? {}), ...value })
+        else if (op === `delete`) rows.delete(m.key)
+      } else if (isControlMessage(m)) {
+        const { control, ...rest } = headersJson(m.headers)
+        out.push({ kind: `control`, control, ...rest })
+        if (control === `must-refetch`) rows.clear()
+        if (control === `up-to-date`) upToDate = true
+      } else if (m?.headers?.event) {
+        const { event, ...rest } = headersJson(m.headers)
+        out.push({ kind: `event`, event, ...rest })
+      } else {
+        out.push({ kind: `unknown`, message: headersJson(m) })
+      }
+    }
+    emit({ type: `batch`, handle: stream.shapeHandle ?? null, offset: stream.lastOffset, messages: out })
+    if (upToDate && untilOffset !== undefined && stream.lastOffset === untilOffset) finish(0)
+  },
+  (error) => {
+    if (finished) return
+    emit({ type: `error`, message: String(error?.stack ?? error) })
+    finished = true
+    process.stdout.write(``, () => process.exit(1))
+  }
+)
+
+process.stdin.on(`data`, () => {})
+process.stdin.on(`end`, () => finish(0))
+process.stdin.on(`error`, () => finish(0))
+process.stdin.resume()
