@@ -30,7 +30,7 @@ use serde_json::{Value as Json, json};
 use shapesync_core::{Offset, Operation, Value};
 use shapesync_e2e::items_def;
 use shapesync_electric::{ShapeEvent, ShapeOptions, ShapeStream};
-use shapesync_testkit::{Column, ServerOptions, TableDef, TableHandle, TestServer};
+use shapesync_testkit::{Column, RequestRecord, ServerOptions, TableDef, TableHandle, TestServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
@@ -55,16 +55,7 @@ async fn sse_agrees_with_the_official_client() {
 /// A snapshot over several chunks, inserts, updates (partial, to NULL), deletes, a primary
 /// key change, a transaction larger than a chunk, a rotation (409), and changes after it.
 async fn basic_history(h: &mut Harness) {
-    let items = h
-        .table(
-            "official",
-            items_def("official")
-                .column(Column::new("flag", "bool"))
-                .column(Column::new("score", "int4"))
-                .column(Column::new("data", "jsonb")),
-            (1..=30).map(row),
-        )
-        .await;
+    let items = h.table("official", table_def("official"), (1..=30).map(row)).await;
     assert!(h.snapshot_chunks() > 1, "the snapshot spans several chunks");
 
     let head = items
@@ -121,6 +112,66 @@ async fn basic_history(h: &mut Harness) {
     assert_eq!(rows[&key(32)]["data"].as_deref(), Some(r#"{"k":[1,"two",null]}"#));
     assert_eq!(rows[&key(3)]["flag"], None);
     assert!(rows.contains_key(&key(106)) && !rows.contains_key(&key(6)), "the key change");
+    assert!(outcome.replayed_by_official.is_empty(), "no SSE reconnect, no re-delivery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_reconnects_agree_with_the_official_client() {
+    // Connections longer than both clients' "short connection" threshold (1 s), so neither
+    // falls back to long-polling.
+    let options = ServerOptions { sse_timeout: Duration::from_millis(1500), ..server_options() };
+    cross_check_with(Mode::Sse, options, sse_reconnects).await;
+}
+
+/// The server ends SSE connections (as Electric does after `sse_timeout`); both clients
+/// reconnect and carry on. The official client reconnects from `<lsn>_0` and is handed the
+/// rest of the last transaction again (see [`offsets_agree`]); shapesync resumes from the
+/// transaction's last op.
+async fn sse_reconnects(h: &mut Harness) {
+    let items = h.table("reconnects", table_def("reconnects"), (1..=5).map(row)).await;
+    let head = items
+        .transaction()
+        .insert(row(10))
+        .update(json!({"id": "1", "title": "one"}))
+        .delete(json!({"id": "2"}))
+        .commit();
+    h.settle(head).await;
+    let Offset::At { tx: lsn, .. } = head else { unreachable!("a commit has an LSN") };
+    let official_resume = format!("{lsn}_0");
+    h.wait_for_requests("both clients' SSE reconnects after the transaction", |log| {
+        let sse_from = |offset: &str, official: bool| {
+            log.iter().any(|r| {
+                r.param("live_sse") == Some("true")
+                    && r.param("offset") == Some(offset)
+                    && r.param("experimental_live_sse").is_some() == official
+            })
+        };
+        sse_from(&official_resume, true) && sse_from(&head.to_string(), false)
+    })
+    .await;
+
+    let head = items.transaction().update(json!({"id": "3", "title": "three"})).commit();
+    h.settle(head).await;
+
+    let outcome = h.finish().await;
+    assert_eq!(outcome.rust.rows.len(), 5);
+    let mut replayed: Vec<_> =
+        outcome.replayed_by_official.iter().map(|c| (c.op.as_str(), c.position)).collect();
+    replayed.dedup();
+    assert!(
+        !replayed.is_empty()
+            && replayed.iter().all(|r| [("update", Some((lsn, 2))), ("delete", Some((lsn, 4)))].contains(r)),
+        "the official client is handed the transaction's ops after op 0 again on each reconnect \
+         (if it no longer is, after an upgrade, update this test and docs/PROTOCOL.md): {replayed:?}"
+    );
+}
+
+/// `items_def` plus a bool, an int4 and a jsonb column.
+fn table_def(name: &str) -> TableDef {
+    items_def(name)
+        .column(Column::new("flag", "bool"))
+        .column(Column::new("score", "int4"))
+        .column(Column::new("data", "jsonb"))
 }
 
 fn row(id: u64) -> Json {
@@ -153,9 +204,26 @@ enum Mode {
 /// Runs `scenario` against both clients; it must end with [`Harness::finish`], whose
 /// comparison this function repeats (so a scenario that forgets still gets checked).
 async fn cross_check(mode: Mode, scenario: impl AsyncFnOnce(&mut Harness)) {
-    let mut h = Harness::new(mode).await;
+    cross_check_with(mode, server_options(), scenario).await;
+}
+
+/// [`cross_check`] with other server settings.
+async fn cross_check_with(mode: Mode, options: ServerOptions, scenario: impl AsyncFnOnce(&mut Harness)) {
+    let mut h = Harness::new(mode, options).await;
     scenario(&mut h).await;
     h.finish().await;
+}
+
+/// Small chunks, so snapshots and big transactions take several responses.
+fn server_options() -> ServerOptions {
+    ServerOptions {
+        chunk_bytes: 1024,
+        // Live polls that time out repeat the same up-to-date; `tokens` drops repeats.
+        long_poll_timeout: Duration::from_secs(2),
+        // No SSE reconnects unless a scenario asks for them.
+        sse_timeout: Duration::from_secs(60),
+        ..ServerOptions::default()
+    }
 }
 
 /// One server, one table, and the two clients following its plain shape (`table` only).
@@ -173,19 +241,13 @@ struct Outcome {
     rust: Observed,
     #[allow(dead_code)]
     node: Observed,
+    /// Log changes the official client was handed a second time (see [`tokens`]).
+    replayed_by_official: Vec<ChangeRec>,
 }
 
 impl Harness {
-    async fn new(mode: Mode) -> Self {
-        let server = TestServer::start(ServerOptions {
-            chunk_bytes: 1024,
-            // Live polls that time out repeat the same up-to-date; `tokens` drops repeats.
-            long_poll_timeout: Duration::from_secs(2),
-            sse_timeout: Duration::from_secs(60),
-            ..ServerOptions::default()
-        })
-        .await
-        .expect("start the testkit server");
+    async fn new(mode: Mode, options: ServerOptions) -> Self {
+        let server = TestServer::start(options).await.expect("start the testkit server");
         Harness { mode, server, table: None, rust: None, node: None, outcome: None }
     }
 
@@ -241,6 +303,16 @@ impl Harness {
         }
     }
 
+    /// Waits (with a deadline) until the server's request log satisfies `condition`.
+    async fn wait_for_requests(&self, what: &str, condition: impl Fn(&[RequestRecord]) -> bool) {
+        if let Err(e) = self.server.wait_for(what, STEP_DEADLINE, condition).await {
+            panic!(
+                "{e}; requests: {:#?}",
+                self.server.requests().iter().map(|r| &r.query).collect::<Vec<_>>()
+            );
+        }
+    }
+
     fn logs(&self) -> [(&'static str, &Log); 2] {
         [
             ("the Rust client", &self.rust.as_ref().expect("clients started").log),
@@ -256,8 +328,8 @@ impl Harness {
             };
             let rust = rust.stop();
             let node = node.stop().await;
-            compare(self.mode, &rust, &node);
-            self.outcome = Some(Outcome { rust, node });
+            let replayed_by_official = compare(self.mode, &rust, &node);
+            self.outcome = Some(Outcome { rust, node, replayed_by_official });
         }
         self.outcome.as_ref().expect("set above")
     }
@@ -299,6 +371,8 @@ struct ChangeRec {
     op: String,
     key: String,
     value: TextRow,
+    /// `(lsn, op_position)` of a log change; `None` in snapshots.
+    position: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug)]
@@ -324,6 +398,9 @@ struct Observed {
     error: Option<String>,
     /// follow.mjs's final `rows` line.
     node_rows: Option<Json>,
+    /// follow.mjs runs with `--sse`, and its last batch was up to date (so it is live).
+    node_sse: bool,
+    node_live: bool,
 }
 
 impl Observed {
@@ -431,6 +508,7 @@ impl RustClient {
                                     .to_owned(),
                                     key: c.key.clone(),
                                     value: c.value.iter().map(|(k, v)| (k.to_owned(), text(v))).collect(),
+                                    position: c.position.map(|p| (p.lsn, p.op_position)),
                                 })
                                 .collect();
                             let event = Event::Batch {
@@ -497,6 +575,7 @@ impl NodeClient {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run `node` ({e}); install Node.js 18+ (`bash .ci/run` does)"));
         let log = Log::new();
+        log.update(|o| o.node_sse = mode == Mode::Sse);
         let stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         let reader = tokio::spawn({
@@ -569,6 +648,7 @@ fn on_node_line(o: &mut Observed, msg: Json) {
             let mut changes = Vec::new();
             let mut events = Vec::new();
             let mut up_to_date = false;
+            let mut up_to_date_lsn = None;
             let mut must_refetch = false;
             for m in msg["messages"].as_array().into_iter().flatten() {
                 match m["kind"].as_str() {
@@ -576,9 +656,16 @@ fn on_node_line(o: &mut Observed, msg: Json) {
                         op: m["op"].as_str().unwrap_or_default().to_owned(),
                         key: m["key"].as_str().unwrap_or_default().to_owned(),
                         value: text_row(&m["value"]),
+                        position: m["lsn"]
+                            .as_str()
+                            .and_then(|lsn| lsn.parse().ok())
+                            .zip(m["op_position"].as_u64()),
                     }),
                     Some("control") => match m["control"].as_str() {
-                        Some("up-to-date") => up_to_date = true,
+                        Some("up-to-date") => {
+                            up_to_date = true;
+                            up_to_date_lsn = m["global_last_seen_lsn"].as_str().map(str::to_owned);
+                        }
                         Some("must-refetch") => must_refetch = true,
                         _ => {} // snapshot-end and the like: the Rust client does not surface them
                     },
@@ -588,12 +675,27 @@ fn on_node_line(o: &mut Observed, msg: Json) {
             if must_refetch {
                 // client.ts publishes a 409 as a batch of exactly one synthetic must-refetch.
                 assert!(changes.is_empty() && !up_to_date, "must-refetch shares a batch: {msg}");
+                o.node_live = false;
                 o.apply(Event::MustRefetch);
                 return;
             }
+            // The offset the client resumes from after this batch. Long-polling:
+            // `stream.lastOffset`, exact because client.ts awaits a response's subscribers
+            // before its next request. SSE: client.ts calls `#onMessages` for each
+            // up-to-date-terminated run of events without awaiting the previous one's
+            // subscribers (`#publish` only chains the callbacks), so `lastOffset` read in a
+            // callback can already be a later batch's; the batch's own is what
+            // `handleMessageBatch` took from it: `<global_last_seen_lsn>_0` (helpers.ts
+            // `getOffset`). Only live batches come over SSE: the first up-to-date after a
+            // (re)fetch ends a non-live request.
+            let offset = match up_to_date_lsn {
+                Some(lsn) if o.node_sse && o.node_live => format!("{lsn}_0"),
+                _ => msg["offset"].as_str().unwrap_or_default().to_owned(),
+            };
+            o.node_live |= up_to_date;
             o.apply(Event::Batch {
                 handle: msg["handle"].as_str().unwrap_or_default().to_owned(),
-                offset: msg["offset"].as_str().unwrap_or_default().to_owned(),
+                offset,
                 changes,
                 up_to_date,
                 events,
@@ -690,55 +792,85 @@ enum Token {
     Event(Json),
 }
 
-/// `o`'s events as [`Token`]s, normalised for what may legitimately differ:
+/// `o`'s events as [`Token`]s, normalised for what may legitimately differ, and the log
+/// changes it was handed again (see below), which are left out of the tokens:
 ///
 /// - A live long-poll that times out answers `up-to-date` at the same offset; how many a
 ///   client gets depends on timing, so an `up-to-date` repeating the previous one is dropped.
 /// - The official client does not publish a response with no messages (client.ts
 ///   `#onMessages` returns on an empty batch), while shapesync yields every response: a
 ///   chunk boundary with no changes is dropped.
-fn tokens(o: &Observed) -> Vec<Token> {
+/// - A log change at or below the highest `(lsn, op_position)` already delivered since the
+///   last must-refetch is a re-delivery: the official client resumes an SSE reconnect from
+///   `<lsn>_0` (see [`offsets_agree`]), so the server re-sends the rest of that transaction.
+///   Re-applying a suffix of the last transaction leaves the rows as they were, so the rows
+///   still agree; `compare` requires that shapesync never re-delivers.
+fn tokens(o: &Observed) -> (Vec<Token>, Vec<ChangeRec>) {
     let mut out: Vec<Token> = Vec::new();
+    let mut replayed = Vec::new();
+    let mut high_water: Option<(u64, u64)> = None;
     for e in &o.events {
         match e {
-            Event::MustRefetch => out.push(Token::MustRefetch),
+            Event::MustRefetch => {
+                high_water = None;
+                out.push(Token::MustRefetch);
+            }
             Event::Batch { handle, offset, changes, up_to_date, events } => {
                 out.extend(events.iter().cloned().map(Token::Event));
-                out.extend(changes.iter().cloned().map(Token::Change));
+                let mut fresh = 0;
+                for c in changes {
+                    match c.position {
+                        Some(p) if Some(p) <= high_water => replayed.push(c.clone()),
+                        p => {
+                            high_water = high_water.max(p);
+                            fresh += 1;
+                            out.push(Token::Change(c.clone()));
+                        }
+                    }
+                }
                 let end = if *up_to_date {
                     Token::UpToDate { handle: handle.clone(), offset: offset.clone() }
-                } else if changes.is_empty() {
+                } else if fresh == 0 {
                     continue;
                 } else {
                     Token::ChunkEnd { handle: handle.clone(), offset: offset.clone() }
                 };
-                if *up_to_date && changes.is_empty() && out.last() == Some(&end) {
+                if *up_to_date && fresh == 0 && out.last() == Some(&end) {
                     continue;
                 }
                 out.push(end);
             }
         }
     }
-    out
+    (out, replayed)
 }
 
-fn compare(mode: Mode, rust: &Observed, node: &Observed) {
+/// The two clients' tokens denote the same thing (offsets as [`offsets_agree`] says).
+fn same_token(mode: Mode, rust: &Token, node: &Token) -> bool {
+    match (rust, node) {
+        (Token::UpToDate { handle: rh, offset: ro }, Token::UpToDate { handle: nh, offset: no })
+        | (Token::ChunkEnd { handle: rh, offset: ro }, Token::ChunkEnd { handle: nh, offset: no }) => {
+            rh == nh && offsets_agree(mode, ro, no)
+        }
+        (a, b) => a == b,
+    }
+}
+
+/// Asserts that both clients agree; returns the changes the official client was handed again.
+fn compare(mode: Mode, rust: &Observed, node: &Observed) -> Vec<ChangeRec> {
     assert!(rust.error.is_none(), "the Rust client failed: {:?}", rust.error);
     assert_eq!(
         rust.rows, node.rows,
         "{mode:?}: the Rust client's rows (left) differ from the official client's (right)"
     );
-    let (r, n) = (tokens(rust), tokens(node));
-    let agree = r.len() == n.len()
-        && r.iter().zip(&n).all(|pair| match pair {
-            (Token::UpToDate { handle: rh, offset: ro }, Token::UpToDate { handle: nh, offset: no })
-            | (Token::ChunkEnd { handle: rh, offset: ro }, Token::ChunkEnd { handle: nh, offset: no }) => {
-                rh == nh && offsets_agree(mode, ro, no)
-            }
-            (a, b) => a == b,
-        });
-    if !agree {
-        let first = r.iter().zip(&n).position(|(a, b)| a != b).unwrap_or(r.len().min(n.len()));
+    let ((r, rust_replayed), (n, node_replayed)) = (tokens(rust), tokens(node));
+    assert!(
+        rust_replayed.is_empty(),
+        "{mode:?}: the Rust client delivered changes twice: {rust_replayed:#?}"
+    );
+    let first = r.iter().zip(&n).position(|(a, b)| !same_token(mode, a, b));
+    if first.is_some() || r.len() != n.len() {
+        let first = first.unwrap_or(r.len().min(n.len()));
         panic!(
             "{mode:?}: the clients saw different histories (first difference at token {first}).\n\
              Rust client ({} tokens) from there: {:#?}\nofficial client ({} tokens) from there: {:#?}",
@@ -748,4 +880,5 @@ fn compare(mode: Mode, rust: &Observed, node: &Observed) {
             &n[first..n.len().min(first + 8)],
         );
     }
+    node_replayed
 }

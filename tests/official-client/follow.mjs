@@ -7,7 +7,8 @@
 //
 // Output: one JSON object per line on stdout.
 //   {"type":"batch","handle":…,"offset":…,"messages":[…]}   one per subscriber callback
-//       a change:  {"kind":"change","op":"insert","key":…,"value":{column: text|null}}
+//       a change:  {"kind":"change","op":"insert","key":…,"value":{column: text|null},
+//                   "lsn":"24008184"|null,"op_position":0|null}   (log changes carry both)
 //       a control: {"kind":"control","control":"up-to-date", …other headers}
 //       an event:  {"kind":"event","event":"move-out", …other headers}
 //   {"type":"rows","rows":{key:{column: text|null}}}          the materialised rows, at the end
@@ -120,7 +121,9 @@ stream.subscribe(
       if (isChangeMessage(m)) {
         const op = m.headers.operation
         const value = row(m.value)
-        out.push({ kind: `change`, op, key: m.key, value })
+        const lsn = m.headers.lsn ?? null
+        const opPosition = m.headers.op_position ?? null
+        out.push({ kind: `change`, op, key: m.key, value, lsn, op_position: opPosition })
         if (op === `insert`) rows.set(m.key, value)
         else if (op === `update`) rows.set(m.key, { ...(rows.get(m.key) ?? {}), ...value })
         else if (op === `delete`) rows.delete(m.key)
