@@ -29,8 +29,8 @@ use std::time::Duration;
 use serde_json::{Value as Json, json};
 use shapesync_core::{Offset, Operation, Value};
 use shapesync_e2e::items_def;
-use shapesync_electric::{ShapeEvent, ShapeOptions, ShapeStream};
-use shapesync_testkit::{Column, RequestRecord, ServerOptions, TableDef, TableHandle, TestServer};
+use shapesync_electric::{Replica, ShapeEvent, ShapeOptions, ShapeStream};
+use shapesync_testkit::{Column, RequestRecord, RowView, ServerOptions, TableDef, TableHandle, TestServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
@@ -148,6 +148,90 @@ async fn truncate_history(h: &mut Harness) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_shape_long_polling_agrees_with_the_official_client() {
+    cross_check(Mode::LongPoll, filtered_history).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_shape_over_sse_agrees_with_the_official_client() {
+    cross_check(Mode::Sse, filtered_history).await;
+}
+
+/// A shape with `where` + `params`, `columns` (one needing quotes: the official client
+/// quotes every name, shapesync only those that need it) and `replica=full`: updates that
+/// cross the filter arrive as inserts (move-in) and deletes (move-out); updates carry the
+/// selected columns in full plus `old_value`.
+async fn filtered_history(h: &mut Harness) {
+    let amount_over_param: Predicate = Arc::new(|r: &RowView<'_>| {
+        let number = |s: Option<&str>| s.and_then(|s| s.parse::<f64>().ok());
+        number(r.get("amount")).zip(number(r.param("1"))).is_some_and(|(amount, min)| amount > min)
+    });
+    let shape = Shape {
+        where_clause: Some(("amount > $1".into(), amount_over_param)),
+        params: [(1, "10".to_owned())].into(),
+        columns: Some(vec!["id".into(), "title".into(), "Mixed Case".into()]),
+        replica_full: true,
+    };
+    let def = table_def("filtered").column(Column::new("Mixed Case", "text"));
+    let seed = (1..=20).map(|id| {
+        let mut r = row(id);
+        r["Mixed Case"] = json!(format!("M{id}"));
+        r
+    });
+    // Rows 10..=20 are in the shape (amount `<id>.50` > 10).
+    let items = h.table_shape("filtered", def, seed, shape).await;
+    let head = items
+        .transaction()
+        .update(json!({"id": "5", "title": "outside the shape"}))
+        .update(json!({"id": "15", "amount": "1"}))
+        .update(json!({"id": "3", "amount": "50"}))
+        .update(json!({"id": "12", "title": "twelve", "Mixed Case": null}))
+        .commit();
+    h.settle(head).await;
+
+    let head = items
+        .transaction()
+        .update(json!({"id": "11", "Mixed Case": "eleven"}))
+        .change_key(json!({"id": "13"}), json!({"id": "113", "Mixed Case": "was 13"}))
+        .commit();
+    h.settle(head).await;
+
+    items.rotate();
+    h.settle(Offset::SNAPSHOT_END).await;
+
+    let head = items
+        .transaction()
+        .insert(json!({"id": "401", "amount": "1"}))
+        .delete(json!({"id": "20"}))
+        .insert(json!({"id": "400", "title": "in", "amount": "99", "Mixed Case": "x"}))
+        .commit();
+    h.settle(head).await;
+
+    let outcome = h.finish().await;
+    let rows = &outcome.rust.rows;
+    let key = |id| shapesync_e2e::key("filtered", id);
+    let mut expected: Vec<String> =
+        [3, 10, 11, 12, 14, 16, 17, 18, 19, 113, 400].into_iter().map(key).collect();
+    expected.sort();
+    assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), expected);
+    assert_eq!(rows[&key(12)].keys().collect::<Vec<_>>(), ["Mixed Case", "id", "title"], "the columns");
+    assert_eq!(rows[&key(12)]["Mixed Case"], None);
+    let old_values = outcome.rust.events.iter().flat_map(|e| match e {
+        Event::Batch { changes, .. } => changes.iter().filter_map(|c| c.old_value.clone()).collect(),
+        Event::MustRefetch => Vec::new(),
+    });
+    assert!(old_values.count() >= 2, "replica=full updates carry old values");
+    // Two spellings of one shape: the handles agreed (`compare`), so the server read both
+    // `columns` the same way.
+    let columns: std::collections::BTreeSet<_> =
+        h.server.requests().iter().filter_map(|r| r.param("columns").map(str::to_owned)).collect();
+    assert_eq!(
+        columns.into_iter().collect::<Vec<_>>(),
+        [r#""id","title","Mixed Case""#, r#"id,title,"Mixed Case""#]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_reconnects_agree_with_the_official_client() {
     // Connections longer than both clients' "short connection" threshold (1 s), so neither
     // falls back to long-polling.
@@ -246,6 +330,26 @@ async fn cross_check_with(mode: Mode, options: ServerOptions, scenario: impl Asy
     h.finish().await;
 }
 
+/// A where predicate for the testkit (it cannot evaluate SQL).
+type Predicate = Arc<dyn Fn(&RowView<'_>) -> bool + Send + Sync>;
+
+/// A shape's definition beyond its table; both clients get the same.
+#[derive(Clone, Default)]
+struct Shape {
+    /// The `where` clause and the predicate the testkit evaluates it with.
+    where_clause: Option<(String, Predicate)>,
+    /// `params[n]`.
+    params: BTreeMap<u32, String>,
+    columns: Option<Vec<String>>,
+    replica_full: bool,
+}
+
+impl Shape {
+    fn is_plain(&self) -> bool {
+        self.where_clause.is_none() && self.params.is_empty() && self.columns.is_none() && !self.replica_full
+    }
+}
+
 /// Small chunks, so snapshots and big transactions take several responses.
 fn server_options() -> ServerOptions {
     ServerOptions {
@@ -263,6 +367,8 @@ struct Harness {
     mode: Mode,
     server: TestServer,
     table: Option<(TableHandle, String)>,
+    /// The clients follow the table's plain shape (`table` only).
+    plain: bool,
     rust: Option<RustClient>,
     node: Option<NodeClient>,
     outcome: Option<Outcome>,
@@ -280,11 +386,11 @@ struct Outcome {
 impl Harness {
     async fn new(mode: Mode, options: ServerOptions) -> Self {
         let server = TestServer::start(options).await.expect("start the testkit server");
-        Harness { mode, server, table: None, rust: None, node: None, outcome: None }
+        Harness { mode, server, table: None, plain: true, rust: None, node: None, outcome: None }
     }
 
-    /// Creates the table, seeds its snapshot, starts both clients on its shape and waits
-    /// until both are up to date at the end of the snapshot.
+    /// Creates the table, seeds its snapshot, starts both clients on its plain shape (all
+    /// columns, no `where`) and waits until both are up to date at the end of the snapshot.
     /// `name` is `def`'s table name (in schema `public`).
     async fn table(
         &mut self,
@@ -292,13 +398,30 @@ impl Harness {
         def: TableDef,
         seed: impl IntoIterator<Item = Json>,
     ) -> TableHandle {
+        self.table_shape(name, def, seed, Shape::default()).await
+    }
+
+    /// [`Harness::table`] with a shape of `where`, `params`, `columns` and/or `replica=full`.
+    /// Register the `where` on the returned handle's table first: pass it in `shape`.
+    async fn table_shape(
+        &mut self,
+        name: &str,
+        def: TableDef,
+        seed: impl IntoIterator<Item = Json>,
+        shape: Shape,
+    ) -> TableHandle {
         assert!(self.table.is_none(), "one table per harness");
         let name = name.to_owned();
         let table = self.server.create_table(def);
         table.seed(seed);
+        if let Some((clause, predicate)) = shape.where_clause.clone() {
+            table.register_where(clause, move |row| predicate(row));
+            table.refuse_unregistered_where();
+        }
+        self.plain = shape.is_plain();
         self.table = Some((table.clone(), name.clone()));
-        self.node = Some(NodeClient::start(&self.server.url(), &name, self.mode));
-        self.rust = Some(RustClient::start(&self.server.url(), &name, self.mode));
+        self.node = Some(NodeClient::start(&self.server.url(), &name, &shape, self.mode));
+        self.rust = Some(RustClient::start(&self.server.url(), &name, &shape, self.mode));
         self.settle(Offset::SNAPSHOT_END).await;
         table
     }
@@ -319,6 +442,7 @@ impl Harness {
         let (table, _) = self.table.as_ref().expect("call table() first");
         let head = head.to_string();
         let mode = self.mode;
+        let plain = self.plain;
         for (side, log) in self.logs() {
             let what = format!("{side} up to date at {head} under the table's current handle");
             log.wait(&what, |o| {
@@ -328,9 +452,11 @@ impl Harness {
                     .rev()
                     .find(|e| matches!(e, Event::MustRefetch | Event::Batch { up_to_date: true, .. }));
                 // The handle is read each time: after a truncate there is none until a
-                // client's `offset=-1` creates the next.
+                // client's `offset=-1` creates the next. `TableHandle::handle` is the plain
+                // shape's; other shapes rely on the offset and on a must-refetch ending the
+                // search (`compare` checks that both clients saw the same handles).
                 matches!(last, Some(Event::Batch { handle: h, offset, .. })
-                    if table.handle().as_ref() == Some(h) && offsets_agree(mode, &head, offset))
+                    if (!plain || table.handle().as_ref() == Some(h)) && offsets_agree(mode, &head, offset))
             })
             .await;
         }
@@ -406,6 +532,8 @@ struct ChangeRec {
     value: TextRow,
     /// `(lsn, op_position)` of a log change; `None` in snapshots.
     position: Option<(u64, u64)>,
+    /// `replica=full` updates: the changed columns' previous values.
+    old_value: Option<TextRow>,
 }
 
 #[derive(Clone, Debug)]
@@ -518,9 +646,15 @@ struct RustClient {
 }
 
 impl RustClient {
-    fn start(url: &str, table: &str, mode: Mode) -> Self {
+    fn start(url: &str, table: &str, shape: &Shape, mode: Mode) -> Self {
         let mut options = ShapeOptions::new(url.parse().expect("server url"), table);
         options.live_sse = mode == Mode::Sse;
+        options.where_clause = shape.where_clause.as_ref().map(|(clause, _)| clause.clone());
+        options.params = shape.params.clone();
+        options.columns = shape.columns.clone();
+        if shape.replica_full {
+            options.replica = Replica::Full;
+        }
         let mut stream = ShapeStream::new(options).expect("shape stream");
         let log = Log::new();
         let task = tokio::spawn({
@@ -542,6 +676,9 @@ impl RustClient {
                                     key: c.key.clone(),
                                     value: c.value.iter().map(|(k, v)| (k.to_owned(), text(v))).collect(),
                                     position: c.position.map(|p| (p.lsn, p.op_position)),
+                                    old_value: c.old_value.as_ref().map(|old| {
+                                        old.iter().map(|(k, v)| (k.to_owned(), text(v))).collect()
+                                    }),
                                 })
                                 .collect();
                             let event = Event::Batch {
@@ -587,7 +724,7 @@ struct NodeClient {
 }
 
 impl NodeClient {
-    fn start(url: &str, table: &str, mode: Mode) -> Self {
+    fn start(url: &str, table: &str, shape: &Shape, mode: Mode) -> Self {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("official-client");
         assert!(
             dir.join("node_modules/@electric-sql/client/package.json").is_file(),
@@ -598,6 +735,18 @@ impl NodeClient {
         cmd.arg(dir.join("follow.mjs")).args(["--url", url, "--param", &format!("table={table}")]);
         if mode == Mode::Sse {
             cmd.arg("--sse");
+        }
+        if let Some((clause, _)) = &shape.where_clause {
+            cmd.args(["--param", &format!("where={clause}")]);
+        }
+        if !shape.params.is_empty() {
+            cmd.args(["--json-param", &format!("params={}", json!(shape.params))]);
+        }
+        if let Some(columns) = &shape.columns {
+            cmd.args(["--json-param", &format!("columns={}", json!(columns))]);
+        }
+        if shape.replica_full {
+            cmd.args(["--param", "replica=full"]);
         }
         let mut child = cmd
             .current_dir(&dir)
@@ -693,6 +842,7 @@ fn on_node_line(o: &mut Observed, msg: Json) {
                             .as_str()
                             .and_then(|lsn| lsn.parse().ok())
                             .zip(m["op_position"].as_u64()),
+                        old_value: m.get("old_value").map(text_row),
                     }),
                     Some("control") => match m["control"].as_str() {
                         Some("up-to-date") => {

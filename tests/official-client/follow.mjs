@@ -3,12 +3,16 @@
 // sees, so tests/official_client.rs can compare it with shapesync's Rust client.
 //
 //   node follow.mjs --url http://127.0.0.1:PORT/v1/shape --param table=items
-//                   [--param where=...] [--sse] [--until-offset 24008200_4]
+//                   [--param where=...] [--json-param 'columns=["id","Title"]']
+//                   [--json-param 'params={"1":"10"}'] [--sse] [--until-offset 24008200_4]
+// `--param` values are strings; `--json-param` values are JSON (columns as an array, which
+// the client quotes; where-clause params as an object).
 //
 // Output: one JSON object per line on stdout.
 //   {"type":"batch","handle":…,"offset":…,"messages":[…]}   one per subscriber callback
 //       a change:  {"kind":"change","op":"insert","key":…,"value":{column: text|null},
 //                   "lsn":"24008184"|null,"op_position":0|null}   (log changes carry both)
+//                  plus "old_value":{column: text|null} when the message has one (replica=full)
 //       a control: {"kind":"control","control":"up-to-date", …other headers}
 //       an event:  {"kind":"event","event":"move-out", …other headers}
 //   {"type":"rows","rows":{key:{column: text|null}}}          the materialised rows, at the end
@@ -40,11 +44,16 @@ for (let i = 0; i < args.length; i++) {
   if (arg === `--url`) url = value()
   else if (arg === `--sse`) sse = true
   else if (arg === `--until-offset`) untilOffset = value()
-  else if (arg === `--param`) {
+  else if (arg === `--param` || arg === `--json-param`) {
     const p = value()
     const eq = p.indexOf(`=`)
-    if (eq <= 0) usage(`--param wants name=value, got ${p}`)
-    params[p.slice(0, eq)] = p.slice(eq + 1)
+    if (eq <= 0) usage(`${arg} wants name=value, got ${p}`)
+    const v = p.slice(eq + 1)
+    try {
+      params[p.slice(0, eq)] = arg === `--param` ? v : JSON.parse(v)
+    } catch (e) {
+      usage(`${arg} ${p}: ${e}`)
+    }
   } else usage(`unknown argument ${arg}`)
 }
 if (!url) usage(`--url is required`)
@@ -123,7 +132,9 @@ stream.subscribe(
         const value = row(m.value)
         const lsn = m.headers.lsn ?? null
         const opPosition = m.headers.op_position ?? null
-        out.push({ kind: `change`, op, key: m.key, value, lsn, op_position: opPosition })
+        const change = { kind: `change`, op, key: m.key, value, lsn, op_position: opPosition }
+        if (m.old_value) change.old_value = row(m.old_value)
+        out.push(change)
         if (op === `insert`) rows.set(m.key, value)
         else if (op === `update`) rows.set(m.key, { ...(rows.get(m.key) ?? {}), ...value })
         else if (op === `delete`) rows.delete(m.key)
