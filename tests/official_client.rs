@@ -30,7 +30,9 @@ use serde_json::{Value as Json, json};
 use shapesync_core::{Offset, Operation, Value};
 use shapesync_e2e::items_def;
 use shapesync_electric::{Replica, ShapeEvent, ShapeOptions, ShapeStream};
-use shapesync_testkit::{Column, RequestRecord, RowView, ServerOptions, TableDef, TableHandle, TestServer};
+use shapesync_testkit::{
+    Column, Fault, RequestRecord, RowView, ServerOptions, TableDef, TableHandle, TestServer,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
@@ -229,6 +231,41 @@ async fn filtered_history(h: &mut Harness) {
         columns.into_iter().collect::<Vec<_>>(),
         [r#""id","title","Mixed Case""#, r#"id,title,"Mixed Case""#]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_long_polling_agree_with_the_official_client() {
+    cross_check(Mode::LongPoll, faults_history).await;
+}
+
+/// 500, 503 with `retry-after`, connections dropped mid-body and a trickled body, during the
+/// snapshot and during a transaction larger than a chunk. Each fault hits whichever
+/// client's request comes next; both must retry the same offset, so neither history shows
+/// them.
+async fn faults_history(h: &mut Harness) {
+    h.server.inject(Fault::InternalError);
+    h.server.inject(Fault::DropMidBody);
+    h.server.inject(Fault::ServiceUnavailable { retry_after: Some(1) });
+    h.server.inject(Fault::DropMidBody);
+    h.server.inject(Fault::Trickle { bytes: 200, delay: Duration::from_millis(2) });
+    h.server.inject(Fault::DropMidBody);
+    let items = h.table("faults", table_def("faults"), (1..=30).map(row)).await;
+
+    // Both clients hold a live request now; the faults meet the chunk requests that follow.
+    h.server.inject_times(Fault::DropMidBody, 3);
+    h.server.inject(Fault::InternalError);
+    let mut big = items.transaction();
+    for id in 100..=140 {
+        big = big.insert(row(id));
+    }
+    let head = big.commit();
+    h.settle(head).await;
+    let head = items.transaction().update(json!({"id": "1", "title": "one"})).commit();
+    h.settle(head).await;
+
+    assert_eq!(h.server.pending_faults(), 0, "every fault was served");
+    let outcome = h.finish().await;
+    assert_eq!(outcome.rust.rows.len(), 71);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -562,6 +599,8 @@ struct Observed {
     /// follow.mjs runs with `--sse`, and its last batch was up to date (so it is live).
     node_sse: bool,
     node_live: bool,
+    /// Transient errors follow.mjs's `onError` retried.
+    node_retries: Vec<Json>,
 }
 
 impl Observed {
@@ -885,6 +924,7 @@ fn on_node_line(o: &mut Observed, msg: Json) {
             });
         }
         Some("rows") => o.node_rows = Some(msg["rows"].clone()),
+        Some("retry") => o.node_retries.push(msg),
         Some("error") => o.error = Some(msg["message"].as_str().unwrap_or_default().to_owned()),
         _ => o.error = Some(format!("unexpected line from follow.mjs: {msg}")),
     }

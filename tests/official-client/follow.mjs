@@ -16,6 +16,7 @@
 //       a control: {"kind":"control","control":"up-to-date", …other headers}
 //       an event:  {"kind":"event","event":"move-out", …other headers}
 //   {"type":"rows","rows":{key:{column: text|null}}}          the materialised rows, at the end
+//   {"type":"retry","status":…,"message":…}                   a transient error; retrying
 //   {"type":"error","message":…}                              the stream failed (exit 1)
 // `offset` and `handle` are `stream.lastOffset` / `stream.shapeHandle` when the batch is
 // delivered. Values are compared as text: see `text()` below.
@@ -23,7 +24,7 @@
 // Stops (prints the rows and exits 0) when stdin closes (the Rust test closes it), or after
 // an up-to-date batch whose offset is `--until-offset`.
 
-import { ShapeStream, isChangeMessage, isControlMessage } from '@electric-sql/client'
+import { FetchError, ShapeStream, isChangeMessage, isControlMessage } from '@electric-sql/client'
 
 function usage(message) {
   process.stderr.write(`follow.mjs: ${message}\n`)
@@ -113,8 +114,17 @@ const stream = new ShapeStream({
   params,
   liveSse: sse,
   signal: aborter.signal,
+  // The client retries 5xx, 429 and network errors itself, but a 200 whose body is cut
+  // off (fetch.ts `consumeResponseBody`: FetchError with the 200's status) reaches onError,
+  // and stops the stream unless onError asks for a retry: as its docs say to, retry what is
+  // transient and stop on the rest (4xx).
   onError: (error) => {
     if (finished) return
+    const status = error instanceof FetchError ? error.status : undefined
+    if (error instanceof FetchError && (status < 300 || status >= 500 || status === 429)) {
+      emit({ type: `retry`, status, message: String(error.message) })
+      return {}
+    }
     emit({ type: `error`, message: String(error?.stack ?? error) })
     finished = true
     process.stdout.write(``, () => process.exit(1))
