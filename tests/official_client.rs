@@ -525,6 +525,13 @@ impl Harness {
             let rust = rust.stop();
             let node = node.stop().await;
             let replayed_by_official = compare(self.mode, &rust, &node);
+            if self.server.requests().iter().all(|r| r.fault.is_none()) {
+                assert!(
+                    node.node_retries.is_empty(),
+                    "the official client hit errors: {:?}",
+                    node.node_retries
+                );
+            }
             self.outcome = Some(Outcome { rust, node, replayed_by_official });
         }
         self.outcome.as_ref().expect("set above")
