@@ -108,10 +108,29 @@ function finish(code) {
   process.stdout.write(``, () => process.exit(code))
 }
 
+// FOLLOW_DEBUG=1: log each request, its status and when its body ends, on stderr.
+const debug = process.env.FOLLOW_DEBUG ? (...a) => process.stderr.write(`${Date.now() % 100000} ${a.join(` `)}\n`) : null
+const fetchClient = debug
+  ? async (input, init) => {
+      const u = new URL(String(input))
+      const tag = `${u.searchParams.get(`offset`)}${u.searchParams.has(`live_sse`) ? ` sse` : ``}`
+      debug(`-> ${tag}`)
+      init?.signal?.addEventListener(`abort`, () => debug(`abort ${tag} ${init.signal.reason}`))
+      const res = await fetch(input, init)
+      debug(`<- ${tag} ${res.status} ${res.headers.get(`electric-offset`)}`)
+      if (!res.body) return res
+      const body = res.body.pipeThrough(
+        new TransformStream({ flush: () => debug(`end ${tag}`) })
+      )
+      return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers })
+    }
+  : undefined
+
 const aborter = new AbortController()
 const stream = new ShapeStream({
   url,
   params,
+  ...(fetchClient ? { fetchClient } : {}),
   liveSse: sse,
   signal: aborter.signal,
   // The client retries 5xx, 429 and network errors itself, but a 200 whose body is cut
