@@ -174,12 +174,8 @@ async fn filtered_shape_over_sse_agrees_with_the_official_client() {
 /// cross the filter arrive as inserts (move-in) and deletes (move-out); updates carry the
 /// selected columns in full plus `old_value`.
 async fn filtered_history(h: &mut Harness) {
-    let amount_over_param: Predicate = Arc::new(|r: &RowView<'_>| {
-        let number = |s: Option<&str>| s.and_then(|s| s.parse::<f64>().ok());
-        number(r.get("amount")).zip(number(r.param("1"))).is_some_and(|(amount, min)| amount > min)
-    });
     let shape = Shape {
-        where_clause: Some(("amount > $1".into(), amount_over_param)),
+        where_clause: Some("amount > $1".into()),
         params: [(1, "10".to_owned())].into(),
         columns: Some(vec!["id".into(), "title".into(), "Mixed Case".into()]),
         replica_full: true,
@@ -191,7 +187,14 @@ async fn filtered_history(h: &mut Harness) {
         r
     });
     // Rows 10..=20 are in the shape (amount `<id>.50` > 10).
-    let items = h.table_shape("filtered", def, seed, shape).await;
+    let items = h
+        .table_shape("filtered", def, seed, shape, |t| {
+            t.register_where("amount > $1", |r: &RowView<'_>| {
+                let number = |s: Option<&str>| s.and_then(|s| s.parse::<f64>().ok());
+                number(r.get("amount")).zip(number(r.param("1"))).is_some_and(|(amount, min)| amount > min)
+            });
+        })
+        .await;
     let head = items
         .transaction()
         .update(json!({"id": "5", "title": "outside the shape"}))
@@ -329,6 +332,65 @@ async fn official_client_drops_sse_backlog_chunks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subquery_moves_long_polling_agree_with_the_official_client() {
+    cross_check(Mode::LongPoll, subquery_history).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subquery_moves_over_sse_agree_with_the_official_client() {
+    cross_check(Mode::Sse, subquery_history).await;
+}
+
+/// A subquery shape (`project_id IN (SELECT …)`, scripted by the testkit): rows carry tags
+/// and active conditions; a dependency change is a `move-out` event (no deletes) or a
+/// `move-in` event plus inserts. shapesync turns a move-out into deletes of the rows whose
+/// tags match; follow.mjs works them out from the official client's messages. Both must
+/// remove the same rows at the same point.
+async fn subquery_history(h: &mut Harness) {
+    const WHERE: &str = "project_id IN (SELECT id FROM projects WHERE active)";
+    let def = TableDef::new("issues")
+        .column(Column::new("id", "int8").primary_key())
+        .column(Column::new("project_id", "text"))
+        .column(Column::new("title", "text"));
+    let issue = |id: u64, project: &str| json!({"id": id.to_string(), "project_id": project, "title": format!("issue {id}")});
+    let projects = ["p1", "p2", "p3"];
+    let seed: Vec<Json> = (1..=9).map(|id| issue(id, projects[(id as usize - 1) % 3])).collect();
+    let shape = Shape { where_clause: Some(WHERE.into()), ..Shape::default() };
+    // p1 and p2 are active: issues 1, 2, 4, 5, 7, 8 are in the shape.
+    let issues = h
+        .table_shape("issues", def, seed, shape, |t| {
+            t.register_subquery_where(WHERE, &["project_id"], &[&["p1", "p2"]])
+        })
+        .await;
+
+    let head =
+        issues.transaction().insert(issue(10, "p1")).update(json!({"id": "2", "title": "two"})).commit();
+    h.settle(head).await;
+
+    let head = issues.move_out(WHERE, 0, &["p1"]);
+    h.settle(head).await;
+
+    let head = issues.transaction().update(json!({"id": "5", "title": "five"})).commit();
+    h.settle(head).await;
+
+    let head = issues.move_in(WHERE, 0, &["p1"]);
+    h.settle(head).await;
+
+    let head = issues.transaction().update(json!({"id": "1", "title": "one"})).commit();
+    h.settle(head).await;
+
+    let head = issues.move_out(WHERE, 0, &["p2"]);
+    h.settle(head).await;
+
+    let outcome = h.finish().await;
+    let key = |id| shapesync_e2e::key("issues", id);
+    let mut expected: Vec<String> = [1, 4, 7, 10].into_iter().map(key).collect();
+    expected.sort();
+    assert_eq!(outcome.rust.rows.keys().cloned().collect::<Vec<_>>(), expected);
+    assert_eq!(outcome.rust.rows[&key(1)]["title"].as_deref(), Some("one"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_reconnects_agree_with_the_official_client() {
     // Connections longer than both clients' "short connection" threshold (1 s), so neither
     // falls back to long-polling.
@@ -427,14 +489,11 @@ async fn cross_check_with(mode: Mode, options: ServerOptions, scenario: impl Asy
     h.finish().await;
 }
 
-/// A where predicate for the testkit (it cannot evaluate SQL).
-type Predicate = Arc<dyn Fn(&RowView<'_>) -> bool + Send + Sync>;
-
 /// A shape's definition beyond its table; both clients get the same.
 #[derive(Clone, Default)]
 struct Shape {
-    /// The `where` clause and the predicate the testkit evaluates it with.
-    where_clause: Option<(String, Predicate)>,
+    /// The `where` clause (register how the testkit evaluates it in `table_shape`'s `setup`).
+    where_clause: Option<String>,
     /// `params[n]`.
     params: BTreeMap<u32, String>,
     columns: Option<Vec<String>>,
@@ -505,26 +564,26 @@ impl Harness {
         def: TableDef,
         seed: impl IntoIterator<Item = Json>,
     ) -> TableHandle {
-        self.table_shape(name, def, seed, Shape::default()).await
+        self.table_shape(name, def, seed, Shape::default(), |_| {}).await
     }
 
     /// [`Harness::table`] with a shape of `where`, `params`, `columns` and/or `replica=full`.
-    /// Register the `where` on the returned handle's table first: pass it in `shape`.
+    /// `setup` runs after seeding, before the clients start: register the `where` there
+    /// (`register_where`, `register_subquery_where`); others are refused.
     async fn table_shape(
         &mut self,
         name: &str,
         def: TableDef,
         seed: impl IntoIterator<Item = Json>,
         shape: Shape,
+        setup: impl FnOnce(&TableHandle),
     ) -> TableHandle {
         assert!(self.table.is_none(), "one table per harness");
         let name = name.to_owned();
         let table = self.server.create_table(def);
         table.seed(seed);
-        if let Some((clause, predicate)) = shape.where_clause.clone() {
-            table.register_where(clause, move |row| predicate(row));
-            table.refuse_unregistered_where();
-        }
+        table.refuse_unregistered_where();
+        setup(&table);
         self.plain = shape.is_plain();
         self.table = Some((table.clone(), name.clone()));
         self.node = Some(NodeClient::start(&self.server.url(), &name, &shape, self.mode));
@@ -681,7 +740,9 @@ enum Event {
         offset: String,
         changes: Vec<ChangeRec>,
         up_to_date: bool,
-        events: Vec<Json>,
+        /// Non-change, non-control messages (move-out, move-in) as follow.mjs printed them,
+        /// each with the number of `changes` before it.
+        events: Vec<(usize, Json)>,
     },
     MustRefetch,
 }
@@ -706,8 +767,16 @@ impl Observed {
     fn apply(&mut self, event: Event) {
         match &event {
             Event::MustRefetch => self.rows.clear(),
-            Event::Batch { changes, .. } => {
-                for c in changes {
+            Event::Batch { changes, events, .. } => {
+                let mut events = events.iter().peekable();
+                for (i, c) in changes.iter().map(Some).chain([None]).enumerate() {
+                    // follow.mjs's move-out events list the rows they removed.
+                    while let Some((_, e)) = events.next_if(|(at, _)| *at == i) {
+                        for key in e["deleted"].as_array().into_iter().flatten() {
+                            self.rows.remove(key.as_str().unwrap_or_default());
+                        }
+                    }
+                    let Some(c) = c else { break };
                     match c.op.as_str() {
                         "insert" => {
                             self.rows.insert(c.key.clone(), c.value.clone());
@@ -791,7 +860,7 @@ impl RustClient {
     fn start(url: &str, table: &str, shape: &Shape, mode: Mode) -> Self {
         let mut options = ShapeOptions::new(url.parse().expect("server url"), table);
         options.live_sse = mode == Mode::Sse;
-        options.where_clause = shape.where_clause.as_ref().map(|(clause, _)| clause.clone());
+        options.where_clause = shape.where_clause.clone();
         options.params = shape.params.clone();
         options.columns = shape.columns.clone();
         if shape.replica_full {
@@ -878,7 +947,7 @@ impl NodeClient {
         if mode == Mode::Sse {
             cmd.arg("--sse");
         }
-        if let Some((clause, _)) = &shape.where_clause {
+        if let Some(clause) = &shape.where_clause {
             cmd.args(["--param", &format!("where={clause}")]);
         }
         if !shape.params.is_empty() {
@@ -997,7 +1066,7 @@ fn on_node_line(o: &mut Observed, msg: Json) {
                         Some("must-refetch") => must_refetch = true,
                         _ => {} // snapshot-end and the like: the Rust client does not surface them
                     },
-                    _ => events.push(m.clone()),
+                    _ => events.push((changes.len(), m.clone())),
                 }
             }
             if must_refetch {
@@ -1117,7 +1186,11 @@ enum Token {
         offset: String,
     },
     MustRefetch,
-    /// A non-change, non-control message (move-out, move-in), as follow.mjs printed it.
+    /// A move-out that removed these rows (sorted keys): the official client passes the
+    /// event on (follow.mjs works out the rows), shapesync turns it into deletes with no
+    /// log position (electric `tags.rs`), in place.
+    MoveOut(Vec<String>),
+    /// Any other non-change, non-control message, as follow.mjs printed it.
     Event(Json),
 }
 
@@ -1145,9 +1218,45 @@ fn tokens(o: &Observed) -> (Vec<Token>, Vec<ChangeRec>) {
                 out.push(Token::MustRefetch);
             }
             Event::Batch { handle, offset, changes, up_to_date, events } => {
-                out.extend(events.iter().cloned().map(Token::Event));
                 let mut fresh = 0;
-                for c in changes {
+                let mut events = events.iter().peekable();
+                for (i, c) in changes.iter().map(Some).chain([None]).enumerate() {
+                    while let Some((_, e)) = events.next_if(|(at, _)| *at == i) {
+                        match e["event"].as_str() {
+                            Some("move-out") => {
+                                let mut keys: Vec<String> = e["deleted"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|k| k.as_str().map(str::to_owned))
+                                    .collect();
+                                keys.sort();
+                                if !keys.is_empty() {
+                                    fresh += 1;
+                                    out.push(Token::MoveOut(keys));
+                                }
+                            }
+                            // shapesync does not surface move-ins: the rows they bring are inserts.
+                            Some("move-in") => {}
+                            _ => {
+                                fresh += 1;
+                                out.push(Token::Event(e.clone()));
+                            }
+                        }
+                    }
+                    let Some(c) = c else { break };
+                    if c.op == "delete" && c.position.is_none() {
+                        // A delete a move-out made (snapshot messages are never deletes).
+                        match out.last_mut() {
+                            Some(Token::MoveOut(keys)) => {
+                                keys.push(c.key.clone());
+                                keys.sort();
+                            }
+                            _ => out.push(Token::MoveOut(vec![c.key.clone()])),
+                        }
+                        fresh += 1;
+                        continue;
+                    }
                     match c.position {
                         Some(p) if Some(p) <= high_water => replayed.push(c.clone()),
                         p => {

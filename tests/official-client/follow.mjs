@@ -14,7 +14,8 @@
 //                   "lsn":"24008184"|null,"op_position":0|null}   (log changes carry both)
 //                  plus "old_value":{column: text|null} when the message has one (replica=full)
 //       a control: {"kind":"control","control":"up-to-date", …other headers}
-//       an event:  {"kind":"event","event":"move-out", …other headers}
+//       an event:  {"kind":"event","event":"move-out", …other headers,
+//                   "deleted":[keys]}   (the rows the move-out removed, see `moveOut`)
 //   {"type":"rows","rows":{key:{column: text|null}}}          the materialised rows, at the end
 //   {"type":"retry","status":…,"message":…}                   a transient error; retrying
 //   {"type":"error","message":…}                              the stream failed (exit 1)
@@ -98,6 +99,39 @@ function emit(obj) {
 }
 
 const rows = new Map()
+
+// Subquery shapes: the client passes move-out/move-in events through to subscribers and
+// leaves materialising them to the application, so this does it, as Electric's own
+// materializer does (sync-service shapes/consumer/materializer.ex): each change's `tags`
+// (one per disjunct of the where's DNF, `/`-separated slots per position, an empty slot is
+// a position the disjunct does not use) and `active_conditions` (per position). A move-out
+// sets the matched positions inactive (without active_conditions: drops the matched tags);
+// a row stays while some tag has all its used positions active (or some tag remains). A
+// move-in reactivates positions; the rows it brings arrive as inserts.
+const tagsOf = new Map()
+const slotsMatch = (tag, p) => tag.split(`/`)[p.pos] === p.value
+function included(entry) {
+  if (!entry.active) return entry.tags.length > 0
+  return entry.tags.some((t) => t.split(`/`).every((slot, pos) => slot === `` || entry.active[pos]))
+}
+function moveEvent(event, patterns) {
+  const deleted = []
+  for (const [key, entry] of tagsOf) {
+    const matched = patterns.filter((p) => entry.tags.some((t) => slotsMatch(t, p)))
+    if (matched.length === 0) continue
+    if (entry.active) {
+      for (const p of matched) entry.active[p.pos] = event === `move-in`
+    } else if (event === `move-out`) {
+      entry.tags = entry.tags.filter((t) => !matched.some((p) => slotsMatch(t, p)))
+    }
+    if (event === `move-out` && !included(entry)) {
+      tagsOf.delete(key)
+      rows.delete(key)
+      deleted.push(key)
+    }
+  }
+  return deleted
+}
 let finished = false
 function finish(code) {
   if (finished) return
@@ -167,14 +201,23 @@ stream.subscribe(
         if (op === `insert`) rows.set(m.key, value)
         else if (op === `update`) rows.set(m.key, { ...(rows.get(m.key) ?? {}), ...value })
         else if (op === `delete`) rows.delete(m.key)
+        if (op === `delete`) tagsOf.delete(m.key)
+        else if (Array.isArray(m.headers.tags)) {
+          const active = m.headers.active_conditions
+          tagsOf.set(m.key, { tags: [...m.headers.tags], active: Array.isArray(active) ? [...active] : null })
+        }
       } else if (isControlMessage(m)) {
         const { control, ...rest } = headersJson(m.headers)
         out.push({ kind: `control`, control, ...rest })
-        if (control === `must-refetch`) rows.clear()
+        if (control === `must-refetch`) {
+          rows.clear()
+          tagsOf.clear()
+        }
         if (control === `up-to-date`) upToDate = true
       } else if (m?.headers?.event) {
         const { event, ...rest } = headersJson(m.headers)
-        out.push({ kind: `event`, event, ...rest })
+        const deleted = moveEvent(event, Array.isArray(m.headers.patterns) ? m.headers.patterns : [])
+        out.push({ kind: `event`, event, ...rest, deleted })
       } else {
         out.push({ kind: `unknown`, message: headersJson(m) })
       }
