@@ -21,8 +21,19 @@
 //! and up-to-dates are the same either way, and what the official client does after such a
 //! close, resuming from `<lsn>_0`, is normalised by [`tokens`].)
 //!
+//! Where the two differ, the official client is the one that departs from the server
+//! (each is pinned by a test or an assertion here):
+//! - over SSE it resumes from `<global_last_seen_lsn>_0`, so a reconnect re-delivers the
+//!   rest of the last transaction ([`offsets_agree`], `sse_reconnects_agree_…`);
+//! - it drops an SSE backlog chunk that ends without `up-to-date` but keeps its offset
+//!   (`official_client_drops_sse_backlog_chunks`);
+//! - in an SSE subscriber, `stream.lastOffset` can already be a later batch's
+//!   (`on_node_line`);
+//! - a 200 whose body is cut off stops it unless `onError` asks for a retry (follow.mjs).
+//!
 //! Needs `node` and `npm ci --prefix tests/official-client` (`bash .ci/run` does it); the
-//! tests fail, not skip, without them.
+//! tests fail, not skip, without them. `FOLLOW_DEBUG=1` makes follow.mjs log its requests,
+//! printed when the official client stops.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -692,8 +703,9 @@ const OFFICIAL: &str = "the official client";
 /// Whether the Rust client's offset `rust` and the official client's `node` denote the same
 /// point. Long-polling: always equal (both take the `electric-offset` header).
 ///
-/// SSE: an SSE response's header offset is the request's; the client learns where a batch
-/// ends from the stream itself. The official client (helpers.ts `getOffset`, used by
+/// SSE: a streaming SSE response's `electric-offset` is where it starts (a backlog's is the
+/// end of its chunk); the client learns where a batch ends from the stream itself. The
+/// official client (helpers.ts `getOffset`, used by
 /// shape-stream-state.ts `handleMessageBatch` for SSE batches) takes
 /// `<global_last_seen_lsn>_0` from the batch's `up-to-date`; shapesync takes the larger of
 /// that and the last change's `<lsn>_<op_position>`. The server (api.ex `next_sse_event`)
@@ -701,7 +713,8 @@ const OFFICIAL: &str = "the official client";
 /// agree on the LSN; shapesync's is the exact end, the official client's is earlier by the
 /// transaction's op positions (a reconnect from it is re-sent ops `>= <lsn>_1`, which its
 /// map-based materialisation absorbs). Accepted here: same LSN, with op part `0` on the
-/// official side.
+/// official side. (Electric's own issue electric-sql/electric#2870 calls `getOffset` a
+/// dependence on a backend detail.)
 fn offsets_agree(mode: Mode, rust: &str, node: &str) -> bool {
     if rust == node {
         return true;
