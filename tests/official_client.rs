@@ -44,7 +44,7 @@ use std::time::Duration;
 use serde_json::{Value as Json, json};
 use shapesync_core::{Offset, Operation, Value};
 use shapesync_e2e::items_def;
-use shapesync_electric::{Replica, ShapeEvent, ShapeOptions, ShapeStream};
+use shapesync_electric::{LogMode, Replica, ShapeEvent, ShapeOptions, ShapeStream, StartFrom};
 use shapesync_testkit::{
     Column, Fault, RequestRecord, RowView, ServerOptions, TableDef, TableHandle, TestServer,
 };
@@ -190,6 +190,7 @@ async fn filtered_history(h: &mut Harness) {
         params: [(1, "10".to_owned())].into(),
         columns: Some(vec!["id".into(), "title".into(), "Mixed Case".into()]),
         replica_full: true,
+        ..Shape::default()
     };
     let def = table_def("filtered").column(Column::new("Mixed Case", "text"));
     let seed = (1..=20).map(|id| {
@@ -402,6 +403,45 @@ async fn subquery_history(h: &mut Harness) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_only_long_polling_agrees_with_the_official_client() {
+    cross_check(Mode::LongPoll, async |h: &mut Harness| changes_only_history(h, false).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_only_from_now_over_sse_agrees_with_the_official_client() {
+    cross_check(Mode::Sse, async |h: &mut Harness| changes_only_history(h, true).await).await;
+}
+
+/// `log=changes_only` (no snapshot rows), from `offset=-1` or `offset=now`: updates and
+/// deletes of rows the clients never saw, inserts, a key change and a rotation.
+async fn changes_only_history(h: &mut Harness, start_now: bool) {
+    let shape = Shape { changes_only: true, start_now, ..Shape::default() };
+    let items = h.table_shape("changes", table_def("changes"), (1..=10).map(row), shape, |_| {}).await;
+    let head = items
+        .transaction()
+        .update(json!({"id": "1", "title": "one"}))
+        .delete(json!({"id": "2"}))
+        .insert(row(11))
+        .commit();
+    h.settle(head).await;
+    let head = items
+        .transaction()
+        .change_key(json!({"id": "3"}), json!({"id": "103"}))
+        .update(json!({"id": "11", "score": "0"}))
+        .commit();
+    h.settle(head).await;
+    items.rotate();
+    h.settle(Offset::SNAPSHOT_END).await;
+    let head = items.transaction().insert(row(12)).commit();
+    h.settle(head).await;
+
+    let outcome = h.finish().await;
+    let key = |id| shapesync_e2e::key("changes", id);
+    // A rotation clears what was held; the new shape again has no snapshot rows.
+    assert_eq!(outcome.rust.rows.keys().cloned().collect::<Vec<_>>(), [key(12)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_reconnects_agree_with_the_official_client() {
     // Connections longer than both clients' "short connection" threshold (1 s), so neither
     // falls back to long-polling.
@@ -509,11 +549,19 @@ struct Shape {
     params: BTreeMap<u32, String>,
     columns: Option<Vec<String>>,
     replica_full: bool,
+    /// `log=changes_only`.
+    changes_only: bool,
+    /// Both clients start at `offset=now` (not part of the shape's definition).
+    start_now: bool,
 }
 
 impl Shape {
     fn is_plain(&self) -> bool {
-        self.where_clause.is_none() && self.params.is_empty() && self.columns.is_none() && !self.replica_full
+        self.where_clause.is_none()
+            && self.params.is_empty()
+            && self.columns.is_none()
+            && !self.replica_full
+            && !self.changes_only
     }
 }
 
@@ -879,6 +927,12 @@ impl RustClient {
         if shape.replica_full {
             options.replica = Replica::Full;
         }
+        if shape.changes_only {
+            options.log = LogMode::ChangesOnly;
+        }
+        if shape.start_now {
+            options.start = StartFrom::Now;
+        }
         let mut stream = ShapeStream::new(options).expect("shape stream");
         let log = Log::new();
         let task = tokio::spawn({
@@ -971,6 +1025,12 @@ impl NodeClient {
         }
         if shape.replica_full {
             cmd.args(["--param", "replica=full"]);
+        }
+        if shape.changes_only {
+            cmd.args(["--log", "changes_only"]);
+        }
+        if shape.start_now {
+            cmd.args(["--offset", "now"]);
         }
         let mut child = cmd
             .current_dir(&dir)

@@ -5,6 +5,7 @@
 //   node follow.mjs --url http://127.0.0.1:PORT/v1/shape --param table=items
 //                   [--param where=...] [--json-param 'columns=["id","Title"]']
 //                   [--json-param 'params={"1":"10"}'] [--sse] [--until-offset 24008200_4]
+//                   [--log changes_only] [--offset now]
 // `--param` values are strings; `--json-param` values are JSON (columns as an array, which
 // the client quotes; where-clause params as an object).
 //
@@ -37,6 +38,8 @@ const params = {}
 let url
 let sse = false
 let untilOffset
+let log
+let offset
 for (let i = 0; i < args.length; i++) {
   const arg = args[i]
   const value = () => {
@@ -46,6 +49,8 @@ for (let i = 0; i < args.length; i++) {
   if (arg === `--url`) url = value()
   else if (arg === `--sse`) sse = true
   else if (arg === `--until-offset`) untilOffset = value()
+  else if (arg === `--log`) log = value()
+  else if (arg === `--offset`) offset = value()
   else if (arg === `--param` || arg === `--json-param`) {
     const p = value()
     const eq = p.indexOf(`=`)
@@ -165,6 +170,8 @@ const stream = new ShapeStream({
   url,
   params,
   ...(fetchClient ? { fetchClient } : {}),
+  ...(log ? { log } : {}),
+  ...(offset ? { offset } : {}),
   liveSse: sse,
   signal: aborter.signal,
   // The client retries 5xx, 429 and network errors itself, but a 200 whose body is cut
