@@ -15,9 +15,12 @@
 //!   silently after the out-of-bounds wait (`do_serve_shape_log` `is_out_of_bounds` guard,
 //!   `{ref, :out_of_bounds_timeout}` → `:done`) — a `200 text/event-stream`, not a 400.
 //!
-//! Electric computes each streamed chunk's end from the request's original `offset`
-//! parameter; the testkit uses the last offset sent, so a stream that crosses a chunk
-//! boundary keeps streaming instead of going quiet until `sse_timeout`.
+//! Each change notification sends at most one chunk, as in Electric: a transaction larger
+//! than a chunk streams its first chunk, and the rest follows with the next change or on
+//! the reconnect after `sse_timeout`. One departure: Electric computes each streamed
+//! chunk's end from the request's original `offset` parameter, so once a stream has passed
+//! that chunk it sends nothing more until `sse_timeout`; the testkit uses the last offset
+//! sent, so later changes keep streaming.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
