@@ -113,3 +113,38 @@ async fn one_failing_pipeline_does_not_stop_the_others() {
     );
     assert!(shapesync_sink_memory::store("e2e_iso_bad").is_empty());
 }
+
+/// A sink type whose `build` always fails, as one whose store refuses the connection.
+#[derive(serde::Deserialize)]
+struct UnbuildableSink {}
+
+#[shapesync_core::async_trait]
+impl shapesync_core::SinkConfig for UnbuildableSink {
+    async fn build(
+        self,
+        _ctx: shapesync_core::SinkContext,
+    ) -> Result<std::sync::Arc<dyn shapesync_core::Sink>, shapesync_core::SinkError> {
+        Err(shapesync_core::SinkError::Rejected("the store refused the connection".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_that_cannot_start_does_not_stop_the_others() {
+    let server = server().await;
+    let items = server.create_table(items_def("e2e_nostart"));
+    items.seed(seed_rows(10));
+    let bad = format!(
+        "  e2e_nostart_bad:\n    source:\n      type: electric\n      url: {}\n      table: e2e_nostart\n    sink:\n      type: unbuildable\n",
+        server.url()
+    );
+    let text = format!("{}{bad}", memory_pipeline("e2e_nostart_good", &server.url(), "e2e_nostart"));
+    let run = |text: String| async move {
+        let file = PipelineFile::new("nostart", &text);
+        let mut registry = shapesync_cli::builtin_registry();
+        registry.sink::<UnbuildableSink>("unbuildable");
+        shapesync_cli::run_args(["shapesync", "run", "--once", &file.arg()], registry).await
+    };
+    assert_eq!(run(text.clone()).await, ExitCode::FAILURE, "a pipeline that cannot start fails the run");
+    assert_eq!(shapesync_sink_memory::store("e2e_nostart_good").len(), 10, "the healthy pipeline synced");
+    assert_eq!(run(format!("fail_fast: true\n{text}")).await, ExitCode::FAILURE);
+}

@@ -151,7 +151,10 @@ pub fn run_with(registry: Registry) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(execute(cli.command, registry))
+    let code = runtime.block_on(execute(cli.command, registry));
+    // A second signal leaves commits in flight behind: don't wait for their threads.
+    runtime.shutdown_background();
+    code
 }
 
 /// Runs a command line (`args[0]` is the program name) inside an existing runtime,
@@ -394,7 +397,20 @@ async fn run(
     once: bool,
 ) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    let abort = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone(), abort.clone());
+    tokio::select! {
+        code = run_until_stopped(config, prepared, once, shutdown) => code,
+        _ = abort.cancelled() => Ok(ExitCode::from(130)),
+    }
+}
+
+async fn run_until_stopped(
+    config: Config,
+    prepared: Vec<shapesync_core::PreparedPipeline>,
+    once: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
     let instance = config.lease.instance.clone().unwrap_or_else(shapesync_core::lease::instance_id);
     // `run --once` syncs every pipeline it can; a service shares them with its peers.
     let fleet =
@@ -402,14 +418,26 @@ async fn run(
     info!(instance = %fleet.instance(), "instance id in pipeline leases");
     let mut statuses: Vec<(String, Arc<PipelineStatus>)> = Vec::new();
     let mut pipelines = Vec::new();
+    let mut failed = 0;
     for p in prepared {
         let id = p.id.clone();
-        let pipeline = tokio::select! {
-            built = p.build() => built.with_context(|| format!("pipeline {id}: cannot start"))?.with_fleet(fleet.clone()),
+        let built = tokio::select! {
+            built = p.build() => built,
             _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
         };
-        statuses.push((id, pipeline.status()));
-        pipelines.push(pipeline);
+        match built {
+            Ok(pipeline) => {
+                let pipeline = pipeline.with_fleet(fleet.clone());
+                statuses.push((id, pipeline.status()));
+                pipelines.push(pipeline);
+            }
+            // Like a pipeline failing later: the others run, unless `fail_fast`.
+            Err(e) if !config.fail_fast => {
+                failed += 1;
+                error!(pipeline = %id, error = %e, "pipeline cannot start");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("pipeline {id}: cannot start"))),
+        }
     }
     if let Some(m) = &config.metrics {
         serve::start(m.listen, statuses.clone(), shutdown.clone()).await?;
@@ -422,7 +450,6 @@ async fn run(
         let token = shutdown.clone();
         tasks.spawn(async move { (id, p.run(mode, token).await) });
     }
-    let mut failed = 0;
     while let Some(joined) = tasks.join_next().await {
         let (id, result) = joined.context("a pipeline task panicked")?;
         match result {
@@ -443,7 +470,9 @@ async fn run(
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn spawn_signal_handler(shutdown: CancellationToken) {
+/// SIGINT/SIGTERM: the first cancels `shutdown` (commits in flight finish), the second
+/// cancels `abort` (the command returns 130 at once).
+fn spawn_signal_handler(shutdown: CancellationToken, abort: CancellationToken) {
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
@@ -462,7 +491,7 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
                 shutdown.cancel();
             } else {
                 warn!("second signal: exiting now; uncommitted changes will be re-read on restart");
-                std::process::exit(130);
+                abort.cancel();
             }
         }
     });
