@@ -101,6 +101,7 @@ fn json(columns: &[(String, Option<String>)]) -> Json {
 /// A running devserver; dropping it stops following the database.
 pub struct DevServer {
     server: TestServer,
+    slot: String,
     cancel: CancellationToken,
     tail: JoinHandle<Result<(), DevServerError>>,
 }
@@ -196,13 +197,19 @@ impl DevServer {
         let cancel = CancellationToken::new();
         let tail = tokio::spawn(follow(
             slot_conn,
-            slot,
+            slot.clone(),
             served,
             snapshot_lsn,
             options.poll_interval,
             cancel.clone(),
         ));
-        Ok(DevServer { server, cancel, tail })
+        Ok(DevServer { server, slot, cancel, tail })
+    }
+
+    /// The temporary replication slot it reads (`shapesync_dev_<pid>_<n>`); it goes
+    /// with the server.
+    pub fn slot_name(&self) -> &str {
+        &self.slot
     }
 
     /// The shape endpoint, e.g. `http://127.0.0.1:3000/v1/shape`.

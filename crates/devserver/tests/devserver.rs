@@ -112,13 +112,14 @@ async fn a_pipeline_follows_a_real_postgres_table_through_the_devserver() {
 
     stop.cancel();
     task.await.unwrap().unwrap();
+    let slot = server.slot_name().to_owned();
     server.stop().await.unwrap();
-    let slots: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'shapesync_dev_%' AND active",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    // This server's slot only: other tests (or instances) may hold their own.
+    let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+        .bind(&slot)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(slots, 0, "the temporary slot goes with the server");
     sql(&pool, format!("DROP SCHEMA {schema} CASCADE")).await;
 }
