@@ -126,7 +126,7 @@ enum Cmd {
     },
     /// (internal) serve a synthetic shape; used as the benchmarks' child process.
     #[command(hide = true)]
-    Serve(shapesync_testkit::cli::SyntheticServerArgs),
+    Serve(shapesync_shape_server::cli::SyntheticServerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -190,7 +190,7 @@ fn main() -> anyhow::Result<()> {
                 sqlite_bench::run(rows, chunk_bytes, &sqlite_bench::directory(dir)?).await
             }
             Cmd::Postgres { url, rows, chunk_bytes } => postgres_bench::run(&url, rows, chunk_bytes).await,
-            Cmd::Serve(args) => Ok(shapesync_testkit::cli::run_synthetic_server(args).await?),
+            Cmd::Serve(args) => Ok(shapesync_shape_server::cli::run_synthetic_server(args).await?),
             Cmd::ReadLoop { .. } => unreachable!("handled before the runtime starts"),
         }
     })

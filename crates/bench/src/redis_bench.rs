@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use shapesync_core::{Pipeline, RunMode, Sink, SinkConfig};
 use shapesync_electric::{ShapeOptions, ShapeStream};
+use shapesync_shape_server::{ServerOptions, ShapeServer};
 use shapesync_sink_redis::RedisSinkConfig;
-use shapesync_testkit::{ServerOptions, TestServer};
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::Stats;
@@ -385,9 +385,9 @@ pub async fn run(mut b: RedisBench) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut pipe = redis::pipe();
     for id in 1..=b.rows {
-        let row = shapesync_testkit::synthetic_row(id);
+        let row = shapesync_shape_server::synthetic_row(id);
         let cmd = pipe.cmd("HSET").arg(format!("{raw_prefix}item:{id}"));
-        for (name, value) in shapesync_testkit::SYNTHETIC_COLUMNS.iter().zip(&row) {
+        for (name, value) in shapesync_shape_server::SYNTHETIC_COLUMNS.iter().zip(&row) {
             if let Some(v) = value {
                 cmd.arg(*name).arg(v);
             }
@@ -412,7 +412,7 @@ pub async fn run(mut b: RedisBench) -> anyhow::Result<()> {
 }
 
 async fn live_latency(b: &RedisBench, prefix: &str) -> anyhow::Result<()> {
-    let server = TestServer::start(ServerOptions::default()).await?;
+    let server = ShapeServer::start(ServerOptions::default()).await?;
     let table = server.create_synthetic_table("items", 1_000);
     let channel = format!("{prefix}changes");
     let sink = sink(b, prefix, Some(channel.clone())).await?;

@@ -97,7 +97,7 @@ pub async fn run(rows: u64, chunk_bytes: usize, dir: &Path) -> anyhow::Result<()
                 if id > rows {
                     break;
                 }
-                let row = shapesync_testkit::synthetic_row(id);
+                let row = shapesync_shape_server::synthetic_row(id);
                 let flag = row[3].as_deref().map(|f| i64::from(f == "t"));
                 stmt.execute(rusqlite::params![id as i64, row[1], row[2], flag, row[4], row[5]])?;
                 id += 1;

@@ -101,15 +101,15 @@ enum Command {
         yes: bool,
     },
     /// Serve a synthetic shape over the Electric protocol (for trying pipelines and benchmarks without Postgres).
-    TestkitServer(shapesync_testkit::cli::SyntheticServerArgs),
+    TestkitServer(shapesync_shape_server::cli::SyntheticServerArgs),
 }
 
 /// The embedded default pipeline file, run by `shapesync run` without files.
 const DEMO_PIPELINE: &str = include_str!("../../../pipelines/demo.yaml");
 
 /// Starts the demo's synthetic server and loads the embedded pipeline against it.
-async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_testkit::TestServer)> {
-    let server = shapesync_testkit::TestServer::start(shapesync_testkit::ServerOptions::default())
+async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_shape_server::ShapeServer)> {
+    let server = shapesync_shape_server::ShapeServer::start(shapesync_shape_server::ServerOptions::default())
         .await
         .context("cannot start the demo's synthetic shape server")?;
     let table = server.create_synthetic_table("items", rows);
@@ -264,7 +264,7 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
             run(config, prepared, once).await
         }
         Command::TestkitServer(args) => {
-            shapesync_testkit::cli::run_synthetic_server(args).await?;
+            shapesync_shape_server::cli::run_synthetic_server(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Checkpoints { files, json } => {

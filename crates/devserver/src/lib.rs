@@ -2,8 +2,8 @@
 //! where Electric itself cannot run.
 //!
 //! [`DevServer`] serves whole tables (a `where` is refused; `columns` works) of a Postgres
-//! database through the testkit's protocol engine (offsets, chunking, long-poll, 409s):
-//! it loads each table's schema and rows, then follows every committed change through a
+//! database through `shapesync-shape-server`'s protocol engine (offsets, chunking, long-poll,
+//! 409s): it loads each table's schema and rows, then follows every committed change through a
 //! temporary logical replication slot with the built-in `test_decoding` plugin (so the
 //! database needs `wal_level = logical`, and nothing else installed). The slot lives as
 //! long as the server; stopping the server drops it.
@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value as Json;
-use shapesync_testkit::{Column, ServerOptions, TableDef, TableHandle, TestServer};
+use shapesync_shape_server::{Column, ServerOptions, ShapeServer, TableDef, TableHandle};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::task::JoinHandle;
@@ -70,13 +70,13 @@ pub enum DevServerError {
     NoSuchTable(String),
     /// The HTTP side could not start.
     #[error(transparent)]
-    Server(#[from] shapesync_testkit::TestkitError),
+    Server(#[from] shapesync_shape_server::ShapeServerError),
     /// The replication stream held a line the devserver cannot read.
     #[error(transparent)]
     Decode(#[from] DecodeError),
 }
 
-/// A served table: the testkit's handle, its key columns, and the keys it holds.
+/// A served table: the shape server's handle, its key columns, and the keys it holds.
 struct Served {
     handle: TableHandle,
     key_columns: Vec<String>,
@@ -100,7 +100,7 @@ fn json(columns: &[(String, Option<String>)]) -> Json {
 
 /// A running devserver; dropping it stops following the database.
 pub struct DevServer {
-    server: TestServer,
+    server: ShapeServer,
     slot: String,
     cancel: CancellationToken,
     tail: JoinHandle<Result<(), DevServerError>>,
@@ -116,7 +116,7 @@ impl DevServer {
             .execute(&mut slot_conn)
             .await?;
 
-        let server = TestServer::start_on(options.listen, options.server.clone()).await?;
+        let server = ShapeServer::start_on(options.listen, options.server.clone()).await?;
         let mut conn = PgConnection::connect(&options.database_url).await?;
         let mut tx = conn.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
@@ -150,7 +150,7 @@ impl DevServer {
             }
             let mut columns: Vec<(String, String, i32, bool, i32)> =
                 columns.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
-            // Key columns first, in key order: the testkit numbers the key by position.
+            // Key columns first, in key order: the shape server numbers the key by position.
             columns.sort_by_key(|c| if c.4 >= 0 { c.4 } else { i32::MAX });
             let mut def = TableDef::new(table).in_schema(schema);
             let mut key_columns = Vec::new();
@@ -285,11 +285,11 @@ async fn follow(
     }
 }
 
-/// Applies one source transaction: one testkit transaction per table it touched.
+/// Applies one source transaction: one shape server transaction per table it touched.
 fn apply(served: &mut BTreeMap<(String, String), Served>, changes: Vec<(String, String, Option<RowChange>)>) {
-    let mut current: Option<((String, String), shapesync_testkit::Transaction)> = None;
+    let mut current: Option<((String, String), shapesync_shape_server::Transaction)> = None;
     let mut ops = 0;
-    let flush = |current: &mut Option<((String, String), shapesync_testkit::Transaction)>,
+    let flush = |current: &mut Option<((String, String), shapesync_shape_server::Transaction)>,
                  ops: &mut usize| {
         if let Some((_, tx)) = current.take()
             && *ops > 0

@@ -28,7 +28,7 @@ use anyhow::{Context, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use shapesync_testkit::{Column, Fault, ServerOptions, TableDef, TableHandle, TestServer};
+use shapesync_shape_server::{Column, Fault, ServerOptions, ShapeServer, TableDef, TableHandle};
 
 /// Rows `1..=STABLE` are never deleted, in groups of [`GROUP`] that every transaction
 /// touching them rewrites whole.
@@ -525,7 +525,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let mut report = Report { seed: options.seed, ..Report::default() };
     let dir = tempfile::tempdir()?;
     let mut redis = OwnRedis::start(dir.path())?;
-    let server = TestServer::start(ServerOptions {
+    let server = ShapeServer::start(ServerOptions {
         chunk_bytes: 32 * 1024,
         long_poll_timeout: Duration::from_millis(300),
         ..Default::default()

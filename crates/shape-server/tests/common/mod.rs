@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use shapesync_testkit::{Column, ServerOptions, TableDef, TableHandle, TestServer};
+use shapesync_shape_server::{Column, ServerOptions, ShapeServer, TableDef, TableHandle};
 
 /// A decoded response.
 pub struct Resp {
@@ -52,7 +52,7 @@ impl Resp {
 }
 
 /// GET `server.url()` with `params`.
-pub async fn get(server: &TestServer, params: &[(&str, &str)]) -> Resp {
+pub async fn get(server: &ShapeServer, params: &[(&str, &str)]) -> Resp {
     let r = reqwest::Client::new().get(server.url()).query(params).send().await.expect("request");
     Resp { status: r.status().as_u16(), headers: r.headers().clone(), text: r.text().await.expect("body") }
 }
@@ -76,15 +76,15 @@ pub fn items_def() -> TableDef {
 }
 
 /// A server with the `items` table seeded with `rows` rows (`id` 1..=rows).
-pub async fn items_server(options: ServerOptions, rows: u64) -> (TestServer, TableHandle) {
-    let server = TestServer::start(options).await.expect("server starts");
+pub async fn items_server(options: ServerOptions, rows: u64) -> (ShapeServer, TableHandle) {
+    let server = ShapeServer::start(options).await.expect("server starts");
     let items = server.create_table(items_def());
     items.seed((1..=rows).map(|i| json!({"id": i.to_string(), "title": format!("title {i}"), "n": "1"})));
     (server, items)
 }
 
 /// Follows non-live requests from `-1` until up-to-date; returns all responses.
-pub async fn sync_to_head(server: &TestServer, extra: &[(&str, &str)]) -> Vec<Resp> {
+pub async fn sync_to_head(server: &ShapeServer, extra: &[(&str, &str)]) -> Vec<Resp> {
     let mut responses: Vec<Resp> = Vec::new();
     loop {
         let mut params: Vec<(&str, &str)> = vec![("table", "items")];

@@ -19,7 +19,7 @@
 //! than a chunk streams its first chunk, and the rest follows with the next change or on
 //! the reconnect after `sse_timeout`. One departure: Electric computes each streamed
 //! chunk's end from the request's original `offset` parameter, so once a stream has passed
-//! that chunk it sends nothing more until `sse_timeout`; the testkit uses the last offset
+//! that chunk it sends nothing more until `sse_timeout`; this server uses the last offset
 //! sent, so later changes keep streaming.
 
 use std::collections::VecDeque;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use shapesync_testkit::{Column, ServerOptions, TableDef, TestServer};
+use shapesync_shape_server::{Column, ServerOptions, ShapeServer, TableDef};
 
 #[tokio::test]
 async fn snapshot_is_cut_into_byte_chunks_with_offsets_0_n_ending_in_snapshot_end() {
@@ -435,7 +435,7 @@ async fn a_registered_where_filters_the_snapshot_and_turns_crossing_updates_into
 
 #[tokio::test]
 async fn keys_escape_slashes_and_composite_keys_have_one_segment_per_column() {
-    let server = TestServer::start(fast_options()).await.unwrap();
+    let server = ShapeServer::start(fast_options()).await.unwrap();
     let t = server.create_table(
         TableDef::new("t")
             .column(Column::new("a", "text").primary_key())

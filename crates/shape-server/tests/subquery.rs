@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use shapesync_testkit::{Column, TableDef, TableHandle, TestServer, tag_hash};
+use shapesync_shape_server::{Column, ShapeServer, TableDef, TableHandle, tag_hash};
 
 const WHERE: &str = "project_id IN (SELECT id FROM projects WHERE active)";
 
@@ -14,8 +14,8 @@ fn h(v: &str) -> String {
 
 /// `items(id int8 pk, project_id text, owner_id text, title text)` with rows
 /// 1 (p1, u1), 2 (p1, u2), 3 (p3, u1).
-async fn issues_server() -> (TestServer, TableHandle) {
-    let server = TestServer::start(fast_options()).await.unwrap();
+async fn issues_server() -> (ShapeServer, TableHandle) {
+    let server = ShapeServer::start(fast_options()).await.unwrap();
     let items = server.create_table(
         TableDef::new("items")
             .column(Column::new("id", "int8").primary_key())
@@ -40,7 +40,7 @@ fn key(id: &str) -> String {
 }
 
 /// The snapshot's change messages and the head response.
-async fn snapshot(server: &TestServer, where_clause: &str) -> (Vec<Value>, Resp) {
+async fn snapshot(server: &ShapeServer, where_clause: &str) -> (Vec<Value>, Resp) {
     let mut responses = sync_to_head(server, &[("where", where_clause)]).await;
     let head = responses.pop().unwrap();
     let snapshot = responses.iter().chain([&head]).flat_map(|r| r.changes()).collect();
@@ -48,7 +48,7 @@ async fn snapshot(server: &TestServer, where_clause: &str) -> (Vec<Value>, Resp)
 }
 
 /// The messages after `head`, up to the head of the log.
-async fn log_after(server: &TestServer, where_clause: &str, head: &Resp) -> Vec<Value> {
+async fn log_after(server: &ShapeServer, where_clause: &str, head: &Resp) -> Vec<Value> {
     let r = get(
         server,
         &[("table", "items"), ("where", where_clause), ("offset", head.offset()), ("handle", head.handle())],

@@ -83,7 +83,7 @@ impl State {
     /// `build` (the move-in event is followed by the move-in snapshot) and
     /// `consumer/effects.ex` `execute_effect(%AppendMoveInSnapshot{})` (a `snapshot-end`
     /// after a non-empty move-in snapshot). Unlike Electric, which appends control messages
-    /// at the next op offset of the shape's last entry, the testkit gives each move its own
+    /// at the next op offset of the shape's last entry, this server gives each move its own
     /// LSN and txid, like the dependency transaction that caused it.
     pub fn move_subquery(
         &mut self,

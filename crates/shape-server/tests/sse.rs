@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
-use shapesync_testkit::ServerOptions;
+use shapesync_shape_server::ServerOptions;
 
 /// Opens an SSE request from `head`'s offset and handle.
 async fn open_sse(url: &str, head: &Resp) -> reqwest::Response {

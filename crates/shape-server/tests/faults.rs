@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
-use shapesync_testkit::{ElectricHeader, Fault, ServerOptions, TestServer};
+use shapesync_shape_server::{ElectricHeader, Fault, ServerOptions, ShapeServer};
 
 #[tokio::test]
 async fn service_unavailable_is_503_with_retry_after_then_the_next_request_succeeds() {
@@ -143,7 +143,7 @@ async fn trickle_delivers_the_same_body_in_many_pieces() {
 #[tokio::test]
 async fn synthetic_table_serves_a_100k_row_snapshot_in_chunks_whose_rows_add_up() {
     let server =
-        TestServer::start(ServerOptions { chunk_bytes: 2 * 1024 * 1024, ..fast_options() }).await.unwrap();
+        ShapeServer::start(ServerOptions { chunk_bytes: 2 * 1024 * 1024, ..fast_options() }).await.unwrap();
     let items = server.create_synthetic_table("items", 100_000);
     let responses = sync_to_head(&server, &[]).await;
     let snapshot = &responses[..responses.len() - 1];

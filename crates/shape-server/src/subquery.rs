@@ -8,7 +8,7 @@
 //!   and a row is included iff all positions of some disjunct are active;
 //! - `shapes/subquery_tags.ex` `make_value_hash` / `namespace_value`: the slot value is a hash
 //!   of the namespaced value (`v:<text>`, or `NULL`). Electric uses md5 over the stack id,
-//!   shape handle and namespaced value; the testkit uses a stable 64-bit FNV-1a of the
+//!   shape handle and namespaced value; this server uses a stable 64-bit FNV-1a of the
 //!   namespaced value alone ([`tag_hash`]), so tests can compute expected tags without the
 //!   shape handle. Clients only compare tag strings with move patterns of the same shape, so
 //!   the difference is invisible to them.
@@ -17,7 +17,7 @@ use std::collections::HashSet;
 
 use crate::table::TableDef;
 
-/// The tag slot value (and move-pattern `value`) the testkit uses for a column value:
+/// The tag slot value (and move-pattern `value`) this server uses for a column value:
 /// 16 lowercase hex digits of FNV-1a-64 over `v:<value>`, or over `NULL` for SQL NULL
 /// (namespacing as in Electric's `SubqueryTags.namespace_value`).
 pub fn tag_hash(value: Option<&str>) -> String {

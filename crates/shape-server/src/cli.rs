@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::server::{ServerOptions, TestServer, TestkitError};
+use crate::server::{ServerOptions, ShapeServer, ShapeServerError};
 
 /// Command-line options of the synthetic server; `#[command(flatten)]` them into another CLI.
 #[derive(Clone, Debug, clap::Args)]
@@ -32,14 +32,14 @@ pub struct SyntheticServerArgs {
 }
 
 /// Serves a synthetic table until Ctrl-C, printing the shape URL on stdout.
-pub async fn run_synthetic_server(args: SyntheticServerArgs) -> Result<(), TestkitError> {
+pub async fn run_synthetic_server(args: SyntheticServerArgs) -> Result<(), ShapeServerError> {
     let options = ServerOptions {
         chunk_bytes: args.chunk_bytes,
         long_poll_timeout: Duration::from_millis(args.long_poll_ms),
         secret: args.secret.clone(),
         ..ServerOptions::default()
     };
-    let server = TestServer::start_on(args.listen, options).await?;
+    let server = ShapeServer::start_on(args.listen, options).await?;
     let table = server.create_synthetic_table(&args.table, args.rows);
     println!(
         "serving {} synthetic rows of table {} at {}?table={}",

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 use shapesync_core::Offset;
 
-use crate::server::{Shared, TestServer};
+use crate::server::{ShapeServer, Shared};
 use crate::shape::ShapeDef;
 use crate::store::{Data, ScriptOp, Table, TableKey};
 use crate::subquery::SubqueryWhere;
 use crate::synthetic::synthetic_table_def;
 use crate::table::{RowView, TableDef};
 
-impl TestServer {
+impl ShapeServer {
     /// Creates (or replaces) a table with no rows and an initial shape handle.
     pub fn create_table(&self, def: TableDef) -> TableHandle {
         let data = Data::Stored { rows: BTreeMap::new(), by_key: HashMap::new(), next_seq: 0 };
@@ -48,7 +48,7 @@ impl TestServer {
     }
 }
 
-/// Scripts one table of a [`TestServer`]. Cheap to clone; usable from any thread.
+/// Scripts one table of a [`ShapeServer`]. Cheap to clone; usable from any thread.
 ///
 /// Values are JSON objects of column name -> Postgres text string or `null` (the wire format),
 /// e.g. `json!({"id": "1", "title": "a", "tags": "{x,y}"})`.

@@ -59,9 +59,9 @@ impl Default for ServerOptions {
     }
 }
 
-/// Errors of the test server.
+/// Errors of the shape server.
 #[derive(Debug, thiserror::Error)]
-pub enum TestkitError {
+pub enum ShapeServerError {
     /// The listen address could not be bound.
     #[error("could not listen on {addr}: {source}; choose a free address/port")]
     Bind {
@@ -111,7 +111,7 @@ impl RequestRecord {
     }
 }
 
-/// State shared by the server task and the test's handles.
+/// State shared by the server task and the table handles.
 pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub options: ServerOptions,
@@ -139,25 +139,25 @@ impl Shared {
     }
 }
 
-/// A running in-process Electric server on 127.0.0.1. Stops on drop or [`TestServer::shutdown`].
-pub struct TestServer {
+/// A running in-process Electric server on 127.0.0.1. Stops on drop or [`ShapeServer::shutdown`].
+pub struct ShapeServer {
     pub(crate) shared: Arc<Shared>,
     addr: SocketAddr,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl TestServer {
+impl ShapeServer {
     /// Starts a server on an ephemeral port of 127.0.0.1.
-    pub async fn start(options: ServerOptions) -> Result<TestServer, TestkitError> {
-        TestServer::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), options).await
+    pub async fn start(options: ServerOptions) -> Result<ShapeServer, ShapeServerError> {
+        ShapeServer::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), options).await
     }
 
     /// Starts a server on `addr` (port 0 = ephemeral).
-    pub async fn start_on(addr: SocketAddr, options: ServerOptions) -> Result<TestServer, TestkitError> {
+    pub async fn start_on(addr: SocketAddr, options: ServerOptions) -> Result<ShapeServer, ShapeServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| TestkitError::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| TestkitError::Bind { addr, source })?;
+            .map_err(|source| ShapeServerError::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| ShapeServerError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
             changed: watch::channel(0).0,
@@ -174,7 +174,7 @@ impl TestServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         });
-        Ok(TestServer { shared, addr, task: Some(task) })
+        Ok(ShapeServer { shared, addr, task: Some(task) })
     }
 
     /// `http://127.0.0.1:PORT/v1/shape`.
@@ -219,7 +219,7 @@ impl TestServer {
         what: &str,
         timeout: Duration,
         condition: impl Fn(&[RequestRecord]) -> bool,
-    ) -> Result<Vec<RequestRecord>, TestkitError> {
+    ) -> Result<Vec<RequestRecord>, ShapeServerError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let mut rx = self.shared.requests_changed.subscribe();
@@ -228,7 +228,7 @@ impl TestServer {
                 return Ok(log);
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return Err(TestkitError::Timeout { timeout, what: what.to_string() });
+                return Err(ShapeServerError::Timeout { timeout, what: what.to_string() });
             }
         }
     }
@@ -238,7 +238,7 @@ impl TestServer {
         &self,
         n: usize,
         timeout: Duration,
-    ) -> Result<Vec<RequestRecord>, TestkitError> {
+    ) -> Result<Vec<RequestRecord>, ShapeServerError> {
         self.wait_for(&format!("{n} requests"), timeout, |log| log.len() >= n).await
     }
 
@@ -251,7 +251,7 @@ impl TestServer {
     }
 }
 
-impl Drop for TestServer {
+impl Drop for ShapeServer {
     fn drop(&mut self) {
         self.shared.cancel.cancel();
     }

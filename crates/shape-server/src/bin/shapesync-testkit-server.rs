@@ -1,7 +1,7 @@
-//! Serves a synthetic Electric shape; see `shapesync_testkit::cli`.
+//! Serves a synthetic Electric shape; see `shapesync_shape_server::cli`.
 
 use clap::Parser;
-use shapesync_testkit::cli::{SyntheticServerArgs, run_synthetic_server};
+use shapesync_shape_server::cli::{SyntheticServerArgs, run_synthetic_server};
 
 /// In-process Electric Shape protocol server with a generated table.
 #[derive(Parser)]
