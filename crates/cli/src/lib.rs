@@ -1,7 +1,10 @@
 //! The `shapesync` command line: `run`, `validate`, `checkpoints`, `reset`.
 //!
 //! Plugins ship their own binary by building a [`Registry`] (usually
-//! [`builtin_registry`] plus their own types) and calling [`run_with`].
+//! [`builtin_registry`] plus their own types) and calling [`run_with`]. The built-in sinks
+//! are cargo features (`memory`, `redis`, `sqlite`, `postgres`, all default): a plugin
+//! binary that depends on this crate with `default-features = false` links only the sinks
+//! it enables.
 
 mod serve;
 
@@ -17,13 +20,19 @@ use shapesync_core::{Config, Fleet, PipelineStatus, Registry, RunMode};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// The registry of the stock binary: every built-in source, transform and sink.
+/// The registry of the stock binary: the `electric` source, every built-in transform, and
+/// the built-in sinks this crate was built with (cargo features `memory`, `redis`,
+/// `sqlite`, `postgres`; all on by default).
 pub fn builtin_registry() -> Registry {
     let mut registry = Registry::new();
     registry.source::<shapesync_electric::ElectricSourceConfig>("electric");
+    #[cfg(feature = "memory")]
     shapesync_sink_memory::register(&mut registry);
+    #[cfg(feature = "redis")]
     shapesync_sink_redis::register(&mut registry);
+    #[cfg(feature = "sqlite")]
     shapesync_sink_sqlite::register(&mut registry);
+    #[cfg(feature = "postgres")]
     shapesync_sink_postgres::register(&mut registry);
     shapesync_transforms::register(&mut registry);
     registry
