@@ -113,8 +113,9 @@ enum Command {
     TestkitServer(shapesync_shape_server::cli::SyntheticServerArgs),
 }
 
-/// The embedded default pipeline file, run by `shapesync run` without files.
-const DEMO_PIPELINE: &str = include_str!("../../../pipelines/demo.yaml");
+/// The embedded default pipeline file, run by `shapesync run` without files (it lives in
+/// this crate, so the published package holds it).
+const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");
 
 /// Starts the demo's synthetic server and loads the embedded pipeline against it.
 async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_shape_server::ShapeServer)> {

@@ -224,10 +224,14 @@ async fn postgres_replica_pipeline_runs_as_documented() {
 
 #[test]
 fn every_shipped_pipeline_file_validates() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines");
+    // The examples in `pipelines/`, and the embedded demo this crate ships.
+    let dirs = [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"),
+    ];
     let env = [("SHAPESYNC_DEMO_URL", "http://127.0.0.1:3000/v1/shape")];
     let mut seen = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
+    for entry in dirs.iter().flat_map(|dir| std::fs::read_dir(dir).unwrap()) {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             seen += 1;
@@ -235,7 +239,7 @@ fn every_shipped_pipeline_file_validates() {
             assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
         }
     }
-    assert!(seen >= 2);
+    assert!(seen >= 4, "the three examples and the demo");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
