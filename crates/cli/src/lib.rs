@@ -67,13 +67,21 @@ enum Command {
     ///
     /// Given no files, runs the embedded demo: a synthetic `items` shape served in-process
     /// (`--demo-rows` rows, a few live transactions a second) synced into Redis at
-    /// `$REDIS_URL` (default redis://127.0.0.1:6379) under the prefix `shapesync-demo:`.
+    /// `$REDIS_URL` (default redis://127.0.0.1:6379) under the prefix `shapesync-demo:`,
+    /// or, when no Redis answers there, into the SQLite file `--demo-db`.
     Run {
         /// Pipeline files (YAML). Several files merge; each may hold several pipelines.
         files: Vec<PathBuf>,
         /// Rows of the embedded demo's synthetic shape (only without files).
         #[arg(long, default_value_t = 100_000)]
         demo_rows: u64,
+        /// Where the embedded demo syncs (only without files): `auto` is Redis when one
+        /// answers at `$REDIS_URL`, otherwise a SQLite file.
+        #[arg(long, value_enum, default_value_t = DemoSink::Auto)]
+        demo_sink: DemoSink,
+        /// The SQLite file of the embedded demo (only without files, with the SQLite sink).
+        #[arg(long, default_value = "shapesync-demo.db")]
+        demo_db: PathBuf,
         /// Sync every pipeline to up-to-date, commit, and exit 0 (warm-ups, cron, tests).
         #[arg(long)]
         once: bool,
@@ -113,12 +121,70 @@ enum Command {
     TestkitServer(shapesync_shape_server::cli::SyntheticServerArgs),
 }
 
-/// The embedded default pipeline file, run by `shapesync run` without files (it lives in
-/// this crate, so the published package holds it).
+/// The embedded default pipeline files, run by `shapesync run` without files (they live in
+/// this crate, so the published package holds them): into Redis, or into a SQLite file.
 const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");
+const DEMO_SQLITE_PIPELINE: &str = include_str!("../pipelines/demo-sqlite.yaml");
+
+/// Where the embedded demo syncs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DemoSink {
+    /// Redis if one answers at `$REDIS_URL`, else SQLite.
+    Auto,
+    /// Redis at `$REDIS_URL` (retried until it answers).
+    Redis,
+    /// A SQLite file (`--demo-db`): nothing to install.
+    Sqlite,
+}
+
+/// The Redis the demo would use: `$REDIS_URL`, default `redis://127.0.0.1:6379`.
+fn demo_redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Whether a Redis answers `PING` at `url` within half a second (any reply counts, an
+/// error for a missing password too: someone set that server up). Only plain `redis://`
+/// URLs are probed; for others (TLS, sockets) the user chose Redis on purpose.
+async fn redis_answers(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(parsed) = url::Url::parse(url) else { return true };
+    if parsed.scheme() != "redis" {
+        return true;
+    }
+    let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = parsed.port().unwrap_or(6379);
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(matches!(first[0], b'+' | b'-'))
+    };
+    tokio::time::timeout(Duration::from_millis(500), probe).await.ok().flatten().unwrap_or(false)
+}
 
 /// Starts the demo's synthetic server and loads the embedded pipeline against it.
-async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_shape_server::ShapeServer)> {
+async fn demo_config(
+    rows: u64,
+    sink: DemoSink,
+    db: &std::path::Path,
+) -> anyhow::Result<(Config, shapesync_shape_server::ShapeServer)> {
+    let redis_url = demo_redis_url();
+    let into_redis = match sink {
+        DemoSink::Redis => true,
+        DemoSink::Sqlite => false,
+        DemoSink::Auto => {
+            let answers = redis_answers(&redis_url).await;
+            if !answers {
+                let at = url::Url::parse(&redis_url).map_or_else(
+                    |_| "$REDIS_URL".to_owned(),
+                    |u| format!("{}:{}", u.host_str().unwrap_or("?"), u.port().unwrap_or(6379)),
+                );
+                info!(redis = %at, "no Redis answers there, so the demo syncs into a SQLite file instead (start Redis, or pass --demo-sink redis, to use Redis)");
+            }
+            answers
+        }
+    };
     let server = shapesync_shape_server::ShapeServer::start(shapesync_shape_server::ServerOptions::default())
         .await
         .context("cannot start the demo's synthetic shape server")?;
@@ -131,16 +197,27 @@ async fn demo_config(rows: u64) -> anyhow::Result<(Config, shapesync_shape_serve
         }
     });
     let url = server.url();
-    info!(%url, rows, "no pipeline file given: running the embedded demo (pipelines/demo.yaml) into Redis");
-    info!(
-        "look at the rows with: redis-cli HGETALL shapesync-demo:item:1 ; watch changes with: redis-cli SUBSCRIBE shapesync-demo:changes"
-    );
+    let db_text = db.display().to_string();
+    let (file, text) = if into_redis {
+        info!(%url, rows, "no pipeline file given: running the embedded demo (pipelines/demo.yaml) into Redis");
+        info!(
+            "look at the rows with: redis-cli HGETALL shapesync-demo:item:1 ; watch changes arrive with: redis-cli SUBSCRIBE shapesync-demo:changes"
+        );
+        ("pipelines/demo.yaml", DEMO_PIPELINE)
+    } else {
+        info!(%url, rows, db = %db_text, "no pipeline file given: running the embedded demo (pipelines/demo-sqlite.yaml) into a SQLite file");
+        info!(
+            "look at the rows with: sqlite3 {db_text} 'SELECT count(*), max(id) FROM items' ; a new row arrives every 250 ms, so run it again to watch them come in"
+        );
+        ("pipelines/demo-sqlite.yaml", DEMO_SQLITE_PIPELINE)
+    };
     let mut config = Config::default();
     let env = |name: &str| match name {
         "SHAPESYNC_DEMO_URL" => Some(url.clone()),
+        "SHAPESYNC_DEMO_DB" => Some(db_text.clone()),
         other => std::env::var(other).ok(),
     };
-    config.merge(std::path::Path::new("pipelines/demo.yaml"), DEMO_PIPELINE, &env)?;
+    config.merge(std::path::Path::new(file), text, &env)?;
     Ok((config, server))
 }
 
@@ -258,9 +335,9 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
             println!("ok: {} pipeline(s): {}", ids.len(), ids.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { files, once, demo_rows } => {
+        Command::Run { files, once, demo_rows, demo_sink, demo_db } => {
             if files.is_empty() {
-                let (config, _server) = demo_config(demo_rows).await?;
+                let (config, _server) = demo_config(demo_rows, demo_sink, &demo_db).await?;
                 let prepared = match registry.prepare(&config) {
                     Ok(p) => p,
                     Err(errors) => bail!("the embedded demo pipeline is invalid: {}", errors[0]),

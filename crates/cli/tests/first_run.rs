@@ -1,0 +1,51 @@
+//! The first run on a machine with nothing installed: `shapesync run` without files and
+//! without a Redis syncs the embedded demo into a SQLite file in the working directory,
+//! says where to look, and live changes keep arriving.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn count(db: &std::path::Path) -> Option<i64> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    conn.busy_timeout(Duration::from_secs(5)).ok()?;
+    conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0)).ok()
+}
+
+#[test]
+fn without_files_or_redis_the_demo_syncs_into_a_sqlite_file_and_keeps_following() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
+        .args(["run", "--demo-rows", "50"])
+        .current_dir(dir.path())
+        .env("REDIS_URL", format!("redis://127.0.0.1:{closed}"))
+        .env("SHAPESYNC_METRICS_LISTEN", "127.0.0.1:0")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let db = dir.path().join("shapesync-demo.db");
+    let started = Instant::now();
+    let mut wait_for = |what: &str, done: &dyn Fn(i64) -> bool| loop {
+        if let Some(n) = count(&db).filter(|n| done(*n)) {
+            return n;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("{what}: {}", std::fs::read_to_string(&log).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The snapshot, then a row the demo server inserts live after it.
+    let synced = wait_for("the demo never synced its snapshot", &|n| n >= 50);
+    wait_for("no live change reached the SQLite file", &|n| n > synced);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("no Redis answers there"), "it says why it did not use Redis: {text}");
+    assert!(text.contains("sqlite3 shapesync-demo.db"), "it says where to look: {text}");
+}
