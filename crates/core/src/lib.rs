@@ -5,6 +5,7 @@
 pub mod change;
 pub mod checkpoint;
 pub mod config;
+pub mod error;
 pub mod fleet;
 pub mod lease;
 pub mod offset;
@@ -20,6 +21,7 @@ pub mod value;
 pub use change::{Batch, Change, LogPosition, Operation};
 pub use checkpoint::{Checkpoint, definition_hash};
 pub use config::{Config, ConfigError};
+pub use error::{BoxError, ErrorCode};
 pub use fleet::Fleet;
 pub use lease::{Acquisition, Fence, LeaseInfo, LeaseRequest, LeaseTiming};
 pub use offset::{Offset, OpPart, ParseOffsetError};
@@ -28,8 +30,8 @@ pub use registry::{
 };
 pub use row::{ColumnName, Row};
 pub use runner::{Pipeline, PipelineError, PipelineStatus, RunMode};
-pub use sink::{ShapeInfo, Sink, SinkContext, SinkError};
-pub use source::{ResumePoint, Source, SourceError, SourceEvent, SourceResponse};
+pub use sink::{ShapeInfo, Sink, SinkContext, SinkError, SinkErrorKind};
+pub use source::{ResumePoint, Source, SourceError, SourceErrorKind, SourceEvent, SourceResponse};
 pub use transform::{Transform, TransformError};
 pub use value::{ColumnType, Schema, TypeError, Value, array_delimiter, parse_value};
 

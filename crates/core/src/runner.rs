@@ -17,7 +17,7 @@ use crate::config::RetrySpec;
 use crate::registry::PreparedPipeline;
 use crate::{
     Acquisition, Batch, Change, Checkpoint, Fence, Fleet, LeaseRequest, LeaseTiming, ResumePoint, Schema,
-    Sink, SinkError, Source, SourceError, SourceEvent, Transform, TransformError,
+    Sink, SinkError, SinkErrorKind, Source, SourceError, SourceEvent, Transform, TransformError,
 };
 
 /// How long an in-flight sink commit may run on after shutdown is requested before
@@ -504,8 +504,12 @@ impl Committer {
                         break LeaseEnd::HandOver;
                     }
                 }
-                Err(SinkError::Fenced(why)) => break LeaseEnd::Fenced(why),
-                Err(SinkError::StateLost(why)) => break LeaseEnd::Lost(why),
+                Err(e) if e.kind() == SinkErrorKind::Fenced => {
+                    break LeaseEnd::Fenced(e.message().to_owned());
+                }
+                Err(e) if e.kind() == SinkErrorKind::StateLost => {
+                    break LeaseEnd::Lost(e.message().to_owned());
+                }
                 Err(e) => {
                     // Writes stay safe meanwhile: every commit checks the fence itself.
                     warn!(pipeline = %self.id, error = %e, "cannot renew the pipeline's lease; trying again");
@@ -660,8 +664,12 @@ impl Committer {
                 match self.commit(&batch, owned).await {
                     Ok(true) => {}
                     Ok(false) => return Ok(Session::Stopped),
-                    Err(PipelineError::Sink(SinkError::Fenced(why))) => return Ok(Session::Fenced(why)),
-                    Err(PipelineError::Sink(SinkError::StateLost(why))) => return Ok(Session::Lost(why)),
+                    Err(PipelineError::Sink(e)) if e.kind() == SinkErrorKind::Fenced => {
+                        return Ok(Session::Fenced(e.message().to_owned()));
+                    }
+                    Err(PipelineError::Sink(e)) if e.kind() == SinkErrorKind::StateLost => {
+                        return Ok(Session::Lost(e.message().to_owned()));
+                    }
                     Err(e) => return Err(e),
                 }
                 seq.fetch_add(1, Ordering::Relaxed);
@@ -737,7 +745,9 @@ impl Committer {
                     }
                     attempt += 1;
                 }
-                Err(e @ (SinkError::Fenced(_) | SinkError::StateLost(_))) => return Err(e.into()),
+                Err(e) if matches!(e.kind(), SinkErrorKind::Fenced | SinkErrorKind::StateLost) => {
+                    return Err(e.into());
+                }
                 Err(e) => {
                     counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
                         .increment(1);

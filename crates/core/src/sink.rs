@@ -1,7 +1,11 @@
 //! The sink side of a pipeline: a store that applies batches atomically.
 
+use std::fmt;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
+use crate::error::{BoxError, ErrorCode, SharedError, source_of};
 use crate::lease::{Acquisition, Fence, LeaseInfo, LeaseRequest, Verdict};
 use crate::{Batch, Checkpoint};
 
@@ -25,32 +29,129 @@ pub struct SinkContext {
     pub shape: ShapeInfo,
 }
 
-/// A sink failure, classified so the runner knows whether to retry.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SinkError {
-    /// The store is unreachable or timed out; the batch will be retried with backoff.
-    #[error("sink unavailable: {0}; retrying the batch")]
-    Unavailable(String),
-    /// The store refused the data; retrying will not help.
-    #[error("sink rejected the batch: {0}; fix the sink settings or the data, then restart")]
-    Rejected(String),
+/// What the runner does about a [`SinkError`]: the decision a caller makes on an
+/// error, never on its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SinkErrorKind {
+    /// The store is unreachable, timed out or is briefly unable to serve (a
+    /// transient fault): the batch will be retried with backoff.
+    Unavailable,
+    /// The store refused the data or the settings; retrying will not help.
+    Rejected,
     /// The stored checkpoint cannot be read.
-    #[error("stored checkpoint is unreadable: {0}; run `shapesync reset` for this pipeline to resync it")]
-    CorruptCheckpoint(String),
+    CorruptCheckpoint,
     /// Another instance holds the pipeline's lease: nothing was written, and this
     /// instance stands by.
-    #[error("the pipeline's lease is no longer ours: {0}; standing by")]
-    Fenced(String),
+    Fenced,
     /// The store no longer holds what this instance wrote (its lease is gone or older):
     /// nothing was written, and the pipeline resyncs.
-    #[error("the sink lost its state: {0}; resyncing from a fresh snapshot")]
-    StateLost(String),
+    StateLost,
+}
+
+impl SinkErrorKind {
+    /// Retrying the same batch may succeed.
+    pub fn is_transient(self) -> bool {
+        self == SinkErrorKind::Unavailable
+    }
+}
+
+/// A sink failure: its [`SinkErrorKind`] (what the runner does about it), a message
+/// for the user, the store's code when it gave one, and the underlying error as
+/// [`std::error::Error::source`].
+///
+/// Build one with the constructor of its kind, then add what the store said:
+///
+/// ```
+/// use shapesync_core::{ErrorCode, SinkError, SinkErrorKind};
+///
+/// let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// let e = SinkError::unavailable(format!("cannot reach the store: {io}"))
+///     .with_code(ErrorCode::Other("ECONNREFUSED".into()))
+///     .with_source(io);
+/// assert_eq!(e.kind(), SinkErrorKind::Unavailable);
+/// assert!(e.is_transient());
+/// assert!(std::error::Error::source(&e).is_some());
+/// ```
+///
+/// The message is shown on its own (reporters do not repeat the source chain below
+/// it), so it should carry the store's words and say what to do next; it must hold
+/// no secret (a URL with a password).
+#[derive(Debug, Clone)]
+pub struct SinkError {
+    kind: SinkErrorKind,
+    message: String,
+    code: Option<ErrorCode>,
+    source: Option<SharedError>,
 }
 
 impl SinkError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: SinkErrorKind, message: impl Into<String>) -> Self {
+        SinkError { kind, message: message.into(), code: None, source: None }
+    }
+
+    /// The store is unreachable or timed out ([`SinkErrorKind::Unavailable`]).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        SinkError::new(SinkErrorKind::Unavailable, message)
+    }
+
+    /// The store refused the data or the settings ([`SinkErrorKind::Rejected`]).
+    pub fn rejected(message: impl Into<String>) -> Self {
+        SinkError::new(SinkErrorKind::Rejected, message)
+    }
+
+    /// The stored checkpoint cannot be read ([`SinkErrorKind::CorruptCheckpoint`]).
+    pub fn corrupt_checkpoint(message: impl Into<String>) -> Self {
+        SinkError::new(SinkErrorKind::CorruptCheckpoint, message)
+    }
+
+    /// Another instance holds the lease ([`SinkErrorKind::Fenced`]).
+    pub fn fenced(message: impl Into<String>) -> Self {
+        SinkError::new(SinkErrorKind::Fenced, message)
+    }
+
+    /// The store lost what this instance wrote ([`SinkErrorKind::StateLost`]).
+    pub fn state_lost(message: impl Into<String>) -> Self {
+        SinkError::new(SinkErrorKind::StateLost, message)
+    }
+
+    /// Records the store's code for this failure.
+    pub fn with_code(mut self, code: ErrorCode) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// Keeps the underlying error, handed out by [`std::error::Error::source`].
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(Arc::from(source.into()));
+        self
+    }
+
+    /// The same error with another message (the kind, code and source stay).
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    /// What the runner does about this error.
+    pub fn kind(&self) -> SinkErrorKind {
+        self.kind
+    }
+
+    /// The store's code, if it gave one.
+    pub fn code(&self) -> Option<&ErrorCode> {
+        self.code.as_ref()
+    }
+
+    /// The message, without the words of its kind (see [`std::fmt::Display`] for
+    /// the whole sentence).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// Retrying the same batch may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Unavailable(_))
+        self.kind.is_transient()
     }
 
     /// The error for a fence check that did not let a unit proceed (`None` for one
@@ -58,9 +159,35 @@ impl SinkError {
     pub fn from_verdict(verdict: Verdict) -> Option<SinkError> {
         match verdict {
             Verdict::Proceed | Verdict::AlreadyCommitted => None,
-            Verdict::Fenced(m) => Some(SinkError::Fenced(m)),
-            Verdict::Lost(m) => Some(SinkError::StateLost(m)),
+            Verdict::Fenced(m) => Some(SinkError::fenced(m)),
+            Verdict::Lost(m) => Some(SinkError::state_lost(m)),
         }
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.message;
+        match self.kind {
+            SinkErrorKind::Unavailable => write!(f, "sink unavailable: {m}; retrying the batch"),
+            SinkErrorKind::Rejected => {
+                write!(f, "sink rejected the batch: {m}; fix the sink settings or the data, then restart")
+            }
+            SinkErrorKind::CorruptCheckpoint => write!(
+                f,
+                "stored checkpoint is unreadable: {m}; run `shapesync reset` for this pipeline to resync it"
+            ),
+            SinkErrorKind::Fenced => write!(f, "the pipeline's lease is no longer ours: {m}; standing by"),
+            SinkErrorKind::StateLost => {
+                write!(f, "the sink lost its state: {m}; resyncing from a fresh snapshot")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        source_of(&self.source)
     }
 }
 
@@ -75,8 +202,42 @@ impl SinkError {
 ///   rows of older generations in the same atomic unit as its checkpoint;
 /// - a sink that keeps leases (see [`crate::lease`]) checks `batch.fence` inside that
 ///   unit with [`crate::lease::judge`] and writes nothing unless it proceeds: it returns
-///   [`SinkError::Fenced`] or [`SinkError::StateLost`], or `Ok` without writing when the
-///   batch was already committed; the unit stores `seq + 1` with the checkpoint.
+///   the error [`SinkError::from_verdict`] gives ([`SinkErrorKind::Fenced`] or
+///   [`SinkErrorKind::StateLost`]), or `Ok` without writing when the batch was already
+///   committed; the unit stores `seq + 1` with the checkpoint.
+///
+/// # Errors
+/// Every method fails with a [`SinkError`] whose [`SinkErrorKind`] tells the runner
+/// what to do; the runner decides on the kind alone, never on the message:
+/// - [`SinkError::unavailable`] for a fault retrying may fix (the store is unreachable,
+///   timed out, overloaded, restarting): the runner retries the same call with backoff;
+/// - [`SinkError::rejected`] for what retrying cannot fix (bad settings, data the store
+///   refuses, credentials refused): the pipeline stops with the message;
+/// - [`SinkError::corrupt_checkpoint`] when the stored checkpoint cannot be read;
+/// - [`SinkError::fenced`] and [`SinkError::state_lost`], through
+///   [`SinkError::from_verdict`], for a fence check that failed.
+///
+/// Add the store's code with [`SinkError::with_code`] (an [`ErrorCode`]: a SQLSTATE,
+/// a Redis or SQLite code) and the underlying error with [`SinkError::with_source`],
+/// so callers can inspect them; classify the store's failures by their structure
+/// (error types, codes), never by searching their text:
+///
+/// ```
+/// # use shapesync_core::{ErrorCode, SinkError};
+/// fn classify(e: std::io::Error) -> SinkError {
+///     use std::io::ErrorKind::*;
+///     match e.kind() {
+///         ConnectionRefused | TimedOut | Interrupted => {
+///             SinkError::unavailable(format!("cannot reach the store: {e}")).with_source(e)
+///         }
+///         _ => SinkError::rejected(format!("the store refused the write: {e}; check its path"))
+///             .with_source(e),
+///     }
+/// }
+/// ```
+///
+/// A message is shown alone: include the store's words in it, say what to do next,
+/// and leave secrets (passwords, URLs holding them) out.
 ///
 /// # Leases
 /// The lease methods have defaults for a store only one process can write (the memory
@@ -114,8 +275,8 @@ pub trait Sink: Send + Sync {
     }
 
     /// Extends the lease `fence` holds by its TTL, and reports it (with its standbys).
-    /// [`SinkError::Fenced`] when another instance took it over, [`SinkError::StateLost`]
-    /// when the store no longer holds it (judged with `committing = false`).
+    /// [`SinkErrorKind::Fenced`] when another instance took it over,
+    /// [`SinkErrorKind::StateLost`] when the store no longer holds it (judged with `committing = false`).
     async fn renew(&self, fence: &Fence) -> Result<LeaseInfo, SinkError> {
         Ok(LeaseInfo {
             owner: fence.owner.clone(),

@@ -1,7 +1,7 @@
 //! Rules shared by sinks that mirror a shape as a table keyed by its primary key — the
 //! SQLite and Postgres sinks, and plugins of the same kind (MySQL, DuckDB, …): the names
 //! they keep for themselves, whether an existing table can hold the shape's rows, and
-//! which key a change addresses. Errors are messages for `SinkError::Rejected`.
+//! which key a change addresses. Errors are messages for `SinkError::rejected`.
 
 use crate::{Change, ColumnType, ConfigError, Row, Schema, ShapeInfo, Value};
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use shapesync_core::{
     Batch, Change, Checkpoint, LogPosition, Offset, Pipeline, PipelineError, ResumePoint, Row, RunMode,
-    Schema, Sink, SinkError, Source, SourceError, SourceEvent, SourceResponse, Value, async_trait,
+    Schema, Sink, SinkError, SinkErrorKind, Source, SourceError, SourceErrorKind, SourceEvent,
+    SourceResponse, Value, async_trait,
 };
 use shapesync_sink_memory::{MemorySink, MemoryStore};
 use tokio::sync::mpsc;
@@ -360,7 +361,7 @@ impl Sink for FlakySink {
         if self.failures.load(Ordering::SeqCst) > 0 {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             self.seen_while_failing.lock().unwrap().push(self.inner.store().checkpoint().map(|c| c.offset));
-            return Err(SinkError::Unavailable("connection refused".into()));
+            return Err(SinkError::unavailable("connection refused"));
         }
         self.inner.apply(batch).await
     }
@@ -414,7 +415,7 @@ impl Sink for BrokenSink {
         Ok(None)
     }
     async fn apply(&self, _: &Batch) -> Result<(), SinkError> {
-        Err(SinkError::Rejected("value too large".into()))
+        Err(SinkError::rejected("value too large"))
     }
     async fn reset(&self) -> Result<(), SinkError> {
         Ok(())
@@ -428,18 +429,19 @@ async fn a_permanent_sink_error_stops_the_pipeline_with_a_clear_failure() {
     let p = pipeline(&mut h, Arc::new(BrokenSink));
     let status = p.status();
     let err = p.run(RunMode::Follow, CancellationToken::new()).await.unwrap_err();
-    assert!(matches!(err, PipelineError::Sink(SinkError::Rejected(_))));
+    assert!(matches!(err, PipelineError::Sink(ref e) if e.kind() == SinkErrorKind::Rejected));
     assert!(status.failure().unwrap().contains("value too large"));
 }
 
 #[tokio::test]
 async fn a_source_error_stops_the_pipeline() {
     let mut h = harness("h");
-    h.script.send(Err(SourceError::Rejected { status: 400, detail: "table: missing".into() })).unwrap();
+    h.script.send(Err(SourceError::rejected(400, "table: missing"))).unwrap();
     let err = pipeline(&mut h, Arc::new(MemorySink::default()))
         .run(RunMode::Follow, CancellationToken::new())
         .await;
-    assert!(matches!(err, Err(PipelineError::Source(SourceError::Rejected { status: 400, .. }))));
+    let Err(PipelineError::Source(e)) = err else { panic!("{err:?}") };
+    assert_eq!((e.kind(), e.status()), (SourceErrorKind::Rejected, Some(400)));
 }
 
 /// A sink whose applies wait until the test opens the gate.

@@ -234,8 +234,8 @@ impl SourceConfig for ElectricSourceConfig {
     }
 
     async fn build(self, ctx: SourceContext) -> Result<Box<dyn Source>, SourceError> {
-        self.check().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
-        let mut options = self.to_options().map_err(|e| SourceError::Setup { detail: e.to_string() })?;
+        self.check().map_err(|e| SourceError::setup(e.to_string()).with_source(e))?;
+        let mut options = self.to_options().map_err(|e| SourceError::setup(e.to_string()).with_source(e))?;
         options.metrics_pipeline = Some(ctx.pipeline);
         Ok(Box::new(ShapeStream::new(options)?))
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use shapesync_core::SourceError;
+use shapesync_core::{ErrorCode, SourceError};
 
 /// A failure that retrying the same request cannot fix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -72,20 +72,25 @@ impl ShapeError {
 
 impl From<ShapeError> for SourceError {
     fn from(e: ShapeError) -> Self {
-        match e {
-            ShapeError::InvalidOptions(detail) => SourceError::Setup { detail },
-            ShapeError::Rejected { status, param, message, errors } => SourceError::Rejected {
+        let shape_error = e.clone();
+        let source_error = match e {
+            ShapeError::InvalidOptions(detail) => SourceError::setup(detail),
+            ShapeError::Rejected { status, param, message, errors } => SourceError::rejected(
                 status,
-                detail: match param {
+                match param {
                     Some(p) if errors.len() <= 1 => format!("{p}: {message}"),
                     _ => message,
                 },
-            },
-            e @ ShapeError::TableGone { .. } => SourceError::Setup { detail: e.to_string() },
-            e @ (ShapeError::MissingHeader { .. } | ShapeError::Redirected { .. }) => {
-                SourceError::Protocol { detail: e.to_string() }
+            ),
+            e @ ShapeError::TableGone { .. } => SourceError::setup(e.to_string()),
+            e @ ShapeError::MissingHeader { status, .. } => {
+                SourceError::protocol(e.to_string()).with_code(ErrorCode::Http(status))
             }
-            ShapeError::Protocol(detail) => SourceError::Protocol { detail },
-        }
+            e @ ShapeError::Redirected { status } => {
+                SourceError::protocol(e.to_string()).with_code(ErrorCode::Http(status))
+            }
+            ShapeError::Protocol(detail) => SourceError::protocol(detail),
+        };
+        source_error.with_source(shape_error)
     }
 }

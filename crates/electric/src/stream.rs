@@ -1341,11 +1341,10 @@ impl Source for ShapeStream {
         let mut probe = ShapeStream::with_client(options, self.client.clone())?;
         match tokio::time::timeout(PROBE_TIMEOUT, probe.next_event()).await {
             Ok(result) => result.map(drop).map_err(SourceError::from),
-            Err(_) => Err(SourceError::Setup {
-                detail: format!(
-                    "the shape server did not answer within {PROBE_TIMEOUT:?} (see the log for the retried faults)"
-                ),
-            }),
+            Err(elapsed) => Err(SourceError::setup(format!(
+                "the shape server did not answer within {PROBE_TIMEOUT:?} (see the log for the retried faults)"
+            ))
+            .with_source(elapsed)),
         }
     }
 }

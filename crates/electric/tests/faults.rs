@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shapesync_core::registry::SourceConfig;
-use shapesync_core::{Source, SourceError, SourceEvent};
+use shapesync_core::{Source, SourceError, SourceErrorKind, SourceEvent};
 use shapesync_electric::{ElectricSourceConfig, LogMode, Replica, ShapeError, ShapeStream};
 use shapesync_testkit::{Column, Fault, ServerOptions, TableDef};
 use support::*;
@@ -185,8 +185,8 @@ async fn the_pipeline_source_yields_responses_and_must_refetch() {
         serde_json::from_value(json!({"url": server.url(), "table": "missing"})).unwrap();
     let mut source = bad.build(shapesync_core::SourceContext::default()).await.unwrap();
     match next(&mut source).await {
-        Err(SourceError::Rejected { status: 400, detail }) => {
-            assert!(detail.starts_with("table:"), "{detail}")
+        Err(e) if e.kind() == SourceErrorKind::Rejected && e.status() == Some(400) => {
+            assert!(e.detail().starts_with("table:"), "{e}")
         }
         other => panic!("{other:?}"),
     }

@@ -127,7 +127,7 @@ impl SinkConfig for PostgresSinkConfig {
     /// Creates the connection pool without connecting: a database that is down at
     /// start-up surfaces as `Unavailable` on first use, which the runner retries.
     async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
-        self.check(&ctx).map_err(|e| SinkError::Rejected(e.to_string()))?;
+        self.check(&ctx).map_err(|e| SinkError::rejected(e.to_string()).with_source(e))?;
         Ok(Arc::new(PostgresSink::new(&self, ctx)?))
     }
 }

@@ -12,7 +12,7 @@ use shapesync_core::table::{LEASE_TABLE, STANDBY_TABLE};
 use shapesync_core::{Acquisition, Fence, LeaseInfo, LeaseRequest, SinkError};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
 
-use crate::sink::{PostgresSink, classify, execute, quote};
+use crate::sink::{PostgresSink, UNDEFINED_TABLE, classify, execute, quote};
 
 /// The database's clock in milliseconds since the Unix epoch, as SQL.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::int8";
@@ -81,7 +81,9 @@ impl PostgresSink {
         );
         let row = match sqlx::query(AssertSqlSafe(sql)).bind(&self.pipeline).fetch_optional(&mut **tx).await {
             Ok(row) => row,
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => return Ok(None),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNDEFINED_TABLE) => {
+                return Ok(None);
+            }
             Err(e) => return Err(classify(e)),
         };
         row.map(|r| {
@@ -183,7 +185,7 @@ impl PostgresSink {
         );
         execute(&mut tx, sql, [Some(self.pipeline.clone())]).await?;
         let row = self.lock_lease(&mut tx).await?.ok_or_else(|| {
-            SinkError::Unavailable("the lease row vanished while being taken; trying again".into())
+            SinkError::unavailable("the lease row vanished while being taken; trying again")
         })?;
         let held_by_other = row.expires_in_ms > 0 && row.stored.owner != request.owner;
         let acquisition = if request.take && !held_by_other {
@@ -256,7 +258,9 @@ impl PostgresSink {
         let row = match sqlx::query(AssertSqlSafe(sql)).bind(&self.pipeline).fetch_optional(&self.pool).await
         {
             Ok(row) => row,
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => return Ok(None),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNDEFINED_TABLE) => {
+                return Ok(None);
+            }
             Err(e) => return Err(classify(e)),
         };
         row.map(|r| {

@@ -4,8 +4,8 @@ use std::sync::Mutex;
 
 use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
-    Acquisition, Batch, Change, Checkpoint, ColumnType, Fence, LeaseInfo, LeaseRequest, Operation, Row,
-    Schema, Sink, SinkContext, SinkError, Value, async_trait,
+    Acquisition, Batch, Change, Checkpoint, ColumnType, ErrorCode, Fence, LeaseInfo, LeaseRequest, Operation,
+    Row, Schema, Sink, SinkContext, SinkError, SinkErrorKind, Value, async_trait,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
@@ -146,37 +146,86 @@ fn escapes_nul(json: &str) -> bool {
 }
 
 /// Maps a Postgres failure to the runner's retry classes. Messages never hold the URL.
+/// Postgres' failures are classified by their structure: the `sqlx::Error` variant,
+/// the SQLSTATE (kept as the error's [`ErrorCode::Sqlstate`]), and for a TLS handshake
+/// the rustls error inside the I/O error; the `sqlx::Error` is the error's source.
 pub(crate) fn classify(e: sqlx::Error) -> SinkError {
-    let tls_refused = matches!(e, sqlx::Error::Tls(_))
-        || matches!(e, sqlx::Error::Io(_)) && e.to_string().contains("certificate");
-    match &e {
+    let tls_refused =
+        matches!(e, sqlx::Error::Tls(_)) || matches!(&e, sqlx::Error::Io(io) if certificate_refused(io));
+    let error = match &e {
         // A failed TLS handshake (an unverifiable certificate, a server without TLS under
         // `sslmode=require`): retrying cannot fix it.
-        _ if tls_refused => SinkError::Rejected(format!(
+        _ if tls_refused => SinkError::rejected(format!(
             "postgres: {e}; check `sslmode` in `url`, and `sslrootcert` for a private CA"
         )),
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            SinkError::Unavailable(format!("postgres: {e}"))
+            SinkError::unavailable(format!("postgres: {e}"))
         }
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().into_owned();
+            // SQLSTATE classes (the first two characters) and codes, as Postgres
+            // documents them in "PostgreSQL Error Codes".
             let transient = code.starts_with("08") // connection exceptions
                 || code.starts_with("53") // insufficient resources
                 || code.starts_with("57P") // shutdown, cannot connect now
                 || matches!(code.as_str(), "40001" | "40P01" | "55P03");
-            if transient {
-                SinkError::Unavailable(format!("postgres ({code}): {}", db.message()))
+            let error = if transient {
+                SinkError::unavailable(format!("postgres ({code}): {}", db.message()))
             } else if code.starts_with("28") {
-                SinkError::Rejected(format!(
+                SinkError::rejected(format!(
                     "postgres refused the login ({code}): {}; check the user and password in `url`",
                     db.message()
                 ))
             } else {
-                SinkError::Rejected(format!("postgres refused a statement ({code}): {}", db.message()))
-            }
+                SinkError::rejected(format!("postgres refused a statement ({code}): {}", db.message()))
+            };
+            error.with_code(ErrorCode::Sqlstate(code))
         }
-        _ => SinkError::Rejected(format!("postgres: {e}")),
+        _ => SinkError::rejected(format!("postgres: {e}")),
+    };
+    error.with_source(e)
+}
+
+/// The SQLSTATE of a failure `classify` made of a Postgres error, if it had one.
+pub(crate) fn sqlstate(e: &SinkError) -> Option<&str> {
+    match e.code() {
+        Some(ErrorCode::Sqlstate(code)) => Some(code),
+        _ => None,
     }
+}
+
+/// SQLSTATE 42P01: the table does not exist.
+pub(crate) const UNDEFINED_TABLE: &str = "42P01";
+/// SQLSTATE 3F000: the schema does not exist.
+const INVALID_SCHEMA_NAME: &str = "3F000";
+
+/// The TLS handshake failed on the server's certificate (unverifiable, for another
+/// host, revoked, or none sent): sqlx returns rustls' error inside an `io::Error`.
+#[cfg(feature = "tls")]
+fn certificate_refused(io: &std::io::Error) -> bool {
+    use std::error::Error;
+    let mut next: Option<&(dyn Error + 'static)> = io.get_ref().map(|e| e as &(dyn Error + 'static));
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::InvalidCertRevocationList(_)
+            );
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|e| e as &(dyn Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
+/// Without TLS no handshake fails.
+#[cfg(not(feature = "tls"))]
+fn certificate_refused(_: &std::io::Error) -> bool {
+    false
 }
 
 /// Runs `sql` with text parameters.
@@ -196,7 +245,8 @@ pub(crate) async fn execute(
 impl PostgresSink {
     /// A sink for `ctx`'s pipeline; connects on first use.
     pub fn new(config: &PostgresSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
-        let options = config.connect_options().map_err(|e| SinkError::Rejected(e.to_string()))?;
+        let options =
+            config.connect_options().map_err(|e| SinkError::rejected(e.to_string()).with_source(e))?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(config.connect_timeout())
@@ -221,7 +271,7 @@ impl PostgresSink {
     }
 
     fn rejected(&self, message: String) -> SinkError {
-        SinkError::Rejected(format!("postgres table {}: {message}", self.qualified_table()))
+        SinkError::rejected(format!("postgres table {}: {message}", self.qualified_table()))
     }
 
     /// The table's columns with their position in the primary key (0: not in it);
@@ -312,12 +362,15 @@ impl PostgresSink {
 
     /// A missing schema gets advice instead of Postgres' bare message.
     pub(crate) fn schema_hint(&self, e: SinkError) -> SinkError {
-        match e {
-            SinkError::Rejected(m) if m.contains("(3F000)") => SinkError::Rejected(format!(
-                "{m}; create the schema `{}` (CREATE SCHEMA) or set the sink's `schema`",
+        if e.kind() == SinkErrorKind::Rejected && sqlstate(&e) == Some(INVALID_SCHEMA_NAME) {
+            let message = format!(
+                "{}; create the schema `{}` (CREATE SCHEMA) or set the sink's `schema`",
+                e.message(),
                 self.schema
-            )),
-            other => other,
+            );
+            e.with_message(message)
+        } else {
+            e
         }
     }
 
@@ -541,15 +594,16 @@ impl Sink for PostgresSink {
         {
             Ok(stored) => stored,
             // No checkpoints table yet: nothing was ever written.
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => None,
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNDEFINED_TABLE) => None,
             Err(e) => return Err(classify(e)),
         };
         stored.map(|json| Checkpoint::from_json(&json)).transpose().map_err(|e| {
-            SinkError::CorruptCheckpoint(format!(
+            SinkError::corrupt_checkpoint(format!(
                 "pipeline `{}` in {}: {e}",
                 self.pipeline,
                 self.checkpoint_table()
             ))
+            .with_source(e)
         })
     }
 
@@ -578,7 +632,7 @@ impl Sink for PostgresSink {
         let sql = format!("DELETE FROM {} WHERE pipeline = $1", self.checkpoint_table());
         match execute(&mut tx, sql, [Some(self.pipeline.clone())]).await {
             Ok(()) => {}
-            Err(SinkError::Rejected(m)) if m.contains("(42P01)") => {} // never written
+            Err(e) if sqlstate(&e) == Some(UNDEFINED_TABLE) => {} // never written
             Err(e) => return Err(e),
         }
         tx.commit().await.map_err(classify)?;
@@ -610,6 +664,30 @@ impl Sink for PostgresSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_refused_certificate_is_recognised_by_its_rustls_error_not_its_words() {
+        use rustls::{CertificateError, Error as TlsError};
+        // sqlx hands rustls' handshake error back inside an `io::Error`.
+        let io = |tls: TlsError| sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
+        let refused = classify(io(TlsError::InvalidCertificate(CertificateError::UnknownIssuer)));
+        assert_eq!(refused.kind(), SinkErrorKind::Rejected, "{refused}");
+        assert!(refused.message().contains("sslrootcert"), "{refused}");
+        assert!(std::error::Error::source(&refused).is_some_and(|s| s.is::<sqlx::Error>()));
+        let other = classify(io(TlsError::DecryptError));
+        assert_eq!(other.kind(), SinkErrorKind::Unavailable, "{other}");
+        let words = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "certificate"));
+        assert_eq!(classify(words).kind(), SinkErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn pool_timeouts_are_unavailable_with_the_driver_error_as_source() {
+        let e = classify(sqlx::Error::PoolTimedOut);
+        assert_eq!(e.kind(), SinkErrorKind::Unavailable);
+        assert_eq!(e.code(), None);
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<sqlx::Error>()));
+    }
 
     #[test]
     fn arrays_become_postgres_array_literals_with_every_element_quoted() {

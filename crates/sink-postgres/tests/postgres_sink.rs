@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shapesync_core::{Change, ShapeInfo, Sink, SinkConfig, SinkContext, SinkError, Value};
+use shapesync_core::{Change, ErrorCode, ShapeInfo, Sink, SinkConfig, SinkContext, SinkErrorKind, Value};
 use shapesync_sink_postgres::{CHECKPOINT_TABLE, GENERATION_COLUMN, PostgresSink, PostgresSinkConfig};
 use shapesync_testkit::compliance::{SinkUnderTest, StoredRows, check_sink};
 use shapesync_testkit::fixtures::{batch, checkpoint, item, items_schema, live, row, schema};
@@ -225,7 +225,10 @@ async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
         checkpoint(items_schema(), "9_2", 1),
     );
     let err = sink.apply(&broken).await.unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("`id`")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("`id`")),
+        "{err}"
+    );
     assert_eq!(db.dump("items").await, before, "no row of the failed batch is visible");
     assert_eq!(sink.checkpoint().await.unwrap(), Some(first.checkpoint));
     db.drop().await;
@@ -325,7 +328,10 @@ async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice(
         .apply(&batch(vec![Change::insert("k3", item(3, "c"))], checkpoint(other_key, "0_inf", 3)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("drop the table")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("drop the table")),
+        "{err}"
+    );
     db.drop().await;
 }
 
@@ -389,8 +395,12 @@ async fn unreachable_servers_missing_schemas_and_bad_settings_are_reported_clear
     };
     let sink = config.clone().build(ctx.clone()).await.expect("building does not connect");
     let err = sink.checkpoint().await.unwrap_err();
-    assert!(matches!(err, SinkError::Unavailable(_)), "{err}");
+    assert_eq!(err.kind(), SinkErrorKind::Unavailable, "{err}");
     assert!(!err.to_string().contains("s3cret"), "{err}");
+    // The driver's error is kept as the source (and it names no password either).
+    let source = std::error::Error::source(&err).expect("the driver's error is the source");
+    assert!(source.downcast_ref::<sqlx::Error>().is_some(), "{source:?}");
+    assert!(!format!("{source} {source:?}").contains("s3cret"), "{source:?}");
 
     let missing = PostgresSinkConfig { schema: "no_such_schema_here".into(), ..PostgresSinkConfig::new(URL) };
     let sink = missing.build(ctx.clone()).await.unwrap();
@@ -398,7 +408,15 @@ async fn unreachable_servers_missing_schemas_and_bad_settings_are_reported_clear
         .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("CREATE SCHEMA")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("CREATE SCHEMA")),
+        "{err}"
+    );
+    // A refused statement carries its SQLSTATE (3F000: invalid schema name) and the
+    // driver's error.
+    assert_eq!(err.code(), Some(&ErrorCode::Sqlstate("3F000".into())), "{err}");
+    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<sqlx::Error>());
+    assert!(matches!(source, Some(sqlx::Error::Database(_))), "{source:?}");
 
     for (config, key) in [
         (PostgresSinkConfig::new("mysql://localhost/db"), "url"),
@@ -444,7 +462,12 @@ async fn sslmode_in_the_url_encrypts_the_connection_and_verifies_when_asked() {
 
     // verify-full against a certificate no root vouches for is refused, with advice.
     let err = config("sslmode=verify-full").build(ctx.clone()).await.unwrap().checkpoint().await.unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("sslrootcert")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("sslrootcert")),
+        "{err}"
+    );
+    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<sqlx::Error>());
+    assert!(matches!(source, Some(sqlx::Error::Io(_) | sqlx::Error::Tls(_))), "{source:?}");
     db.drop().await;
 }
 
@@ -471,7 +494,8 @@ async fn a_value_postgres_cannot_store_is_refused_naming_its_row_and_column() {
             checkpoint(schema.clone(), "0_1", 1),
         );
         match sink.apply(&snapshot).await {
-            Err(SinkError::Rejected(m)) => {
+            Err(e) if e.kind() == SinkErrorKind::Rejected => {
+                let m = e.message();
                 assert!(m.contains(r#""public"."docs"/"2""#) && m.contains(&format!("`{column}`")), "{m}")
             }
             other => panic!("{column}: {other:?}"),

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use redis::{ConnectionInfo, IntoConnectionInfo};
 use serde::Deserialize;
-use shapesync_core::{Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, Space, async_trait};
+use shapesync_core::{
+    Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, SinkErrorKind, Space, async_trait,
+};
 
 use crate::sink::{KeyNames, RedisSink, internal_prefix};
 use crate::template::KeyTemplate;
@@ -303,7 +305,8 @@ impl SinkConfig for RedisSinkConfig {
                 tracing::info!(pipeline = %ctx.pipeline, %address, "redis sink connected");
                 sink
             }
-            Err(SinkError::Unavailable(reason)) => {
+            Err(e) if e.kind() == SinkErrorKind::Unavailable => {
+                let reason = e.message();
                 tracing::warn!(pipeline = %ctx.pipeline, %address, %reason, "redis is unreachable; will keep retrying");
                 RedisSink::connect_lazy(self, ctx)?
             }

@@ -150,13 +150,14 @@ pub(crate) enum UnitOutcome {
 }
 
 fn strings(value: Value) -> Result<Vec<String>, SinkError> {
-    Vec::<String>::from_redis_value(value)
-        .map_err(|e| SinkError::Rejected(format!("redis answered a lease script unexpectedly: {e}")))
+    Vec::<String>::from_redis_value(value).map_err(|e| {
+        SinkError::rejected(format!("redis answered a lease script unexpectedly: {e}")).with_source(e)
+    })
 }
 
 fn number<T: std::str::FromStr>(text: Option<&String>) -> Result<T, SinkError> {
     text.and_then(|t| t.parse().ok()).ok_or_else(|| {
-        SinkError::CorruptCheckpoint("the pipeline's lease hash holds a field that is not a number".into())
+        SinkError::corrupt_checkpoint("the pipeline's lease hash holds a field that is not a number")
     })
 }
 
@@ -171,7 +172,7 @@ fn refused(reply: &[String], fence: &Fence, committing: bool) -> SinkError {
         _ => None,
     };
     SinkError::from_verdict(judge(stored.as_ref(), fence, committing)).unwrap_or_else(|| {
-        SinkError::StateLost("the pipeline's lease does not match what this instance wrote".into())
+        SinkError::state_lost("the pipeline's lease does not match what this instance wrote")
     })
 }
 

@@ -106,7 +106,7 @@
 //!
 //! # Errors
 //! Connection failures, timeouts, `LOADING`, `BUSY`, `OOM`, `READONLY`, `TRYAGAIN` and
-//! cluster-down replies are `SinkError::Unavailable` (the runner retries the idempotent
+//! cluster-down replies are `SinkError::unavailable` (the runner retries the idempotent
 //! batch); other refusals (e.g. `WRONGTYPE` on a key another program owns) and bad
 //! settings are `Rejected`. No error or log line contains the URL.
 

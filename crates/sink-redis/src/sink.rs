@@ -15,8 +15,8 @@ use redis::{
 };
 use serde_json::value::RawValue;
 use shapesync_core::{
-    Acquisition, Batch, Change, Checkpoint, Fence, LeaseInfo, LeaseRequest, Operation, Row, Schema, Sink,
-    SinkConfig, SinkContext, SinkError, async_trait,
+    Acquisition, Batch, Change, Checkpoint, ErrorCode, Fence, LeaseInfo, LeaseRequest, Operation, Row,
+    Schema, Sink, SinkConfig, SinkContext, SinkError, async_trait,
 };
 
 use crate::config::{Layout, RedisSinkConfig};
@@ -177,7 +177,7 @@ fn command<const N: usize>(parts: [&str; N]) -> Cmd {
 }
 
 fn rejected(e: shapesync_core::ConfigError) -> SinkError {
-    SinkError::Rejected(e.to_string())
+    SinkError::rejected(e.to_string()).with_source(e)
 }
 
 /// Maps a Redis failure to the runner's retry classes.
@@ -197,16 +197,53 @@ fn classify(e: RedisError) -> SinkError {
             )
         )
         || matches!(e.code(), Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS"));
-    if e.to_string().contains("certificate") {
+    let code = ErrorCode::Redis(e.code().map_or_else(|| format!("{:?}", e.kind()), str::to_owned));
+    let error = if certificate_refused(&e) {
         // A TLS handshake that failed verification: retrying cannot fix it.
-        SinkError::Rejected(format!(
+        SinkError::rejected(format!(
             "redis: {e}; check that the server's certificate matches the host in `url`, or set `ca_file` to the CA that signed it"
         ))
     } else if transient {
-        SinkError::Unavailable(format!("redis: {e}"))
+        SinkError::unavailable(format!("redis: {e}"))
     } else {
-        SinkError::Rejected(format!("redis refused a command: {e}"))
+        SinkError::rejected(format!("redis refused a command: {e}"))
+    };
+    error.with_code(code).with_source(e)
+}
+
+/// The TLS handshake failed on the server's certificate (unverifiable, for another
+/// host, revoked, or none sent), as rustls reports it somewhere in `e`'s chain.
+#[cfg(feature = "tls")]
+fn certificate_refused(e: &RedisError) -> bool {
+    use std::error::Error;
+    use std::sync::Arc;
+    let mut next: Option<&(dyn Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::InvalidCertRevocationList(_)
+            );
+        }
+        // Wrappers whose `source()` skips the error they hold: an `io::Error` (which
+        // tokio-rustls returns the handshake's error in) and redis' shared errors.
+        next = if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            io.get_ref().map(|inner| inner as &(dyn Error + 'static))
+        } else if let Some(shared) = err.downcast_ref::<Arc<dyn Error + Send + Sync>>() {
+            Some(&**shared as &(dyn Error + 'static))
+        } else {
+            err.source()
+        };
     }
+    false
+}
+
+/// Without TLS no handshake fails.
+#[cfg(not(feature = "tls"))]
+fn certificate_refused(_: &RedisError) -> bool {
+    false
 }
 
 /// Merges `columns` into a stored JSON row without re-parsing any value, so numbers
@@ -249,13 +286,13 @@ impl RedisSink {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let root_cert = match &config.ca_file {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
-                SinkError::Rejected(format!("cannot read `ca_file` {}: {e}", path.display()))
+                SinkError::rejected(format!("cannot read `ca_file` {}: {e}", path.display())).with_source(e)
             })?),
             None => None,
         };
         let bad_ca = |e: RedisError| {
             let path = config.ca_file.as_deref().unwrap_or(std::path::Path::new("")).display();
-            SinkError::Rejected(format!("`ca_file` {path} holds no usable certificate: {e}"))
+            SinkError::rejected(format!("`ca_file` {path} holds no usable certificate: {e}")).with_source(e)
         };
         let timeout = Duration::from_millis(config.timeout_ms);
         let conn = if config.cluster {
@@ -347,7 +384,7 @@ impl RedisSink {
         if let Some(configured) = &self.primary_key
             && configured.iter().map(String::as_str).ne(pk.iter().copied())
         {
-            return Err(SinkError::Rejected(format!(
+            return Err(SinkError::rejected(format!(
                 "sink `primary_key` is {configured:?} but the table's primary key is {pk:?}; fix `primary_key`"
             )));
         }
@@ -355,17 +392,17 @@ impl RedisSink {
             Some(template) => {
                 for c in template.columns().filter(|c| !pk.contains(c)) {
                     let Some(column) = schema.0.get(c) else {
-                        return Err(SinkError::Rejected(format!(
+                        return Err(SinkError::rejected(format!(
                             "key template uses `{c}`, which is not among the shape's columns; add it to the source's `columns` or fix `key`"
                         )));
                     };
                     if !self.full_rows {
-                        return Err(SinkError::Rejected(format!(
+                        return Err(SinkError::rejected(format!(
                             "key template uses `{c}`, which is not a primary-key column (the primary key is {pk:?}); updates carry only the primary key and changed columns, so set `replica: full` on the source or key by primary-key columns only"
                         )));
                     }
                     if !column.not_null {
-                        return Err(SinkError::Rejected(format!(
+                        return Err(SinkError::rejected(format!(
                             "key template uses `{c}`, which is neither in the primary key nor NOT NULL in table `{}`; a row with NULL there would have no key and stop the pipeline, so key by primary-key or NOT NULL columns (or add a NOT NULL constraint)",
                             self.table
                         )));
@@ -373,7 +410,7 @@ impl RedisSink {
                 }
                 Ok(template.clone())
             }
-            None if pk.is_empty() => Err(SinkError::Rejected(format!(
+            None if pk.is_empty() => Err(SinkError::rejected(format!(
                 "table `{}` has no primary key, so there is no default key; set `key` on the sink",
                 self.table
             ))),
@@ -384,7 +421,7 @@ impl RedisSink {
 
     fn row_key(template: &KeyTemplate, row: &Row, change: &Change) -> Result<String, SinkError> {
         template.render(row).map_err(|e| {
-            SinkError::Rejected(match e {
+            SinkError::rejected(match e {
                 KeyError::Missing(c) => format!(
                     "the {} of row {} has no value for key column `{c}`; key by columns every change carries (the primary key), or set `replica: full`",
                     change.op.as_str(),
@@ -474,7 +511,7 @@ impl RedisSink {
             Layout::Json | Layout::Table => {
                 let stored = rows.get(id).cloned().flatten();
                 let merged = merge_json(stored.as_deref(), columns).map_err(|m| {
-                    SinkError::Rejected(format!(
+                    SinkError::rejected(format!(
                         "cannot merge an update into row key `{id}`: {m}; another writer uses this key, give the sink its own `prefix`"
                     ))
                 })?;
@@ -710,7 +747,7 @@ impl RedisSink {
                 };
                 if let Some(policy) = evicting_policy(&info) {
                     if self.refuse_eviction {
-                        return Err(SinkError::Rejected(format!(
+                        return Err(SinkError::rejected(format!(
                             "redis evicts keys under memory pressure (maxmemory-policy {policy}), which would drop cached rows while the checkpoint says they are there; set maxmemory-policy to noeviction (or a volatile-* policy) for this database, or set `allow_eviction: true` on the sink to run anyway"
                         )));
                     }
@@ -745,10 +782,9 @@ impl Sink for RedisSink {
         let mut conn = self.conn.clone();
         let stored: Option<String> =
             redis::cmd("GET").arg(&self.keys.checkpoint).query_async(&mut conn).await.map_err(classify)?;
-        stored
-            .map(|json| Checkpoint::from_json(&json))
-            .transpose()
-            .map_err(|e| SinkError::CorruptCheckpoint(format!("key `{}`: {e}", self.keys.checkpoint)))
+        stored.map(|json| Checkpoint::from_json(&json)).transpose().map_err(|e| {
+            SinkError::corrupt_checkpoint(format!("key `{}`: {e}", self.keys.checkpoint)).with_source(e)
+        })
     }
 
     async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
@@ -839,7 +875,7 @@ impl Sink for RedisSink {
         let ttl_ms = shapesync_core::config::defaults::LEASE_TTL_MS;
         let answer = self.lease_call("force", &owner, ttl_ms, None).await?;
         let Acquisition::Owned { fence, .. } = crate::lease::acquisition(answer, &owner, ttl_ms)? else {
-            return Err(SinkError::Rejected("redis did not hand the lease to `reset`".into()));
+            return Err(SinkError::rejected("redis did not hand the lease to `reset`"));
         };
         let mut conn = self.conn.clone();
         let mut unit = Unit::default();
@@ -880,9 +916,42 @@ impl Sink for RedisSink {
 
 #[cfg(test)]
 mod tests {
-    use shapesync_core::Value;
+    use shapesync_core::{SinkErrorKind, Value};
 
     use super::*;
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_refused_certificate_is_recognised_by_its_rustls_error_not_its_words() {
+        use rustls::{CertificateError, Error as TlsError};
+        // tokio-rustls hands the handshake's error back inside an `io::Error`.
+        let handshake =
+            |tls: TlsError| RedisError::from(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
+        for tls in [
+            TlsError::InvalidCertificate(CertificateError::UnknownIssuer),
+            TlsError::InvalidCertificate(CertificateError::NotValidForName),
+            TlsError::NoCertificatesPresented,
+        ] {
+            let e = classify(handshake(tls.clone()));
+            assert_eq!(e.kind(), SinkErrorKind::Rejected, "{tls:?}: {e}");
+            assert!(e.message().contains("ca_file"), "{e}");
+            assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<RedisError>()));
+        }
+        // Another TLS failure, and an I/O error that merely mentions a certificate, are
+        // network faults: retried.
+        let other = classify(handshake(TlsError::DecryptError));
+        assert_eq!(other.kind(), SinkErrorKind::Unavailable, "{other}");
+        let words = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "certificate");
+        assert_eq!(classify(RedisError::from(words)).kind(), SinkErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn a_server_error_reply_keeps_its_code() {
+        let reply = RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "read only replica"));
+        let e = classify(reply);
+        assert_eq!(e.kind(), SinkErrorKind::Unavailable, "{e}");
+        assert!(matches!(e.code(), Some(ErrorCode::Redis(_))), "{e:?}");
+    }
 
     #[test]
     fn json_merge_keeps_big_numbers_and_sorted_keys() {

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use shapesync_core::{
-    Batch, Change, Checkpoint, LogPosition, Row, Schema, ShapeInfo, Sink, SinkContext, SinkError, Value,
+    Batch, Change, Checkpoint, LogPosition, Row, Schema, ShapeInfo, Sink, SinkContext, SinkErrorKind, Value,
 };
 use shapesync_sink_redis::{Layout, RedisSink, RedisSinkConfig};
 
@@ -316,7 +316,10 @@ async fn template_on_a_non_key_column_is_rejected_without_full_rows_and_moves_ro
     let sink = setup.sink().await;
     let err = sink.apply(&batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_0", 1, true))).await;
     match err {
-        Err(SinkError::Rejected(m)) => assert!(m.contains("`name`") && m.contains("replica: full"), "{m}"),
+        Err(e) if e.kind() == SinkErrorKind::Rejected => {
+            let m = e.message();
+            assert!(m.contains("`name`") && m.contains("replica: full"), "{m}")
+        }
         other => panic!("expected Rejected, got {other:?}"),
     }
 
@@ -399,7 +402,10 @@ async fn a_template_over_a_nullable_non_key_column_is_rejected_at_the_first_batc
     // row with a NULL name, whenever it came, would stop the pipeline for good.
     let first = batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_0", 1, true));
     match sink.apply(&first).await {
-        Err(SinkError::Rejected(m)) => assert!(m.contains("`name`") && m.contains("NOT NULL"), "{m}"),
+        Err(e) if e.kind() == SinkErrorKind::Rejected => {
+            let m = e.message();
+            assert!(m.contains("`name`") && m.contains("NOT NULL"), "{m}")
+        }
         other => panic!("expected Rejected, got {other:?}"),
     }
     let mut conn = redis().await;
@@ -417,7 +423,10 @@ async fn part_size_above_the_cap_is_rejected_before_connecting() {
     let mut setup = Setup::new("partcap", Layout::Hash);
     setup.config.part_size = shapesync_sink_redis::defaults::MAX_PART_SIZE + 1;
     match RedisSink::connect(setup.config.clone(), setup.ctx.clone()).await {
-        Err(SinkError::Rejected(m)) => assert!(m.contains("part_size") && m.contains("10000"), "{m}"),
+        Err(e) if e.kind() == SinkErrorKind::Rejected => {
+            let m = e.message();
+            assert!(m.contains("part_size") && m.contains("10000"), "{m}")
+        }
         Err(e) => panic!("expected Rejected, got {e:?}"),
         Ok(_) => panic!("a part_size above the cap was accepted"),
     }
@@ -697,11 +706,11 @@ async fn corrupt_checkpoint_is_reported_and_foreign_keys_are_rejected_without_ad
     // Another program owns the row's key as a string: the script fails before the checkpoint.
     let _: () = conn.set(setup.key("1"), "foreign").await.unwrap();
     let b = batch(vec![live(Change::update("k1", row(&[("id", Value::Int(1))])), 3, 0)], cp("3_0", 1, false));
-    assert!(matches!(sink.apply(&b).await, Err(SinkError::Rejected(_))));
+    assert!(matches!(sink.apply(&b).await, Err(ref e) if e.kind() == SinkErrorKind::Rejected));
     assert_eq!(sink.checkpoint().await.unwrap(), None, "checkpoint must not pass failed data");
 
     let _: () = conn.set(sink.checkpoint_key(), "{not json").await.unwrap();
-    assert!(matches!(sink.checkpoint().await, Err(SinkError::CorruptCheckpoint(_))));
+    assert!(matches!(sink.checkpoint().await, Err(ref e) if e.kind() == SinkErrorKind::CorruptCheckpoint));
     cleanup(&setup.prefix).await;
 }
 
@@ -715,7 +724,7 @@ async fn a_snapshot_part_redis_rejects_keeps_the_checkpoint_back() {
     let _: () = conn.set(setup.key("3"), "foreign").await.unwrap();
     let rows = || (1..=3).map(|id| Change::insert(format!("k{id}"), full_row(id, "x"))).collect();
     let snapshot = batch(rows(), cp("0_inf", 1, false));
-    assert!(matches!(sink.apply(&snapshot).await, Err(SinkError::Rejected(_))));
+    assert!(matches!(sink.apply(&snapshot).await, Err(ref e) if e.kind() == SinkErrorKind::Rejected));
     assert_eq!(sink.checkpoint().await.unwrap(), None, "checkpoint must not pass failed data");
 
     let _: () = conn.del(setup.key("3")).await.unwrap();
@@ -732,7 +741,17 @@ async fn connecting_to_a_closed_port_is_unavailable() {
     config.timeout_ms = 500;
     let ctx = SinkContext { pipeline: "p".into(), ..SinkContext::default() };
     match RedisSink::connect(config, ctx).await {
-        Err(e @ SinkError::Unavailable(_)) => assert!(!e.to_string().contains("s3cret"), "{e}"),
+        Err(e) if e.kind() == SinkErrorKind::Unavailable => {
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+            // The client's error is the source, with its kind as the code.
+            let source = std::error::Error::source(&e).expect("the client's error is the source");
+            assert!(
+                source.downcast_ref::<redis::RedisError>().is_some_and(|r| r.is_io_error()),
+                "{source:?}"
+            );
+            assert!(!format!("{source} {source:?}").contains("s3cret"), "{source:?}");
+            assert!(matches!(e.code(), Some(shapesync_core::ErrorCode::Redis(_))), "{e:?}");
+        }
         Err(e) => panic!("expected Unavailable, got {e}"),
         Ok(_) => panic!("nothing listens on {port}"),
     }
@@ -880,7 +899,7 @@ async fn redis_killed_and_restarted_mid_sync_loses_nothing() {
         cp("8_1", 1, false),
     );
     let down = sink.apply(&b2).await;
-    assert!(matches!(down, Err(SinkError::Unavailable(_))), "{down:?}");
+    assert!(matches!(down, Err(ref e) if e.kind() == SinkErrorKind::Unavailable), "{down:?}");
 
     server.restart().await;
     apply_with_retry(&*sink, &b2).await;
@@ -922,7 +941,7 @@ impl shapesync_core::SourceConfig for ShapeOnlySource {
         self,
         _ctx: shapesync_core::SourceContext,
     ) -> Result<Box<dyn shapesync_core::Source>, shapesync_core::SourceError> {
-        Err(shapesync_core::SourceError::Setup { detail: "a test source never runs".into() })
+        Err(shapesync_core::SourceError::setup("a test source never runs"))
     }
 }
 
@@ -970,7 +989,7 @@ async fn a_pipeline_starts_while_redis_is_down_and_reports_unavailable_until_it_
     );
     let mut pipelines = prepare(&yaml).unwrap_or_else(|e| panic!("{e:?}"));
     let sink = pipelines.remove(0).sink.build().await.expect("an unreachable Redis does not fail the build");
-    assert!(matches!(sink.checkpoint().await, Err(SinkError::Unavailable(_))));
+    assert!(matches!(sink.checkpoint().await, Err(ref e) if e.kind() == SinkErrorKind::Unavailable));
 
     server.restart().await;
     let b = batch(vec![Change::insert("k", full_row(1, "a"))], cp("0_inf", 1, false));
@@ -1116,7 +1135,11 @@ async fn rediss_urls_connect_over_tls_verifying_the_server_against_ca_file() {
         Err(e) => e,
         Ok(sink) => sink.checkpoint().await.unwrap_err(),
     };
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("ca_file")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("ca_file")),
+        "{err}"
+    );
+    assert!(std::error::Error::source(&err).is_some_and(|s| s.is::<redis::RedisError>()), "{err:?}");
     // `ca_file` on a plain redis:// URL is a settings error.
     config.url = URL.into();
     config.ca_file = Some(dir.join("ca.crt"));

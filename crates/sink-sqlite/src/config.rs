@@ -80,7 +80,7 @@ impl SinkConfig for SqliteSinkConfig {
     }
 
     async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
-        self.check(&ctx).map_err(|e| SinkError::Rejected(e.to_string()))?;
+        self.check(&ctx).map_err(|e| SinkError::rejected(e.to_string()).with_source(e))?;
         Ok(Arc::new(SqliteSink::new(self, ctx)))
     }
 }

@@ -75,21 +75,28 @@ impl ToSql for Bound<'_> {
 /// Maps a SQLite failure to the runner's retry classes.
 pub(crate) fn classify(e: rusqlite::Error, path: &Path) -> SinkError {
     let path = path.display();
-    match e.sqlite_error_code() {
+    let error = match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            SinkError::Unavailable(format!("SQLite database `{path}` is locked by another connection: {e}"))
+            SinkError::unavailable(format!("SQLite database `{path}` is locked by another connection: {e}"))
         }
         Some(ErrorCode::DiskFull | ErrorCode::SystemIoFailure | ErrorCode::OutOfMemory) => {
-            SinkError::Unavailable(format!("SQLite database `{path}`: {e}"))
+            SinkError::unavailable(format!("SQLite database `{path}`: {e}"))
         }
-        Some(ErrorCode::CannotOpen) => SinkError::Rejected(format!(
+        Some(ErrorCode::CannotOpen) => SinkError::rejected(format!(
             "cannot open SQLite database `{path}` ({e}); check that its directory exists and is writable"
         )),
-        Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => SinkError::Rejected(format!(
+        Some(ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => SinkError::rejected(format!(
             "SQLite database `{path}` is read-only ({e}); give shapesync write access to it and its directory"
         )),
-        _ => SinkError::Rejected(format!("SQLite database `{path}` refused a statement: {e}")),
-    }
+        _ => SinkError::rejected(format!("SQLite database `{path}` refused a statement: {e}")),
+    };
+    let error = match &e {
+        rusqlite::Error::SqliteFailure(failure, _) => {
+            error.with_code(shapesync_core::ErrorCode::Sqlite(failure.extended_code))
+        }
+        _ => error,
+    };
+    error.with_source(e)
 }
 
 /// Runs blocking SQLite work without stalling the async runtime's other tasks where the
@@ -125,7 +132,7 @@ impl SqliteSink {
     }
 
     fn rejected(&self, message: String) -> SinkError {
-        SinkError::Rejected(format!("SQLite table `{}` in `{}`: {message}", self.table, self.path.display()))
+        SinkError::rejected(format!("SQLite table `{}` in `{}`: {message}", self.table, self.path.display()))
     }
 
     /// The open connection, opening (and creating) the database first if needed.
@@ -349,7 +356,7 @@ impl SqliteSink {
             // could never be created is worth saying now (`validate --connect`).
             let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             if !dir.is_dir() {
-                return Err(SinkError::Rejected(format!(
+                return Err(SinkError::rejected(format!(
                     "cannot create SQLite database `{}`: directory `{}` does not exist; create it or fix `path`",
                     self.path.display(),
                     dir.display()
@@ -370,11 +377,12 @@ impl SqliteSink {
             .optional()
             .map_err(|e| classify(e, &self.path))?;
         stored.map(|json| Checkpoint::from_json(&json)).transpose().map_err(|e| {
-            SinkError::CorruptCheckpoint(format!(
+            SinkError::corrupt_checkpoint(format!(
                 "pipeline `{}` in table `{CHECKPOINT_TABLE}` of `{}`: {e}",
                 self.pipeline,
                 self.path.display()
             ))
+            .with_source(e)
         })
     }
 

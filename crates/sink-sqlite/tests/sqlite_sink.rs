@@ -8,7 +8,7 @@ use std::thread;
 
 use rusqlite::Connection;
 use rusqlite::types::Value as Sql;
-use shapesync_core::{Change, ShapeInfo, Sink, SinkConfig, SinkContext, SinkError, Value};
+use shapesync_core::{Change, ErrorCode, ShapeInfo, Sink, SinkConfig, SinkContext, SinkErrorKind, Value};
 use shapesync_sink_sqlite::{CHECKPOINT_TABLE, GENERATION_COLUMN, SqliteSink, SqliteSinkConfig};
 use shapesync_testkit::fixtures::{batch, checkpoint, item, items_schema, live, row, schema};
 
@@ -148,7 +148,10 @@ async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
         checkpoint(items_schema(), "9_2", 1),
     );
     let err = sink.apply(&broken).await.unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("`id`")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("`id`")),
+        "{err}"
+    );
     assert_eq!(dump(&path, "items"), before, "no row of the failed batch is visible");
     assert_eq!(sink.checkpoint().await.unwrap(), Some(first.checkpoint));
 }
@@ -253,7 +256,10 @@ async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice(
         .apply(&batch(vec![Change::insert("k3", item(3, "c"))], checkpoint(other_key, "0_inf", 3)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("drop the table")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("drop the table")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -274,7 +280,11 @@ async fn a_locked_database_is_unavailable_and_the_retry_succeeds_once_released()
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     let next =
         batch(vec![live(Change::insert("k2", item(2, "b")), 4, 0)], checkpoint(items_schema(), "4_0", 1));
-    assert!(matches!(sink.apply(&next).await, Err(SinkError::Unavailable(_))));
+    let locked = sink.apply(&next).await.unwrap_err();
+    assert_eq!(locked.kind(), SinkErrorKind::Unavailable, "{locked}");
+    // SQLITE_BUSY (5), with the driver's error as the source.
+    assert_eq!(locked.code(), Some(&ErrorCode::Sqlite(5)), "{locked:?}");
+    assert!(std::error::Error::source(&locked).is_some_and(|s| s.is::<rusqlite::Error>()), "{locked:?}");
     holder.execute_batch("ROLLBACK").unwrap();
     sink.apply(&next).await.unwrap();
     assert_eq!(dump(&path, "items").len(), 2);
@@ -336,12 +346,19 @@ async fn unusable_files_and_settings_are_reported_clearly() {
     let missing_dir = dir.path().join("no/such/dir/cache.db");
     let sink = sink_at(&missing_dir, "items", "missing");
     let err = sink.checkpoint().await.unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("does not exist")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("does not exist")),
+        "{err}"
+    );
     let err = sink
         .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("directory exists")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("directory exists")),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some(&ErrorCode::Sqlite(14)), "SQLITE_CANTOPEN: {err:?}");
 
     let foreign = dir.path().join("foreign.db");
     Connection::open(&foreign)
@@ -352,7 +369,10 @@ async fn unusable_files_and_settings_are_reported_clearly() {
         .apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, SinkError::Rejected(m) if m.contains("another program owns it")), "{err}");
+    assert!(
+        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("another program owns it")),
+        "{err}"
+    );
 
     let ctx = SinkContext {
         pipeline: "p".into(),

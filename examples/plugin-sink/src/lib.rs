@@ -63,9 +63,9 @@ pub struct JsonFileSink {
 async fn read(path: &PathBuf) -> Result<State, SinkError> {
     match tokio::fs::read(path).await {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| SinkError::CorruptCheckpoint(format!("{}: {e}", path.display()))),
+            .map_err(|e| SinkError::corrupt_checkpoint(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(SinkError::Unavailable(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(SinkError::unavailable(format!("cannot read {}: {e}", path.display()))),
     }
 }
 
@@ -117,10 +117,10 @@ impl Sink for JsonFileSink {
                 next.generations.remove(&key);
             }
         }
-        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| SinkError::Rejected(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| SinkError::rejected(e.to_string()))?;
         let tmp = self.path.with_extension("tmp");
         let io =
-            |e: std::io::Error| SinkError::Unavailable(format!("cannot write {}: {e}", self.path.display()));
+            |e: std::io::Error| SinkError::unavailable(format!("cannot write {}: {e}", self.path.display()));
         tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
         tokio::fs::File::open(&tmp).await.map_err(io)?.sync_all().await.map_err(io)?;
         tokio::fs::rename(&tmp, &self.path).await.map_err(io)?;
@@ -134,7 +134,7 @@ impl Sink for JsonFileSink {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(SinkError::Unavailable(format!("cannot remove {}: {e}", self.path.display())));
+                return Err(SinkError::unavailable(format!("cannot remove {}: {e}", self.path.display())));
             }
         }
         *state = State::default();
