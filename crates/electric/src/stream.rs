@@ -445,9 +445,7 @@ impl ShapeStream {
                 }
                 400..=499 => {
                     let rejection = self.rejection(status.as_u16(), &body);
-                    if let ShapeError::Rejected { errors, .. } = &rejection
-                        && errors.get("offset").is_some_and(|m| m.iter().any(|m| m.contains("out of bounds")))
-                    {
+                    if offset_out_of_bounds(&rejection) {
                         tracing::warn!("offset is out of bounds for this shape; refetching it");
                         return Ok(self.reset(None, false));
                     }
@@ -1100,6 +1098,24 @@ fn new_cache_buster() -> String {
     format!("{now}-{:016x}", rand::rng().random::<u64>())
 }
 
+/// A rejection that means the request's offset is out of bounds for the shape.
+///
+/// Electric answers 400 with `errors` naming `offset` in two cases only
+/// (packages/sync-service, electric-sql/electric@dc07a1e):
+/// - `Api.Params.cast_offset/1` (lib/electric/shapes/api/params.ex) when
+///   `LogOffset.from_string/1` cannot parse the offset; the other parameter checks
+///   (`validate_handle_with_offset/1`, `validate_live_with_offset/1`) put their errors
+///   on `handle` and `live`, and the subset's own `offset` is nested under `subset`;
+/// - `Api` (lib/electric/shapes/api.ex) with `@offset_out_of_bounds`
+///   (`%{offset: ["out of bounds for this shape"]}`) once an out-of-bounds request's
+///   wait for the log to reach it times out (`:out_of_bounds_timeout`).
+///
+/// The stream builds every offset it sends from a parsed [`Offset`], so the first
+/// case cannot happen: a 400 naming `offset` is the second, whatever its words.
+fn offset_out_of_bounds(rejection: &ShapeError) -> bool {
+    matches!(rejection, ShapeError::Rejected { status: 400, errors, .. } if errors.contains_key("offset"))
+}
+
 /// Describes a transport failure without the URL (which may hold secrets).
 fn describe_reqwest_error(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -1355,6 +1371,21 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_400_naming_offset_is_out_of_bounds_whatever_its_words() {
+        let rejected = |status: u16, param: &str, words: &str| ShapeError::Rejected {
+            status,
+            param: Some(param.to_owned()),
+            message: words.to_owned(),
+            errors: [(param.to_owned(), vec![words.to_owned()])].into(),
+        };
+        assert!(offset_out_of_bounds(&rejected(400, "offset", "out of bounds for this shape")));
+        assert!(offset_out_of_bounds(&rejected(400, "offset", "beyond the end of the log")));
+        assert!(!offset_out_of_bounds(&rejected(400, "handle", "can't be blank when offset != -1")));
+        assert!(!offset_out_of_bounds(&rejected(404, "offset", "out of bounds for this shape")));
+        assert!(!offset_out_of_bounds(&ShapeError::protocol("offset out of bounds")));
+    }
 
     #[test]
     fn fast_loop_needs_five_hits_at_one_offset() {
