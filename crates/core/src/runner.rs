@@ -406,6 +406,12 @@ impl Committer {
         Ok(())
     }
 
+    /// Counts a failed transform in `shapesync_errors_total{component="transform"}`.
+    fn count_transform_error(&self) {
+        counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "transform")
+            .increment(1);
+    }
+
     /// The columns of the transformed rows, when the transforms change the source's.
     fn row_schema(&self, source: &Schema) -> Result<Option<Arc<Schema>>, TransformError> {
         let mut changed: Option<Schema> = None;
@@ -616,7 +622,11 @@ impl Committer {
                 }
                 event = rx.recv() => event,
             };
-            let response = match event.ok_or(PipelineError::SourceGone)?? {
+            let event = event.ok_or(PipelineError::SourceGone)?.inspect_err(|_| {
+                counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "source")
+                    .increment(1);
+            })?;
+            let response = match event {
                 SourceEvent::MustRefetch => {
                     warn!(pipeline = %self.id, "shape must be refetched; resyncing while serving the old rows");
                     counter!("shapesync_must_refetch_total", &labels).increment(1);
@@ -630,7 +640,8 @@ impl Committer {
             let received = response.changes.len() as u64;
             counter!("shapesync_changes_received_total", &labels).increment(received);
             let ends_transaction = response.changes.last().is_some_and(|c| c.last_in_tx);
-            self.transform_into(response.changes, &mut pending)?;
+            self.transform_into(response.changes, &mut pending)
+                .inspect_err(|_| self.count_transform_error())?;
             // The head of the shape, with a snapshot behind it: never at `-1`, whatever a
             // server says (a sweep there would empty the cache).
             let at_head = response.up_to_date && response.offset != crate::Offset::Start;
@@ -658,7 +669,9 @@ impl Committer {
                     },
                     sweep,
                     up_to_date: at_head,
-                    row_schema: self.row_schema(&response.schema)?,
+                    row_schema: self
+                        .row_schema(&response.schema)
+                        .inspect_err(|_| self.count_transform_error())?,
                     fence: Some(Fence { seq: seq.load(Ordering::Relaxed), ..fence.clone() }),
                 };
                 match self.commit(&batch, owned).await {
