@@ -6,6 +6,11 @@
 //! A plugin is an ordinary crate: a config struct (`deny_unknown_fields`) implementing
 //! [`SinkConfig`], a [`Sink`], and a `register` function; `src/main.rs` adds it to the
 //! built-in registry and runs the stock command line.
+//!
+//! Its errors show how a plugin reports failures: the constructor of the error's kind
+//! ([`SinkError::unavailable`] for what retrying may fix, [`SinkError::rejected`] and
+//! [`SinkError::corrupt_checkpoint`] for what it cannot), the underlying error kept
+//! with [`SinkError::with_source`], and the store's code with [`SinkError::with_code`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,8 +18,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shapesync_core::{
-    Batch, Checkpoint, ConfigError, Operation, Registry, Row, Sink, SinkConfig, SinkContext, SinkError,
-    async_trait,
+    Batch, Checkpoint, ConfigError, ErrorCode, Operation, Registry, Row, Sink, SinkConfig, SinkContext,
+    SinkError, async_trait,
 };
 use tokio::sync::Mutex;
 
@@ -63,10 +68,21 @@ pub struct JsonFileSink {
 async fn read(path: &PathBuf) -> Result<State, SinkError> {
     match tokio::fs::read(path).await {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| SinkError::corrupt_checkpoint(format!("{}: {e}", path.display()))),
+            .map_err(|e| SinkError::corrupt_checkpoint(format!("{}: {e}", path.display())).with_source(e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(SinkError::unavailable(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(io_error("cannot read", path, e)),
     }
+}
+
+/// A failed file operation: retried (the disk may be full, the directory briefly
+/// unmounted), with the OS error number as the code and the error as the source.
+fn io_error(what: &str, path: &std::path::Path, e: std::io::Error) -> SinkError {
+    let error = SinkError::unavailable(format!("{what} {}: {e}", path.display()));
+    let error = match e.raw_os_error() {
+        Some(errno) => error.with_code(ErrorCode::Other(format!("errno {errno}"))),
+        None => error,
+    };
+    error.with_source(e)
 }
 
 fn to_json(row: &Row) -> serde_json::Value {
@@ -117,10 +133,11 @@ impl Sink for JsonFileSink {
                 next.generations.remove(&key);
             }
         }
-        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| SinkError::rejected(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| {
+            SinkError::rejected(format!("cannot encode the rows as JSON: {e}")).with_source(e)
+        })?;
         let tmp = self.path.with_extension("tmp");
-        let io =
-            |e: std::io::Error| SinkError::unavailable(format!("cannot write {}: {e}", self.path.display()));
+        let io = |e: std::io::Error| io_error("cannot write", &self.path, e);
         tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
         tokio::fs::File::open(&tmp).await.map_err(io)?.sync_all().await.map_err(io)?;
         tokio::fs::rename(&tmp, &self.path).await.map_err(io)?;
@@ -133,9 +150,7 @@ impl Sink for JsonFileSink {
         match tokio::fs::remove_file(&self.path).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(SinkError::unavailable(format!("cannot remove {}: {e}", self.path.display())));
-            }
+            Err(e) => return Err(io_error("cannot remove", &self.path, e)),
         }
         *state = State::default();
         Ok(())

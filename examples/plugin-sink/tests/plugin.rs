@@ -96,3 +96,40 @@ async fn the_plugin_passes_the_sink_compliance_suite() {
     let _ = std::fs::remove_file(&path);
     shapesync_testkit::compliance::check_sink(&JsonFile(path)).await;
 }
+
+#[tokio::test]
+async fn the_plugins_errors_carry_their_kind_code_and_source() {
+    use shapesync_core::{ErrorCode, SinkConfig, SinkContext, SinkErrorKind};
+    let dir = std::env::temp_dir().join(format!("shapesync-plugin-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // A file that is not the plugin's JSON: its checkpoint is unreadable.
+    let corrupt = dir.join("corrupt.json");
+    std::fs::write(&corrupt, b"not json").unwrap();
+    let config = shapesync_example_plugin_sink::JsonFileSinkConfig { path: corrupt };
+    let err = config.build(SinkContext::default()).await.err().expect("an unreadable file is refused");
+    assert_eq!(err.kind(), SinkErrorKind::CorruptCheckpoint, "{err}");
+    assert!(std::error::Error::source(&err).is_some_and(|s| s.is::<serde_json::Error>()), "{err:?}");
+
+    // A path whose directory is gone: writing fails with the OS's error, retried.
+    let gone = dir.join("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    let config = shapesync_example_plugin_sink::JsonFileSinkConfig { path: gone.join("rows.json") };
+    let sink = config.build(SinkContext::default()).await.unwrap();
+    std::fs::remove_dir_all(&gone).unwrap();
+    let checkpoint = shapesync_core::Checkpoint {
+        shape_hash: "h".into(),
+        handle: "h1".into(),
+        offset: shapesync_core::Offset::Start,
+        schema: shapesync_core::Schema::default(),
+        generation: 1,
+        resyncing: false,
+    };
+    let batch = shapesync_core::Batch::new(Vec::new(), checkpoint, false, true);
+    let err = sink.apply(&batch).await.unwrap_err();
+    assert_eq!(err.kind(), SinkErrorKind::Unavailable, "{err}");
+    assert!(err.is_transient());
+    assert!(matches!(err.code(), Some(ErrorCode::Other(c)) if c.starts_with("errno ")), "{err:?}");
+    assert!(std::error::Error::source(&err).is_some_and(|s| s.is::<std::io::Error>()), "{err:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
