@@ -21,13 +21,22 @@ fn start_reader(path: &Path, stop: Arc<AtomicBool>) -> thread::JoinHandle<anyhow
     thread::spawn(move || {
         let conn = rusqlite::Connection::open(&path)?;
         let mut lat = Vec::with_capacity(1 << 20);
+        let mut table_exists = false;
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            match conn.query_row("SELECT title FROM items WHERE id = 1", [], |r| r.get::<_, String>(0)) {
-                Ok(_) | Err(rusqlite::Error::QueryReturnedNoRows) => {}
-                // The table appears with the first batch.
-                Err(e) if e.to_string().contains("no such table") => {}
-                Err(e) => return Err(e.into()),
+            if !table_exists {
+                // The table appears with the first batch; until then, look for it.
+                table_exists = conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items')",
+                    [],
+                    |r| r.get::<_, bool>(0),
+                )?;
+            }
+            if table_exists {
+                match conn.query_row("SELECT title FROM items WHERE id = 1", [], |r| r.get::<_, String>(0)) {
+                    Ok(_) | Err(rusqlite::Error::QueryReturnedNoRows) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             lat.push(t.elapsed());
         }
