@@ -264,7 +264,7 @@ async fn execute(command: Command, registry: Registry) -> ExitCode {
     match dispatch(command, registry).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shapesync_core::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -323,7 +323,7 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
                         Ok(()) => println!("{id}: source answers, sink connects"),
                         Err(e) => {
                             failed += 1;
-                            eprintln!("error: pipeline {id}: {e:#}");
+                            eprintln!("error: pipeline {id}: {}", shapesync_core::report(e.as_ref()));
                         }
                     }
                 }

@@ -46,3 +46,58 @@ impl fmt::Display for ErrorCode {
 pub(crate) fn source_of(source: &Option<SharedError>) -> Option<&(dyn std::error::Error + 'static)> {
     source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
 }
+
+/// The text to show a user for `e`: its message, then each source's (`outer: inner`,
+/// as `{:#}` prints an `anyhow::Error`), stopping below a [`crate::SinkError`] or
+/// [`crate::SourceError`] (bare or inside a [`crate::PipelineError`]): their messages
+/// already say what their sources said, and the sources are kept for callers that
+/// inspect them, not to be printed again.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut current = e;
+    while !describes_its_source(current) {
+        let Some(next) = current.source() else { break };
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        current = next;
+    }
+    text
+}
+
+/// Whether `e`'s message already holds what its source says.
+fn describes_its_source(e: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::PipelineError;
+    e.is::<crate::SinkError>()
+        || e.is::<crate::SourceError>()
+        || matches!(
+            e.downcast_ref::<PipelineError>(),
+            Some(PipelineError::Sink(_) | PipelineError::Source(_))
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PipelineError, SinkError};
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("while syncing")]
+    struct Outer(#[source] PipelineError);
+
+    #[test]
+    fn a_report_stops_below_an_error_that_describes_its_source() {
+        let io = std::io::Error::other("connection reset");
+        let sink = SinkError::unavailable(format!("cannot reach the store: {io}")).with_source(io);
+        let shown = report(&Outer(PipelineError::Sink(sink)));
+        assert_eq!(
+            shown,
+            "while syncing: sink unavailable: cannot reach the store: connection reset; retrying the batch"
+        );
+
+        // Other errors show their whole chain.
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot load")]
+        struct Load(#[source] std::io::Error);
+        assert_eq!(report(&Load(std::io::Error::other("denied"))), "cannot load: denied");
+    }
+}

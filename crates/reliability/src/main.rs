@@ -61,7 +61,7 @@ fn main() -> ExitCode {
             if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shapesync_core::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
