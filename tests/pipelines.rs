@@ -124,7 +124,7 @@ impl shapesync_core::SinkConfig for UnbuildableSink {
         self,
         _ctx: shapesync_core::SinkContext,
     ) -> Result<std::sync::Arc<dyn shapesync_core::Sink>, shapesync_core::SinkError> {
-        Err(shapesync_core::SinkError::Rejected("the store refused the connection".into()))
+        Err(shapesync_core::SinkError::rejected("the store refused the connection"))
     }
 }
 
