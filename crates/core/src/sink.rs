@@ -226,13 +226,17 @@ impl std::error::Error for SinkError {
 /// # use shapesync_core::{ErrorCode, SinkError};
 /// fn classify(e: std::io::Error) -> SinkError {
 ///     use std::io::ErrorKind::*;
-///     match e.kind() {
+///     let error = match e.kind() {
 ///         ConnectionRefused | TimedOut | Interrupted => {
-///             SinkError::unavailable(format!("cannot reach the store: {e}")).with_source(e)
+///             SinkError::unavailable(format!("cannot reach the store: {e}"))
 ///         }
-///         _ => SinkError::rejected(format!("the store refused the write: {e}; check its path"))
-///             .with_source(e),
-///     }
+///         _ => SinkError::rejected(format!("the store refused the write: {e}; check its path")),
+///     };
+///     let error = match e.raw_os_error() {
+///         Some(errno) => error.with_code(ErrorCode::Other(format!("errno {errno}"))),
+///         None => error,
+///     };
+///     error.with_source(e)
 /// }
 /// ```
 ///
