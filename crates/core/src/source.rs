@@ -160,6 +160,13 @@ impl std::error::Error for SourceError {
 }
 
 /// A stream of responses for one shape.
+///
+/// # Errors
+/// A source retries transient faults itself and fails only with what retrying cannot
+/// fix: [`SourceError::rejected`] (the server refused the request; its HTTP status is
+/// the error's code), [`SourceError::protocol`] or [`SourceError::setup`], adding the
+/// underlying error with [`SourceError::with_source`]. The runner stops the pipeline
+/// on any of them and counts it in `shapesync_errors_total{component="source"}`.
 #[async_trait]
 pub trait Source: Send {
     /// Stable hash of the shape definition; stored in checkpoints so a changed
