@@ -49,3 +49,41 @@ fn without_files_or_redis_the_demo_syncs_into_a_sqlite_file_and_keeps_following(
     assert!(text.contains("no Redis answers there"), "it says why it did not use Redis: {text}");
     assert!(text.contains("sqlite3 shapesync-demo.db"), "it says where to look: {text}");
 }
+
+/// A sink that does not answer at start is named once with its address, then the log
+/// stays quiet: at most one line per backoff period (30 s by default), not one per retry.
+#[test]
+fn an_unreachable_sink_is_reported_once_not_once_per_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let file = dir.path().join("unreachable.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "pipelines:\n  unreachable:\n    source: {{type: electric, url: 'http://127.0.0.1:9/v1/shape', table: items}}\n    sink: {{type: redis, url: 'redis://127.0.0.1:{closed}', prefix: 'x:'}}\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
+        .args(["--log-format", "json", "run"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Retries start 100 ms apart: over three seconds an unthrottled log has a dozen lines.
+    let started = Instant::now();
+    let retried = |text: &str| text.lines().filter(|l| l.contains("cannot reach the sink")).count();
+    while retried(&std::fs::read_to_string(&log).unwrap()) == 0 {
+        assert!(started.elapsed() < DEADLINE, "the unreachable sink was never reported");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(3)); // the window the count covers, not a wait for an event
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(retried(&text), 1, "one line, not one per retry: {text}");
+    let address = format!("127.0.0.1:{closed}");
+    assert_eq!(text.lines().filter(|l| l.contains(&address)).count(), 1, "the address is named once: {text}");
+}

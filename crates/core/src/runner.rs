@@ -432,6 +432,7 @@ impl Committer {
     ) -> Result<Option<(Fence, u64)>, PipelineError> {
         let timing = self.fleet.timing().clone();
         let mut failures = 0;
+        let mut unreachable = FaultLog::new(self.retry.ceiling(u32::MAX));
         let mut told: Option<String> = None;
         let mut busy_since: Option<Instant> = None;
         loop {
@@ -477,7 +478,11 @@ impl Committer {
                 Err(e) if e.is_transient() => {
                     counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
                         .increment(1);
-                    warn!(pipeline = %self.id, error = %e, "cannot reach the sink to take the pipeline's lease; retrying");
+                    if unreachable.record() {
+                        warn!(pipeline = %self.id, error = %e, failures = unreachable.failures, lasted_s = unreachable.lasted().as_secs(), "cannot reach the sink to take the pipeline's lease; retrying with backoff (start the store, or fix the sink's url)");
+                    } else {
+                        debug!(pipeline = %self.id, error = %e, "cannot reach the sink yet");
+                    }
                     if !self.backoff(failures, shutdown).await {
                         return Ok(None);
                     }
@@ -708,11 +713,16 @@ impl Committer {
         stop: &CancellationToken,
     ) -> Result<Option<Option<Checkpoint>>, PipelineError> {
         let mut attempt = 0;
+        let mut unreachable = FaultLog::new(self.retry.ceiling(u32::MAX));
         loop {
             match self.sink.checkpoint().await {
                 Ok(cp) => return Ok(Some(cp)),
                 Err(e) if e.is_transient() => {
-                    warn!(pipeline = %self.id, error = %e, "cannot read the checkpoint yet");
+                    if unreachable.record() {
+                        warn!(pipeline = %self.id, error = %e, failures = unreachable.failures, lasted_s = unreachable.lasted().as_secs(), "cannot read the checkpoint yet; retrying with backoff");
+                    } else {
+                        debug!(pipeline = %self.id, error = %e, "cannot read the checkpoint yet");
+                    }
                     if !self.backoff(attempt, stop).await {
                         return Ok(None);
                     }
@@ -728,6 +738,7 @@ impl Committer {
     async fn commit(&self, batch: &Batch, stop: &CancellationToken) -> Result<bool, PipelineError> {
         let labels = [("pipeline", self.id.clone())];
         let mut attempt = 0;
+        let mut failing = FaultLog::new(self.retry.ceiling(u32::MAX));
         loop {
             let started = Instant::now();
             let outcome = tokio::select! {
@@ -752,7 +763,11 @@ impl Committer {
                 Err(e) if e.is_transient() => {
                     counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
                         .increment(1);
-                    warn!(pipeline = %self.id, error = %e, attempt, "sink commit failed; retrying the same batch");
+                    if failing.record() {
+                        warn!(pipeline = %self.id, error = %e, failures = failing.failures, lasted_s = failing.lasted().as_secs(), "sink commit failed; retrying the same batch with backoff");
+                    } else {
+                        debug!(pipeline = %self.id, error = %e, attempt, "sink commit failed again");
+                    }
                     if !self.backoff(attempt, stop).await {
                         return Ok(false);
                     }
@@ -778,6 +793,40 @@ impl Committer {
             _ = tokio::time::sleep(delay) => true,
             _ = shutdown.cancelled() => false,
         }
+    }
+}
+
+/// Reports a fault that repeats while it is retried without flooding the log: the first
+/// occurrence at warn with the whole error (the sink's message names the store and its
+/// address), then at most one warn line per `every` saying it persists and how often it
+/// failed meanwhile; the rest at debug.
+struct FaultLog {
+    every: Duration,
+    first: Option<Instant>,
+    last_warned: Option<Instant>,
+    failures: u64,
+}
+
+impl FaultLog {
+    fn new(every: Duration) -> Self {
+        FaultLog { every, first: None, last_warned: None, failures: 0 }
+    }
+
+    /// Records one failure; `true` when it should be logged at warn.
+    fn record(&mut self) -> bool {
+        let now = Instant::now();
+        self.failures += 1;
+        self.first.get_or_insert(now);
+        let due = self.last_warned.is_none_or(|at| now.duration_since(at) >= self.every);
+        if due {
+            self.last_warned = Some(now);
+        }
+        due
+    }
+
+    /// How long the fault has lasted.
+    fn lasted(&self) -> Duration {
+        self.first.map_or(Duration::ZERO, |at| at.elapsed())
     }
 }
 
