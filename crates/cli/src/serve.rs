@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use shapesync_core::PipelineStatus;
 use tokio_util::sync::CancellationToken;
 
@@ -20,14 +20,21 @@ pub async fn start(
     statuses: Vec<(String, Arc<PipelineStatus>)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    use shapesync_core::telemetry;
     let recorder = PrometheusBuilder::new()
-        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        .set_buckets(telemetry::SECONDS_BUCKETS)
+        .context("metrics buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full("shapesync_sink_batch_changes".into()),
+            telemetry::COUNT_BUCKETS,
+        )
         .context("metrics buckets")?
         .build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder is already installed in this process; /metrics will be empty");
     }
+    telemetry::describe(env!("CARGO_PKG_VERSION"));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;

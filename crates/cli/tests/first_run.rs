@@ -87,3 +87,55 @@ fn an_unreachable_sink_is_reported_once_not_once_per_retry() {
     let address = format!("127.0.0.1:{closed}");
     assert_eq!(text.lines().filter(|l| l.contains(&address)).count(), 1, "the address is named once: {text}");
 }
+
+/// With two pipelines failing the same way, every line logged about either names it:
+/// the runner's, the Electric source's retries and the sink's, through the pipeline's span.
+#[test]
+fn every_line_of_a_pipeline_carries_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead_source = format!("http://127.0.0.1:{closed}/v1/shape");
+    let file = dir.path().join("two.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "pipelines:\n  first:\n    source: {{type: electric, url: '{dead_source}', table: items}}\n    sink: {{type: memory}}\n  second:\n    source: {{type: electric, url: '{dead_source}', table: items}}\n    sink: {{type: memory}}\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
+        .args(["--log-format", "json", "run"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let source_warnings = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("\"target\":\"shapesync_electric"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // Both pipelines' sources retry the dead server, with warnings.
+    loop {
+        let lines = source_warnings(&std::fs::read_to_string(&log).unwrap());
+        let named = |p: &str| lines.iter().any(|l| l.contains(&format!("\"pipeline\":\"{p}\"")));
+        if named("first") && named("second") {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "no source warnings for both pipelines: {lines:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines().filter(|l| l.contains("\"target\":\"shapesync_")) {
+        let ours = line.contains("\"target\":\"shapesync_cli\"") && !line.contains("\"pipeline\":");
+        assert!(
+            ours || line.contains("\"pipeline\":\"first\"") || line.contains("\"pipeline\":\"second\""),
+            "a line without its pipeline: {line}"
+        );
+    }
+}

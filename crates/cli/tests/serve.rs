@@ -103,6 +103,25 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
         assert!(metrics.contains(name), "missing `{name}` in:\n{metrics}");
     }
 
+    // Every family has HELP and TYPE; counters exist at 0 before their first event; batch
+    // sizes have count buckets; the heartbeat and build info are there.
+    for m in shapesync_core::telemetry::CATALOGUE {
+        assert!(metrics.contains(&format!("# HELP {} ", m.name)), "no HELP for {}:\n{metrics}", m.name);
+        assert!(metrics.contains(&format!("# TYPE {} ", m.name)), "no TYPE for {}:\n{metrics}", m.name);
+    }
+    for name in [
+        "shapesync_errors_total{pipeline=\"served\",component=\"source\"} 0",
+        "shapesync_pipeline_failures_total{pipeline=\"served\"} 0",
+        "shapesync_must_refetch_total{pipeline=\"served\"} 0",
+        "shapesync_source_requests_total{pipeline=\"served\",class=\"5xx\"} 0",
+        "shapesync_sink_batch_changes_bucket{pipeline=\"served\",le=\"1000\"}",
+        "shapesync_last_up_to_date_timestamp_seconds{pipeline=\"served\"}",
+        "shapesync_last_source_response_timestamp_seconds{pipeline=\"served\"}",
+        "shapesync_build_info{version=",
+    ] {
+        assert!(metrics.contains(name), "missing `{name}` in:\n{metrics}");
+    }
+
     // The last-commit gauge is a Unix timestamp in seconds (Prometheus computes the age).
     let stamp: f64 = metrics
         .lines()

@@ -15,6 +15,7 @@ pub mod runner;
 pub mod sink;
 pub mod source;
 pub mod table;
+pub mod telemetry;
 pub mod transform;
 pub mod value;
 

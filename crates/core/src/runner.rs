@@ -11,7 +11,7 @@ use metrics::{counter, gauge, histogram};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::config::RetrySpec;
 use crate::registry::PreparedPipeline;
@@ -274,7 +274,10 @@ impl Pipeline {
     pub async fn run(self, mode: RunMode, shutdown: CancellationToken) -> Result<(), PipelineError> {
         let status = self.status.clone();
         let id = self.id.clone();
-        let result = self.run_inner(mode, shutdown).await;
+        // Every line logged for this pipeline — runner, source, sink, their tasks — carries
+        // its id through this span.
+        let span = tracing::info_span!("pipeline", pipeline = %id);
+        let result = self.run_inner(mode, shutdown).instrument(span).await;
         if let Err(e) = &result {
             counter!("shapesync_pipeline_failures_total", "pipeline" => id.clone()).increment(1);
             status.set_failure(e.to_string());
@@ -301,7 +304,7 @@ impl Pipeline {
         let this =
             Arc::new(Committer { id, transforms, sink, retry, status, fleet, max_transaction_changes });
         let labels = [("pipeline", this.id.clone())];
-        counters_at_zero(&this.id);
+        crate::telemetry::register_pipeline(&this.id);
         let mut resync = false;
         loop {
             let Some((fence, generation_floor)) = this.stand_by(mode, &shutdown).await? else {
@@ -309,7 +312,8 @@ impl Pipeline {
             };
             let seq = Arc::new(AtomicU64::new(fence.seq));
             let owned = shutdown.child_token();
-            let renewer = tokio::spawn(this.clone().renew(fence.clone(), seq.clone(), owned.clone()));
+            let renewer =
+                tokio::spawn(this.clone().renew(fence.clone(), seq.clone(), owned.clone()).in_current_span());
             let (back, session) =
                 this.sync(source, buffer, mode, &fence, &seq, generation_floor, resync, &owned).await;
             source = back;
@@ -355,20 +359,6 @@ impl Pipeline {
                 }
             }
         }
-    }
-}
-
-/// Registers the pipeline's counters at zero, so alert rules see them before the
-/// first event.
-fn counters_at_zero(pipeline: &str) {
-    let labels = [("pipeline", pipeline.to_owned())];
-    for name in [
-        "shapesync_fenced_total",
-        "shapesync_sink_state_lost_total",
-        "shapesync_lease_acquired_total",
-        "shapesync_lease_handovers_total",
-    ] {
-        counter!(name, &labels).increment(0);
     }
 }
 
@@ -597,7 +587,7 @@ impl Committer {
         }
         let stop = CancellationToken::new();
         let (tx, rx) = mpsc::channel(buffer);
-        let pump = tokio::spawn(pump(source, tx, stop.clone()));
+        let pump = tokio::spawn(pump(source, tx, stop.clone()).in_current_span());
         let session = self.stream(rx, mode, &mut pos, fence, seq, owned).await;
         stop.cancel();
         match pump.await {
@@ -644,6 +634,7 @@ impl Committer {
             };
             let received = response.changes.len() as u64;
             counter!("shapesync_changes_received_total", &labels).increment(received);
+            gauge!("shapesync_last_source_response_timestamp_seconds", &labels).set(unix_now());
             let ends_transaction = response.changes.last().is_some_and(|c| c.last_in_tx);
             self.transform_into(response.changes, &mut pending)
                 .inspect_err(|_| self.count_transform_error())?;
@@ -699,6 +690,7 @@ impl Committer {
             }
             if at_head {
                 self.status.set_up_to_date(&self.id, true);
+                gauge!("shapesync_last_up_to_date_timestamp_seconds", &labels).set(unix_now());
                 if mode == RunMode::UntilUpToDate {
                     return Ok(Session::Done);
                 }
@@ -754,8 +746,7 @@ impl Committer {
                     histogram!("shapesync_sink_batch_changes", &labels).record(batch.changes.len() as f64);
                     counter!("shapesync_changes_committed_total", &labels)
                         .increment(batch.changes.len() as u64);
-                    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-                    gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(now);
+                    gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(unix_now());
                     self.status.changes_committed.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
                     debug!(pipeline = %self.id, changes = batch.changes.len(), offset = %batch.checkpoint.offset, sweep = batch.sweep, "committed");
                     return Ok(true);
@@ -828,6 +819,11 @@ impl FaultLog {
     fn lasted(&self) -> Duration {
         self.first.map_or(Duration::ZERO, |at| at.elapsed())
     }
+}
+
+/// Now, as Unix seconds (for `_timestamp_seconds` gauges).
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The generation of a new resync: above `current`, and above any generation an
