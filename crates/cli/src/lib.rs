@@ -527,7 +527,8 @@ async fn run_until_stopped(
         }
     }
     if let Some(m) = &config.metrics {
-        serve::start(m.listen, statuses.clone(), shutdown.clone()).await?;
+        serve::start(m.listen, Duration::from_millis(m.ready_grace_ms), statuses.clone(), shutdown.clone())
+            .await?;
     }
     let progress = tokio::spawn(report_progress(statuses.clone(), shutdown.clone()));
     let mode = if once { RunMode::UntilUpToDate } else { RunMode::Follow };

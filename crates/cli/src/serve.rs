@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -17,6 +18,7 @@ type Statuses = Arc<Vec<(String, Arc<PipelineStatus>)>>;
 /// Installs the Prometheus recorder and serves the endpoints until shutdown.
 pub async fn start(
     listen: SocketAddr,
+    ready_grace: Duration,
     statuses: Vec<(String, Arc<PipelineStatus>)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -43,7 +45,7 @@ pub async fn start(
         .route("/metrics", get(move || std::future::ready(render(&handle))))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(statuses);
+        .with_state((statuses, ready_grace));
     tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -58,34 +60,30 @@ fn render(handle: &PrometheusHandle) -> String {
     handle.render()
 }
 
-/// 200 once every pipeline this instance owns has been up to date at least once and
-/// none has failed; a pipeline another instance runs (standby) does not hold it back.
-async fn ready(State(statuses): State<Statuses>) -> (StatusCode, Json<serde_json::Value>) {
+/// 200 when every pipeline this instance owns is at its shape's head and no fault (a
+/// silent source, a failing sink) has lasted longer than `metrics.ready_grace_ms`; a
+/// pipeline another instance runs (standby) does not hold it back. The body says each
+/// pipeline's state, for how long a fault has lasted, and the last error.
+async fn ready(
+    State((statuses, grace)): State<(Statuses, Duration)>,
+) -> (StatusCode, Json<serde_json::Value>) {
     let mut all_ready = true;
     let pipelines: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
         .map(|(id, s)| {
-            let failure = s.failure();
+            let health = s.health(grace);
+            all_ready &= health.ready;
             let owned = s.is_owned();
-            let ready = failure.is_none() && s.is_placed() && (!owned || s.has_reached_up_to_date());
-            all_ready &= ready;
-            let state = match (&failure, owned, s.has_reached_up_to_date(), s.is_up_to_date()) {
-                (Some(_), ..) => "failed",
-                (None, false, ..) if !s.is_placed() => "starting",
-                (None, false, ..) => "standby",
-                (None, true, false, _) => "initial sync",
-                (None, true, true, true) => "up to date",
-                (None, true, true, false) => "catching up",
-            };
             (
                 id.clone(),
                 serde_json::json!({
-                    "ready": ready,
-                    "state": state,
+                    "ready": health.ready,
+                    "state": health.state,
+                    "for_secs": health.for_secs,
+                    "last_error": health.last_error,
                     "owned": owned,
                     "lease_holder": if owned { None } else { s.holder() },
                     "changes_committed": s.changes_committed(),
-                    "failure": failure,
                 }),
             )
         })

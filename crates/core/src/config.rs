@@ -107,6 +107,11 @@ struct PipelineFileSpec {
 pub struct MetricsSpec {
     /// Address of the HTTP listener, e.g. `127.0.0.1:9464`.
     pub listen: SocketAddr,
+    /// How long a fault may last before `/readyz` reports it (a silent source, a failing
+    /// sink): shorter retries leave a pipeline ready. The default covers Electric's
+    /// slowest quiet-table heartbeat (an SSE stream's 60 s timeout, then a 20 s hold).
+    #[serde(default = "defaults::ready_grace_ms")]
+    pub ready_grace_ms: u64,
 }
 
 /// The `lease:` section: how instances running the same pipeline files share them.
@@ -204,6 +209,13 @@ pub mod defaults {
     pub const LEASE_TTL_MS: u64 = 5_000;
     /// How often a standby asks for a lease.
     pub const LEASE_POLL_MS: u64 = 500;
+    /// How long a fault may last before `/readyz` turns 503.
+    pub const READY_GRACE_MS: u64 = 90_000;
+
+    /// [`READY_GRACE_MS`], for serde.
+    pub fn ready_grace_ms() -> u64 {
+        READY_GRACE_MS
+    }
 }
 
 /// One pipeline as written, with its components still untyped: the registry types

@@ -77,6 +77,25 @@ pub struct PipelineStatus {
     changes_committed: AtomicU64,
     failure: Mutex<Option<String>>,
     holder: Mutex<Option<String>>,
+    /// When the source last delivered a response (any: a live shape answers at least
+    /// every long-poll hold, so silence means the server is not answering).
+    last_response: Mutex<Option<Instant>>,
+    /// Since when the sink has been failing (commits, lease), with the last error.
+    sink_failing: Mutex<Option<(Instant, String)>>,
+}
+
+/// What a pipeline is doing, as `/readyz` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// `failed`, `starting`, `standby`, `initial sync`, `source silent`, `sink retrying`,
+    /// `catching up` or `up to date`.
+    pub state: &'static str,
+    /// Ready: up to date, or not owned here; a fault younger than the grace does not count.
+    pub ready: bool,
+    /// How long the current fault (silent source, failing sink) has lasted.
+    pub for_secs: Option<u64>,
+    /// The last error, if a fault is current or the pipeline failed.
+    pub last_error: Option<String>,
 }
 
 impl PipelineStatus {
@@ -113,7 +132,58 @@ impl PipelineStatus {
     fn set_failure(&self, message: String) {
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
     }
+    fn source_answered(&self) {
+        *self.last_response.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+    fn sink_failed(&self, error: &SinkError) {
+        let mut failing = self.sink_failing.lock().unwrap_or_else(|e| e.into_inner());
+        let since = failing.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+        *failing = Some((since, error.to_string()));
+    }
+    fn sink_answered(&self) {
+        *self.sink_failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The pipeline's state now; faults shorter than `grace` leave it ready (a source
+    /// retry or a sink blip is not an outage).
+    pub fn health(&self, grace: Duration) -> Health {
+        let failure = self.failure();
+        let owned = self.is_owned();
+        let sink = self.sink_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let silent_for = self.last_response.lock().unwrap_or_else(|e| e.into_inner()).map(|at| at.elapsed());
+        let (state, fault) = if failure.is_some() {
+            ("failed", None)
+        } else if !self.is_placed() {
+            ("starting", None)
+        } else if !owned {
+            ("standby", None)
+        } else if let Some((since, error)) = sink.filter(|(since, _)| since.elapsed() >= grace) {
+            ("sink retrying", Some((since.elapsed(), Some(error))))
+        } else if let Some(silent) = silent_for.filter(|d| *d >= grace) {
+            ("source silent", Some((silent, None)))
+        } else if !self.has_reached_up_to_date() {
+            ("initial sync", None)
+        } else if self.is_up_to_date() {
+            ("up to date", None)
+        } else {
+            ("catching up", None)
+        };
+        let ready = match state {
+            "standby" => true,
+            "up to date" | "catching up" => true,
+            _ => false,
+        };
+        Health {
+            state,
+            ready,
+            for_secs: fault.as_ref().map(|(d, _)| d.as_secs()),
+            last_error: failure.or_else(|| fault.and_then(|(_, e)| e)),
+        }
+    }
     fn set_owned(&self, pipeline: &str, owned: bool, holder: Option<String>) {
+        if owned && !self.is_owned() {
+            self.source_answered(); // a new session: the source's silence counts from now
+        }
         self.owned.store(owned, Ordering::Relaxed);
         self.placed.store(true, Ordering::Relaxed);
         *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder;
@@ -431,7 +501,13 @@ impl Committer {
                 ttl_ms: u64::try_from(timing.ttl.as_millis()).unwrap_or(u64::MAX),
                 take: mode == RunMode::UntilUpToDate || self.fleet.may_take(&self.id),
             };
-            match self.sink.acquire(&request).await {
+            let acquired = self.sink.acquire(&request).await;
+            match &acquired {
+                Ok(_) => self.status.sink_answered(),
+                Err(e) if e.is_transient() => self.status.sink_failed(e),
+                Err(_) => {}
+            }
+            match acquired {
                 Ok(Acquisition::Owned { fence, generation_floor }) => {
                     if self.sink.keeps_leases() {
                         info!(pipeline = %self.id, instance = %fence.owner, epoch = fence.epoch, "took the pipeline's lease; this instance writes it now");
@@ -492,6 +568,7 @@ impl Committer {
     /// itself when the lease is lost or should be handed over.
     async fn renew(self: Arc<Self>, fence: Fence, seq: Arc<AtomicU64>, owned: CancellationToken) -> LeaseEnd {
         let every = self.fleet.timing().renew_every();
+        let mut unreachable = FaultLog::new(self.retry.ceiling(u32::MAX));
         let end = loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -500,6 +577,7 @@ impl Committer {
             let current = Fence { seq: seq.load(Ordering::Relaxed), ..fence.clone() };
             match self.sink.renew(&current).await {
                 Ok(lease) => {
+                    self.status.sink_answered();
                     self.fleet.observe_owned(&self.id, &lease.standbys);
                     if self.fleet.should_hand_over(&self.id) {
                         break LeaseEnd::HandOver;
@@ -513,7 +591,12 @@ impl Committer {
                 }
                 Err(e) => {
                     // Writes stay safe meanwhile: every commit checks the fence itself.
-                    warn!(pipeline = %self.id, error = %e, "cannot renew the pipeline's lease; trying again");
+                    self.status.sink_failed(&e);
+                    if unreachable.record() {
+                        warn!(pipeline = %self.id, error = %e, failures = unreachable.failures, "cannot renew the pipeline's lease; trying again");
+                    } else {
+                        debug!(pipeline = %self.id, error = %e, "cannot renew the pipeline's lease yet");
+                    }
                 }
             }
         };
@@ -632,6 +715,7 @@ impl Committer {
                 }
                 SourceEvent::Response(r) => r,
             };
+            self.status.source_answered();
             let received = response.changes.len() as u64;
             counter!("shapesync_changes_received_total", &labels).increment(received);
             gauge!("shapesync_last_source_response_timestamp_seconds", &labels).set(unix_now());
@@ -708,8 +792,12 @@ impl Committer {
         let mut unreachable = FaultLog::new(self.retry.ceiling(u32::MAX));
         loop {
             match self.sink.checkpoint().await {
-                Ok(cp) => return Ok(Some(cp)),
+                Ok(cp) => {
+                    self.status.sink_answered();
+                    return Ok(Some(cp));
+                }
                 Err(e) if e.is_transient() => {
+                    self.status.sink_failed(&e);
                     if unreachable.record() {
                         warn!(pipeline = %self.id, error = %e, failures = unreachable.failures, lasted_s = unreachable.lasted().as_secs(), "cannot read the checkpoint yet; retrying with backoff");
                     } else {
@@ -742,6 +830,7 @@ impl Committer {
             };
             match outcome {
                 Ok(()) => {
+                    self.status.sink_answered();
                     histogram!("shapesync_sink_commit_duration_seconds", &labels).record(started.elapsed());
                     histogram!("shapesync_sink_batch_changes", &labels).record(batch.changes.len() as f64);
                     counter!("shapesync_changes_committed_total", &labels)
@@ -752,6 +841,7 @@ impl Committer {
                     return Ok(true);
                 }
                 Err(e) if e.is_transient() => {
+                    self.status.sink_failed(&e);
                     counter!("shapesync_errors_total", "pipeline" => self.id.clone(), "component" => "sink")
                         .increment(1);
                     if failing.record() {
