@@ -168,11 +168,7 @@ impl PipelineStatus {
         } else {
             ("catching up", None)
         };
-        let ready = match state {
-            "standby" => true,
-            "up to date" | "catching up" => true,
-            _ => false,
-        };
+        let ready = matches!(state, "standby" | "up to date" | "catching up");
         Health {
             state,
             ready,
