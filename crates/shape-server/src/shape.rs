@@ -219,12 +219,12 @@ fn field_path(field: &'static str) -> &'static str {
 }
 
 fn parse_table(s: &str) -> Option<TableKey> {
-    let (schema, table) = shapesync_core::table::parse_relation(s)?;
+    let (schema, table) = shapesync_core::relation::parse_relation(s)?;
     Some((schema.unwrap_or_else(|| "public".into()), table))
 }
 
 fn parse_columns(def: &TableDef, list: &str) -> Result<Vec<usize>, Invalid> {
-    let names = shapesync_core::table::split_identifiers(list, ',')
+    let names = shapesync_core::relation::split_identifiers(list, ',')
         .ok_or(("columns", "has invalid format".to_string()))?;
     let unknown: Vec<&str> =
         names.iter().filter(|n| def.column_index(n).is_none()).map(String::as_str).collect();

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use shapesync_core::{Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, Space, async_trait};
 use sqlx::postgres::PgConnectOptions;
 
-use shapesync_core::table;
+use shapesync_sql_table as sql_table;
 
 use crate::sink::PostgresSink;
 
@@ -63,7 +63,7 @@ impl PostgresSinkConfig {
 
     /// The table the rows go to for a shape of `shape_table`.
     pub(crate) fn table_name(&self, shape_table: &str) -> String {
-        table::table_name(self.table.as_deref(), shape_table)
+        sql_table::table_name(self.table.as_deref(), shape_table)
     }
 
     /// Where to connect. Errors never contain the URL (it may hold a password).
@@ -107,7 +107,7 @@ impl SinkConfig for PostgresSinkConfig {
         if self.schema.is_empty() {
             return Err(ConfigError::new("schema", "expected a schema name"));
         }
-        table::check_names(&self.table_name(&ctx.shape.table), &ctx.shape)?;
+        sql_table::check_names(&self.table_name(&ctx.shape.table), &ctx.shape)?;
         if self.connect_timeout_ms == 0 {
             return Err(ConfigError::new("connect_timeout_ms", "expected a timeout of at least 1 ms"));
         }

@@ -8,11 +8,10 @@
 //! a takeover sees the new epoch and writes nothing.
 
 use shapesync_core::lease::{StoredLease, Verdict, judge};
-use shapesync_core::table::{LEASE_TABLE, STANDBY_TABLE};
 use shapesync_core::{Acquisition, Fence, LeaseInfo, LeaseRequest, SinkError};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
 
-use crate::sink::{PostgresSink, UNDEFINED_TABLE, classify, execute, quote};
+use crate::sink::{PostgresSink, UNDEFINED_TABLE, classify, execute};
 
 /// The database's clock in milliseconds since the Unix epoch, as SQL.
 const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::int8";
@@ -28,30 +27,15 @@ fn signed(n: u64) -> i64 {
 }
 
 impl PostgresSink {
-    fn lease_table(&self) -> String {
-        format!("{}.{}", quote(&self.schema), quote(LEASE_TABLE))
-    }
-
-    fn standby_table(&self) -> String {
-        format!("{}.{}", quote(&self.schema), quote(STANDBY_TABLE))
-    }
-
     /// Creates the lease tables if missing (once per sink, unless they vanish).
     async fn ensure_lease_tables(&self, tx: &mut Transaction<'static, Postgres>) -> Result<(), SinkError> {
         if self.lease_tables_ready.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         self.lock_ddl(tx).await?;
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, owner text NOT NULL, epoch int8 NOT NULL, seq int8 NOT NULL, expires_at_ms int8 NOT NULL)",
-            self.lease_table()
-        );
-        execute(tx, sql, []).await.map_err(|e| self.schema_hint(e))?;
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, instance text NOT NULL, expires_at_ms int8 NOT NULL, PRIMARY KEY (pipeline, instance))",
-            self.standby_table()
-        );
-        execute(tx, sql, []).await
+        let [leases, standbys] = self.lease_sql.create_tables();
+        execute(tx, leases, []).await.map_err(|e| self.schema_hint(e))?;
+        execute(tx, standbys, []).await
     }
 
     /// Runs `acquire_lease`'s work; when it fails while the lease tables were believed
@@ -75,10 +59,7 @@ impl PostgresSink {
         &self,
         tx: &mut Transaction<'static, Postgres>,
     ) -> Result<Option<LeaseRow>, SinkError> {
-        let sql = format!(
-            "SELECT owner, epoch, seq, expires_at_ms - {NOW_MS} FROM {} WHERE pipeline = $1 FOR UPDATE",
-            self.lease_table()
-        );
+        let sql = self.lease_sql.read_lease(&format!("expires_at_ms - {NOW_MS}"), true);
         let row = match sqlx::query(AssertSqlSafe(sql)).bind(&self.pipeline).fetch_optional(&mut **tx).await {
             Ok(row) => row,
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNDEFINED_TABLE) => {
@@ -105,12 +86,10 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
         owner: &str,
     ) -> Result<Vec<String>, SinkError> {
-        let sql =
-            format!("DELETE FROM {} WHERE pipeline = $1 AND expires_at_ms <= {NOW_MS}", self.standby_table());
-        execute(tx, sql, [Some(self.pipeline.clone())]).await?;
+        execute(tx, self.lease_sql.prune_standbys(NOW_MS), [Some(self.pipeline.clone())]).await?;
         let sql = format!(
             "SELECT instance FROM {} WHERE pipeline = $1 AND instance <> $2 ORDER BY instance",
-            self.standby_table()
+            self.lease_sql.standbys()
         );
         sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(&self.pipeline)
@@ -132,16 +111,12 @@ impl PostgresSink {
         let epoch = old.map_or(0, |r| r.stored.epoch) + 1;
         let seq = old.map_or(0, |r| r.stored.seq);
         let expires = if ttl_ms == 0 { "0".to_owned() } else { format!("{NOW_MS} + {}", signed(ttl_ms)) };
-        let sql = format!(
-            "INSERT INTO {} (pipeline, owner, epoch, seq, expires_at_ms) VALUES ($1, $2, $3::int8, $4::int8, {expires})
-             ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, seq = excluded.seq, expires_at_ms = excluded.expires_at_ms",
-            self.lease_table()
-        );
+        let sql = self.lease_sql.store_lease(&expires);
         let params =
             [&self.pipeline, owner, &epoch.to_string(), &seq.to_string()].map(|p| Some(p.to_owned()));
         execute(tx, sql, params).await?;
-        let sql = format!("DELETE FROM {} WHERE pipeline = $1 AND instance = $2", self.standby_table());
-        execute(tx, sql, [Some(self.pipeline.clone()), Some(owner.to_owned())]).await?;
+        execute(tx, self.lease_sql.remove_standby(), [Some(self.pipeline.clone()), Some(owner.to_owned())])
+            .await?;
         Ok(Fence { owner: owner.to_owned(), epoch, seq, ttl_ms })
     }
 
@@ -167,11 +142,7 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
         fence: &Fence,
     ) -> Result<(), SinkError> {
-        let sql = format!(
-            "UPDATE {} SET seq = seq + 1, expires_at_ms = greatest(expires_at_ms, {NOW_MS} + {}) WHERE pipeline = $1",
-            self.lease_table(),
-            signed(fence.ttl_ms)
-        );
+        let sql = self.lease_sql.extend_lease(&format!("{NOW_MS} + {}", signed(fence.ttl_ms)), true);
         execute(tx, sql, [Some(self.pipeline.clone())]).await
     }
 
@@ -181,7 +152,7 @@ impl PostgresSink {
         // The row must exist to be locked: two instances asking at once then queue on it.
         let sql = format!(
             "INSERT INTO {} (pipeline, owner, epoch, seq, expires_at_ms) VALUES ($1, '', 0, 0, 0) ON CONFLICT (pipeline) DO NOTHING",
-            self.lease_table()
+            self.lease_sql.leases()
         );
         execute(&mut tx, sql, [Some(self.pipeline.clone())]).await?;
         let row = self.lock_lease(&mut tx).await?.ok_or_else(|| {
@@ -192,12 +163,7 @@ impl PostgresSink {
             let fence = self.take(&mut tx, Some(&row), &request.owner, request.ttl_ms).await?;
             Acquisition::Owned { fence, generation_floor: 0 }
         } else {
-            let sql = format!(
-                "INSERT INTO {} (pipeline, instance, expires_at_ms) VALUES ($1, $2, {NOW_MS} + {})
-                 ON CONFLICT (pipeline, instance) DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
-                self.standby_table(),
-                signed(request.ttl_ms)
-            );
+            let sql = self.lease_sql.store_standby(&format!("{NOW_MS} + {}", signed(request.ttl_ms)));
             execute(&mut tx, sql, [Some(self.pipeline.clone()), Some(request.owner.clone())]).await?;
             Acquisition::NotOwned(LeaseInfo {
                 standbys: self.standbys(&mut tx, &row.stored.owner).await?,
@@ -216,11 +182,8 @@ impl PostgresSink {
         if let Some(e) = SinkError::from_verdict(judge(row.as_ref().map(|r| &r.stored), fence, false)) {
             return Err(e);
         }
-        let sql = format!(
-            "UPDATE {} SET expires_at_ms = greatest(expires_at_ms, {NOW_MS} + {}) WHERE pipeline = $1 RETURNING expires_at_ms - {NOW_MS}",
-            self.lease_table(),
-            signed(fence.ttl_ms)
-        );
+        let extend = self.lease_sql.extend_lease(&format!("{NOW_MS} + {}", signed(fence.ttl_ms)), false);
+        let sql = format!("{extend} RETURNING expires_at_ms - {NOW_MS}");
         let expires_in_ms: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(&self.pipeline)
             .fetch_one(&mut *tx)
@@ -232,11 +195,7 @@ impl PostgresSink {
     }
 
     pub(crate) async fn release_lease(&self, fence: &Fence) -> Result<(), SinkError> {
-        let sql = format!(
-            "UPDATE {} SET expires_at_ms = 0 WHERE pipeline = $1 AND owner = $2 AND epoch = $3::int8",
-            self.lease_table()
-        );
-        sqlx::query(AssertSqlSafe(sql))
+        sqlx::query(AssertSqlSafe(self.lease_sql.release_lease()))
             .bind(&self.pipeline)
             .bind(&fence.owner)
             .bind(fence.epoch.to_string())
@@ -252,8 +211,8 @@ impl PostgresSink {
                     coalesce((SELECT array_agg(s.instance ORDER BY s.instance) FROM {} s
                               WHERE s.pipeline = l.pipeline AND s.instance <> l.owner AND s.expires_at_ms > {NOW_MS}), '{{}}')
              FROM {} l WHERE pipeline = $1 AND owner <> ''",
-            self.standby_table(),
-            self.lease_table()
+            self.lease_sql.standbys(),
+            self.lease_sql.leases()
         );
         let row = match sqlx::query(AssertSqlSafe(sql)).bind(&self.pipeline).fetch_optional(&self.pool).await
         {
@@ -282,7 +241,7 @@ impl PostgresSink {
         tx: &mut Transaction<'static, Postgres>,
     ) -> Result<(), SinkError> {
         let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-            .bind(self.lease_table())
+            .bind(self.lease_sql.leases())
             .fetch_one(&mut **tx)
             .await
             .map_err(classify)?;

@@ -40,11 +40,12 @@
 //! name is safe.
 
 mod config;
+mod dialect;
 mod lease;
 mod sink;
 
 pub use config::{PostgresSinkConfig, defaults};
-pub use shapesync_core::table::{CHECKPOINT_TABLE, GENERATION_COLUMN};
+pub use shapesync_sql_table::{CHECKPOINT_TABLE, GENERATION_COLUMN};
 pub use sink::PostgresSink;
 
 use shapesync_core::Registry;

@@ -2,92 +2,35 @@
 
 use std::sync::Mutex;
 
-use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
-    Acquisition, Batch, Change, Checkpoint, ColumnType, ErrorCode, Fence, LeaseInfo, LeaseRequest, Operation,
-    Row, Schema, Sink, SinkContext, SinkError, SinkErrorKind, Value, async_trait,
+    Acquisition, Batch, Change, Checkpoint, ErrorCode, Fence, LeaseInfo, LeaseRequest, Operation, Row,
+    Schema, Sink, SinkContext, SinkError, SinkErrorKind, Value, async_trait,
 };
+use shapesync_sql_table::{self as sql_table, LeaseSql, TableSql};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row as _, Transaction};
 
 use crate::config::PostgresSinkConfig;
+use crate::dialect::PostgresDialect;
 
 /// Rows per upsert statement of a snapshot batch.
 const ROWS_PER_STATEMENT: usize = 5_000;
-
-/// Built-in types a column keeps in the target table; any other type (an enum, a
-/// domain, an extension's type, which the target database may not have) becomes `text`.
-const KEPT_TYPES: &[&str] = &[
-    "bool",
-    "int2",
-    "int4",
-    "int8",
-    "oid",
-    "float4",
-    "float8",
-    "numeric",
-    "money",
-    "text",
-    "varchar",
-    "bpchar",
-    "name",
-    "char",
-    "uuid",
-    "json",
-    "jsonb",
-    "xml",
-    "date",
-    "time",
-    "timetz",
-    "timestamp",
-    "timestamptz",
-    "interval",
-    "bytea",
-    "inet",
-    "cidr",
-    "macaddr",
-    "macaddr8",
-    "bit",
-    "varbit",
-    "tsvector",
-    "point",
-    "line",
-    "lseg",
-    "box",
-    "path",
-    "polygon",
-    "circle",
-    "int4range",
-    "int8range",
-    "numrange",
-    "tsrange",
-    "tstzrange",
-    "daterange",
-];
 
 /// A table of a second Postgres database kept exactly in sync with a shape; see the
 /// crate docs.
 pub struct PostgresSink {
     pub(crate) pool: PgPool,
     pub(crate) schema: String,
+    /// The statements over the table and its checkpoints.
+    sql: TableSql<PostgresDialect>,
+    /// The statements over the lease tables.
+    pub(crate) lease_sql: LeaseSql<PostgresDialect>,
     table: String,
     pub(crate) pipeline: String,
     /// The shape schema the table was last brought up to in this process.
     table_schema: Mutex<Option<Schema>>,
     /// The lease tables are known to exist.
     pub(crate) lease_tables_ready: std::sync::atomic::AtomicBool,
-}
-
-/// `ident` as a quoted SQL identifier: any name, however hostile, stays one identifier.
-pub(crate) fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
-/// The type a column gets in the target table (see [`KEPT_TYPES`]).
-fn column_type(column: &ColumnType) -> String {
-    let base =
-        if KEPT_TYPES.contains(&column.type_name.as_str()) { column.type_name.as_str() } else { "text" };
-    if column.dims > 0 { format!("{base}[]") } else { base.to_owned() }
 }
 
 /// A value of `column` as Postgres' text input for the column's type; `None` for NULL.
@@ -251,10 +194,13 @@ impl PostgresSink {
             .max_connections(2)
             .acquire_timeout(config.connect_timeout())
             .connect_lazy_with(options);
+        let table = config.table_name(&ctx.shape.table);
         Ok(PostgresSink {
             pool,
+            sql: TableSql::new(PostgresDialect, Some(&config.schema), &table),
+            lease_sql: LeaseSql::new(PostgresDialect, Some(&config.schema)),
             schema: config.schema.clone(),
-            table: config.table_name(&ctx.shape.table),
+            table,
             pipeline: ctx.pipeline,
             table_schema: Mutex::new(None),
             lease_tables_ready: std::sync::atomic::AtomicBool::new(false),
@@ -263,11 +209,7 @@ impl PostgresSink {
 
     /// The table holding the shape's rows, schema-qualified and quoted.
     pub fn qualified_table(&self) -> String {
-        format!("{}.{}", quote(&self.schema), quote(&self.table))
-    }
-
-    fn checkpoint_table(&self) -> String {
-        format!("{}.{}", quote(&self.schema), quote(CHECKPOINT_TABLE))
+        self.sql.table().to_owned()
     }
 
     fn rejected(&self, message: String) -> SinkError {
@@ -309,40 +251,10 @@ impl PostgresSink {
     ) -> Result<(), SinkError> {
         self.lock_ddl(tx).await?;
         let existing = self.table_columns(tx).await?;
-        let plan = table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, checkpoint text NOT NULL)",
-            self.checkpoint_table()
-        );
-        execute(tx, sql, []).await.map_err(|e| self.schema_hint(e))?;
-        match plan {
-            TablePlan::Create => {
-                let columns: Vec<String> = schema
-                    .0
-                    .iter()
-                    .map(|(name, ty)| format!("{} {}", quote(name), column_type(ty)))
-                    .collect();
-                let key: Vec<String> = schema.primary_key().iter().map(|c| quote(c)).collect();
-                let sql = format!(
-                    "CREATE TABLE {} ({}, {} int8 NOT NULL, PRIMARY KEY ({}))",
-                    self.qualified_table(),
-                    columns.join(", "),
-                    quote(GENERATION_COLUMN),
-                    key.join(", ")
-                );
-                execute(tx, sql, []).await?;
-            }
-            TablePlan::AddColumns(columns) => {
-                for (name, ty) in columns {
-                    let sql = format!(
-                        "ALTER TABLE {} ADD COLUMN {} {}",
-                        self.qualified_table(),
-                        quote(name),
-                        column_type(ty)
-                    );
-                    execute(tx, sql, []).await?;
-                }
-            }
+        let plan = sql_table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
+        execute(tx, self.sql.create_checkpoints(), []).await.map_err(|e| self.schema_hint(e))?;
+        for sql in self.sql.prepare_table(schema, &plan) {
+            execute(tx, sql, []).await?;
         }
         Ok(())
     }
@@ -374,42 +286,7 @@ impl PostgresSink {
         }
     }
 
-    /// `INSERT … SELECT … FROM unnest(…) ON CONFLICT (pk) DO UPDATE` of `columns`: one
-    /// `text[]` parameter per column holds that column's values for every row, cast to
-    /// the column's type; every row is tagged with `generation`. The statement's text
-    /// depends only on the columns, so Postgres plans it once per connection.
-    fn upsert_sql(&self, schema: &Schema, pk: &[&str], columns: &[&str], generation: i64) -> String {
-        let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-        let selected: Vec<String> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                format!("u.c{i}::{}", schema.0.get(*c).map_or_else(|| "text".to_owned(), column_type))
-            })
-            .collect();
-        let arrays: Vec<String> = (1..=columns.len()).map(|i| format!("${i}::text[]")).collect();
-        let aliases: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
-        let generation_column = quote(GENERATION_COLUMN);
-        let mut set: Vec<String> = columns
-            .iter()
-            .filter(|c| !pk.contains(c))
-            .map(|c| format!("{0} = excluded.{0}", quote(c)))
-            .collect();
-        set.push(format!("{generation_column} = excluded.{generation_column}"));
-        let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
-        format!(
-            "INSERT INTO {} ({}, {generation_column}) SELECT {}, {generation} FROM unnest({}) AS u({}) ON CONFLICT ({}) DO UPDATE SET {}",
-            self.qualified_table(),
-            names.join(", "),
-            selected.join(", "),
-            arrays.join(", "),
-            aliases.join(", "),
-            key.join(", "),
-            set.join(", ")
-        )
-    }
-
-    /// Runs an upsert from [`Self::upsert_sql`] with each column's values.
+    /// Runs an upsert from [`TableSql::upsert`] with each column's values (one `text[]` each).
     async fn upsert(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -456,7 +333,7 @@ impl PostgresSink {
         row: &'r Row,
         change: &Change,
     ) -> Result<Vec<&'r Value>, SinkError> {
-        table::key_values(pk, row, change).map_err(|m| self.rejected(m))
+        sql_table::key_values(pk, row, change).map_err(|m| self.rejected(m))
     }
 
     async fn delete(
@@ -468,15 +345,7 @@ impl PostgresSink {
         change: &Change,
     ) -> Result<(), SinkError> {
         let key = self.key_values(pk, row, change)?;
-        let condition: Vec<String> = pk
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let cast = schema.0.get(*c).map_or_else(|| "text".to_owned(), column_type);
-                format!("{} = ${}::{cast}", quote(c), i + 1)
-            })
-            .collect();
-        let sql = format!("DELETE FROM {} WHERE {}", self.qualified_table(), condition.join(" AND "));
+        let sql = self.sql.delete_row(schema, pk);
         let texts: Vec<Option<String>> =
             pk.iter().zip(&key).map(|(c, v)| column_text(schema, c, v)).collect();
         execute(tx, sql, texts).await?;
@@ -493,7 +362,7 @@ impl PostgresSink {
         generation: i64,
     ) -> Result<(), SinkError> {
         let columns: Vec<&str> = schema.0.keys().map(|c| &**c).collect();
-        let sql = self.upsert_sql(schema, pk, &columns, generation);
+        let sql = self.sql.upsert(schema, pk, &columns, generation);
         for part in changes.chunks(ROWS_PER_STATEMENT) {
             let mut values = vec![Vec::with_capacity(part.len()); columns.len()];
             for change in part {
@@ -522,13 +391,13 @@ impl PostgresSink {
             }
             Operation::Update => {
                 // Under `replica: full` an update may change the key: the row moves.
-                if let Some(before) = table::moved_from(pk, change).map_err(|m| self.rejected(m))? {
+                if let Some(before) = sql_table::moved_from(pk, change).map_err(|m| self.rejected(m))? {
                     self.delete(tx, schema, pk, &before, change).await?;
                 }
                 self.key_values(pk, &change.value, change)?;
                 self.storable(schema, change)?;
                 let columns: Vec<&str> = change.value.keys().collect();
-                let sql = self.upsert_sql(schema, pk, &columns, generation);
+                let sql = self.sql.upsert(schema, pk, &columns, generation);
                 let values = change.value.iter().map(|(c, v)| vec![column_text(schema, c, v)]).collect();
                 self.upsert(tx, sql, values).await
             }
@@ -564,18 +433,14 @@ impl PostgresSink {
             }
         }
         if batch.sweep {
-            let sql = format!(
-                "DELETE FROM {} WHERE {} < {generation}",
-                self.qualified_table(),
-                quote(GENERATION_COLUMN)
-            );
-            execute(tx, sql, []).await?;
+            execute(tx, self.sql.sweep(), [Some(generation.to_string())]).await?;
         }
-        let sql = format!(
-            "INSERT INTO {} (pipeline, checkpoint) VALUES ($1, $2) ON CONFLICT (pipeline) DO UPDATE SET checkpoint = excluded.checkpoint",
-            self.checkpoint_table()
-        );
-        execute(tx, sql, [Some(self.pipeline.clone()), Some(batch.checkpoint.to_json())]).await?;
+        execute(
+            tx,
+            self.sql.store_checkpoint(),
+            [Some(self.pipeline.clone()), Some(batch.checkpoint.to_json())],
+        )
+        .await?;
         if let Some(fence) = &batch.fence {
             self.count_commit(tx, fence).await?;
         }
@@ -586,8 +451,7 @@ impl PostgresSink {
 #[async_trait]
 impl Sink for PostgresSink {
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
-        let sql = format!("SELECT checkpoint FROM {} WHERE pipeline = $1", self.checkpoint_table());
-        let stored = match sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+        let stored = match sqlx::query_scalar::<_, String>(AssertSqlSafe(self.sql.read_checkpoint()))
             .bind(&self.pipeline)
             .fetch_optional(&self.pool)
             .await
@@ -601,7 +465,7 @@ impl Sink for PostgresSink {
             SinkError::corrupt_checkpoint(format!(
                 "pipeline `{}` in {}: {e}",
                 self.pipeline,
-                self.checkpoint_table()
+                self.sql.checkpoints()
             ))
             .with_source(e)
         })
@@ -627,10 +491,9 @@ impl Sink for PostgresSink {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         self.take_for_reset(&mut tx).await?;
         if !self.table_columns(&mut tx).await?.is_empty() {
-            execute(&mut tx, format!("DELETE FROM {}", self.qualified_table()), []).await?;
+            execute(&mut tx, self.sql.delete_all(), []).await?;
         }
-        let sql = format!("DELETE FROM {} WHERE pipeline = $1", self.checkpoint_table());
-        match execute(&mut tx, sql, [Some(self.pipeline.clone())]).await {
+        match execute(&mut tx, self.sql.delete_checkpoint(), [Some(self.pipeline.clone())]).await {
             Ok(()) => {}
             Err(e) if sqlstate(&e) == Some(UNDEFINED_TABLE) => {} // never written
             Err(e) => return Err(e),
@@ -707,20 +570,5 @@ mod tests {
         assert!(!escapes_nul(r#"{"a":"x\\u0000y"}"#), "an escaped backslash, then text");
         assert!(escapes_nul(r#"{"a":"x\\\u0000y"}"#));
         assert!(!escapes_nul(r#"{"a":"u0000"}"#));
-    }
-
-    #[test]
-    fn unknown_types_become_text_and_arrays_keep_their_brackets() {
-        let ty = |name: &str, dims: u32| ColumnType {
-            type_name: name.into(),
-            dims,
-            pk_index: None,
-            not_null: false,
-            extra: Default::default(),
-        };
-        assert_eq!(column_type(&ty("int8", 0)), "int8");
-        assert_eq!(column_type(&ty("mood", 0)), "text");
-        assert_eq!(column_type(&ty("uuid", 1)), "uuid[]");
-        assert_eq!(quote("we\"ird"), "\"we\"\"ird\"");
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use shapesync_core::{Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, Space, async_trait};
 
-use shapesync_core::table;
+use shapesync_sql_table as sql_table;
 
 use crate::sink::SqliteSink;
 
@@ -46,7 +46,7 @@ impl SqliteSinkConfig {
 
     /// The table the rows go to for a shape of `shape_table`.
     pub(crate) fn table_name(&self, shape_table: &str) -> String {
-        table::table_name(self.table.as_deref(), shape_table)
+        sql_table::table_name(self.table.as_deref(), shape_table)
     }
 }
 
@@ -63,7 +63,7 @@ impl SinkConfig for SqliteSinkConfig {
                 "an in-memory SQLite database lives only as long as one connection; use `type: memory` for an in-process cache, or give a file path",
             ));
         }
-        table::check_names(&self.table_name(&ctx.shape.table), &ctx.shape)?;
+        sql_table::check_names(&self.table_name(&ctx.shape.table), &ctx.shape)?;
         if self.busy_timeout_ms == 0 {
             return Err(ConfigError::new("busy_timeout_ms", "expected a timeout of at least 1 ms"));
         }

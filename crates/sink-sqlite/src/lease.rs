@@ -11,10 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use shapesync_core::lease::{StoredLease, judge};
-use shapesync_core::table::{LEASE_TABLE, STANDBY_TABLE};
 use shapesync_core::{Acquisition, Fence, LeaseInfo, LeaseRequest, SinkError};
+use shapesync_sql_table::{LEASE_TABLE, STANDBY_TABLE};
 
-use crate::sink::{SqliteSink, classify, quote};
+use crate::sink::{SqliteSink, classify};
 
 /// Milliseconds since the Unix epoch on this machine.
 pub(crate) fn now_ms() -> i64 {
@@ -36,13 +36,10 @@ struct LeaseRow {
 impl SqliteSink {
     /// Creates the lease tables if missing.
     fn ensure_lease_tables(&self, tx: &Transaction<'_>) -> Result<(), SinkError> {
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} (pipeline TEXT PRIMARY KEY, owner TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS {} (pipeline TEXT NOT NULL, instance TEXT NOT NULL, expires_at_ms INTEGER NOT NULL, PRIMARY KEY (pipeline, instance))",
-            quote(LEASE_TABLE),
-            quote(STANDBY_TABLE)
-        );
-        tx.execute_batch(&sql).map_err(|e| self.classify(e))
+        for sql in self.lease_sql.create_tables() {
+            tx.execute_batch(&sql).map_err(|e| self.classify(e))?;
+        }
+        Ok(())
     }
 
     fn classify(&self, e: rusqlite::Error) -> SinkError {
@@ -54,10 +51,7 @@ impl SqliteSink {
         if !Self::exists(conn, LEASE_TABLE).map_err(|e| self.classify(e))? {
             return Ok(None);
         }
-        let sql = format!(
-            "SELECT owner, epoch, seq, expires_at_ms FROM {} WHERE pipeline = ?1",
-            quote(LEASE_TABLE)
-        );
+        let sql = self.lease_sql.read_lease("expires_at_ms", false);
         conn.query_row(&sql, [&self.pipeline], |r| {
             Ok(LeaseRow {
                 stored: StoredLease {
@@ -85,13 +79,12 @@ impl SqliteSink {
             return Ok(Vec::new());
         }
         if prune {
-            let sql =
-                format!("DELETE FROM {} WHERE pipeline = ?1 AND expires_at_ms <= ?2", quote(STANDBY_TABLE));
+            let sql = self.lease_sql.prune_standbys("?2");
             conn.execute(&sql, rusqlite::params![self.pipeline, now]).map_err(|e| self.classify(e))?;
         }
         let sql = format!(
             "SELECT instance FROM {} WHERE pipeline = ?1 AND expires_at_ms > ?2 AND instance <> ?3 ORDER BY instance",
-            quote(STANDBY_TABLE)
+            self.lease_sql.standbys()
         );
         let mut stmt = conn.prepare(&sql).map_err(|e| self.classify(e))?;
         let rows = stmt
@@ -116,11 +109,7 @@ impl SqliteSink {
         stored: &StoredLease,
         expires_at_ms: i64,
     ) -> Result<(), SinkError> {
-        let sql = format!(
-            "INSERT INTO {} (pipeline, owner, epoch, seq, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (pipeline) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, seq = excluded.seq, expires_at_ms = excluded.expires_at_ms",
-            quote(LEASE_TABLE)
-        );
+        let sql = self.lease_sql.store_lease("?5");
         let epoch = i64::try_from(stored.epoch).unwrap_or(i64::MAX);
         let seq = i64::try_from(stored.seq).unwrap_or(i64::MAX);
         tx.execute(&sql, rusqlite::params![self.pipeline, stored.owner, epoch, seq, expires_at_ms])
@@ -144,8 +133,8 @@ impl SqliteSink {
             seq: old.as_ref().map_or(0, |r| r.stored.seq),
         };
         self.store_lease(tx, &stored, expires_at_ms)?;
-        let sql = format!("DELETE FROM {} WHERE pipeline = ?1 AND instance = ?2", quote(STANDBY_TABLE));
-        tx.execute(&sql, [&self.pipeline, owner]).map_err(|e| self.classify(e))?;
+        tx.execute(&self.lease_sql.remove_standby(), [&self.pipeline, owner])
+            .map_err(|e| self.classify(e))?;
         Ok(Fence { owner: owner.to_owned(), epoch: stored.epoch, seq: stored.seq, ttl_ms })
     }
 
@@ -163,12 +152,11 @@ impl SqliteSink {
     /// Counts the batch's commit under `fence` and extends the lease, inside the batch's
     /// transaction (after its checkpoint).
     pub(crate) fn count_commit(&self, tx: &Transaction<'_>, fence: &Fence) -> Result<(), SinkError> {
-        let sql = format!(
-            "UPDATE {} SET seq = seq + 1, expires_at_ms = max(expires_at_ms, ?2) WHERE pipeline = ?1",
-            quote(LEASE_TABLE)
-        );
-        tx.execute(&sql, rusqlite::params![self.pipeline, now_ms().saturating_add(ttl(fence.ttl_ms))])
-            .map_err(|e| self.classify(e))?;
+        tx.execute(
+            &self.lease_sql.extend_lease("?2", true),
+            rusqlite::params![self.pipeline, now_ms().saturating_add(ttl(fence.ttl_ms))],
+        )
+        .map_err(|e| self.classify(e))?;
         Ok(())
     }
 
@@ -200,13 +188,11 @@ impl SqliteSink {
                 let fence = self.take(tx, &request.owner, expires, request.ttl_ms)?;
                 return Ok(Acquisition::Owned { fence, generation_floor: 0 });
             }
-            let sql = format!(
-                "INSERT INTO {} (pipeline, instance, expires_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (pipeline, instance) DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
-                quote(STANDBY_TABLE)
-            );
-            tx.execute(&sql, rusqlite::params![self.pipeline, request.owner, expires])
-                .map_err(|e| self.classify(e))?;
+            tx.execute(
+                &self.lease_sql.store_standby("?3"),
+                rusqlite::params![self.pipeline, request.owner, expires],
+            )
+            .map_err(|e| self.classify(e))?;
             Ok(Acquisition::NotOwned(match &row {
                 Some(row) => self.info(tx, row, now, true)?,
                 None => LeaseInfo { standbys: self.standbys(tx, "", now, true)?, ..LeaseInfo::default() },
@@ -221,12 +207,11 @@ impl SqliteSink {
                 return Err(e);
             }
             let now = now_ms();
-            let sql = format!(
-                "UPDATE {} SET expires_at_ms = max(expires_at_ms, ?2) WHERE pipeline = ?1",
-                quote(LEASE_TABLE)
-            );
-            tx.execute(&sql, rusqlite::params![self.pipeline, now.saturating_add(ttl(fence.ttl_ms))])
-                .map_err(|e| self.classify(e))?;
+            tx.execute(
+                &self.lease_sql.extend_lease("?2", false),
+                rusqlite::params![self.pipeline, now.saturating_add(ttl(fence.ttl_ms))],
+            )
+            .map_err(|e| self.classify(e))?;
             let row = self.lease_row(tx)?.expect("judged present above");
             self.info(tx, &row, now, true)
         })
@@ -234,10 +219,7 @@ impl SqliteSink {
 
     pub(crate) fn release_blocking(&self, fence: &Fence) -> Result<(), SinkError> {
         self.in_lease_tx(|tx| {
-            let sql = format!(
-                "UPDATE {} SET expires_at_ms = 0 WHERE pipeline = ?1 AND owner = ?2 AND epoch = ?3",
-                quote(LEASE_TABLE)
-            );
+            let sql = self.lease_sql.release_lease();
             let epoch = i64::try_from(fence.epoch).unwrap_or(i64::MAX);
             tx.execute(&sql, rusqlite::params![self.pipeline, fence.owner, epoch])
                 .map_err(|e| self.classify(e))?;

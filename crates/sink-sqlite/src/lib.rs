@@ -36,11 +36,12 @@
 //! Every identifier is quoted, so any column or table name is safe.
 
 mod config;
+mod dialect;
 mod lease;
 mod sink;
 
 pub use config::{SqliteSinkConfig, defaults};
-pub use shapesync_core::table::{CHECKPOINT_TABLE, GENERATION_COLUMN};
+pub use shapesync_sql_table::{CHECKPOINT_TABLE, GENERATION_COLUMN};
 pub use sink::SqliteSink;
 
 use shapesync_core::Registry;

@@ -6,18 +6,23 @@ use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, Transaction, TransactionBehavior};
-use shapesync_core::table::{self, CHECKPOINT_TABLE, GENERATION_COLUMN, TablePlan};
 use shapesync_core::{
-    Acquisition, Batch, Change, Checkpoint, ColumnType, Fence, LeaseInfo, LeaseRequest, Operation, Row,
-    Schema, Sink, SinkContext, SinkError, Value, async_trait,
+    Acquisition, Batch, Change, Checkpoint, Fence, LeaseInfo, LeaseRequest, Operation, Row, Schema, Sink,
+    SinkContext, SinkError, Value, async_trait,
 };
+use shapesync_sql_table::{self as sql_table, CHECKPOINT_TABLE, LeaseSql, TableSql};
 
 use crate::config::SqliteSinkConfig;
+use crate::dialect::SqliteDialect;
 
 /// A SQLite table kept exactly in sync with a shape; see the crate docs.
 pub struct SqliteSink {
     pub(crate) path: PathBuf,
     table: String,
+    /// The statements over the table and its checkpoints.
+    sql: TableSql<SqliteDialect>,
+    /// The statements over the lease tables.
+    pub(crate) lease_sql: LeaseSql<SqliteDialect>,
     pub(crate) pipeline: String,
     busy_timeout: Duration,
     state: Arc<Mutex<State>>,
@@ -28,25 +33,6 @@ pub struct SqliteSink {
 pub(crate) struct State {
     pub(crate) conn: Option<Connection>,
     table_schema: Option<Schema>,
-}
-
-/// `ident` as a quoted SQL identifier: any name, however hostile, stays one identifier.
-pub(crate) fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
-/// The declared type of a column, chosen so that SQLite keeps every value exactly:
-/// integers (and booleans, as 0/1) `INTEGER`, floats `REAL`, everything else `TEXT` —
-/// `numeric` included, since SQLite's `NUMERIC` would round it to a double.
-fn declared_type(column: &ColumnType) -> &'static str {
-    if column.dims > 0 {
-        return "TEXT";
-    }
-    match column.type_name.as_str() {
-        "int2" | "int4" | "int8" | "oid" | "bool" => "INTEGER",
-        "float4" | "float8" => "REAL",
-        _ => "TEXT",
-    }
 }
 
 /// A value bound as a statement parameter, by the rules in the crate docs.
@@ -113,8 +99,11 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 impl SqliteSink {
     /// A sink for `ctx`'s pipeline; the database is opened on first use.
     pub fn new(config: SqliteSinkConfig, ctx: SinkContext) -> Self {
+        let table = config.table_name(&ctx.shape.table);
         SqliteSink {
-            table: config.table_name(&ctx.shape.table),
+            sql: TableSql::new(SqliteDialect, None, &table),
+            lease_sql: LeaseSql::new(SqliteDialect, None),
+            table,
             path: config.path,
             pipeline: ctx.pipeline,
             busy_timeout: Duration::from_millis(config.busy_timeout_ms),
@@ -162,37 +151,13 @@ impl SqliteSink {
     /// Creates the table for `schema`, or brings an existing one up to it: new columns
     /// are added; a primary key that differs is an error.
     fn ensure_table(&self, tx: &Transaction<'_>, schema: &Schema) -> Result<(), SinkError> {
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} (pipeline TEXT PRIMARY KEY, checkpoint TEXT NOT NULL)",
-            quote(CHECKPOINT_TABLE)
-        );
-        tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))?;
-        let table = quote(&self.table);
+        tx.execute_batch(&self.sql.create_checkpoints()).map_err(|e| classify(e, &self.path))?;
         let existing = self.table_columns(tx)?;
-        match table::plan_table(schema, &existing).map_err(|m| self.rejected(m))? {
-            TablePlan::Create => {
-                let columns: Vec<String> = schema
-                    .0
-                    .iter()
-                    .map(|(name, ty)| format!("{} {}", quote(name), declared_type(ty)))
-                    .collect();
-                let key: Vec<String> = schema.primary_key().iter().map(|c| quote(c)).collect();
-                let sql = format!(
-                    "CREATE TABLE {table} ({}, {} INTEGER NOT NULL, PRIMARY KEY ({}))",
-                    columns.join(", "),
-                    quote(GENERATION_COLUMN),
-                    key.join(", ")
-                );
-                tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))
-            }
-            TablePlan::AddColumns(columns) => {
-                for (name, ty) in columns {
-                    let sql = format!("ALTER TABLE {table} ADD COLUMN {} {}", quote(name), declared_type(ty));
-                    tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))?;
-                }
-                Ok(())
-            }
+        let plan = sql_table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
+        for sql in self.sql.prepare_table(schema, &plan) {
+            tx.execute_batch(&sql).map_err(|e| classify(e, &self.path))?;
         }
+        Ok(())
     }
 
     /// Whether the database has a table named `table`.
@@ -216,31 +181,7 @@ impl SqliteSink {
         rows.collect::<Result<_, _>>().map_err(|e| classify(e, &self.path))
     }
 
-    /// The statement writing `columns` of a row (its key columns among them) and its
-    /// generation: a new row is inserted, an existing one gets just these columns
-    /// replaced.
-    fn upsert_sql(&self, pk: &[&str], columns: &[&str]) -> String {
-        let generation_column = quote(GENERATION_COLUMN);
-        let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-        let mut set: Vec<String> = columns
-            .iter()
-            .filter(|c| !pk.contains(c))
-            .map(|c| format!("{0} = excluded.{0}", quote(c)))
-            .collect();
-        set.push(format!("{generation_column} = excluded.{generation_column}"));
-        let placeholders: Vec<String> = (1..=names.len() + 1).map(|i| format!("?{i}")).collect();
-        let key: Vec<String> = pk.iter().map(|c| quote(c)).collect();
-        format!(
-            "INSERT INTO {} ({}, {generation_column}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
-            quote(&self.table),
-            names.join(", "),
-            placeholders.join(", "),
-            key.join(", "),
-            set.join(", ")
-        )
-    }
-
-    /// Runs an upsert statement from [`Self::upsert_sql`] with `values` and `generation`.
+    /// Runs an upsert statement from [`TableSql::upsert`] with `values` and `generation`.
     fn upsert<'v>(
         &self,
         tx: &Transaction<'_>,
@@ -257,12 +198,17 @@ impl SqliteSink {
     }
 
     /// Deletes the row whose key columns hold the values in `row`.
-    fn delete(&self, tx: &Transaction<'_>, pk: &[&str], row: &Row, change: &Change) -> Result<(), SinkError> {
+    fn delete(
+        &self,
+        tx: &Transaction<'_>,
+        schema: &Schema,
+        pk: &[&str],
+        row: &Row,
+        change: &Change,
+    ) -> Result<(), SinkError> {
         let key = self.key_values(pk, row, change)?;
-        let condition: Vec<String> =
-            pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", quote(c), i + 1)).collect();
-        let sql = format!("DELETE FROM {} WHERE {}", quote(&self.table), condition.join(" AND "));
-        let mut stmt = tx.prepare_cached(&sql).map_err(|e| classify(e, &self.path))?;
+        let mut stmt =
+            tx.prepare_cached(&self.sql.delete_row(schema, pk)).map_err(|e| classify(e, &self.path))?;
         let bound: Vec<Bound<'_>> = key.into_iter().map(Bound).collect();
         let params: Vec<&dyn ToSql> = bound.iter().map(|b| b as &dyn ToSql).collect();
         stmt.execute(params.as_slice()).map_err(|e| classify(e, &self.path))?;
@@ -275,7 +221,7 @@ impl SqliteSink {
         row: &'r Row,
         change: &Change,
     ) -> Result<Vec<&'r Value>, SinkError> {
-        table::key_values(pk, row, change).map_err(|m| self.rejected(m))
+        sql_table::key_values(pk, row, change).map_err(|m| self.rejected(m))
     }
 
     fn write_change(
@@ -296,14 +242,14 @@ impl SqliteSink {
             }
             Operation::Update => {
                 // Under `replica: full` an update may change the key: the row moves.
-                if let Some(before) = table::moved_from(pk, change).map_err(|m| self.rejected(m))? {
-                    self.delete(tx, pk, &before, change)?;
+                if let Some(before) = sql_table::moved_from(pk, change).map_err(|m| self.rejected(m))? {
+                    self.delete(tx, schema, pk, &before, change)?;
                 }
                 self.key_values(pk, &change.value, change)?;
-                let sql = self.upsert_sql(pk, &change.value.keys().collect::<Vec<_>>());
+                let sql = self.sql.upsert(schema, pk, &change.value.keys().collect::<Vec<_>>(), generation);
                 self.upsert(tx, &sql, change.value.values(), generation)
             }
-            Operation::Delete => self.delete(tx, pk, &change.value, change),
+            Operation::Delete => self.delete(tx, schema, pk, &change.value, change),
         }
     }
 
@@ -325,22 +271,16 @@ impl SqliteSink {
         }
         let pk = schema.primary_key();
         let generation = i64::try_from(batch.checkpoint.generation).unwrap_or(i64::MAX);
-        let insert_sql = self.upsert_sql(&pk, &schema.0.keys().map(|c| &**c).collect::<Vec<_>>());
+        let columns: Vec<&str> = schema.0.keys().map(|c| &**c).collect();
+        let insert_sql = self.sql.upsert(schema, &pk, &columns, generation);
         for change in &batch.changes {
             self.write_change(&tx, schema, &pk, &insert_sql, change, generation)?;
         }
         if batch.sweep {
-            let sql = format!("DELETE FROM {} WHERE {} < ?1", quote(&self.table), quote(GENERATION_COLUMN));
-            tx.execute(&sql, [generation]).map_err(|e| classify(e, &self.path))?;
+            tx.execute(&self.sql.sweep(), [generation]).map_err(|e| classify(e, &self.path))?;
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (pipeline, checkpoint) VALUES (?1, ?2) ON CONFLICT (pipeline) DO UPDATE SET checkpoint = excluded.checkpoint",
-                quote(CHECKPOINT_TABLE)
-            ),
-            [&self.pipeline, &batch.checkpoint.to_json()],
-        )
-        .map_err(|e| classify(e, &self.path))?;
+        tx.execute(&self.sql.store_checkpoint(), [&self.pipeline, &batch.checkpoint.to_json()])
+            .map_err(|e| classify(e, &self.path))?;
         if let Some(fence) = &batch.fence {
             self.count_commit(&tx, fence)?;
         }
@@ -369,11 +309,7 @@ impl SqliteSink {
             return Ok(None); // a database no pipeline has written to yet
         }
         let stored: Option<String> = conn
-            .query_row(
-                &format!("SELECT checkpoint FROM {} WHERE pipeline = ?1", quote(CHECKPOINT_TABLE)),
-                [&self.pipeline],
-                |r| r.get(0),
-            )
+            .query_row(&self.sql.read_checkpoint(), [&self.pipeline], |r| r.get(0))
             .optional()
             .map_err(|e| classify(e, &self.path))?;
         stored.map(|json| Checkpoint::from_json(&json)).transpose().map_err(|e| {
@@ -397,15 +333,11 @@ impl SqliteSink {
             .map_err(|e| classify(e, &self.path))?;
         self.take_for_reset(&tx)?;
         if !self.table_columns(&tx)?.is_empty() {
-            tx.execute_batch(&format!("DELETE FROM {}", quote(&self.table)))
-                .map_err(|e| classify(e, &self.path))?;
+            tx.execute_batch(&self.sql.delete_all()).map_err(|e| classify(e, &self.path))?;
         }
         if Self::exists(&tx, CHECKPOINT_TABLE).map_err(|e| classify(e, &self.path))? {
-            tx.execute(
-                &format!("DELETE FROM {} WHERE pipeline = ?1", quote(CHECKPOINT_TABLE)),
-                [&self.pipeline],
-            )
-            .map_err(|e| classify(e, &self.path))?;
+            tx.execute(&self.sql.delete_checkpoint(), [&self.pipeline])
+                .map_err(|e| classify(e, &self.path))?;
         }
         tx.commit().map_err(|e| classify(e, &self.path))
     }
@@ -448,16 +380,5 @@ impl Sink for SqliteSink {
 
     async fn lease(&self) -> Result<Option<LeaseInfo>, SinkError> {
         blocking(|| self.lease_blocking())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identifiers_are_quoted_whatever_they_hold() {
-        assert_eq!(quote("items"), "\"items\"");
-        assert_eq!(quote("we\"ird; DROP TABLE x; --"), "\"we\"\"ird; DROP TABLE x; --\"");
     }
 }

@@ -1,9 +1,10 @@
-//! Rules shared by sinks that mirror a shape as a table keyed by its primary key — the
-//! SQLite and Postgres sinks, and plugins of the same kind (MySQL, DuckDB, …): the names
-//! they keep for themselves, whether an existing table can hold the shape's rows, and
-//! which key a change addresses. Errors are messages for `SinkError::rejected`.
+//! The rules every SQL-table sink follows, whatever its database: the names it keeps for
+//! itself, which table a shape goes to, whether an existing table can hold the shape's
+//! rows, and which key a change addresses. Errors are messages for
+//! `SinkError::rejected`.
 
-use crate::{Change, ColumnType, ConfigError, Row, Schema, ShapeInfo, Value};
+use shapesync_core::relation::parse_relation;
+use shapesync_core::{Change, ColumnType, ConfigError, Row, Schema, ShapeInfo, Value};
 
 /// The column recording which generation last wrote a row, for mark-and-sweep.
 pub const GENERATION_COLUMN: &str = "_shapesync_generation";
@@ -11,7 +12,7 @@ pub const GENERATION_COLUMN: &str = "_shapesync_generation";
 /// The table holding each pipeline's checkpoint beside its rows.
 pub const CHECKPOINT_TABLE: &str = "_shapesync_checkpoints";
 
-/// The table holding each pipeline's lease (see [`crate::lease`]): `pipeline`, `owner`,
+/// The table holding each pipeline's lease (see [`shapesync_core::lease`]): `pipeline`, `owner`,
 /// `epoch`, `seq`, `expires_at_ms`.
 pub const LEASE_TABLE: &str = "_shapesync_leases";
 
@@ -37,63 +38,6 @@ pub fn table_name(configured: Option<&str>, shape_table: &str) -> String {
         Some((Some(schema), table)) if schema == "public" => table,
         Some((Some(schema), table)) => format!("{schema}_{table}"),
         None => shape_table.to_owned(), // not a relation name; the source reports it
-    }
-}
-
-/// Splits a possibly schema-qualified, possibly quoted relation name into its schema and
-/// table, as Postgres reads them; `None` when it is not one (see [`split_identifiers`];
-/// more than two parts).
-pub fn parse_relation(name: &str) -> Option<(Option<String>, String)> {
-    let mut parts = split_identifiers(name, '.')?;
-    let table = parts.pop()?;
-    match parts.len() {
-        0 => Some((None, table)),
-        1 => Some((parts.pop(), table)),
-        _ => None,
-    }
-}
-
-/// Splits a `sep`-separated list of identifiers (`a.b`, `id, "Name"`) as Postgres reads
-/// them: `"quoted"` parts exactly (`""` is a quote), unquoted ones trimmed and in lower
-/// case, made only of letters, digits, `_` and `$` (not first). `None` for anything else:
-/// an empty part, an unclosed quote, text after a closing quote, other characters.
-pub fn split_identifiers(list: &str, sep: char) -> Option<Vec<String>> {
-    let mut parts = Vec::new();
-    let mut chars = list.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut part = String::new();
-        if chars.next_if_eq(&'"').is_some() {
-            loop {
-                match chars.next()? {
-                    '"' if chars.next_if_eq(&'"').is_some() => part.push('"'),
-                    '"' => break,
-                    c => part.push(c),
-                }
-            }
-            if part.is_empty() {
-                return None;
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| *c != sep && !c.is_whitespace()) {
-                let allowed =
-                    c.is_alphabetic() || c == '_' || (!part.is_empty() && (c.is_ascii_digit() || c == '$'));
-                if !allowed {
-                    return None;
-                }
-                part.extend(c.to_lowercase());
-            }
-            if part.is_empty() {
-                return None;
-            }
-        }
-        parts.push(part);
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        match chars.next() {
-            None => return Some(parts),
-            Some(c) if c == sep => {}
-            Some(_) => return None,
-        }
     }
 }
 
@@ -246,15 +190,6 @@ mod tests {
         assert_eq!(table_name(None, r#"public."we.ird ""t""""#), r#"we.ird "t""#);
         assert_eq!(table_name(None, r#""My Schema"."T""#), "My Schema_T");
         assert_eq!(table_name(Some("mine"), "s1.items"), "mine");
-        assert_eq!(parse_relation(r#""unclosed"#), None);
-        assert_eq!(parse_relation("a.b.c"), None);
-        assert_eq!(parse_relation("a..b"), None);
-        assert_eq!(
-            split_identifiers(r#"id, "Na,me" ,x"#, ','),
-            Some(vec!["id".into(), "Na,me".into(), "x".into()])
-        );
-        assert_eq!(split_identifiers("id,,x", ','), None);
-        assert_eq!(split_identifiers(r#""""#, ','), None);
         assert_eq!(
             table_name(None, "it\"ems; DROP TABLE x"),
             "it\"ems; DROP TABLE x",
