@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 use shapesync_shape_server::{Column, ServerOptions, ShapeServer, TableDef, TableHandle};
+use shapesync_sql_table::quote;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::task::JoinHandle;
@@ -165,7 +166,6 @@ impl DevServer {
                 }
                 def = def.column(c);
             }
-            let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
             let select: Vec<String> =
                 columns.iter().map(|c| format!("{0}::text AS {0}", quote(&c.0))).collect();
             let sql = format!(
