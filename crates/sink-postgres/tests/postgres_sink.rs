@@ -2,12 +2,12 @@
 //! test owns a schema of its own, dropped at the end.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use shapesync_core::{Change, ErrorCode, ShapeInfo, Sink, SinkConfig, SinkContext, SinkErrorKind, Value};
 use shapesync_sink_postgres::{CHECKPOINT_TABLE, GENERATION_COLUMN, PostgresSink, PostgresSinkConfig};
 use shapesync_testkit::compliance::{SinkUnderTest, StoredRows, check_sink};
-use shapesync_testkit::fixtures::{batch, checkpoint, item, items_schema, live, row, schema};
+use shapesync_testkit::fixtures::{batch, checkpoint, item, items_schema, row, schema};
+use shapesync_testkit::table_sink::{TableSinkUnderTest, check_table_sink};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row as _};
 
@@ -44,12 +44,6 @@ impl TestSchema {
     async fn dump(&self, table: &str) -> Vec<String> {
         let sql =
             format!("SELECT t::text FROM \"{}\".\"{}\" t ORDER BY 1", self.name, table.replace('"', "\"\""));
-        sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&self.pool).await.unwrap()
-    }
-
-    /// Column `column` of each row as text (NULL as `None`), ordered by `id`.
-    async fn column(&self, table: &str, column: &str) -> Vec<Option<String>> {
-        let sql = format!("SELECT \"{column}\"::text FROM \"{}\".\"{table}\" ORDER BY id", self.name);
         sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&self.pool).await.unwrap()
     }
 
@@ -115,6 +109,37 @@ async fn postgres_sink_passes_the_compliance_suite() {
     target.schema.drop().await;
 }
 
+#[shapesync_core::async_trait]
+impl TableSinkUnderTest for TestSchema {
+    async fn open(&self, pipeline: &str, shape: ShapeInfo) -> Arc<dyn Sink> {
+        Arc::new(PostgresSink::new(&self.config(), SinkContext { pipeline: pipeline.into(), shape }).unwrap())
+    }
+
+    fn table(&self, table: &str) -> String {
+        format!("{}.{}", shapesync_sql_table::quote(&self.name), shapesync_sql_table::quote(table))
+    }
+
+    async fn execute(&self, sql: &str) -> Result<(), String> {
+        sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let rows = sqlx::query(AssertSqlSafe(sql.to_owned())).fetch_all(&self.pool).await.unwrap();
+        rows.iter().map(|r| (0..r.len()).map(|i| r.get::<Option<String>, _>(i)).collect()).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sink_passes_the_table_sink_suite() {
+    let db = Arc::new(TestSchema::new("table_suite").await);
+    check_table_sink(db.clone()).await;
+    Arc::into_inner(db).expect("the suite's reader ended").drop().await;
+}
+
 #[tokio::test]
 async fn every_type_is_stored_exactly_in_a_column_of_its_type() {
     let db = TestSchema::new("types").await;
@@ -171,212 +196,6 @@ async fn every_type_is_stored_exactly_in_a_column_of_its_type() {
     {
         assert!(types.iter().any(|t| t == want), "{want} in {types:?}");
     }
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn replaying_committed_batches_leaves_the_table_and_checkpoint_identical() {
-    let db = TestSchema::new("replay").await;
-    let sink = db.sink("items", "replay");
-    let snapshot = batch(
-        (1..=3).map(|i| Change::insert(format!("k{i}"), item(i, "a"))).collect(),
-        checkpoint(items_schema(), "0_inf", 1),
-    );
-    let tx = batch(
-        vec![
-            live(
-                Change::update("k1", row(&[("id", Value::Int(1)), ("note", Value::Text("n".into()))])),
-                5,
-                0,
-            ),
-            live(Change::delete("k2", row(&[("id", Value::Int(2))])), 5, 2),
-            live(Change::insert("k4", item(4, "d")), 5, 4),
-            live(
-                Change::update("k4", row(&[("id", Value::Int(4)), ("name", Value::Text("d2".into()))])),
-                5,
-                6,
-            ),
-        ],
-        checkpoint(items_schema(), "5_6", 1),
-    );
-    sink.apply(&snapshot).await.unwrap();
-    sink.apply(&tx).await.unwrap();
-    let before = (db.dump("items").await, sink.checkpoint().await.unwrap());
-    sink.apply(&tx).await.unwrap();
-    assert_eq!((db.dump("items").await, sink.checkpoint().await.unwrap()), before);
-    assert_eq!(db.sink("items", "replay").checkpoint().await.unwrap(), before.1, "a restart reads it back");
-    assert_eq!(db.column("items", "name").await, vec![Some("a".into()), Some("a".into()), Some("d2".into())]);
-    assert_eq!(db.column("items", "note").await, vec![Some("n".into()), None, None], "partial update merged");
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn a_batch_that_fails_part_way_leaves_rows_and_checkpoint_as_they_were() {
-    let db = TestSchema::new("atomic").await;
-    let sink = db.sink("items", "atomic");
-    let first = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
-    sink.apply(&first).await.unwrap();
-    let before = db.dump("items").await;
-    let broken = batch(
-        vec![
-            live(Change::insert("k2", item(2, "b")), 9, 0),
-            live(Change::update("k3", row(&[("name", Value::Text("x".into()))])), 9, 2),
-        ],
-        checkpoint(items_schema(), "9_2", 1),
-    );
-    let err = sink.apply(&broken).await.unwrap_err();
-    assert!(
-        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("`id`")),
-        "{err}"
-    );
-    assert_eq!(db.dump("items").await, before, "no row of the failed batch is visible");
-    assert_eq!(sink.checkpoint().await.unwrap(), Some(first.checkpoint));
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn hostile_table_and_column_names_stay_identifiers() {
-    let db = TestSchema::new("hostile").await;
-    let table = r#"it"ems; DROP TABLE x; --"#;
-    let sink = db.sink(table, "hostile");
-    let hostile_column = r#"na me"); DELETE FROM "_shapesync_checkpoints"; --"#;
-    let schema = schema(
-        r#"{"id":{"type":"int8","pk_index":0},"na me\"); DELETE FROM \"_shapesync_checkpoints\"; --":{"type":"text"}}"#,
-    );
-    let r = row(&[("id", Value::Int(1)), (hostile_column, Value::Text("v".into()))]);
-    sink.apply(&batch(vec![Change::insert("k", r.clone())], checkpoint(schema.clone(), "0_inf", 1)))
-        .await
-        .unwrap();
-    sink.apply(&batch(vec![live(Change::update("k", r), 3, 0)], checkpoint(schema.clone(), "3_0", 1)))
-        .await
-        .unwrap();
-    assert_eq!(db.dump(table).await.len(), 1);
-    assert_eq!(sink.checkpoint().await.unwrap(), Some(checkpoint(schema, "3_0", 1)));
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn a_resync_sweeps_exactly_the_vanished_rows_while_readers_always_see_the_kept_ones() {
-    let db = TestSchema::new("resync").await;
-    let sink = db.sink("items", "resync");
-    let initial = batch(
-        (1..=2_000).map(|i| Change::insert(format!("k{i}"), item(i, "old"))).collect(),
-        checkpoint(items_schema(), "0_inf", 1),
-    );
-    sink.apply(&initial).await.unwrap();
-
-    // A reader polls while the resync runs: rows 1..=1500 exist before and after.
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (pool, stop) = (db.pool.clone(), stop.clone());
-        let sql = format!("SELECT count(*) FROM \"{}\".items WHERE id <= 1500", db.name);
-        tokio::spawn(async move {
-            let (mut polls, mut bad) = (0u64, Vec::new());
-            while !stop.load(Ordering::Relaxed) || polls == 0 {
-                let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql.clone())).fetch_one(&pool).await.unwrap();
-                if n != 1500 {
-                    bad.push(n);
-                }
-                polls += 1;
-                tokio::task::yield_now().await;
-            }
-            (polls, bad)
-        })
-    };
-    for chunk in 0..3i64 {
-        let ids = (chunk * 500 + 1)..=(chunk * 500 + 500);
-        let mut b = batch(
-            ids.map(|i| Change::insert(format!("k{i}"), item(i, "new"))).collect(),
-            checkpoint(items_schema(), &format!("0_{chunk}"), 2),
-        );
-        b.checkpoint.resyncing = true;
-        b.up_to_date = false;
-        sink.apply(&b).await.unwrap();
-    }
-    let mut end = batch(vec![], checkpoint(items_schema(), "0_inf", 2));
-    end.sweep = true;
-    sink.apply(&end).await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let (polls, bad) = reader.await.unwrap();
-    assert!(bad.is_empty(), "a reader saw {bad:?} of 1500 kept rows");
-    assert!(polls > 0);
-    let names = db.column("items", "name").await;
-    assert_eq!(names.len(), 1_500, "rows 1501..=2000 left the shape and are swept");
-    assert!(names.iter().all(|n| n.as_deref() == Some("new")));
-    assert_eq!(sink.checkpoint().await.unwrap(), Some(end.checkpoint));
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn new_columns_are_added_and_a_changed_primary_key_is_refused_with_advice() {
-    let db = TestSchema::new("evolve").await;
-    let sink = db.sink("items", "evolve");
-    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
-        .await
-        .unwrap();
-    let wider = schema(
-        r#"{"id":{"type":"int8","pk_index":0},"name":{"type":"text"},"note":{"type":"text"},"score":{"type":"int4"}}"#,
-    );
-    let mut r = item(2, "b");
-    r.insert("score", Value::Int(42));
-    sink.apply(&batch(vec![Change::insert("k2", r)], checkpoint(wider, "0_inf", 2))).await.unwrap();
-    assert_eq!(db.column("items", "score").await, vec![None, Some("42".into())]);
-
-    let other_key = schema(r#"{"id":{"type":"int8"},"name":{"type":"text","pk_index":0}}"#);
-    let err = db
-        .sink("items", "evolve")
-        .apply(&batch(vec![Change::insert("k3", item(3, "c"))], checkpoint(other_key, "0_inf", 3)))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, e if e.kind() == SinkErrorKind::Rejected && e.message().contains("drop the table")),
-        "{err}"
-    );
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn pipelines_share_a_schema_with_tables_and_checkpoints_of_their_own_and_reset_clears_one() {
-    let db = TestSchema::new("shared").await;
-    let a = db.sink("items", "a");
-    let b = db.sink("public.other", "b");
-    assert_eq!(a.checkpoint().await.unwrap(), None, "no checkpoints table yet");
-    let ba = batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1));
-    let bb = batch(vec![Change::insert("k1", item(1, "b"))], checkpoint(items_schema(), "0_inf", 2));
-    a.apply(&ba).await.unwrap();
-    b.apply(&bb).await.unwrap();
-    assert_eq!(a.checkpoint().await.unwrap(), Some(ba.checkpoint.clone()));
-
-    let sql = format!("CREATE INDEX items_by_name ON \"{}\".items (name)", db.name);
-    sqlx::raw_sql(AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
-    a.reset().await.unwrap();
-    assert_eq!(a.checkpoint().await.unwrap(), None);
-    assert!(db.dump("items").await.is_empty());
-    assert_eq!(db.dump("other").await.len(), 1, "the other pipeline keeps its rows");
-    assert_eq!(b.checkpoint().await.unwrap(), Some(bb.checkpoint));
-    let sql = format!(
-        "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexname = 'items_by_name'",
-        db.name
-    );
-    let indexes: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&db.pool).await.unwrap();
-    assert_eq!(indexes, 1, "a reader's index survives reset");
-    let sql = format!("SELECT count(*) FROM \"{}\".{CHECKPOINT_TABLE}", db.name);
-    let checkpoints: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&db.pool).await.unwrap();
-    assert_eq!(checkpoints, 1);
-    db.drop().await;
-}
-
-#[tokio::test]
-async fn an_update_that_changes_the_key_moves_the_row() {
-    let db = TestSchema::new("move").await;
-    let sink = db.sink("items", "move");
-    sink.apply(&batch(vec![Change::insert("k1", item(1, "a"))], checkpoint(items_schema(), "0_inf", 1)))
-        .await
-        .unwrap();
-    let mut moved = live(Change::update("k9", item(9, "a")), 3, 0);
-    moved.old_value = Some(row(&[("id", Value::Int(1))]));
-    sink.apply(&batch(vec![moved], checkpoint(items_schema(), "3_0", 1))).await.unwrap();
-    assert_eq!(db.column("items", "id").await, vec![Some("9".into())]);
     db.drop().await;
 }
 

@@ -3,6 +3,9 @@
 //! server with its scripted tables and fault injection.
 //!
 //! - [`compliance::check_sink`]: the sink compliance suite, for built-in and plugin sinks.
+//! - [`table_sink::check_table_sink`]: what SQL-table sinks (SQLite, Postgres, a MySQL or
+//!   DuckDB plugin) promise beyond it: replay, atomicity, hostile names, sweeping under
+//!   a reader, schema changes, shared stores, reset, key moves, foreign tables.
 //! - [`fixtures`]: hand-made schemas, rows, checkpoints and batches of a shape `items`.
 //! - The server: everything [`shapesync_shape_server`] exports, under the names tests have
 //!   always used — [`TestServer`] is [`shapesync_shape_server::ShapeServer`] and
@@ -23,6 +26,7 @@
 
 pub mod compliance;
 pub mod fixtures;
+pub mod table_sink;
 
 pub use shapesync_shape_server::*;
 pub use shapesync_shape_server::{ShapeServer as TestServer, ShapeServerError as TestkitError};
