@@ -761,7 +761,11 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A `redis-server` of the test's own, with an append-only file so data survives a kill.
+/// A `redis-server` of the test's own, with an append-only file fsynced before every
+/// reply, so whatever Redis acknowledged survives a SIGKILL. (Under the default
+/// `appendfsync everysec`, Redis postpones writing the file for up to two seconds while
+/// a slow background fsync runs, yet still answers: on a busy disk a kill then loses
+/// acknowledged writes, the store's fault rather than the sink's.)
 struct OwnRedis {
     port: u16,
     dir: PathBuf,
@@ -783,7 +787,17 @@ impl OwnRedis {
 
     async fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--save", "", "--appendonly", "yes", "--dir"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+            ])
             .arg(&self.dir)
             .stdout(Stdio::null())
             .spawn()
