@@ -111,6 +111,8 @@
 //! settings are `Rejected`. No error or log line contains the URL.
 
 mod config;
+mod connection;
+mod error;
 mod lease;
 mod sink;
 mod template;

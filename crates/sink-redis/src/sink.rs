@@ -2,24 +2,20 @@
 //! transaction, one per snapshot part or sweep step — each one fenced Lua script call.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::{
-    Arg, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
-};
+use redis::{Arg, Cmd, FromRedisValue, RedisError, Value};
 use serde_json::value::RawValue;
 use shapesync_core::{
-    Acquisition, Batch, Change, Checkpoint, ErrorCode, Fence, LeaseInfo, LeaseRequest, Operation, Row,
-    Schema, Sink, SinkConfig, SinkContext, SinkError, async_trait,
+    Acquisition, Batch, Change, Checkpoint, Fence, LeaseInfo, LeaseRequest, Operation, Row, Schema, Sink,
+    SinkConfig, SinkContext, SinkError, async_trait,
 };
 
 use crate::config::{Layout, RedisSinkConfig};
+use crate::connection::Connection;
+use crate::error::{classify, rejected};
 use crate::lease::{Scripts, UnitOutcome};
 use crate::template::{KeyError, KeyTemplate};
 
@@ -31,61 +27,9 @@ const PARTS_IN_FLIGHT: usize = 4;
 /// values Redis' Lua `unpack` takes.
 const MEMBERS_PER_COMMAND: usize = 250;
 
-/// How long to wait for a TCP connection before calling Redis unavailable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The sink's connection: to one server (reconnecting by itself), or to a Redis Cluster
-/// (connected on first use, then following slot moves). Cheap to clone.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(Arc<ClusterClient>, Arc<tokio::sync::OnceCell<ClusterConnection>>),
-}
-
-impl Conn {
-    async fn cluster(
-        client: &ClusterClient,
-        cell: &tokio::sync::OnceCell<ClusterConnection>,
-    ) -> redis::RedisResult<ClusterConnection> {
-        cell.get_or_try_init(|| client.get_async_connection()).await.cloned()
-    }
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(client, cell) => {
-                Box::pin(async move { Self::cluster(client, cell).await?.req_packed_command(cmd).await })
-            }
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(client, cell) => Box::pin(async move {
-                Self::cluster(client, cell).await?.req_packed_commands(pipeline, offset, count).await
-            }),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(..) => 0,
-        }
-    }
-}
-
 /// A Redis cache kept exactly in sync with a shape; see the crate docs for the layout.
 pub struct RedisSink {
-    conn: Conn,
+    conn: Connection,
     scripts: Scripts,
     layout: Layout,
     template: Option<KeyTemplate>,
@@ -176,76 +120,6 @@ fn command<const N: usize>(parts: [&str; N]) -> Cmd {
     cmd
 }
 
-fn rejected(e: shapesync_core::ConfigError) -> SinkError {
-    SinkError::rejected(e.to_string()).with_source(e)
-}
-
-/// Maps a Redis failure to the runner's retry classes.
-fn classify(e: RedisError) -> SinkError {
-    let transient = e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-            )
-        )
-        || matches!(e.code(), Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS"));
-    let code = ErrorCode::Redis(e.code().map_or_else(|| format!("{:?}", e.kind()), str::to_owned));
-    let error = if certificate_refused(&e) {
-        // A TLS handshake that failed verification: retrying cannot fix it.
-        SinkError::rejected(format!(
-            "redis: {e}; check that the server's certificate matches the host in `url`, or set `ca_file` to the CA that signed it"
-        ))
-    } else if transient {
-        SinkError::unavailable(format!("redis: {e}"))
-    } else {
-        SinkError::rejected(format!("redis refused a command: {e}"))
-    };
-    error.with_code(code).with_source(e)
-}
-
-/// The TLS handshake failed on the server's certificate (unverifiable, for another
-/// host, revoked, or none sent), as rustls reports it somewhere in `e`'s chain.
-#[cfg(feature = "tls")]
-fn certificate_refused(e: &RedisError) -> bool {
-    use std::error::Error;
-    use std::sync::Arc;
-    let mut next: Option<&(dyn Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::InvalidCertRevocationList(_)
-            );
-        }
-        // Wrappers whose `source()` skips the error they hold: an `io::Error` (which
-        // tokio-rustls returns the handshake's error in) and redis' shared errors.
-        next = if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            io.get_ref().map(|inner| inner as &(dyn Error + 'static))
-        } else if let Some(shared) = err.downcast_ref::<Arc<dyn Error + Send + Sync>>() {
-            Some(&**shared as &(dyn Error + 'static))
-        } else {
-            err.source()
-        };
-    }
-    false
-}
-
-/// Without TLS no handshake fails.
-#[cfg(not(feature = "tls"))]
-fn certificate_refused(_: &RedisError) -> bool {
-    false
-}
-
 /// Merges `columns` into a stored JSON row without re-parsing any value, so numbers
 /// keep every digit; keys stay sorted, so the output is byte-stable.
 fn merge_json(stored: Option<&str>, columns: &Row) -> Result<String, String> {
@@ -282,51 +156,16 @@ impl RedisSink {
     pub fn connect_lazy(config: RedisSinkConfig, ctx: SinkContext) -> Result<Self, SinkError> {
         config.check(&ctx).map_err(rejected)?;
         let info = config.connection_info().map_err(rejected)?;
-        #[cfg(feature = "tls")]
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let root_cert = match &config.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                SinkError::rejected(format!("cannot read `ca_file` {}: {e}", path.display())).with_source(e)
-            })?),
-            None => None,
-        };
-        let bad_ca = |e: RedisError| {
-            let path = config.ca_file.as_deref().unwrap_or(std::path::Path::new("")).display();
-            SinkError::rejected(format!("`ca_file` {path} holds no usable certificate: {e}")).with_source(e)
-        };
         let timeout = Duration::from_millis(config.timeout_ms);
-        let conn = if config.cluster {
-            let mut builder = ClusterClient::builder([info])
-                .connection_timeout(CONNECT_TIMEOUT)
-                .response_timeout(timeout)
-                .retries(1);
-            #[cfg(feature = "tls")]
-            if root_cert.is_some() {
-                builder =
-                    builder.certs(redis::TlsCertificates { client_tls: None, root_cert: root_cert.clone() });
-            }
-            let client =
-                builder.build().map_err(|e| if root_cert.is_some() { bad_ca(e) } else { classify(e) })?;
-            Conn::Cluster(Arc::new(client), Arc::default())
-        } else {
-            let client = match root_cert {
-                #[cfg(feature = "tls")]
-                Some(pem) => {
-                    let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-                    Client::build_with_tls(info, certs).map_err(bad_ca)?
-                }
-                _ => Client::open(info).map_err(classify)?,
-            };
-            let manager_config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1);
-            Conn::Single(ConnectionManager::new_lazy_with_config(client, manager_config).map_err(classify)?)
-        };
+        let conn = Connection::lazy(info, config.cluster, config.ca_file.as_deref(), timeout)?;
         Self::with_connection(config, ctx, conn)
     }
 
-    fn with_connection(config: RedisSinkConfig, ctx: SinkContext, conn: Conn) -> Result<Self, SinkError> {
+    fn with_connection(
+        config: RedisSinkConfig,
+        ctx: SinkContext,
+        conn: Connection,
+    ) -> Result<Self, SinkError> {
         Ok(RedisSink {
             conn,
             scripts: Scripts::new(),
@@ -348,7 +187,7 @@ impl RedisSink {
     /// Whether the rows of this snapshot batch land in an empty keyspace (see [`Keyspace`]).
     /// Only the first generation seen can qualify; anything else makes the answer `false`
     /// for the rest of the sink's life.
-    async fn lands_in_empty_keyspace(&self, conn: &mut Conn, batch: &Batch) -> Result<bool, SinkError> {
+    async fn lands_in_empty_keyspace(&self, conn: &mut Connection, batch: &Batch) -> Result<bool, SinkError> {
         let generation = batch.checkpoint.generation;
         let known = *self.keyspace.lock().unwrap_or_else(|e| e.into_inner());
         let state = match known {
@@ -576,7 +415,7 @@ impl RedisSink {
     /// The sink is its keys' only writer, so they cannot change before the unit runs.
     async fn stored_rows(
         &self,
-        conn: &mut Conn,
+        conn: &mut Connection,
         template: &KeyTemplate,
         changes: &[Change],
     ) -> Result<RowState, SinkError> {
@@ -616,7 +455,7 @@ impl RedisSink {
     /// failing command stops the script before the checkpoint.
     async fn run(
         &self,
-        conn: &mut Conn,
+        conn: &mut Connection,
         unit: Unit,
         generation: &str,
         checkpoint: Option<&str>,
@@ -680,7 +519,7 @@ impl RedisSink {
     /// given.
     async fn sweep(
         &self,
-        conn: &mut Conn,
+        conn: &mut Connection,
         generation: u64,
         checkpoint: Option<&str>,
         fence: Option<&Fence>,
@@ -916,42 +755,9 @@ impl Sink for RedisSink {
 
 #[cfg(test)]
 mod tests {
-    use shapesync_core::{SinkErrorKind, Value};
+    use shapesync_core::Value;
 
     use super::*;
-
-    #[cfg(feature = "tls")]
-    #[test]
-    fn a_refused_certificate_is_recognised_by_its_rustls_error_not_its_words() {
-        use rustls::{CertificateError, Error as TlsError};
-        // tokio-rustls hands the handshake's error back inside an `io::Error`.
-        let handshake =
-            |tls: TlsError| RedisError::from(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
-        for tls in [
-            TlsError::InvalidCertificate(CertificateError::UnknownIssuer),
-            TlsError::InvalidCertificate(CertificateError::NotValidForName),
-            TlsError::NoCertificatesPresented,
-        ] {
-            let e = classify(handshake(tls.clone()));
-            assert_eq!(e.kind(), SinkErrorKind::Rejected, "{tls:?}: {e}");
-            assert!(e.message().contains("ca_file"), "{e}");
-            assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<RedisError>()));
-        }
-        // Another TLS failure, and an I/O error that merely mentions a certificate, are
-        // network faults: retried.
-        let other = classify(handshake(TlsError::DecryptError));
-        assert_eq!(other.kind(), SinkErrorKind::Unavailable, "{other}");
-        let words = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "certificate");
-        assert_eq!(classify(RedisError::from(words)).kind(), SinkErrorKind::Unavailable);
-    }
-
-    #[test]
-    fn a_server_error_reply_keeps_its_code() {
-        let reply = RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "read only replica"));
-        let e = classify(reply);
-        assert_eq!(e.kind(), SinkErrorKind::Unavailable, "{e}");
-        assert!(matches!(e.code(), Some(ErrorCode::Redis(_))), "{e:?}");
-    }
 
     #[test]
     fn json_merge_keeps_big_numbers_and_sorted_keys() {
