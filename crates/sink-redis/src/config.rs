@@ -8,6 +8,7 @@ use shapesync_core::{
     Claim, ConfigError, Sink, SinkConfig, SinkContext, SinkError, SinkErrorKind, Space, async_trait,
 };
 
+use crate::layout;
 use crate::sink::{KeyNames, RedisSink, internal_prefix};
 use crate::template::KeyTemplate;
 
@@ -129,11 +130,9 @@ impl RedisSinkConfig {
     pub(crate) fn key_spaces(&self, ctx: &SinkContext) -> (Space, Space) {
         let names = KeyNames::new(&self.prefix, self.hash_tag, &ctx.pipeline, &ctx.shape.table);
         let internal = Space::Prefix(format!("{}{}", names.base, internal_prefix(&ctx.pipeline)));
-        let rows = match (self.layout, self.template()) {
-            (Layout::Table, _) => Space::Exact(names.table),
-            (_, Ok(Some(template))) => Space::Prefix(format!("{}{}", names.base, template.literal_prefix())),
-            _ => Space::Prefix(format!("{}{}:", names.base, ctx.shape.table)),
-        };
+        // An invalid template is reported by `check`; until then it claims the default keys.
+        let template = self.template().ok().flatten();
+        let rows = layout::for_layout(self.layout, &names).key_space(template.as_ref(), &ctx.shape.table);
         (rows, internal)
     }
 

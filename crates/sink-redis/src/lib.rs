@@ -113,9 +113,11 @@
 mod config;
 mod connection;
 mod error;
+mod layout;
 mod lease;
 mod sink;
 mod template;
+mod unit;
 
 pub use config::{Layout, RedisSinkConfig, defaults};
 pub use sink::RedisSink;

@@ -1,42 +1,40 @@
 //! The Redis sink: rows, membership and checkpoint, written in units — one per live
 //! transaction, one per snapshot part or sweep step — each one fenced Lua script call.
+//! How rows are laid out is the `layout` module's; how a batch becomes units, the
+//! `unit` module's; this module reads what the units need, runs them, and keeps the
+//! lease.
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use redis::{Arg, Cmd, FromRedisValue, RedisError, Value};
-use serde_json::value::RawValue;
+use redis::{FromRedisValue, RedisError, Value};
 use shapesync_core::{
-    Acquisition, Batch, Change, Checkpoint, Fence, LeaseInfo, LeaseRequest, Operation, Row, Schema, Sink,
+    Acquisition, Batch, Change, Checkpoint, Fence, LeaseInfo, LeaseRequest, Operation, Schema, Sink,
     SinkConfig, SinkContext, SinkError, async_trait,
 };
 
-use crate::config::{Layout, RedisSinkConfig};
+use crate::config::RedisSinkConfig;
 use crate::connection::Connection;
 use crate::error::{classify, rejected};
+use crate::layout::{self, StoredRows};
 use crate::lease::{Scripts, UnitOutcome};
-use crate::template::{KeyError, KeyTemplate};
+use crate::template::KeyTemplate;
+use crate::unit::{self, Unit, UnitBuilder, command, row_key};
 
 /// Snapshot parts sent before the previous ones have answered.
 const PARTS_IN_FLIGHT: usize = 4;
-
-/// Membership entries per `HSET`/`HDEL`. Each command runs alone in Redis, so it is kept
-/// short (~0.4 ms on a million-entry hash) for readers; it must also stay under the 8000
-/// values Redis' Lua `unpack` takes.
-const MEMBERS_PER_COMMAND: usize = 250;
 
 /// A Redis cache kept exactly in sync with a shape; see the crate docs for the layout.
 pub struct RedisSink {
     conn: Connection,
     scripts: Scripts,
-    layout: Layout,
+    /// Builds units, writing rows by the configured layout.
+    units: UnitBuilder,
     template: Option<KeyTemplate>,
     primary_key: Option<Vec<String>>,
     full_rows: bool,
     table: String,
-    notify: Option<String>,
     part_size: usize,
     keys: KeyNames,
     keyspace: std::sync::Mutex<Keyspace>,
@@ -71,10 +69,12 @@ pub(crate) fn internal_prefix(pipeline: &str) -> String {
 pub(crate) struct KeyNames {
     /// `prefix` plus the hash tag: the start of every key.
     pub(crate) base: String,
-    checkpoint: String,
-    members: String,
+    /// The checkpoint's JSON.
+    pub(crate) checkpoint: String,
+    /// The membership hash: row key → the generation that last wrote it.
+    pub(crate) members: String,
     /// The pipeline's lease (see the `lease` module).
-    lease: String,
+    pub(crate) lease: String,
     /// The shape's hash under the `table` layout.
     pub(crate) table: String,
 }
@@ -91,56 +91,6 @@ impl KeyNames {
         }
     }
 }
-
-/// The commands of one unit and the membership changes it makes (row key → `true` to
-/// tag it with the unit's generation, `false` to remove it), written as few `HSET`s and
-/// `HDEL`s: only the unit's final membership of each row is ever written.
-#[derive(Default)]
-struct Unit {
-    commands: Vec<Cmd>,
-    members: BTreeMap<String, bool>,
-}
-
-impl Unit {
-    fn push(&mut self, command: Cmd) {
-        self.commands.push(command);
-    }
-
-    fn set_member(&mut self, id: &str, current: bool) {
-        self.members.insert(id.to_owned(), current);
-    }
-}
-
-/// A command from its name and arguments.
-fn command<const N: usize>(parts: [&str; N]) -> Cmd {
-    let mut cmd = Cmd::new();
-    for part in parts {
-        cmd.arg(part);
-    }
-    cmd
-}
-
-/// Merges `columns` into a stored JSON row without re-parsing any value, so numbers
-/// keep every digit; keys stay sorted, so the output is byte-stable.
-fn merge_json(stored: Option<&str>, columns: &Row) -> Result<String, String> {
-    let mut row: BTreeMap<String, Box<RawValue>> = match stored {
-        Some(text) => {
-            serde_json::from_str(text).map_err(|e| format!("stored row is not a JSON object: {e}"))?
-        }
-        None => BTreeMap::new(),
-    };
-    for (column, value) in columns {
-        row.insert(column.to_owned(), serde_json::value::to_raw_value(value).map_err(|e| e.to_string())?);
-    }
-    serde_json::to_string(&row).map_err(|e| e.to_string())
-}
-
-fn row_json(row: &Row) -> String {
-    serde_json::to_string(row).expect("rows always serialize")
-}
-
-/// The stored JSON of rows touched in this batch: `None` once deleted.
-type RowState = HashMap<String, Option<String>>;
 
 impl RedisSink {
     /// Validates `config` and connects. An unreachable server is `Unavailable`.
@@ -166,16 +116,16 @@ impl RedisSink {
         ctx: SinkContext,
         conn: Connection,
     ) -> Result<Self, SinkError> {
+        let keys = KeyNames::new(&config.prefix, config.hash_tag, &ctx.pipeline, &ctx.shape.table);
         Ok(RedisSink {
             conn,
             scripts: Scripts::new(),
-            layout: config.layout,
             template: config.template().map_err(rejected)?,
+            units: UnitBuilder::new(layout::for_layout(config.layout, &keys), config.notify),
             primary_key: config.primary_key,
             full_rows: ctx.shape.full_rows,
-            keys: KeyNames::new(&config.prefix, config.hash_tag, &ctx.pipeline, &ctx.shape.table),
+            keys,
             table: ctx.shape.table,
-            notify: config.notify,
             part_size: config.part_size,
             keyspace: std::sync::Mutex::new(Keyspace::Unknown),
             uncertain: std::sync::atomic::AtomicBool::new(false),
@@ -253,206 +203,42 @@ impl RedisSink {
                 "table `{}` has no primary key, so there is no default key; set `key` on the sink",
                 self.table
             ))),
-            None if self.layout == Layout::Table => Ok(KeyTemplate::joined("", &pk)),
-            None => Ok(KeyTemplate::joined(&format!("{}:", self.table), &pk)),
+            None => Ok(self.units.layout().default_template(&self.table, &pk)),
         }
     }
 
-    fn row_key(template: &KeyTemplate, row: &Row, change: &Change) -> Result<String, SinkError> {
-        template.render(row).map_err(|e| {
-            SinkError::rejected(match e {
-                KeyError::Missing(c) => format!(
-                    "the {} of row {} has no value for key column `{c}`; key by columns every change carries (the primary key), or set `replica: full`",
-                    change.op.as_str(),
-                    change.key
-                ),
-                KeyError::Null(c) => {
-                    format!("key column `{c}` is NULL in row {}; key by non-null columns", change.key)
-                }
-            })
-        })
-    }
-
-    fn data_key(&self, id: &str) -> String {
-        format!("{}{id}", self.keys.base)
-    }
-
-    fn publish(&self, unit: &mut Unit, op: Operation, id: &str) {
-        let Some(channel) = &self.notify else { return };
-        let message = match self.layout {
-            Layout::Table => serde_json::json!({ "op": op.as_str(), "key": self.keys.table, "field": id }),
-            Layout::Hash | Layout::Json => serde_json::json!({ "op": op.as_str(), "key": self.data_key(id) }),
-        };
-        unit.push(command(["PUBLISH", channel, &message.to_string()]));
-    }
-
-    /// Stores `json` as row `id` (JSON layouts).
-    fn put_json(&self, unit: &mut Unit, id: &str, json: String, rows: &mut RowState) {
-        match self.layout {
-            Layout::Table => unit.push(command(["HSET", &self.keys.table, id, &json])),
-            _ => unit.push(command(["SET", &self.data_key(id), &json])),
-        }
-        rows.insert(id.to_owned(), Some(json));
-    }
-
-    /// Writes `row` as the whole of row `id`; `replace` removes what was stored first
-    /// (only a row known not to exist may skip it).
-    fn put(&self, unit: &mut Unit, id: &str, row: &Row, rows: &mut RowState, replace: bool) {
-        match self.layout {
-            Layout::Hash => {
-                let key = self.data_key(id);
-                let mut fields = Vec::new();
-                for (column, value) in row {
-                    if let Some(text) = value.render() {
-                        fields.push((column, text));
-                    }
-                }
-                if replace {
-                    // Inside the unit's script: no reader sees the row missing in between.
-                    unit.push(command(["DEL", &key]));
-                }
-                if !fields.is_empty() {
-                    // (A row of NULLs is an empty hash, which Redis does not keep.)
-                    let mut hset = command(["HSET", &key]);
-                    for (column, text) in &fields {
-                        hset.arg(*column).arg(&**text);
-                    }
-                    unit.push(hset);
-                }
-            }
-            Layout::Json | Layout::Table => self.put_json(unit, id, row_json(row), rows),
-        }
-    }
-
-    /// Merges the given columns into row `id`.
-    fn merge(&self, unit: &mut Unit, id: &str, columns: &Row, rows: &mut RowState) -> Result<(), SinkError> {
-        match self.layout {
-            Layout::Hash => {
-                let key = self.data_key(id);
-                let (nulls, set): (Vec<_>, Vec<_>) = columns.iter().partition(|(_, v)| v.is_null());
-                if !set.is_empty() {
-                    let mut hset = command(["HSET", &key]);
-                    for (column, value) in set {
-                        if let Some(text) = value.render() {
-                            hset.arg(column).arg(&*text);
-                        }
-                    }
-                    unit.push(hset);
-                }
-                if !nulls.is_empty() {
-                    let mut hdel = command(["HDEL", &key]);
-                    for (column, _) in nulls {
-                        hdel.arg(column);
-                    }
-                    unit.push(hdel);
-                }
-            }
-            Layout::Json | Layout::Table => {
-                let stored = rows.get(id).cloned().flatten();
-                let merged = merge_json(stored.as_deref(), columns).map_err(|m| {
-                    SinkError::rejected(format!(
-                        "cannot merge an update into row key `{id}`: {m}; another writer uses this key, give the sink its own `prefix`"
-                    ))
-                })?;
-                self.put_json(unit, id, merged, rows);
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes row `id` and its membership.
-    fn remove(&self, unit: &mut Unit, id: &str, rows: &mut RowState) {
-        match self.layout {
-            Layout::Table => unit.push(command(["HDEL", &self.keys.table, id])),
-            Layout::Hash | Layout::Json => unit.push(command(["UNLINK", &self.data_key(id)])),
-        }
-        unit.set_member(id, false);
-        rows.insert(id.to_owned(), None);
-        self.publish(unit, Operation::Delete, id);
-    }
-
-    fn mark(&self, unit: &mut Unit, id: &str, op: Operation) {
-        unit.set_member(id, true);
-        self.publish(unit, op, id);
-    }
-
-    fn write_change(
-        &self,
-        unit: &mut Unit,
-        template: &KeyTemplate,
-        change: &Change,
-        rows: &mut RowState,
-        new_row: bool,
-    ) -> Result<(), SinkError> {
-        let id = Self::row_key(template, &change.value, change)?;
-        match change.op {
-            Operation::Insert => {
-                self.put(unit, &id, &change.value, rows, !new_row);
-                self.mark(unit, &id, Operation::Insert);
-            }
-            Operation::Delete => self.remove(unit, &id, rows),
-            Operation::Update => {
-                // Under `replica: full` an update may change a key column: the row moves.
-                if let Some(old) = &change.old_value {
-                    let mut before = change.value.clone();
-                    before.merge(old);
-                    let old_id = Self::row_key(template, &before, change)?;
-                    if old_id != id {
-                        self.remove(unit, &old_id, rows);
-                        self.put(unit, &id, &change.value, rows, true);
-                        self.mark(unit, &id, Operation::Insert);
-                        return Ok(());
-                    }
-                }
-                self.merge(unit, &id, &change.value, rows)?;
-                self.mark(unit, &id, Operation::Update);
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the stored JSON of every row an update will merge into (JSON layouts).
-    /// The sink is its keys' only writer, so they cannot change before the unit runs.
+    /// Reads the stored JSON of every row an update will merge into (layouts that
+    /// merge stored JSON; nothing for the others). The sink is its keys' only writer, so
+    /// they cannot change before the unit runs.
     async fn stored_rows(
         &self,
         conn: &mut Connection,
         template: &KeyTemplate,
         changes: &[Change],
-    ) -> Result<RowState, SinkError> {
-        let mut rows = RowState::new();
-        if self.layout == Layout::Hash {
+    ) -> Result<StoredRows, SinkError> {
+        let mut rows = StoredRows::new();
+        let Some(stored_json) = self.units.layout().stored_json() else {
             return Ok(rows);
-        }
+        };
         let mut ids = Vec::new();
         for change in changes.iter().filter(|c| c.op == Operation::Update) {
-            let id = Self::row_key(template, &change.value, change)?;
+            let id = row_key(template, &change.value, change)?;
             if !rows.contains_key(&id) {
                 rows.insert(id.clone(), None);
                 ids.push(id);
             }
         }
         for chunk in ids.chunks(self.part_size) {
-            let mut cmd = match self.layout {
-                Layout::Table => redis::cmd("HMGET").arg(&self.keys.table).to_owned(),
-                _ => redis::cmd("MGET"),
-            };
-            for id in chunk {
-                match self.layout {
-                    Layout::Table => cmd.arg(id),
-                    _ => cmd.arg(self.data_key(id)),
-                };
-            }
-            let values: Vec<Option<String>> = cmd.query_async(conn).await.map_err(classify)?;
+            let values: Vec<Option<String>> =
+                stored_json.read(chunk).query_async(conn).await.map_err(classify)?;
             rows.extend(chunk.iter().cloned().zip(values));
         }
         Ok(rows)
     }
 
-    /// Runs `unit` as one fenced script call (see `lease::UNIT_SCRIPT`): new
-    /// memberships (tagged `generation`) first, so a write cut short never leaves a row
-    /// the sweep cannot find, then the unit's commands, then removed memberships, then
-    /// `checkpoint`. Redis runs a script alone, so readers never see half a unit. A
-    /// failing command stops the script before the checkpoint.
+    /// Runs `unit` as one fenced script call (see [`Unit::into_call`]), storing
+    /// `checkpoint` last if given. Redis runs a script alone, so readers never see half
+    /// a unit; a failing command stops the script before the checkpoint.
     async fn run(
         &self,
         conn: &mut Connection,
@@ -461,47 +247,75 @@ impl RedisSink {
         checkpoint: Option<&str>,
         fence: Option<&Fence>,
     ) -> Result<UnitOutcome, SinkError> {
-        let Unit { commands, members } = unit;
-        let (joined, left): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, current)| *current);
-        let mut ordered = Vec::with_capacity(commands.len() + 4);
-        for chunk in joined.chunks(MEMBERS_PER_COMMAND) {
-            let mut hset = command(["HSET", &self.keys.members]);
-            for (id, _) in chunk {
-                hset.arg(id).arg(generation);
-            }
-            ordered.push(hset);
-        }
-        ordered.extend(commands);
-        for chunk in left.chunks(MEMBERS_PER_COMMAND) {
-            let mut hdel = command(["HDEL", &self.keys.members]);
-            for (id, _) in chunk {
-                hdel.arg(id);
-            }
-            ordered.push(hdel);
-        }
-        ordered.extend(checkpoint.map(|json| command(["SET", &self.keys.checkpoint, json])));
-        if ordered.is_empty() && fence.is_none() {
+        let Some(call) = unit.into_call(&self.scripts.unit, &self.keys, generation, checkpoint, fence) else {
             return Ok(UnitOutcome::Applied);
-        }
-        let mut invocation = self.scripts.unit.key(&self.keys.lease);
-        match fence {
-            Some(f) => invocation.arg(&f.owner).arg(f.epoch).arg(f.seq).arg(f.ttl_ms),
-            None => invocation.arg("").arg(0).arg(0).arg(0),
         };
-        invocation.arg(if checkpoint.is_some() { "1" } else { "0" }).arg(generation);
-        for cmd in &ordered {
-            invocation.arg(cmd.args_iter().len());
-            for arg in cmd.args_iter() {
-                if let Arg::Simple(bytes) = arg {
-                    invocation.arg(bytes);
-                }
-            }
-        }
-        let answer = invocation.invoke_async::<Value>(conn).await.map_err(|e| self.classify_unit(e))?;
+        let answer = call.invoke_async::<Value>(conn).await.map_err(|e| self.classify_unit(e))?;
         match fence {
             Some(f) => crate::lease::unit_outcome(answer, f, checkpoint.is_some()),
             None => Ok(UnitOutcome::Applied),
         }
+    }
+
+    /// Writes `batch`'s changes as its units (see [`unit::parts`]), the one with the
+    /// checkpoint last. Parts before the last are replayable snapshot rows, so a few stay
+    /// in flight to overlap building with Redis work; the last part is sent only after
+    /// every earlier one has committed. `AlreadyCommitted` when a unit found the batch
+    /// committed by an earlier attempt (the rest is then not sent).
+    async fn write_parts(
+        &self,
+        conn: &mut Connection,
+        batch: &Batch,
+        template: &KeyTemplate,
+        checkpoint: &str,
+        fence: Option<&Fence>,
+    ) -> Result<UnitOutcome, SinkError> {
+        let mut rows = self.stored_rows(conn, template, &batch.changes).await?;
+        let snapshot = batch.is_snapshot();
+        let new_rows = if snapshot {
+            self.lands_in_empty_keyspace(conn, batch).await?
+        } else {
+            *self.keyspace.lock().unwrap_or_else(|e| e.into_inner()) = Keyspace::Populated;
+            false
+        };
+        let generation = batch.checkpoint.generation.to_string();
+        let mut in_flight = FuturesOrdered::new();
+        let mut already = false;
+        for part in unit::parts(batch, self.part_size) {
+            let mut unit = Unit::default();
+            for change in part.changes {
+                self.units.write_change(&mut unit, template, change, &mut rows, new_rows)?;
+            }
+            if snapshot {
+                rows.clear(); // inserts only: no later change reads what this part wrote
+            }
+            if part.last {
+                while let Some(outcome) = in_flight.next().await {
+                    already |= outcome? == UnitOutcome::AlreadyCommitted;
+                }
+                if already {
+                    return Ok(UnitOutcome::AlreadyCommitted);
+                }
+            }
+            let with_checkpoint = part.checkpoint.then_some(checkpoint);
+            let mut conn = self.conn.clone();
+            let generation = generation.as_str();
+            in_flight.push_back(async move {
+                self.run(&mut conn, unit, generation, with_checkpoint, fence).await
+            });
+            if (part.last || in_flight.len() >= PARTS_IN_FLIGHT)
+                && let Some(outcome) = in_flight.next().await
+            {
+                already |= outcome? == UnitOutcome::AlreadyCommitted;
+            }
+            if already {
+                while let Some(outcome) = in_flight.next().await {
+                    outcome?;
+                }
+                return Ok(UnitOutcome::AlreadyCommitted);
+            }
+        }
+        Ok(UnitOutcome::Applied)
     }
 
     /// Classifies a unit's failure; one that may have committed without our knowing
@@ -534,14 +348,7 @@ impl RedisSink {
                 .query_async(conn)
                 .await
                 .map_err(classify)?;
-            let mut unit = Unit::default();
-            let mut scratch = RowState::new();
-            for pair in flat.chunks_exact(2) {
-                // An unreadable generation cannot be current, so the row goes.
-                if pair[1].parse::<u64>().map_or(true, |g| g < generation) {
-                    self.remove(&mut unit, &pair[0], &mut scratch);
-                }
-            }
+            let unit = self.units.sweep_step(&flat, generation);
             let done = next == "0";
             let outcome = self.run(conn, unit, "", checkpoint.filter(|_| done), fence).await?;
             if done || outcome == UnitOutcome::AlreadyCommitted {
@@ -640,66 +447,9 @@ impl Sink for RedisSink {
         }
         let mut conn = self.conn.clone();
         let template = self.key_template(batch.schema())?;
-        let generation = batch.checkpoint.generation.to_string();
         let checkpoint = batch.checkpoint.to_json();
-        let mut rows = self.stored_rows(&mut conn, &template, &batch.changes).await?;
-        let snapshot = batch.is_snapshot();
-        let new_rows = if snapshot {
-            self.lands_in_empty_keyspace(&mut conn, batch).await?
-        } else {
-            *self.keyspace.lock().unwrap_or_else(|e| e.into_inner()) = Keyspace::Populated;
-            false
-        };
-        let parts: Vec<&[Change]> = if batch.changes.is_empty() {
-            vec![&[]]
-        } else if snapshot {
-            batch.changes.chunks(self.part_size).collect()
-        } else {
-            vec![&batch.changes]
-        };
-        // Parts before the last are replayable snapshot rows, so a few stay in flight to
-        // overlap building with Redis work. The last part carries the checkpoint and is
-        // sent only after every earlier part has committed.
-        let mut in_flight = FuturesOrdered::new();
-        let count = parts.len();
-        let mut already = false;
-        for (i, part) in parts.into_iter().enumerate() {
-            let mut unit = Unit::default();
-            for change in part {
-                self.write_change(&mut unit, &template, change, &mut rows, new_rows)?;
-            }
-            if snapshot {
-                rows.clear(); // inserts only: no later change reads what this part wrote
-            }
-            let last = i + 1 == count;
-            if last {
-                while let Some(outcome) = in_flight.next().await {
-                    already |= outcome? == UnitOutcome::AlreadyCommitted;
-                }
-                if already {
-                    return Ok(());
-                }
-            }
-            let checkpoint = checkpoint.as_str();
-            let with_checkpoint = (last && !batch.sweep).then_some(checkpoint);
-            let mut conn = self.conn.clone();
-            let generation = generation.as_str();
-            in_flight.push_back(async move {
-                self.run(&mut conn, unit, generation, with_checkpoint, fence).await
-            });
-            if (last || in_flight.len() >= PARTS_IN_FLIGHT)
-                && let Some(outcome) = in_flight.next().await
-            {
-                already |= outcome? == UnitOutcome::AlreadyCommitted;
-            }
-            if already {
-                while let Some(outcome) = in_flight.next().await {
-                    outcome?;
-                }
-                return Ok(());
-            }
-        }
-        if batch.sweep {
+        let outcome = self.write_parts(&mut conn, batch, &template, &checkpoint, fence).await?;
+        if outcome == UnitOutcome::Applied && batch.sweep {
             self.sweep(&mut conn, batch.checkpoint.generation, Some(&checkpoint), fence).await?;
         }
         Ok(())
@@ -755,7 +505,7 @@ impl Sink for RedisSink {
 
 #[cfg(test)]
 mod tests {
-    use shapesync_core::Value;
+    use shapesync_core::{Row, Value};
 
     use super::*;
 
@@ -766,10 +516,10 @@ mod tests {
         update.insert("b", Value::Int(i64::MAX));
         update.insert("z", Value::Null);
         assert_eq!(
-            merge_json(Some(stored), &update).unwrap(),
+            layout::merge_json(Some(stored), &update).unwrap(),
             r#"{"a":9007199254740993,"b":9223372036854775807,"j":{"x":1.10},"z":null}"#
         );
-        assert!(merge_json(Some("[1]"), &update).is_err());
+        assert!(layout::merge_json(Some("[1]"), &update).is_err());
     }
 
     #[test]
