@@ -186,9 +186,10 @@ fn must_be_known(
     Ok(())
 }
 
-#[async_trait]
-impl SinkConfig for RedisSinkConfig {
-    fn check(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
+impl RedisSinkConfig {
+    /// Checks the settings of the connection and of the units: URL, database, part
+    /// size, timeout, `notify`, cluster, hash tag and CA file.
+    fn check_connection(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
         self.connection_info()?;
         if self.database.is_some_and(|db| db < 0) {
             return Err(ConfigError::new("database", "expected a database number of 0 or more"));
@@ -245,6 +246,12 @@ impl SinkConfig for RedisSinkConfig {
         {
             return Err(ConfigError::new("ca_file", format!("cannot read the file: {e}")));
         }
+        Ok(())
+    }
+
+    /// Checks the keys rows are written under: the template against the sink's own keys,
+    /// the shape's columns and the primary key.
+    fn check_keys(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
         let template = self.template()?;
         let (rows, internal) = self.key_spaces(ctx);
         if rows.overlaps(&internal) {
@@ -280,6 +287,14 @@ impl SinkConfig for RedisSinkConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl SinkConfig for RedisSinkConfig {
+    fn check(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
+        self.check_connection(ctx)?;
+        self.check_keys(ctx)
     }
 
     fn claims(&self, ctx: &SinkContext) -> Vec<Claim> {
