@@ -48,15 +48,17 @@ impl Connection {
             SinkError::rejected(format!("`ca_file` {path} holds no usable certificate: {e}")).with_source(e)
         };
         if cluster {
-            let mut builder = ClusterClient::builder([info])
+            let builder = ClusterClient::builder([info])
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(timeout)
                 .retries(1);
             #[cfg(feature = "tls")]
-            if root_cert.is_some() {
-                builder =
-                    builder.certs(redis::TlsCertificates { client_tls: None, root_cert: root_cert.clone() });
-            }
+            let builder = match &root_cert {
+                Some(pem) => {
+                    builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) })
+                }
+                None => builder,
+            };
             let client =
                 builder.build().map_err(|e| if root_cert.is_some() { bad_ca(e) } else { classify(e) })?;
             return Ok(Connection::Cluster(Arc::new(client), Arc::default()));
