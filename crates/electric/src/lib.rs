@@ -25,9 +25,11 @@ mod request;
 mod stream;
 mod tags;
 
-pub use config::{ElectricSourceConfig, ParamValue};
+pub use config::ElectricSourceConfig;
 pub use error::ShapeError;
-pub use options::{BackoffConfig, LogMode, Replica, ShapeOptions, StartFrom, defaults, quote_identifier};
+pub use options::{
+    BackoffConfig, LogMode, ParamValue, Replica, ShapeOptions, StartFrom, defaults, quote_identifier,
+};
 pub use request::redact_url;
 pub use stream::{ShapeEvent, ShapeStream, headers};
 

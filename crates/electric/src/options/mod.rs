@@ -13,6 +13,10 @@ use url::Url;
 use crate::ShapeError;
 use crate::request::{REDACTED, redact_url};
 
+mod keys;
+
+pub use keys::ParamValue;
+
 /// Defaults, in one place.
 pub mod defaults {
     use std::time::Duration;
@@ -113,70 +117,118 @@ impl Default for BackoffConfig {
     }
 }
 
-/// Everything a [`crate::ShapeStream`] needs. Build with [`ShapeOptions::new`] and set
-/// the public fields you need. Its `Debug` output hides the secret, header values and
-/// URL credentials.
-#[derive(Clone)]
+/// Everything a [`crate::ShapeStream`] needs, and the `source:` mapping of a
+/// `type: electric` pipeline (see [`crate::ElectricSourceConfig`]): the one model of
+/// the options.
+///
+/// In code, build it with [`ShapeOptions::new`] and set the public fields you need.
+/// From a pipeline file it deserializes directly: the YAML keys are the field names,
+/// but for `where` ([`ShapeOptions::where_clause`]) and the timeouts, which are whole
+/// seconds (`timeout_secs`, `connect_timeout_secs`, `idle_timeout_secs`); fields
+/// without a key stay at their [`defaults`]. Each key is checked as it is read, and
+/// its error names it (`params.x`, `columns.1`, `headers.Bad Name`). Its `Debug`
+/// output hides the secret, header values and URL credentials.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShapeOptions {
     /// The full shape endpoint, e.g. `http://localhost:3000/v1/shape`. Query
     /// parameters already on it are kept.
+    #[serde(deserialize_with = "keys::http_url")]
     pub url: Url,
     /// `table` or `schema.table` (quote names with capitals: `"MyTable"`).
+    #[serde(deserialize_with = "keys::table")]
     pub table: String,
-    /// SQL `where` filter, with `$1`, `$2`, … placeholders.
+    /// SQL `where` filter, with `$1`, `$2`, … placeholders. YAML: `where`.
+    #[serde(default, rename = "where")]
     pub where_clause: Option<String>,
-    /// Placeholder values by number, sent as `params[1]=…`.
+    /// Placeholder values by number, sent as `params[1]=…`. In YAML a mapping from
+    /// the number (`1: open`); numbers and booleans are sent as text.
+    #[serde(default, deserialize_with = "keys::params")]
     pub params: BTreeMap<u32, String>,
     /// Selected columns (must include the primary key); quoted on the wire when needed.
+    #[serde(default, deserialize_with = "keys::columns")]
     pub columns: Option<Vec<String>>,
     /// `replica` mode.
+    #[serde(default)]
     pub replica: Replica,
-    /// `log` mode.
+    /// `log` mode. Pipelines accept only `full` (see [`crate::ElectricSourceConfig`]).
+    #[serde(default)]
     pub log: LogMode,
     /// API secret (`secret` parameter). Never logged.
+    #[serde(default)]
     pub secret: Option<String>,
     /// Extra request headers (e.g. `Authorization`). Never logged.
+    #[serde(default, deserialize_with = "keys::headers")]
     pub headers: HeaderMap,
     /// A file of `Name: value` lines (blank lines and `#` comments skipped), re-read
     /// before every request so a mounted secret or a sidecar can rotate a token. Its
     /// headers replace same-named ones of [`ShapeOptions::headers`]. Never logged.
+    #[serde(default)]
     pub headers_file: Option<PathBuf>,
     /// A file holding the API secret (surrounding whitespace trimmed), re-read before
     /// every request; it replaces [`ShapeOptions::secret`]. Never logged.
+    #[serde(default)]
     pub secret_file: Option<PathBuf>,
     /// 401/403 answers (and unreadable credential files) retried in a row, with
     /// backoff and re-reading the credential files, before the stream fails with
     /// [`ShapeError::Rejected`] (or [`ShapeError::InvalidOptions`] for a file).
+    #[serde(default = "keys::default_auth_retries", deserialize_with = "keys::auth_retries")]
     pub auth_retries: u32,
-    /// Where to start when not resuming.
+    /// Where to start when not resuming. Not a YAML key: pipelines resume from their
+    /// sink's checkpoint.
+    #[serde(skip)]
     pub start: StartFrom,
     /// Bounds a live long-poll (headers and body; keep it above the server's 20 s
     /// hold) and the wait for a non-live response's headers. For SSE it bounds the wait
     /// for headers and the silence between messages. Non-live bodies are bounded by
     /// [`ShapeOptions::idle_timeout`] instead, so a large chunk on a slow link completes.
+    /// YAML: `timeout_secs`.
+    #[serde(
+        rename = "timeout_secs",
+        default = "keys::default_request_timeout",
+        deserialize_with = "keys::request_timeout_secs"
+    )]
     pub request_timeout: Duration,
     /// Longest wait for a connection. Applies to the client [`crate::ShapeStream::new`]
-    /// builds; with your own client, set `connect_timeout` on it.
+    /// builds; with your own client, set `connect_timeout` on it. YAML:
+    /// `connect_timeout_secs`.
+    #[serde(
+        rename = "connect_timeout_secs",
+        default = "keys::default_connect_timeout",
+        deserialize_with = "keys::connect_timeout_secs"
+    )]
     pub connect_timeout: Duration,
     /// Longest silence (no body bytes) while a non-live response body downloads; the
-    /// download as a whole has no time limit.
+    /// download as a whole has no time limit. YAML: `idle_timeout_secs`.
+    #[serde(
+        rename = "idle_timeout_secs",
+        default = "keys::default_idle_timeout",
+        deserialize_with = "keys::idle_timeout_secs"
+    )]
     pub idle_timeout: Duration,
     /// Follow live changes over Server-Sent Events instead of long-polling. A
     /// connection that ends having delivered nothing is followed by one long-poll;
     /// after 3 in a row that close within a second the stream long-polls for 5 minutes
     /// or 20 good long-polls, then tries SSE again.
+    #[serde(default, deserialize_with = "keys::null_as_false")]
     pub live_sse: bool,
-    /// Retry policy for transient faults.
+    /// Retry policy for transient faults. Not a YAML key.
+    #[serde(skip)]
     pub backoff: BackoffConfig,
-    /// Consecutive malformed (non-JSON) bodies retried before a protocol error.
+    /// Consecutive malformed (non-JSON) bodies retried before a protocol error. Not a
+    /// YAML key.
+    #[serde(skip, default = "keys::default_malformed_body_retries")]
     pub malformed_body_retries: u32,
     /// Largest response body read, in bytes; for SSE, the largest single event. A
     /// body that declares more (`content-length`) is refused before it is read, one
     /// that sends more (or never ends) is cut off at this size, and either is a
     /// transient server fault: retried with backoff at the same offset. Raise it if
     /// the shape holds rows this large.
+    #[serde(default = "keys::default_max_response_bytes", deserialize_with = "keys::max_response_bytes")]
     pub max_response_bytes: u64,
-    /// Pipeline id to label metrics with; `None` records no metrics.
+    /// Pipeline id to label metrics with; `None` records no metrics. Not a YAML key
+    /// (the pipeline's id is used).
+    #[serde(skip)]
     pub metrics_pipeline: Option<String>,
 }
 
@@ -244,13 +296,20 @@ impl ShapeOptions {
     /// Adds a request header; fails (without echoing the value) when the name or
     /// value is not valid HTTP.
     pub fn header(mut self, name: &str, value: &str) -> Result<Self, ShapeError> {
-        let n = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| ShapeError::InvalidOptions(format!("header name {name:?} is not valid HTTP")))?;
-        let v = HeaderValue::from_str(value).map_err(|_| {
-            ShapeError::InvalidOptions(format!("the value of header {name:?} is not valid HTTP"))
-        })?;
+        let (n, v) = parse_header(name, value)?;
         self.headers.insert(n, v);
         Ok(self)
+    }
+
+    /// The checks of a pipeline's `source:` mapping that involve more than one key
+    /// (each key's own are made as it is read), then [`ShapeOptions::validate`]; the
+    /// error names the key at fault.
+    pub(crate) fn check_keys(&self) -> Result<(), shapesync_core::ConfigError> {
+        use shapesync_core::ConfigError;
+        if self.secret.is_some() && self.secret_file.is_some() {
+            return Err(ConfigError::new("secret_file", "set `secret` or `secret_file`, not both"));
+        }
+        self.validate().map_err(|e| ConfigError::new("", e.to_string()))
     }
 
     /// Checks the options without I/O.
@@ -326,6 +385,15 @@ impl ShapeOptions {
             StartFrom::Now => None,
         }
     }
+}
+
+/// A request header from text; the error names the header but never echoes its value.
+fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ShapeError> {
+    let n = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| ShapeError::InvalidOptions(format!("header name {name:?} is not valid HTTP")))?;
+    let v = HeaderValue::from_str(value)
+        .map_err(|_| ShapeError::InvalidOptions(format!("the value of header {name:?} is not valid HTTP")))?;
+    Ok((n, v))
 }
 
 /// Quotes `name` for the `columns` parameter unless it is a plain lower-case
