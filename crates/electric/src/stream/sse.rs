@@ -93,6 +93,16 @@ enum SseRead {
     Ended(Option<ShapeEvent>),
 }
 
+/// What one SSE message leads to.
+enum SseStep {
+    /// Read the next message.
+    ReadOn,
+    /// Yield this event (the connection may stay open).
+    Yield(ShapeEvent),
+    /// The connection is gone: reconnect.
+    Reconnect,
+}
+
 impl ShapeStream {
     /// Keeps an SSE response open as the live connection (unless a cache served it).
     pub(super) fn open_sse(
@@ -124,8 +134,10 @@ impl ShapeStream {
                 SseRead::Data(data) => data,
                 SseRead::Ended(event) => return Ok(event),
             };
-            if let Some(event) = self.on_sse_message(&data).await? {
-                return Ok(event);
+            match self.on_sse_message(&data).await? {
+                SseStep::ReadOn => {}
+                SseStep::Yield(event) => return Ok(Some(event)),
+                SseStep::Reconnect => return Ok(None),
             }
         }
     }
@@ -167,23 +179,24 @@ impl ShapeStream {
         }
     }
 
-    /// Handles one SSE event's data. `Ok(Some(Some(event)))`: yield it;
-    /// `Ok(Some(None))`: the connection is gone, reconnect; `Ok(None)`: read on.
-    async fn on_sse_message(&mut self, data: &[u8]) -> Result<Option<Option<ShapeEvent>>, ShapeError> {
+    /// Handles one SSE event's data: a change or a move is buffered until
+    /// `up-to-date` (or until `max_response_bytes` of them); `up-to-date` and
+    /// `must-refetch` yield at once.
+    async fn on_sse_message(&mut self, data: &[u8]) -> Result<SseStep, ShapeError> {
         let schema = self.schema.clone().unwrap_or_default();
         let (mut changes, marks, is_move) = match parse_message(data, &schema) {
             Ok(Message::Change(change, tags)) => {
                 if change.position.is_some() && change.position <= self.last_position {
                     tracing::trace!("skipping an op already delivered before the SSE reconnect");
-                    return Ok(None);
+                    return Ok(SseStep::ReadOn);
                 }
                 (vec![change], tags.map(|t| vec![(0, Mark::Tags(t))]).unwrap_or_default(), false)
             }
             // A move event becomes deletes (a move-out) of rows held.
             Ok(Message::Move(event)) => (Vec::new(), vec![(0, Mark::Move(event))], true),
-            Ok(Message::UpToDate(global_lsn)) => return Ok(Some(Some(self.sse_flush(true, global_lsn)))),
-            Ok(Message::MustRefetch) => return Ok(Some(Some(self.reset(None, true)))),
-            Ok(Message::Ignored) => return Ok(None),
+            Ok(Message::UpToDate(global_lsn)) => return Ok(SseStep::Yield(self.sse_flush(true, global_lsn))),
+            Ok(Message::MustRefetch) => return Ok(SseStep::Yield(self.reset(None, true))),
+            Ok(Message::Ignored) => return Ok(SseStep::ReadOn),
             Err(BodyError::Invalid(detail)) => {
                 self.sse.connection = None;
                 return Err(ShapeError::Protocol(detail));
@@ -198,16 +211,16 @@ impl ShapeStream {
                     )));
                 }
                 self.wait_after_fault(&detail, None).await;
-                return Ok(Some(None));
+                return Ok(SseStep::Reconnect);
             }
         };
         match self.tags.apply(&mut changes, marks, &schema) {
             Ok(Resolution::Resolved) if is_move => self.count_moves(),
             Ok(Resolution::Resolved) => {}
-            Ok(Resolution::Unknown) => return Ok(Some(Some(self.refetch_for_unknown_tags()))),
+            Ok(Resolution::Unknown) => return Ok(SseStep::Yield(self.refetch_for_unknown_tags())),
             Err(detail) => return Err(ShapeError::Protocol(detail)),
         }
-        let Some(conn) = self.sse.connection.as_mut() else { return Ok(Some(None)) };
+        let Some(conn) = self.sse.connection.as_mut() else { return Ok(SseStep::Reconnect) };
         conn.changes.append(&mut changes);
         // The bytes of changes count towards the cap (a move's deletes are not sent).
         if !is_move {
@@ -215,10 +228,10 @@ impl ShapeStream {
             if conn.buffered_bytes > self.options.max_response_bytes {
                 // A server that never says up-to-date must not fill memory: hand what
                 // arrived on, as a long-poll response cut short would be.
-                return Ok(Some(Some(self.sse_flush(false, None))));
+                return Ok(SseStep::Yield(self.sse_flush(false, None)));
             }
         }
-        Ok(None)
+        Ok(SseStep::ReadOn)
     }
 
     /// The SSE connection ended: closed, failed or silent for the request timeout.
