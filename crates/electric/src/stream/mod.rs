@@ -253,9 +253,9 @@ impl ShapeStream {
     /// The next event. Waits while the shape is up to date (long-polling), and
     /// retries 5xx, 429, timeouts and network faults forever with backoff.
     ///
-    /// Each turn of the loop either reads the open SSE connection ([`sse`]), or makes
-    /// one request and handles its response ([`long_poll`]); a turn that yields no
-    /// event (a retried fault, a guard that asks for another request) loops.
+    /// Each turn of the loop either reads the open SSE connection (module `sse`), or
+    /// makes one request and handles its response (module `long_poll`); a turn that
+    /// yields no event (a retried fault, a guard that asks for another request) loops.
     pub async fn next_event(&mut self) -> Result<ShapeEvent, ShapeError> {
         loop {
             if self.sse.connection.is_some() {
