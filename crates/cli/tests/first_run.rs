@@ -50,28 +50,34 @@ fn without_files_or_redis_the_demo_syncs_into_a_sqlite_file_and_keeps_following(
     assert!(text.contains("sqlite3 shapesync-demo.db"), "it says where to look: {text}");
 }
 
-/// A sink that does not answer at start is named once with its address, then the log
-/// stays quiet: at most one line per backoff period (30 s by default), not one per retry.
-#[test]
-fn an_unreachable_sink_is_reported_once_not_once_per_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let file = dir.path().join("unreachable.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "pipelines:\n  unreachable:\n    source: {{type: electric, url: 'http://127.0.0.1:9/v1/shape', table: items}}\n    sink: {{type: redis, url: 'redis://127.0.0.1:{closed}', prefix: 'x:'}}\n"
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("run.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
+/// `shapesync --log-format json run <file>` for a pipeline file holding `yaml`, its log
+/// written to `run.log` in `dir`.
+fn run_logged(dir: &std::path::Path, yaml: &str) -> (std::process::Child, std::path::PathBuf) {
+    let file = dir.join("pipelines.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let log = dir.join("run.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
         .args(["--log-format", "json", "run"])
         .arg(&file)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    (child, log)
+}
+
+/// A sink that does not answer at start is named once with its address, then the log
+/// stays quiet: at most one line per backoff period (30 s by default), not one per retry.
+#[test]
+fn an_unreachable_sink_is_reported_once_not_once_per_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (mut child, log) = run_logged(
+        dir.path(),
+        &format!(
+            "pipelines:\n  unreachable:\n    source: {{type: electric, url: 'http://127.0.0.1:9/v1/shape', table: items}}\n    sink: {{type: redis, url: 'redis://127.0.0.1:{closed}', prefix: 'x:'}}\n"
+        ),
+    );
     // Retries start 100 ms apart: over three seconds an unthrottled log has a dozen lines.
     let started = Instant::now();
     let retried = |text: &str| text.lines().filter(|l| l.contains("cannot reach the sink")).count();
@@ -95,22 +101,12 @@ fn every_line_of_a_pipeline_carries_its_id() {
     let dir = tempfile::tempdir().unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dead_source = format!("http://127.0.0.1:{closed}/v1/shape");
-    let file = dir.path().join("two.yaml");
-    std::fs::write(
-        &file,
-        format!(
+    let (mut child, log) = run_logged(
+        dir.path(),
+        &format!(
             "pipelines:\n  first:\n    source: {{type: electric, url: '{dead_source}', table: items}}\n    sink: {{type: memory}}\n  second:\n    source: {{type: electric, url: '{dead_source}', table: items}}\n    sink: {{type: memory}}\n"
         ),
-    )
-    .unwrap();
-    let log = dir.path().join("run.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
-        .args(["--log-format", "json", "run"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    );
     let started = Instant::now();
     let source_warnings = |text: &str| {
         text.lines()
