@@ -91,7 +91,13 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
     })
     .await;
 
-    let (code, metrics) = get(&format!("{base}/metrics")).await.unwrap();
+    // The row is in Redis before the runner counts the commit: wait for the count.
+    let (code, metrics) = eventually("the live commit counted", async || {
+        get(&format!("{base}/metrics"))
+            .await
+            .filter(|(_, m)| m.contains("shapesync_changes_committed_total{pipeline=\"served\"} 50"))
+    })
+    .await;
     assert_eq!(code, 200);
     for name in [
         "shapesync_changes_committed_total{pipeline=\"served\"} 50",
