@@ -319,11 +319,21 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
                 let mut failed = 0;
                 for p in prepared {
                     let id = p.id.clone();
+                    let file = config
+                        .pipelines
+                        .get(&id)
+                        .map(|spec| spec.file.display().to_string())
+                        .unwrap_or_default();
                     match check_connections(p).await {
-                        Ok(()) => println!("{id}: source answers, sink connects"),
+                        Ok(()) => println!(
+                            "{id}: source answers, sink connects, the shape's rows fit transforms and sink"
+                        ),
                         Err(e) => {
                             failed += 1;
-                            eprintln!("error: pipeline {id}: {}", shapesync_core::report(e.as_ref()));
+                            eprintln!(
+                                "error: {file}: pipelines.{id}: {}",
+                                shapesync_core::report(e.as_ref())
+                            );
                         }
                     }
                 }
@@ -442,8 +452,12 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
     }
 }
 
-/// `validate --connect` for one pipeline: probe the source, connect the sink and read
-/// its checkpoint. Reads only. Both sides are checked, whatever the other answers.
+/// `validate --connect` for one pipeline, a dry run of its start: probe the source (which
+/// says the shape's columns), connect the sink and read its checkpoint, then check the
+/// transforms against those columns and the sink against the rows they give — what the
+/// first batch would hit. Reads only. The source and the sink are both checked, whatever
+/// the other answers; errors name the part of the pipeline (`source`, `transforms[i]`,
+/// `sink`).
 async fn check_connections(p: shapesync_core::PreparedPipeline) -> anyhow::Result<()> {
     let source = async {
         let mut source = p.source.build().await?;
@@ -451,15 +465,24 @@ async fn check_connections(p: shapesync_core::PreparedPipeline) -> anyhow::Resul
     };
     let sink = async {
         let sink = p.sink.build().await?;
-        sink.checkpoint().await
+        sink.checkpoint().await.map(|_| sink)
     };
     let (source, sink) = tokio::join!(source, sink);
-    match (source, sink) {
-        (Ok(()), Ok(_)) => Ok(()),
-        (Err(e), Ok(_)) => Err(anyhow!(e).context("source")),
-        (Ok(()), Err(e)) => Err(anyhow!(e).context("sink")),
-        (Err(source), Err(sink)) => Err(anyhow!("source: {source}; sink: {sink}")),
+    let (schema, sink) = match (source, sink) {
+        (Ok(schema), Ok(sink)) => (schema, sink),
+        (Err(e), Ok(_)) => return Err(anyhow!(e).context("source")),
+        (Ok(_), Err(e)) => return Err(anyhow!(e).context("sink")),
+        (Err(source), Err(sink)) => return Err(anyhow!("source: {source}; sink: {sink}")),
+    };
+    let Some(mut schema) = schema else { return Ok(()) };
+    for (i, transform) in p.transforms.iter().enumerate() {
+        if let Some(next) =
+            transform.schema(&schema).map_err(|e| anyhow!(e).context(format!("transforms[{i}]")))?
+        {
+            schema = next;
+        }
     }
+    sink.check_rows(&schema).await.map_err(|e| anyhow!(e).context("sink"))
 }
 
 fn confirm(pipeline: &str) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ use serde_json::json;
 use shapesync_testkit::{Column, ServerOptions, TableDef, TableHandle, TestServer};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn shapesync(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shapesync"));
@@ -271,12 +272,96 @@ async fn validate_connect_checks_that_source_and_sink_answer_without_writing() {
     let out = shapesync(&["validate", "--connect", &path], &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pipeline vc: source") && stderr.contains("table"), "{stderr}");
+    assert!(stderr.contains("pipelines.vc: source") && stderr.contains("table"), "{stderr}");
 
     write("vc_items", closed_port);
     let out = shapesync(&["validate", "--connect", &path], &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pipeline vc: sink"), "{stderr}");
+    assert!(stderr.contains("pipelines.vc: sink"), "{stderr}");
     let _ = std::fs::remove_file(&file);
+}
+
+/// `validate --connect` is a dry run of the start: the shape's columns (from the server)
+/// go through the transforms and the sink's own checks, so what the first batch would
+/// refuse fails validation, naming the file, the pipeline and the part — and nothing is
+/// written anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_connect_catches_what_the_first_batch_would_refuse() {
+    let server = TestServer::start(ServerOptions::default()).await.unwrap();
+    server.create_table(
+        TableDef::new("dry_items")
+            .column(Column::new("id", "int8").primary_key().not_null())
+            .column(Column::new("title", "text")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("test:{}:dry:", std::process::id());
+    let url = server.url();
+    let source = format!("{{type: electric, url: '{url}', table: dry_items}}");
+    let redis_sink = format!("{{type: redis, url: '{REDIS}', prefix: '{prefix}'}}");
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let cases = [
+        (
+            "select_drops_key",
+            format!(
+                "    source: {source}\n    transforms: [{{type: select, columns: [title]}}]\n    sink: {redis_sink}\n"
+            ),
+            "transforms[0]",
+        ),
+        (
+            "rename_missing",
+            format!(
+                "    source: {source}\n    transforms: [{{type: rename, columns: {{nope: other}}}}]\n    sink: {redis_sink}\n"
+            ),
+            "transforms[0]",
+        ),
+        (
+            "template_non_key",
+            format!(
+                "    source: {source}\n    sink: {{type: redis, url: '{REDIS}', prefix: '{prefix}t:', key: 'item:{{title}}'}}\n"
+            ),
+            "replica: full",
+        ),
+        (
+            "pg_schema_missing",
+            format!(
+                "    source: {source}\n    sink: {{type: postgres, url: '{POSTGRES}', schema: no_such_schema_{}}}\n",
+                std::process::id()
+            ),
+            "does not exist",
+        ),
+        (
+            "sqlite_unwritable",
+            format!(
+                "    source: {source}\n    sink: {{type: sqlite, path: '{}/x.db'}}\n",
+                not_a_dir.display()
+            ),
+            "fix `path`",
+        ),
+    ];
+    for (id, pipeline, says) in cases {
+        let file = dir.path().join(format!("{id}.yaml"));
+        std::fs::write(&file, format!("pipelines:\n  {id}:\n{pipeline}")).unwrap();
+        let out = shapesync(&["validate", "--connect", file.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{id}: {stderr}");
+        let named = format!("{}: pipelines.{id}:", file.display());
+        assert!(
+            stderr.contains(&named) && stderr.contains(says),
+            "{id}: expected `{named}` … `{says}` in: {stderr}"
+        );
+    }
+    assert!(keys(&mut redis(), &prefix).is_empty(), "validate writes nothing");
+    assert!(!not_a_dir.with_file_name("x.db").exists());
+
+    // Two pipelines writing the same key space are refused before anything connects.
+    let file = dir.path().join("shared.yaml");
+    std::fs::write(
+        &file,
+        format!("pipelines:\n  one:\n    source: {source}\n    sink: {redis_sink}\n  two:\n    source: {source}\n    sink: {redis_sink}\n"),
+    )
+    .unwrap();
+    let out = shapesync(&["validate", "--connect", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }

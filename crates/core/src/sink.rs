@@ -300,4 +300,11 @@ pub trait Sink: Send + Sync {
     async fn lease(&self) -> Result<Option<LeaseInfo>, SinkError> {
         Ok(None)
     }
+
+    /// What the first batch with rows of `schema` would refuse — key templates over the
+    /// wrong columns, a table that cannot hold the rows, a schema or file that cannot be
+    /// written — checked without writing anything (`shapesync validate --connect`).
+    async fn check_rows(&self, _schema: &crate::Schema) -> Result<(), SinkError> {
+        Ok(())
+    }
 }

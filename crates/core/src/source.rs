@@ -181,8 +181,10 @@ pub trait Source: Send {
     async fn next(&mut self) -> Result<SourceEvent, SourceError>;
 
     /// Checks, as cheaply as the source can, that its server answers and accepts the
-    /// shape (for `shapesync validate --connect`). Does not move the stream.
-    async fn probe(&mut self) -> Result<(), SourceError> {
-        Ok(())
+    /// shape (for `shapesync validate --connect`), and returns the shape's columns when
+    /// the server said them, so the pipeline's transforms and sink can be checked against
+    /// them before anything is written. Does not move the stream.
+    async fn probe(&mut self) -> Result<Option<Schema>, SourceError> {
+        Ok(None)
     }
 }

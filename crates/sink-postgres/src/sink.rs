@@ -450,6 +450,29 @@ impl PostgresSink {
 
 #[async_trait]
 impl Sink for PostgresSink {
+    /// The sink's schema exists and an existing table can hold rows of `schema`;
+    /// reads only.
+    async fn check_rows(&self, schema: &Schema) -> Result<(), SinkError> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = $1)",
+        )
+        .bind(&self.schema)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        if !exists {
+            return Err(SinkError::rejected(format!(
+                "schema `{}` does not exist in the target database; create it (CREATE SCHEMA) or set the sink's `schema`",
+                self.schema
+            )));
+        }
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let existing = self.table_columns(&mut tx).await?;
+        tx.rollback().await.map_err(classify)?;
+        sql_table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
+        Ok(())
+    }
+
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
         let stored = match sqlx::query_scalar::<_, String>(AssertSqlSafe(self.sql.read_checkpoint()))
             .bind(&self.pipeline)

@@ -423,6 +423,11 @@ fn evicting_policy(info: &Value) -> Option<String> {
 
 #[async_trait]
 impl Sink for RedisSink {
+    /// The key template can key rows of `schema` (its columns, `replica`, NOT NULL).
+    async fn check_rows(&self, schema: &Schema) -> Result<(), SinkError> {
+        self.key_template(schema).map(drop)
+    }
+
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
         self.check_store().await?;
         let mut conn = self.conn.clone();

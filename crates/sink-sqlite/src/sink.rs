@@ -160,6 +160,31 @@ impl SqliteSink {
         Ok(())
     }
 
+    /// [`Sink::check_rows`]: the file can be written (its directory exists; an existing
+    /// file opens for writing) and an existing table can hold rows of `schema`. Creates
+    /// nothing.
+    fn check_rows_blocking(&self, schema: &Schema) -> Result<(), SinkError> {
+        let parent = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(self.rejected(format!(
+                "the directory of `path` ({}) does not exist or is not a directory; create it or fix `path`",
+                parent.display()
+            )));
+        }
+        if !self.path.exists() {
+            return Ok(()); // created with the table on the first batch
+        }
+        std::fs::OpenOptions::new().read(true).write(true).open(&self.path).map_err(|e| {
+            self.rejected(format!("cannot open it for writing ({e}); fix `path` or the file's permissions"))
+                .with_source(e)
+        })?;
+        let conn = Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| classify(e, &self.path))?;
+        let existing = self.table_columns(&conn)?;
+        sql_table::plan_table(schema, &existing).map_err(|m| self.rejected(m))?;
+        Ok(())
+    }
+
     /// Whether the database has a table named `table`.
     pub(crate) fn exists(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
         conn.query_row(
@@ -347,6 +372,10 @@ impl SqliteSink {
 impl Sink for SqliteSink {
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
         blocking(|| self.checkpoint_blocking())
+    }
+
+    async fn check_rows(&self, schema: &Schema) -> Result<(), SinkError> {
+        blocking(|| self.check_rows_blocking(schema))
     }
 
     async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {

@@ -374,13 +374,16 @@ impl Source for ShapeStream {
     /// One `offset=now` request (no rows) on a separate stream: the server answers, knows
     /// the table and accepts the parameters and secret. Transient faults are retried
     /// for 10 s (`PROBE_TIMEOUT`), then reported.
-    async fn probe(&mut self) -> Result<(), SourceError> {
+    async fn probe(&mut self) -> Result<Option<Schema>, SourceError> {
         let mut options = self.options.clone();
         options.start = crate::StartFrom::Now;
         options.metrics_pipeline = None;
         let mut probe = ShapeStream::with_client(options, self.client.clone())?;
         match tokio::time::timeout(PROBE_TIMEOUT, probe.next_event()).await {
-            Ok(result) => result.map(drop).map_err(SourceError::from),
+            Ok(result) => {
+                result.map_err(SourceError::from)?;
+                Ok(probe.schema().map(|s| (**s).clone()))
+            }
             Err(elapsed) => Err(SourceError::setup(format!(
                 "the shape server did not answer within {PROBE_TIMEOUT:?} (see the log for the retried faults)"
             ))
