@@ -521,6 +521,11 @@ async fn run_until_stopped(
     once: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
+    // The metrics port first: a port in use is reported before any sink connects.
+    let listener = match &config.metrics {
+        Some(m) => Some(serve::bind(m.listen).await?),
+        None => None,
+    };
     let instance = config.lease.instance.clone().unwrap_or_else(shapesync_core::lease::instance_id);
     // `run --once` syncs every pipeline it can; a service shares them with its peers.
     let fleet =
@@ -549,8 +554,8 @@ async fn run_until_stopped(
             Err(e) => return Err(anyhow::Error::new(e).context(format!("pipeline {id}: cannot start"))),
         }
     }
-    if let Some(m) = &config.metrics {
-        serve::start(m.listen, Duration::from_millis(m.ready_grace_ms), statuses.clone(), shutdown.clone())
+    if let (Some(m), Some(listener)) = (&config.metrics, listener) {
+        serve::start(listener, Duration::from_millis(m.ready_grace_ms), statuses.clone(), shutdown.clone())
             .await?;
     }
     let progress = tokio::spawn(report_progress(statuses.clone(), shutdown.clone()));

@@ -15,9 +15,17 @@ use tokio_util::sync::CancellationToken;
 
 type Statuses = Arc<Vec<(String, Arc<PipelineStatus>)>>;
 
-/// Installs the Prometheus recorder and serves the endpoints until shutdown.
+/// Binds `metrics.listen` — first thing at start-up, so a port in use is reported before
+/// any sink connects.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on metrics.listen {listen}; choose a free port"))
+}
+
+/// Installs the Prometheus recorder and serves the endpoints on `listener` until shutdown.
 pub async fn start(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     ready_grace: Duration,
     statuses: Vec<(String, Arc<PipelineStatus>)>,
     shutdown: CancellationToken,
@@ -37,9 +45,7 @@ pub async fn start(
         tracing::warn!("a metrics recorder is already installed in this process; /metrics will be empty");
     }
     telemetry::describe(env!("CARGO_PKG_VERSION"));
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
+    let listen = listener.local_addr().context("metrics listener address")?;
     let statuses: Statuses = Arc::new(statuses);
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(render(&handle))))

@@ -124,6 +124,8 @@ async fn serves_metrics_and_health_then_stops_cleanly_on_sigterm() {
         "shapesync_last_up_to_date_timestamp_seconds{pipeline=\"served\"}",
         "shapesync_last_source_response_timestamp_seconds{pipeline=\"served\"}",
         "shapesync_build_info{version=",
+        "shapesync_sink_rows_total{pipeline=\"served\",op=\"insert\"}",
+        "shapesync_sink_rows_total{pipeline=\"served\",op=\"delete\"} 0",
     ] {
         assert!(metrics.contains(name), "missing `{name}` in:\n{metrics}");
     }

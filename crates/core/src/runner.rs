@@ -499,7 +499,10 @@ impl Committer {
             };
             let acquired = self.sink.acquire(&request).await;
             match &acquired {
-                Ok(_) => self.status.sink_answered(),
+                Ok(_) => {
+                    self.status.sink_answered();
+                    unreachable.recovered(&self.id, "the sink answers");
+                }
                 Err(e) if e.is_transient() => self.status.sink_failed(e),
                 Err(_) => {}
             }
@@ -574,6 +577,7 @@ impl Committer {
             match self.sink.renew(&current).await {
                 Ok(lease) => {
                     self.status.sink_answered();
+                    unreachable.recovered(&self.id, "the sink renews the lease");
                     self.fleet.observe_owned(&self.id, &lease.standbys);
                     if self.fleet.should_hand_over(&self.id) {
                         break LeaseEnd::HandOver;
@@ -790,6 +794,7 @@ impl Committer {
             match self.sink.checkpoint().await {
                 Ok(cp) => {
                     self.status.sink_answered();
+                    unreachable.recovered(&self.id, "the sink answers");
                     return Ok(Some(cp));
                 }
                 Err(e) if e.is_transient() => {
@@ -827,6 +832,8 @@ impl Committer {
             match outcome {
                 Ok(()) => {
                     self.status.sink_answered();
+                    failing.recovered(&self.id, "the sink commits");
+                    self.count_rows(batch);
                     histogram!("shapesync_sink_commit_duration_seconds", &labels).record(started.elapsed());
                     histogram!("shapesync_sink_batch_changes", &labels).record(batch.changes.len() as f64);
                     counter!("shapesync_changes_committed_total", &labels)
@@ -858,6 +865,23 @@ impl Committer {
                         .increment(1);
                     return Err(e.into());
                 }
+            }
+        }
+    }
+
+    /// Counts a committed batch's rows by operation (`shapesync_sink_rows_total{op}`).
+    fn count_rows(&self, batch: &Batch) {
+        let (mut inserts, mut updates, mut deletes) = (0u64, 0u64, 0u64);
+        for change in &batch.changes {
+            match change.op {
+                crate::Operation::Insert => inserts += 1,
+                crate::Operation::Update => updates += 1,
+                crate::Operation::Delete => deletes += 1,
+            }
+        }
+        for (op, n) in [("insert", inserts), ("update", updates), ("delete", deletes)] {
+            if n > 0 {
+                counter!("shapesync_sink_rows_total", "pipeline" => self.id.clone(), "op" => op).increment(n);
             }
         }
     }
@@ -904,6 +928,16 @@ impl FaultLog {
     /// How long the fault has lasted.
     fn lasted(&self) -> Duration {
         self.first.map_or(Duration::ZERO, |at| at.elapsed())
+    }
+
+    /// The operation succeeded: if it had been failing, says so once and starts over.
+    fn recovered(&mut self, pipeline: &str, what: &str) {
+        if self.failures > 0 {
+            info!(%pipeline, failures = self.failures, lasted_s = self.lasted().as_secs(), "{what} again");
+        }
+        self.failures = 0;
+        self.first = None;
+        self.last_warned = None;
     }
 }
 

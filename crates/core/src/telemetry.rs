@@ -62,6 +62,12 @@ pub const CATALOGUE: &[Metric] = &[
     counter("shapesync_changes_received_total", "Changes received from the source."),
     counter("shapesync_changes_committed_total", "Changes committed to the sink."),
     counter_by(
+        "shapesync_sink_rows_total",
+        "op",
+        &["insert", "update", "delete"],
+        "Rows committed to the sink by operation (a move-out's rows are deletes).",
+    ),
+    counter_by(
         "shapesync_changes_discarded_total",
         "component",
         &["transform"],

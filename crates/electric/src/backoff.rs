@@ -34,8 +34,12 @@ impl Backoff {
         jitter.max(floor)
     }
 
-    /// A request succeeded: the next failure starts from `base` again.
+    /// A request succeeded: the next failure starts from `base` again. Ends a run of
+    /// failures with one line saying the server answers again.
     pub(crate) fn reset(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "the shape server answers again");
+        }
         self.failures = 0;
     }
 
