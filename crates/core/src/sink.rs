@@ -169,10 +169,10 @@ impl fmt::Display for SinkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = &self.message;
         match self.kind {
-            SinkErrorKind::Unavailable => write!(f, "sink unavailable: {m}; retrying the batch"),
-            SinkErrorKind::Rejected => {
-                write!(f, "sink rejected the batch: {m}; fix the sink settings or the data, then restart")
-            }
+            // Whether it is retried is the caller's to say (the runner retries, `validate`
+            // reports): the message says only what happened.
+            SinkErrorKind::Unavailable => write!(f, "sink unavailable: {m}"),
+            SinkErrorKind::Rejected => write!(f, "sink refused: {m}; fix the sink settings or the data"),
             SinkErrorKind::CorruptCheckpoint => write!(
                 f,
                 "stored checkpoint is unreadable: {m}; run `shapesync reset` for this pipeline to resync it"
