@@ -121,8 +121,7 @@ async fn killed_at_arbitrary_moments(mut store: Target, name: &str) {
         }
     }
 
-    let out = Command::new(env!("CARGO_BIN_EXE_shapesync")).args(["run", "--once", file]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    support::run_once(std::path::Path::new(file));
 
     assert_eq!(store.rows(), expected, "exactly the shape's rows, no more, no fewer");
     store.check_bookkeeping(expected.len());

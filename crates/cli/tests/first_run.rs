@@ -2,6 +2,8 @@
 //! without a Redis syncs the embedded demo into a SQLite file in the working directory,
 //! says where to look, and live changes keep arriving.
 
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,20 +52,13 @@ fn without_files_or_redis_the_demo_syncs_into_a_sqlite_file_and_keeps_following(
     assert!(text.contains("sqlite3 shapesync-demo.db"), "it says where to look: {text}");
 }
 
-/// `shapesync --log-format json run <file>` for a pipeline file holding `yaml`, its log
-/// written to `run.log` in `dir`.
+/// `shapesync --log-format json run` for a pipeline file holding `yaml`, its log written
+/// to `run.log` in `dir`.
 fn run_logged(dir: &std::path::Path, yaml: &str) -> (std::process::Child, std::path::PathBuf) {
     let file = dir.join("pipelines.yaml");
     std::fs::write(&file, yaml).unwrap();
     let log = dir.join("run.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
-        .args(["--log-format", "json", "run"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (child, log)
+    (support::spawn_run(&file, &log), log)
 }
 
 /// A sink that does not answer at start is named once with its address, then the log

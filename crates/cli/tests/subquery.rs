@@ -10,12 +10,11 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shapesync_testkit::{Column, Fault, ServerOptions, TableDef, TableHandle, TestServer};
-use support::{REDIS, Target, spawn_run};
+use support::{REDIS, Target, run_once, spawn_run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const WHERE: &str = "project_id IN (SELECT id FROM projects WHERE active)";
@@ -104,11 +103,6 @@ async fn converges(store: &mut Target, model: &Model, what: &str) {
     }
 }
 
-fn run_once(file: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shapesync")).args(["run", "--once", file]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
 async fn moves_out_and_back_in(mut store: Target) {
     let table_name = store.table.clone();
     let (server, table, mut model) = setup(&table_name).await;
@@ -133,7 +127,7 @@ async fn moves_out_and_back_in(mut store: Target) {
 
     // Restarted: the stream resumes without the earlier rows' tags and must refetch.
     model.move_out(&table, 1);
-    run_once(&file);
+    run_once(Path::new(&file));
     assert_eq!(store.rows(), model.expected(), "move-out after a restart");
 
     // SIGKILL between receiving a move-out and committing it: the response carrying it
@@ -147,18 +141,18 @@ async fn moves_out_and_back_in(mut store: Target) {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(store.checkpoint(), before, "killed before the move-out committed");
-    run_once(&file);
+    run_once(Path::new(&file));
     assert_eq!(store.rows(), model.expected(), "after a SIGKILL mid move-out");
 
     // A move-out while resyncing after a 409: the new snapshot still has the rows, the
     // log after it removes them.
     model.move_in(&table, 1);
     model.move_in(&table, 2);
-    run_once(&file);
+    run_once(Path::new(&file));
     assert_eq!(store.rows(), model.expected(), "both projects back");
     table.rotate();
     model.move_out(&table, 1);
-    run_once(&file);
+    run_once(Path::new(&file));
     assert_eq!(store.rows(), model.expected(), "move-out during the resync after a 409");
     store.check_bookkeeping(model.expected().len());
     store.cleanup();

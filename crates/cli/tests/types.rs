@@ -7,7 +7,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -72,9 +71,7 @@ async fn run_into(store: &Target, name: &str) {
         ),
     )
     .unwrap();
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_shapesync")).args(["run", "--once"]).arg(&file).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    support::run_once(&file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

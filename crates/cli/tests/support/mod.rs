@@ -27,6 +27,13 @@ pub fn spawn_run(file: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// `shapesync run --once <file>`, which must succeed (its stderr shows otherwise).
+pub fn run_once(file: &Path) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_shapesync")).args(["run", "--once"]).arg(file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[allow(unused_imports)] // each test file uses its own part
 pub use shapesync_reliability::{OwnRedis, free_port};
 
