@@ -333,24 +333,28 @@ impl TagTracker {
         };
         // materializer.ex `apply_changes` (UpdatedRecord): sent tags replace the row's,
         // as do sent active_conditions; otherwise the row keeps its own.
-        let mut entry = self.remove(id);
-        match new_slots {
-            Some(slots) => entry.slots = slots,
-            None if !h.removed_tags.is_empty() => entry.slots.clear(),
-            None => {
-                for slot in &entry.slots {
-                    self.value_uses[slot.value as usize] += 1; // kept: take them back
-                }
-            }
+        let replaced = match new_slots {
+            Some(slots) => Some(slots),
+            None if !h.removed_tags.is_empty() => Some(SmallVec::new()),
+            None => None,
+        };
+        if replaced.as_ref().is_some_and(SmallVec::is_empty) {
+            self.remove(id); // no tag left: the row can no longer move out
+            return Ok(());
         }
+        let key_values = (change.op == Operation::Insert)
+            .then(|| stored_key_values(key, &change.value, schema, key_columns));
+        let entry = self.entries[id as usize].as_mut().expect("indexed entries exist");
         if let Some(a) = active {
             entry.active = a;
         }
-        if change.op == Operation::Insert {
-            entry.key_values = stored_key_values(key, &change.value, schema, key_columns);
+        if let Some(values) = key_values {
+            entry.key_values = values;
         }
-        if !entry.slots.is_empty() {
-            self.add(entry);
+        if let Some(slots) = replaced {
+            for slot in std::mem::replace(&mut entry.slots, slots) {
+                self.release_value(slot.value);
+            }
         }
         Ok(())
     }
