@@ -78,13 +78,14 @@ async fn ready(
         .iter()
         .map(|(id, s)| {
             let health = s.health(grace);
-            all_ready &= health.ready;
+            let ready = health.state.is_ready();
+            all_ready &= ready;
             let owned = s.is_owned();
             (
                 id.clone(),
                 serde_json::json!({
-                    "ready": health.ready,
-                    "state": health.state,
+                    "ready": ready,
+                    "state": health.state.as_str(),
                     "for_secs": health.for_secs,
                     "last_error": health.last_error,
                     "owned": owned,

@@ -30,7 +30,7 @@ pub use registry::{
     Claim, PreparedPipeline, Registry, SinkConfig, SourceConfig, SourceContext, Space, TransformConfig,
 };
 pub use row::{ColumnName, Row};
-pub use runner::{Pipeline, PipelineError, PipelineStatus, RunMode};
+pub use runner::{Health, Pipeline, PipelineError, PipelineState, PipelineStatus, RunMode};
 pub use sink::{ShapeInfo, Sink, SinkContext, SinkError, SinkErrorKind};
 pub use source::{ResumePoint, Source, SourceError, SourceErrorKind, SourceEvent, SourceResponse};
 pub use transform::{Transform, TransformError};

@@ -84,14 +84,54 @@ pub struct PipelineStatus {
     sink_failing: Mutex<Option<(Instant, String)>>,
 }
 
+/// What a pipeline is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipelineState {
+    /// Stopped with an error.
+    Failed,
+    /// Has not asked for its lease yet.
+    Starting,
+    /// Another instance holds its lease.
+    Standby,
+    /// The sink has been failing for longer than the grace.
+    SinkRetrying,
+    /// The source has not answered for longer than the grace.
+    SourceSilent,
+    /// Has not reached its shape's head yet.
+    InitialSync,
+    /// At its shape's head.
+    UpToDate,
+    /// Was at the head, and is behind it now (a resync).
+    CatchingUp,
+}
+
+impl PipelineState {
+    /// How `/readyz` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineState::Failed => "failed",
+            PipelineState::Starting => "starting",
+            PipelineState::Standby => "standby",
+            PipelineState::SinkRetrying => "sink retrying",
+            PipelineState::SourceSilent => "source silent",
+            PipelineState::InitialSync => "initial sync",
+            PipelineState::UpToDate => "up to date",
+            PipelineState::CatchingUp => "catching up",
+        }
+    }
+
+    /// Whether an instance with the pipeline in this state is ready: it serves its
+    /// shape (or leaves it to the instance that does).
+    pub fn is_ready(self) -> bool {
+        matches!(self, PipelineState::Standby | PipelineState::UpToDate | PipelineState::CatchingUp)
+    }
+}
+
 /// What a pipeline is doing, as `/readyz` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
-    /// `failed`, `starting`, `standby`, `initial sync`, `source silent`, `sink retrying`,
-    /// `catching up` or `up to date`.
-    pub state: &'static str,
-    /// Ready: up to date, or not owned here; a fault younger than the grace does not count.
-    pub ready: bool,
+    /// Its state; faults shorter than the grace do not change it.
+    pub state: PipelineState,
     /// How long the current fault (silent source, failing sink) has lasted.
     pub for_secs: Option<u64>,
     /// The last error, if a fault is current or the pipeline failed.
@@ -152,26 +192,24 @@ impl PipelineStatus {
         let sink = self.sink_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let silent_for = self.last_response.lock().unwrap_or_else(|e| e.into_inner()).map(|at| at.elapsed());
         let (state, fault) = if failure.is_some() {
-            ("failed", None)
+            (PipelineState::Failed, None)
         } else if !self.is_placed() {
-            ("starting", None)
+            (PipelineState::Starting, None)
         } else if !owned {
-            ("standby", None)
+            (PipelineState::Standby, None)
         } else if let Some((since, error)) = sink.filter(|(since, _)| since.elapsed() >= grace) {
-            ("sink retrying", Some((since.elapsed(), Some(error))))
+            (PipelineState::SinkRetrying, Some((since.elapsed(), Some(error))))
         } else if let Some(silent) = silent_for.filter(|d| *d >= grace) {
-            ("source silent", Some((silent, None)))
+            (PipelineState::SourceSilent, Some((silent, None)))
         } else if !self.has_reached_up_to_date() {
-            ("initial sync", None)
+            (PipelineState::InitialSync, None)
         } else if self.is_up_to_date() {
-            ("up to date", None)
+            (PipelineState::UpToDate, None)
         } else {
-            ("catching up", None)
+            (PipelineState::CatchingUp, None)
         };
-        let ready = matches!(state, "standby" | "up to date" | "catching up");
         Health {
             state,
-            ready,
             for_secs: fault.as_ref().map(|(d, _)| d.as_secs()),
             last_error: failure.or_else(|| fault.and_then(|(_, e)| e)),
         }
