@@ -30,6 +30,29 @@ pub enum ErrorCode {
     Other(String),
 }
 
+/// The first error of type `T` in `err`'s chain, looking also inside the wrappers
+/// whose `source()` skips the error they hold: an `io::Error` carrying another error
+/// (`get_ref`) and a shared `Arc<dyn Error>`. For classifying an error by what caused
+/// it — a TLS library's certificate error, say — instead of by its text.
+pub fn find_cause<'e, T: std::error::Error + 'static>(
+    err: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static))
+        } else if let Some(shared) = e.downcast_ref::<SharedError>() {
+            Some(&**shared as &(dyn std::error::Error + 'static))
+        } else {
+            e.source()
+        };
+    }
+    None
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -83,6 +106,24 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("while syncing")]
     struct Outer(#[source] PipelineError);
+
+    #[test]
+    fn a_cause_is_found_inside_io_errors_and_shared_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("handshake")]
+        struct Handshake;
+        let io = std::io::Error::other(Handshake);
+        let shared: SharedError = Arc::new(std::io::Error::other(io));
+        let outer = Outer(PipelineError::Sink(
+            SinkError::unavailable("x").with_source(Box::new(HoldsShared(shared))),
+        ));
+        assert!(find_cause::<Handshake>(&outer).is_some());
+        assert!(find_cause::<std::fmt::Error>(&outer).is_none());
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("holds a shared error")]
+    struct HoldsShared(#[source] SharedError);
 
     #[test]
     fn a_report_stops_below_an_error_that_describes_its_source() {

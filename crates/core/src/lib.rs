@@ -22,7 +22,7 @@ pub mod value;
 pub use change::{Batch, Change, LogPosition, Operation};
 pub use checkpoint::{Checkpoint, definition_hash};
 pub use config::{Config, ConfigError};
-pub use error::{BoxError, ErrorCode, report};
+pub use error::{BoxError, ErrorCode, find_cause, report};
 pub use fleet::Fleet;
 pub use lease::{Acquisition, Fence, LeaseInfo, LeaseRequest, LeaseTiming};
 pub use offset::{Offset, OpPart, ParseOffsetError};

@@ -146,23 +146,14 @@ const INVALID_SCHEMA_NAME: &str = "3F000";
 /// host, revoked, or none sent): sqlx returns rustls' error inside an `io::Error`.
 #[cfg(feature = "tls")]
 fn certificate_refused(io: &std::io::Error) -> bool {
-    use std::error::Error;
-    let mut next: Option<&(dyn Error + 'static)> = io.get_ref().map(|e| e as &(dyn Error + 'static));
-    while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::InvalidCertRevocationList(_)
-            );
-        }
-        next = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => io.get_ref().map(|e| e as &(dyn Error + 'static)),
-            None => err.source(),
-        };
-    }
-    false
+    shapesync_core::find_cause::<rustls::Error>(io).is_some_and(|tls| {
+        matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InvalidCertRevocationList(_)
+        )
+    })
 }
 
 /// Without TLS no handshake fails.

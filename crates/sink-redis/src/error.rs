@@ -44,29 +44,16 @@ pub(crate) fn classify(e: RedisError) -> SinkError {
 /// host, revoked, or none sent), as rustls reports it somewhere in `e`'s chain.
 #[cfg(feature = "tls")]
 fn certificate_refused(e: &RedisError) -> bool {
-    use std::error::Error;
-    use std::sync::Arc;
-    let mut next: Option<&(dyn Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::InvalidCertRevocationList(_)
-            );
-        }
-        // Wrappers whose `source()` skips the error they hold: an `io::Error` (which
-        // tokio-rustls returns the handshake's error in) and redis' shared errors.
-        next = if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            io.get_ref().map(|inner| inner as &(dyn Error + 'static))
-        } else if let Some(shared) = err.downcast_ref::<Arc<dyn Error + Send + Sync>>() {
-            Some(&**shared as &(dyn Error + 'static))
-        } else {
-            err.source()
-        };
-    }
-    false
+    // tokio-rustls returns the handshake's error inside an `io::Error`, which redis may
+    // share behind an `Arc`: `find_cause` looks inside both.
+    shapesync_core::find_cause::<rustls::Error>(e).is_some_and(|tls| {
+        matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InvalidCertRevocationList(_)
+        )
+    })
 }
 
 /// Without TLS no handshake fails.
