@@ -89,8 +89,9 @@ fn an_unreachable_sink_is_reported_once_not_once_per_retry() {
     assert_eq!(text.lines().filter(|l| l.contains(&address)).count(), 1, "the address is named once: {text}");
 }
 
-/// With two pipelines failing the same way, every line logged about either names it:
-/// the runner's, the Electric source's retries and the sink's, through the pipeline's span.
+/// With two pipelines failing the same way (a dead shape server), every `shapesync_*`
+/// line but the process-wide ones names its pipeline — the runner's and the Electric
+/// source's retries, logged from the source's own task, through the pipeline's span.
 #[test]
 fn every_line_of_a_pipeline_carries_its_id() {
     let dir = tempfile::tempdir().unwrap();
