@@ -77,6 +77,44 @@ impl Change {
     }
 }
 
+/// Why a resync began: what a sweep completes (see [`Batch::resync_reason`]). A sink
+/// that keeps someone else's cache reports it with its full invalidation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResyncReason {
+    /// No checkpoint was stored: the pipeline's first sync, or the first after a reset.
+    FirstSync,
+    /// The server said the shape must be refetched (409, `must-refetch`).
+    MustRefetch,
+    /// The shape's definition changed since the stored checkpoint.
+    DefinitionChanged,
+    /// The sink lost what was written (its lease was gone or older).
+    StateLost,
+    /// A resync that a restart interrupted, resumed from its stored checkpoint.
+    Resumed,
+}
+
+impl ResyncReason {
+    /// Every reason, for metric labels.
+    pub const ALL: &'static [ResyncReason] = &[
+        ResyncReason::FirstSync,
+        ResyncReason::MustRefetch,
+        ResyncReason::DefinitionChanged,
+        ResyncReason::StateLost,
+        ResyncReason::Resumed,
+    ];
+
+    /// Its name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::FirstSync => "first_sync",
+            ResyncReason::MustRefetch => "must_refetch",
+            ResyncReason::DefinitionChanged => "definition_changed",
+            ResyncReason::StateLost => "state_lost",
+            ResyncReason::Resumed => "resumed",
+        }
+    }
+}
+
 /// A unit of work for a sink: changes that end on a transaction-consistent point,
 /// and the checkpoint that must be stored in the same atomic commit.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,6 +127,8 @@ pub struct Batch {
     /// resync began (generation below `checkpoint.generation`), atomically with the
     /// checkpoint. Set on the first commit point after a resync's snapshot completes.
     pub sweep: bool,
+    /// With `sweep`: why the resync it completes began. `None` otherwise.
+    pub resync_reason: Option<ResyncReason>,
     /// The batch ends at `up-to-date`: the sink now matches the shape's head.
     pub up_to_date: bool,
     /// The columns of the rows in `changes` when the pipeline's transforms changed them;
@@ -104,7 +144,7 @@ pub struct Batch {
 impl Batch {
     /// A batch whose rows have the source's columns.
     pub fn new(changes: Vec<Change>, checkpoint: Checkpoint, sweep: bool, up_to_date: bool) -> Self {
-        Batch { changes, checkpoint, sweep, up_to_date, row_schema: None, fence: None }
+        Batch { changes, checkpoint, sweep, resync_reason: None, up_to_date, row_schema: None, fence: None }
     }
 
     /// A snapshot batch is not a transaction: every change is an insert without a log

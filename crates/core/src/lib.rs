@@ -19,7 +19,7 @@ pub mod telemetry;
 pub mod transform;
 pub mod value;
 
-pub use change::{Batch, Change, LogPosition, Operation};
+pub use change::{Batch, Change, LogPosition, Operation, ResyncReason};
 pub use checkpoint::{Checkpoint, definition_hash};
 pub use config::{Config, ConfigError};
 pub use error::{BoxError, ErrorCode, find_cause, report};

@@ -51,6 +51,10 @@ pub struct Claim {
     pub space: Space,
     /// The setting that chooses the space, relative to `sink` (named in the error).
     pub key: String,
+    /// Other pipelines may claim the same names with `shared` too: writes there are
+    /// idempotent and order-free (a cache key one pipeline invalidates, another may
+    /// invalidate as well); an exclusive claim overlapping it is still refused.
+    pub shared: bool,
 }
 
 /// Keys or names a [`Claim`] covers.
@@ -84,9 +88,9 @@ impl Space {
 }
 
 impl Claim {
-    /// Both claims write some name of one store.
+    /// Both claims write some name of one store, and not both as `shared`.
     pub fn overlaps(&self, other: &Claim) -> bool {
-        self.store == other.store && self.space.overlaps(&other.space)
+        self.store == other.store && !(self.shared && other.shared) && self.space.overlaps(&other.space)
     }
 }
 
@@ -101,6 +105,12 @@ pub trait SinkConfig: DeserializeOwned + Send + 'static {
     /// refused before they start (default: nothing shared — a store of its own).
     fn claims(&self, _ctx: &SinkContext) -> Vec<Claim> {
         Vec::new()
+    }
+    /// Whether the sink can work from a source that sends no snapshot
+    /// ([`ShapeInfo::changes_only`]): one that invalidates or refreshes a cache can; one
+    /// that mirrors the shape (the default) cannot, and such a pipeline is refused.
+    fn accepts_changes_only(&self) -> bool {
+        false
     }
     /// Connects to the store.
     async fn build(self, ctx: SinkContext) -> Result<Arc<dyn Sink>, SinkError>;
@@ -150,6 +160,8 @@ pub struct PreparedSink {
     pub type_name: String,
     /// What it writes (see [`SinkConfig::claims`]).
     pub claims: Vec<Claim>,
+    /// See [`SinkConfig::accepts_changes_only`].
+    pub accepts_changes_only: bool,
     build: BuildSink,
 }
 
@@ -273,6 +285,7 @@ impl Registry {
             Ok(PreparedSink {
                 type_name: type_name.clone(),
                 claims: config.claims(&ctx),
+                accepts_changes_only: config.accepts_changes_only(),
                 build: Box::new(move || Box::pin(config.build(ctx))),
             })
         });
@@ -347,6 +360,15 @@ impl Registry {
             transforms.push(transform);
         }
         let sink = self.prepare_sink_with(id, spec, source.shape.clone())?;
+        if source.shape.changes_only && !sink.accepts_changes_only {
+            return Err(ConfigError::new(
+                join_key(&spec.key, "source"),
+                format!(
+                    "sends only changes (`log: changes_only` or `offset: now`), but sink `{}` mirrors the shape and needs its snapshot of existing rows; use `log: full` without `offset`, or a sink that keeps an existing cache instead (`type: redis` with `mode: invalidate` or `mode: refresh`)",
+                    sink.type_name
+                ),
+            ));
+        }
         Ok(PreparedPipeline {
             id: id.to_owned(),
             source,

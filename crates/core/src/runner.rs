@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::config::RetrySpec;
 use crate::registry::PreparedPipeline;
 use crate::{
-    Acquisition, Batch, Change, Checkpoint, Fence, Fleet, LeaseRequest, LeaseTiming, ResumePoint, Schema,
+    Acquisition, Batch, Change, Checkpoint, Fence, Fleet, LeaseRequest, LeaseTiming, ResumePoint, ResyncReason, Schema,
     Sink, SinkError, SinkErrorKind, Source, SourceError, SourceEvent, Transform, TransformError,
 };
 
@@ -272,14 +272,17 @@ struct Position {
     /// No earlier writer used a generation above this one (see [`Acquisition::Owned`]).
     generation_floor: u64,
     resyncing: bool,
+    /// Why the current resync began (meaningful while `resyncing`).
+    reason: ResyncReason,
     committed: Option<(String, crate::Offset)>,
 }
 
 impl Position {
     /// Starts a new resync: a generation above every one used before.
-    fn start_resync(&mut self) {
+    fn start_resync(&mut self, reason: ResyncReason) {
         self.generation = next_generation(self.generation.max(self.generation_floor));
         self.resyncing = true;
+        self.reason = reason;
         self.committed = None;
     }
 }
@@ -681,6 +684,7 @@ impl Committer {
             generation: 0,
             generation_floor,
             resyncing: true,
+            reason: ResyncReason::FirstSync,
             committed: None,
         };
         match stored {
@@ -688,6 +692,7 @@ impl Committer {
                 info!(pipeline = %self.id, handle = %cp.handle, offset = %cp.offset, "resuming from stored checkpoint");
                 pos.generation = cp.generation;
                 pos.resyncing = cp.resyncing;
+                pos.reason = ResyncReason::Resumed;
                 pos.committed = Some((cp.handle.clone(), cp.offset));
                 source.resume(Some(ResumePoint { handle: cp.handle, offset: cp.offset, schema: cp.schema }));
             }
@@ -698,11 +703,11 @@ impl Committer {
                     info!(pipeline = %self.id, "shape definition changed since the stored checkpoint; resyncing (old rows stay until the new snapshot is complete)");
                 }
                 pos.generation = cp.generation;
-                pos.start_resync();
+                pos.start_resync(if resync { ResyncReason::StateLost } else { ResyncReason::DefinitionChanged });
                 source.resume(None);
             }
             None => {
-                pos.start_resync();
+                pos.start_resync(if resync { ResyncReason::StateLost } else { ResyncReason::FirstSync });
                 source.resume(None);
             }
         }
@@ -748,7 +753,7 @@ impl Committer {
                     counter!("shapesync_must_refetch_total", &labels).increment(1);
                     self.status.set_up_to_date(&self.id, false);
                     pending.clear();
-                    pos.start_resync();
+                    pos.start_resync(ResyncReason::MustRefetch);
                     continue;
                 }
                 SourceEvent::Response(r) => r,
@@ -786,6 +791,7 @@ impl Committer {
                         resyncing: pos.resyncing && !sweep,
                     },
                     sweep,
+                    resync_reason: sweep.then_some(pos.reason),
                     up_to_date: at_head,
                     row_schema: self
                         .row_schema(&response.schema)

@@ -18,6 +18,10 @@ pub struct ShapeInfo {
     pub columns: Option<Vec<String>>,
     /// Updates and deletes carry full rows (`replica: full`).
     pub full_rows: bool,
+    /// The source sends no snapshot of the rows that exist (`log: changes_only`, or a
+    /// fresh start at `offset: now`), only changes: a sink that mirrors the shape
+    /// cannot be built from it, one that invalidates a cache can.
+    pub changes_only: bool,
 }
 
 /// Everything a sink is told about where it runs.

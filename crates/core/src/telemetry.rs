@@ -57,6 +57,9 @@ const fn histogram_of(name: &'static str, unit: Option<Unit>, help: &'static str
 /// Request outcome classes of `shapesync_source_requests_total`.
 pub const REQUEST_CLASSES: &[&str] = &["2xx", "3xx", "409", "4xx", "5xx", "error"];
 
+/// Why a resync began ([`crate::ResyncReason::as_str`]): the `reason` label.
+pub const RESYNC_REASONS: &[&str] = &["first_sync", "must_refetch", "definition_changed", "state_lost", "resumed"];
+
 /// Every metric shapesync exports.
 pub const CATALOGUE: &[Metric] = &[
     counter("shapesync_changes_received_total", "Changes received from the source."),
@@ -107,6 +110,20 @@ pub const CATALOGUE: &[Metric] = &[
         "Move events of subquery shapes.",
     ),
     counter("shapesync_source_rows_moved_out_total", "Rows a move-out removed (each became a delete)."),
+    counter(
+        "shapesync_sink_keys_invalidated_total",
+        "Cache keys the sink removed for committed changes (Redis `mode: invalidate` and `mode: refresh`).",
+    ),
+    counter(
+        "shapesync_sink_keys_refreshed_total",
+        "Cached keys the sink rewrote in place because they existed (Redis `mode: refresh`).",
+    ),
+    counter_by(
+        "shapesync_sink_full_invalidations_total",
+        "reason",
+        RESYNC_REASONS,
+        "Times continuity with the shape was lost and the sink invalidated every key its templates can name, by why the resync began.",
+    ),
     gauge_of("shapesync_up_to_date", None, "1 while the pipeline is at the head of its shape."),
     gauge_of("shapesync_pipeline_owned", None, "1 while this instance holds the pipeline's lease."),
     gauge_of(

@@ -6,16 +6,17 @@ use serde::Deserialize;
 use shapesync_core::registry::SourceConfig;
 use shapesync_core::{ConfigError, ShapeInfo, Source, SourceContext, SourceError};
 
-use crate::{LogMode, Replica, ShapeOptions, ShapeStream};
+use crate::{Replica, ShapeOptions, ShapeStream};
 
 /// The `source:` mapping of an Electric pipeline: the stream's [`ShapeOptions`], read
 /// from the mapping's keys (see [`ShapeOptions`] for how each key is read and its
 /// default; docs/CONFIG.md lists them). Its `Debug` output hides the secret, header
 /// values and URL credentials.
 ///
-/// Pipelines add one rule to the options: `log: changes_only` is refused by
-/// [`SourceConfig::check`] (a pipeline cannot rebuild a cache without a snapshot; the
-/// [`ShapeStream`] API supports it).
+/// A source that sends no snapshot (`log: changes_only`, `offset: now`) says so in its
+/// [`ShapeInfo::changes_only`]; the pipeline refuses it unless the sink keeps an
+/// existing cache rather than mirroring the shape
+/// ([`shapesync_core::SinkConfig::accepts_changes_only`]).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(transparent)]
 pub struct ElectricSourceConfig {
@@ -41,12 +42,6 @@ impl ElectricSourceConfig {
 #[async_trait]
 impl SourceConfig for ElectricSourceConfig {
     fn check(&self) -> Result<(), ConfigError> {
-        if self.options.log == LogMode::ChangesOnly {
-            return Err(ConfigError::new(
-                "log",
-                "pipelines do not support `changes_only` yet (after a must-refetch there is no snapshot to rebuild the cache from); use `full`, or the `ShapeStream` library API of shapesync-electric, which supports it",
-            ));
-        }
         self.options.check_keys()
     }
 
@@ -55,6 +50,7 @@ impl SourceConfig for ElectricSourceConfig {
             table: self.options.table.clone(),
             columns: self.options.columns.clone(),
             full_rows: self.options.replica == Replica::Full,
+            changes_only: self.options.changes_only(),
         }
     }
 
@@ -113,7 +109,7 @@ max_response_bytes: 1048576
         assert_eq!(o.params[&2], "5", "numbers are read as their text");
         assert_eq!(o.params[&3], "true");
         assert_eq!(o.replica, Replica::Full);
-        assert_eq!(o.log, LogMode::Full);
+        assert_eq!(o.log, crate::LogMode::Full);
         assert_eq!(o.request_timeout, Duration::from_secs(30));
         assert_eq!(o.connect_timeout, Duration::from_secs(3));
         assert_eq!(o.idle_timeout, Duration::from_secs(120));
@@ -129,7 +125,8 @@ max_response_bytes: 1048576
             ShapeInfo {
                 table: "public.items".into(),
                 columns: Some(vec!["id".into(), "Status-Check".into()]),
-                full_rows: true
+                full_rows: true,
+                changes_only: false,
             }
         );
     }
@@ -183,14 +180,20 @@ max_response_bytes: 1048576
     }
 
     #[test]
-    fn changes_only_is_rejected_for_pipelines() {
-        let e = from_yaml("url: http://h/v1/shape\ntable: t\nlog: changes_only\n").unwrap_err();
-        assert_eq!(e.key, "log", "{e}");
-        assert!(e.message.contains("pipelines do not support"), "{e}");
-        assert!(e.message.contains("ShapeStream"), "{e}");
-        let mut config = from_yaml(MINIMAL).unwrap();
-        config.options.log = LogMode::ChangesOnly;
-        assert!(config.to_options().is_ok(), "the library options still carry it");
+    fn changes_only_and_offset_now_say_the_source_sends_no_snapshot() {
+        let shape = |yaml: &str| from_yaml(yaml).unwrap().shape();
+        assert!(!shape(MINIMAL).changes_only);
+        assert!(shape("url: http://h/v1/shape\ntable: t\nlog: changes_only\n").changes_only);
+        let now = from_yaml("url: http://h/v1/shape\ntable: t\noffset: now\n").unwrap();
+        assert_eq!(now.options.start, crate::StartFrom::Now);
+        assert!(now.shape().changes_only);
+        for beginning in ["-1", "'-1'"] {
+            let c = from_yaml(&format!("url: http://h/v1/shape\ntable: t\noffset: {beginning}\n")).unwrap();
+            assert_eq!(c.options.start, crate::StartFrom::Beginning, "{beginning}");
+        }
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\noffset: 12_3\n").unwrap_err();
+        assert_eq!(e.key, "offset", "{e}");
+        assert!(e.message.contains("`now`"), "{e}");
     }
 
     #[test]

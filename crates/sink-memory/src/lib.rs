@@ -265,6 +265,7 @@ mod tests {
                 resyncing: false,
             },
             sweep,
+            resync_reason: None,
             up_to_date: true,
             row_schema: None,
             fence: None,

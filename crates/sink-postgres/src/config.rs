@@ -121,6 +121,7 @@ impl SinkConfig for PostgresSinkConfig {
             store: format!("postgres://{}:{}/{database}", options.get_host(), options.get_port()),
             space: Space::Exact(format!("{}.{}", self.schema, self.table_name(&ctx.shape.table))),
             key: "table".into(),
+            shared: false,
         }]
     }
 

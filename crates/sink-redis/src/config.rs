@@ -20,12 +20,49 @@ pub mod defaults {
     pub const MAX_PART_SIZE: usize = 10_000;
     /// How long one Redis command may take before the batch is retried.
     pub const TIMEOUT_MS: u64 = 10_000;
+    /// How long a tombstone lives (`mode: invalidate` / `refresh`), in ms: a cache fill
+    /// whose ticket is older is refused (see [`crate::guard`]).
+    pub const TOMBSTONE_MS: u64 = crate::guard::DEFAULT_WINDOW_MS;
 
     pub(crate) fn part_size() -> usize {
         PART_SIZE
     }
     pub(crate) fn timeout_ms() -> u64 {
         TIMEOUT_MS
+    }
+    pub(crate) fn tombstone_ms() -> u64 {
+        TOMBSTONE_MS
+    }
+}
+
+/// What the sink does with the shape's rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The sink owns a mirror of the shape: every row is written (the default).
+    #[default]
+    Mirror,
+    /// The sink keeps an application's own cache honest: every committed change removes
+    /// the keys its `keys` templates name, rendered with the old values and the new.
+    Invalidate,
+    /// As `invalidate` for `keys`, and the row's own key (`key`) is rewritten in place
+    /// when it exists, so hot entries stay warm and cold rows are never loaded.
+    Refresh,
+}
+
+impl Mode {
+    /// The YAML name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Mirror => "mirror",
+            Mode::Invalidate => "invalidate",
+            Mode::Refresh => "refresh",
+        }
+    }
+
+    /// The sink keeps someone else's cache rather than a mirror of its own.
+    pub fn keeps_a_cache(self) -> bool {
+        self != Mode::Mirror
     }
 }
 
@@ -49,6 +86,18 @@ pub enum Layout {
 pub struct RedisSinkConfig {
     /// `redis://[user:password@]host[:port][/db]` or `unix:///path/to.sock`.
     pub url: String,
+    /// `mirror` (default), `invalidate` or `refresh`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `mode: invalidate` / `refresh`: templates of the cache keys every change of a row
+    /// invalidates (`project:{id}`, `org:{org_id}:projects`), rendered with the row's old
+    /// values and its new ones.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// `mode: invalidate` / `refresh`: how long each invalidated key's tombstone lives,
+    /// in ms; a fill whose ticket is older than this is refused (see [`crate::guard`]).
+    #[serde(default = "defaults::tombstone_ms")]
+    pub tombstone_ms: u64,
     /// Row layout; `hash` by default.
     #[serde(default)]
     pub layout: Layout,
@@ -102,6 +151,9 @@ impl RedisSinkConfig {
     pub fn new(url: impl Into<String>) -> Self {
         RedisSinkConfig {
             url: url.into(),
+            mode: Mode::default(),
+            keys: Vec::new(),
+            tombstone_ms: defaults::TOMBSTONE_MS,
             layout: Layout::default(),
             key: None,
             primary_key: None,
@@ -124,6 +176,19 @@ impl RedisSinkConfig {
             .map(KeyTemplate::parse)
             .transpose()
             .map_err(|m| ConfigError::new("key", format!("invalid key template: {m}")))
+    }
+
+    /// The `keys` templates (`mode: invalidate` / `refresh`), parsed; errors name the
+    /// entry (`keys.1`).
+    pub(crate) fn cache_templates(&self) -> Result<Vec<KeyTemplate>, ConfigError> {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                KeyTemplate::parse(text)
+                    .map_err(|m| ConfigError::new(format!("keys.{i}"), format!("invalid key template: {m}")))
+            })
+            .collect()
     }
 
     /// The keys rows are written under, and the keys the sink keeps for itself.
@@ -249,6 +314,84 @@ impl RedisSinkConfig {
         Ok(())
     }
 
+    /// Checks the settings of `mode` against each other: which keys each mode reads,
+    /// the layouts and deployments a cache mode works with, and its templates.
+    fn check_mode(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
+        let mode = self.mode.as_str();
+        if !self.mode.keeps_a_cache() {
+            if !self.keys.is_empty() {
+                return Err(ConfigError::new(
+                    "keys",
+                    "only for `mode: invalidate` or `mode: refresh`; a mirror writes each row under its `key`",
+                ));
+            }
+            return Ok(());
+        }
+        if self.mode == Mode::Invalidate && self.key.is_some() {
+            return Err(ConfigError::new(
+                "key",
+                "`mode: invalidate` writes no row; list the keys a change invalidates under `keys` instead",
+            ));
+        }
+        if self.mode == Mode::Invalidate && self.keys.is_empty() {
+            return Err(ConfigError::new(
+                "keys",
+                "`mode: invalidate` needs the templates of the cache keys a change invalidates, e.g. `keys: [\"project:{id}\", \"org:{org_id}:projects\"]`",
+            ));
+        }
+        if self.layout == Layout::Table {
+            return Err(ConfigError::new(
+                "layout",
+                format!("`mode: {mode}` keeps keys of your own cache; `layout: table` keeps a mirror in one hash, use `hash` or `json`"),
+            ));
+        }
+        if self.cluster || self.hash_tag {
+            return Err(ConfigError::new(
+                if self.cluster { "cluster" } else { "hash_tag" },
+                format!("`mode: {mode}` is not supported on Redis Cluster yet: the keys one change names live in different slots, which one script cannot reach; use a single Redis (or mode: mirror)"),
+            ));
+        }
+        if self.tombstone_ms == 0 {
+            return Err(ConfigError::new(
+                "tombstone_ms",
+                "expected at least 1 ms; tombstones are what refuses a cache fill that read the database before the change",
+            ));
+        }
+        let (_, internal) = self.key_spaces(ctx);
+        let guard = Space::Prefix(crate::guard::NAMESPACE.to_owned());
+        let names = KeyNames::new(&self.prefix, false, &ctx.pipeline, &ctx.shape.table);
+        for (i, template) in self.cache_templates()?.iter().enumerate() {
+            let key = format!("keys.{i}");
+            let space = Space::Prefix(format!("{}{}", names.base, template.literal_prefix()));
+            if space.overlaps(&internal) || space.overlaps(&guard) {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "`{}` could name the sink's own keys ({} and `{}*`: checkpoint, lease, tombstones); start it with fixed text, e.g. `project:{{id}}`",
+                        self.keys[i],
+                        internal.describe(),
+                        crate::guard::NAMESPACE
+                    ),
+                ));
+            }
+            if let Some(columns) = &ctx.shape.columns {
+                must_be_known(columns, template.columns(), &key)?;
+            }
+            if let (false, Some(pk)) = (ctx.shape.full_rows, &self.primary_key)
+                && let Some(c) = template.columns().find(|c| !pk.iter().any(|k| k == c))
+            {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "template `{}` uses `{c}`, which is not a primary-key column; an update carries only the primary key and the changed columns, and a delete only the key, so the old and new keys could not be rendered: set `replica: full` on the source, or name keys by primary-key columns only",
+                        self.keys[i]
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the keys rows are written under: the template against the sink's own keys,
     /// the shape's columns and the primary key.
     fn check_keys(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
@@ -294,19 +437,38 @@ impl RedisSinkConfig {
 impl SinkConfig for RedisSinkConfig {
     fn check(&self, ctx: &SinkContext) -> Result<(), ConfigError> {
         self.check_connection(ctx)?;
+        self.check_mode(ctx)?;
         self.check_keys(ctx)
     }
 
+    /// A mirror's rows, and a refreshed row's own key, are this pipeline's alone; keys a
+    /// cache mode invalidates may be named by other cache pipelines too (an
+    /// `org:{org_id}:projects` list both a projects and an orgs pipeline invalidate),
+    /// never by a mirror.
     fn claims(&self, ctx: &SinkContext) -> Vec<Claim> {
         let Ok(info) = self.connection_info() else { return Vec::new() };
         let db = info.redis_settings().db();
         let store = format!("redis://{}/{db}", info.addr());
         let (rows, internal) = self.key_spaces(ctx);
         let key = if self.key.is_some() { "key" } else { "prefix" };
-        vec![
-            Claim { store: store.clone(), space: rows, key: key.into() },
-            Claim { store, space: internal, key: "prefix".into() },
-        ]
+        let mut claims = vec![Claim { store: store.clone(), space: internal, key: "prefix".into(), shared: false }];
+        if self.mode != Mode::Invalidate {
+            claims.push(Claim { store: store.clone(), space: rows, key: key.into(), shared: false });
+        }
+        let base = KeyNames::new(&self.prefix, false, &ctx.pipeline, &ctx.shape.table).base;
+        for (i, template) in self.cache_templates().unwrap_or_default().iter().enumerate() {
+            claims.push(Claim {
+                store: store.clone(),
+                space: Space::Prefix(format!("{base}{}", template.literal_prefix())),
+                key: format!("keys.{i}"),
+                shared: true,
+            });
+        }
+        claims
+    }
+
+    fn accepts_changes_only(&self) -> bool {
+        self.mode.keeps_a_cache()
     }
 
     /// Connects; a server that is down at start-up does not fail the pipeline: the sink
@@ -343,6 +505,7 @@ mod tests {
                 table: "projects".into(),
                 columns: Some(vec!["id".into(), "org".into(), "name".into()]),
                 full_rows,
+                changes_only: false,
             },
         }
     }

@@ -15,9 +15,11 @@ use shapesync_core::{Acquisition, Fence, LeaseInfo, SinkError};
 /// One unit of writes, fenced. KEYS[1] is the lease hash. ARGV: owner (empty: no
 /// fence), epoch, seq, TTL in ms, `1` when the unit stores the checkpoint (it then
 /// counts a commit: `seq + 1`, after every command succeeded), the generation its rows
-/// carry (empty: none), then per command its argument count and its arguments.
+/// carry (empty: none), then per command its argument count and its arguments. An
+/// argument count of 0 is a guard instead: a key and a number `m`, and the next `m`
+/// commands run only if the key exists (a cached key refreshed in place).
 ///
-/// Answers `{'ok'}`; `{'done'}` when the store already holds `seq + 1` under this lease
+/// Answers `{'ok', guards that passed}`; `{'done'}` when the store already holds `seq + 1` under this lease
 /// (the batch was committed by an attempt whose answer was lost: nothing is written);
 /// or `{'refused', owner, epoch, seq}` (empty strings for a missing lease) for Rust to
 /// judge with [`judge`]. A failing command aborts the script before the checkpoint and
@@ -41,16 +43,21 @@ if ARGV[1] ~= '' then
     redis.call('HSET', KEYS[1], 'gen', ARGV[6])
   end
 end
-local i, n = 7, #ARGV
+local i, n, skip, passed = 7, #ARGV, 0, 0
 while i <= n do
   local argc = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + argc))
-  i = i + 1 + argc
+  if argc == 0 then
+    if redis.call('EXISTS', ARGV[i + 1]) == 1 then passed = passed + 1 else skip = tonumber(ARGV[i + 2]) end
+    i = i + 3
+  else
+    if skip > 0 then skip = skip - 1 else redis.call(unpack(ARGV, i + 1, i + argc)) end
+    i = i + 1 + argc
+  end
 end
 if ARGV[1] ~= '' and ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'seq', string.format('%.0f', tonumber(ARGV[3]) + 1))
 end
-return {'ok'}
+return {'ok', passed}
 ";
 
 /// Everything done to the lease itself. KEYS[1] is the lease hash. ARGV: mode, the
@@ -174,6 +181,15 @@ fn refused(reply: &[String], fence: &Fence, committing: bool) -> SinkError {
     SinkError::from_verdict(judge(stored.as_ref(), fence, committing)).unwrap_or_else(|| {
         SinkError::state_lost("the pipeline's lease does not match what this instance wrote")
     })
+}
+
+/// How many guards of a unit passed (keys that existed and were refreshed): the
+/// second element of its `{'ok', n}` answer; 0 for any other answer.
+pub(crate) fn guards_passed(value: &Value) -> u64 {
+    match value {
+        Value::Array(items) if items.len() >= 2 => u64::from_redis_value(items[1].clone()).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Reads a unit's (or a `check`'s) answer.

@@ -110,16 +110,18 @@
 //! batch); other refusals (e.g. `WRONGTYPE` on a key another program owns) and bad
 //! settings are `Rejected`. No error or log line contains the URL.
 
+mod cache;
 mod config;
 mod connection;
 mod error;
+pub mod guard;
 mod layout;
 mod lease;
 mod sink;
 mod template;
 mod unit;
 
-pub use config::{Layout, RedisSinkConfig, defaults};
+pub use config::{Layout, Mode, RedisSinkConfig, defaults};
 pub use sink::RedisSink;
 
 use shapesync_core::Registry;

@@ -14,6 +14,7 @@ use shapesync_core::{
     SinkConfig, SinkContext, SinkError, async_trait,
 };
 
+use crate::cache::CacheKeeper;
 use crate::config::RedisSinkConfig;
 use crate::connection::Connection;
 use crate::error::{classify, rejected};
@@ -45,6 +46,10 @@ pub struct RedisSink {
     refuse_eviction: bool,
     /// The store's settings were checked (see [`RedisSink::check_store`]).
     store_checked: tokio::sync::OnceCell<()>,
+    /// `mode: invalidate` / `refresh`: keeps an application's cache instead of a mirror.
+    cache: Option<CacheKeeper>,
+    /// The pipeline id, for the cache modes' metrics.
+    pipeline: String,
 }
 
 /// What the sink knows about its keys being empty, which lets an initial snapshot into
@@ -117,7 +122,23 @@ impl RedisSink {
         conn: Connection,
     ) -> Result<Self, SinkError> {
         let keys = KeyNames::new(&config.prefix, config.hash_tag, &ctx.pipeline, &ctx.shape.table);
+        let cache = match config.mode.keeps_a_cache() {
+            true => Some(CacheKeeper::new(
+                config.mode,
+                config.layout,
+                &config.keys,
+                config.cache_templates().map_err(rejected)?,
+                &keys.base,
+                format!("{}{}", keys.base, internal_prefix(&ctx.pipeline)),
+                config.tombstone_ms,
+                config.notify.clone(),
+                ctx.shape.full_rows,
+            )),
+            false => None,
+        };
         Ok(RedisSink {
+            cache,
+            pipeline: ctx.pipeline.clone(),
             conn,
             scripts: Scripts::new(),
             template: config.template().map_err(rejected)?,
@@ -155,6 +176,19 @@ impl RedisSink {
         };
         *self.keyspace.lock().unwrap_or_else(|e| e.into_inner()) = state;
         Ok(state == Keyspace::EmptyFor(generation))
+    }
+
+    /// Under `refresh`, the row's own key template as far as it is known without the
+    /// shape's schema: `key`, or the default over `primary_key` (neither: `None`, and
+    /// only the `keys` templates are scanned).
+    fn cache_own_template(&self) -> Result<Option<KeyTemplate>, SinkError> {
+        if !self.cache.as_ref().is_some_and(CacheKeeper::refreshes) {
+            return Ok(None);
+        }
+        Ok(self.template.clone().or_else(|| {
+            let pk: Vec<&str> = self.primary_key.iter().flatten().map(String::as_str).collect();
+            (!pk.is_empty()).then(|| self.units.layout().default_template(&self.table, &pk))
+        }))
     }
 
     /// The key holding the pipeline's checkpoint JSON.
@@ -247,13 +281,131 @@ impl RedisSink {
         checkpoint: Option<&str>,
         fence: Option<&Fence>,
     ) -> Result<UnitOutcome, SinkError> {
+        self.run_counted(conn, unit, generation, checkpoint, fence).await.map(|(outcome, _)| outcome)
+    }
+
+    /// [`RedisSink::run`], also saying how many of the unit's guards passed (keys that
+    /// existed and were refreshed).
+    async fn run_counted(
+        &self,
+        conn: &mut Connection,
+        unit: Unit,
+        generation: &str,
+        checkpoint: Option<&str>,
+        fence: Option<&Fence>,
+    ) -> Result<(UnitOutcome, u64), SinkError> {
         let Some(call) = unit.into_call(&self.scripts.unit, &self.keys, generation, checkpoint, fence) else {
-            return Ok(UnitOutcome::Applied);
+            return Ok((UnitOutcome::Applied, 0));
         };
         let answer = call.invoke_async::<Value>(conn).await.map_err(|e| self.classify_unit(e))?;
+        let passed = crate::lease::guards_passed(&answer);
         match fence {
-            Some(f) => crate::lease::unit_outcome(answer, f, checkpoint.is_some()),
-            None => Ok(UnitOutcome::Applied),
+            Some(f) => Ok((crate::lease::unit_outcome(answer, f, checkpoint.is_some())?, passed)),
+            None => Ok((UnitOutcome::Applied, passed)),
+        }
+    }
+
+    /// Applies `batch` in a cache mode (see the `cache` module): one unit for its
+    /// changes (none for a snapshot's rows), then, with `sweep`, a full invalidation;
+    /// the checkpoint with the last unit.
+    async fn apply_cache(
+        &self,
+        cache: &CacheKeeper,
+        batch: &Batch,
+        checkpoint: &str,
+        fence: Option<&Fence>,
+    ) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let schema = batch.schema();
+        cache.check_schema(schema)?;
+        let own = match cache.refreshes() {
+            true => Some(self.key_template(schema)?),
+            false => None,
+        };
+        let changes: &[Change] = if batch.is_snapshot() { &[] } else { &batch.changes };
+        let stamp = match changes.is_empty() && !batch.sweep {
+            true => 0,
+            false => crate::guard::ticket(&mut conn).await.map_err(classify)?,
+        };
+        let (unit, counts) = cache.unit(changes, own.as_ref(), stamp)?;
+        let with_checkpoint = (!batch.sweep).then_some(checkpoint);
+        let (outcome, refreshed) = self.run_counted(&mut conn, unit, "", with_checkpoint, fence).await?;
+        if outcome == UnitOutcome::AlreadyCommitted {
+            return Ok(());
+        }
+        self.count_cache(counts.invalidated, refreshed);
+        if batch.sweep {
+            let reason = batch.resync_reason;
+            self.invalidate_all(cache, own.as_ref(), stamp, Some(checkpoint), fence, reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Invalidates every key the templates can name: the flush stamp first, then each
+    /// pattern `SCAN`ned and what it finds `UNLINK`ed, one fenced unit per page; the
+    /// checkpoint, if given, with a last unit once all are gone.
+    async fn invalidate_all(
+        &self,
+        cache: &CacheKeeper,
+        own: Option<&KeyTemplate>,
+        stamp: u64,
+        checkpoint: Option<&str>,
+        fence: Option<&Fence>,
+        reason: Option<shapesync_core::ResyncReason>,
+    ) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let patterns = cache.patterns(own);
+        let labels = [
+            ("pipeline", self.pipeline.clone()),
+            ("reason", reason.map_or("reset", shapesync_core::ResyncReason::as_str).to_owned()),
+        ];
+        tracing::info!(pipeline = %self.pipeline, reason = %labels[1].1, ?patterns, "continuity with the shape was lost, so the changes in between are unknown: invalidating every key the templates can name");
+        if self.run(&mut conn, cache.flush_unit(&patterns, stamp, reason), "", None, fence).await?
+            == UnitOutcome::AlreadyCommitted
+        {
+            return Ok(());
+        }
+        let mut removed = 0;
+        for pattern in &patterns {
+            let mut cursor = "0".to_owned();
+            loop {
+                let (next, page): (String, Vec<String>) = redis::cmd("SCAN")
+                    .arg(&cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(self.part_size)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(classify)?;
+                let (unit, keys) = cache.scan_step(&page);
+                if !unit.is_empty() && self.run(&mut conn, unit, "", None, fence).await? == UnitOutcome::AlreadyCommitted {
+                    return Ok(());
+                }
+                removed += keys;
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        if let Some(checkpoint) = checkpoint {
+            self.run(&mut conn, Unit::default(), "", Some(checkpoint), fence).await?;
+        }
+        self.count_cache(removed, 0);
+        metrics::counter!("shapesync_sink_full_invalidations_total", &labels).increment(1);
+        tracing::info!(pipeline = %self.pipeline, keys = removed, "full invalidation done");
+        Ok(())
+    }
+
+    /// Counts keys a cache mode removed and refreshed.
+    fn count_cache(&self, invalidated: u64, refreshed: u64) {
+        let labels = [("pipeline", self.pipeline.clone())];
+        if invalidated > 0 {
+            metrics::counter!("shapesync_sink_keys_invalidated_total", &labels).increment(invalidated);
+        }
+        if refreshed > 0 {
+            metrics::counter!("shapesync_sink_keys_refreshed_total", &labels).increment(refreshed);
         }
     }
 
@@ -425,7 +577,11 @@ fn evicting_policy(info: &Value) -> Option<String> {
 impl Sink for RedisSink {
     /// The key template can key rows of `schema` (its columns, `replica`, NOT NULL).
     async fn check_rows(&self, schema: &Schema) -> Result<(), SinkError> {
-        self.key_template(schema).map(drop)
+        match &self.cache {
+            Some(cache) if !cache.refreshes() => cache.check_schema(schema),
+            Some(cache) => cache.check_schema(schema).and_then(|()| self.key_template(schema).map(drop)),
+            None => self.key_template(schema).map(drop),
+        }
     }
 
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
@@ -450,9 +606,12 @@ impl Sink for RedisSink {
                 return Ok(());
             }
         }
+        let checkpoint = batch.checkpoint.to_json();
+        if let Some(cache) = &self.cache {
+            return self.apply_cache(cache, batch, &checkpoint, fence).await;
+        }
         let mut conn = self.conn.clone();
         let template = self.key_template(batch.schema())?;
-        let checkpoint = batch.checkpoint.to_json();
         let outcome = self.write_parts(&mut conn, batch, &template, &checkpoint, fence).await?;
         if outcome == UnitOutcome::Applied && batch.sweep {
             self.sweep(&mut conn, batch.checkpoint.generation, Some(&checkpoint), fence).await?;
@@ -475,6 +634,14 @@ impl Sink for RedisSink {
         let mut unit = Unit::default();
         unit.push(command(["DEL", &self.keys.checkpoint]));
         self.run(&mut conn, unit, "", None, Some(&fence)).await?;
+        if let Some(cache) = &self.cache {
+            // Nothing of the cache can be vouched for any more. (The row's own key under
+            // `refresh` is the default `<table>:…` one unless `key` is set.)
+            let own = self.cache_own_template()?;
+            let stamp = crate::guard::ticket(&mut conn).await.map_err(classify)?;
+            self.invalidate_all(cache, own.as_ref(), stamp, None, Some(&fence), None).await?;
+            return self.release(&fence).await;
+        }
         self.sweep(&mut conn, u64::MAX, None, Some(&fence)).await?;
         let mut unit = Unit::default();
         unit.push(command(["UNLINK", &self.keys.members]));

@@ -100,6 +100,18 @@ impl KeyTemplate {
         KeyTemplate { parts, escape: true }
     }
 
+    /// A `SCAN … MATCH` pattern for every key this template can render: its literals
+    /// (glob characters escaped) with `*` for each column.
+    pub fn glob(&self) -> String {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(text) => escape_glob(text),
+                Part::Column(_) => "*".to_owned(),
+            })
+            .collect()
+    }
+
     /// The columns the template reads.
     pub fn columns(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
@@ -135,6 +147,18 @@ impl KeyTemplate {
     }
 }
 
+/// `text` as a glob (`SCAN … MATCH`) that matches only itself.
+pub fn escape_glob(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len());
+    for ch in text.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(ch);
+    }
+    pattern
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +173,13 @@ mod tests {
         assert_eq!(t.columns().collect::<Vec<_>>(), ["org", "id"]);
         let r = row(&[("org", Value::Text("acme".into())), ("id", Value::Int(7))]);
         assert_eq!(t.render(&r).unwrap(), "org:acme:{x}:7");
+    }
+
+    #[test]
+    fn globs_match_every_key_a_template_renders() {
+        let t = KeyTemplate::parse("org:{org}:p[{{x}}]*:{id}").unwrap();
+        assert_eq!(t.glob(), r"org:*:p\[{x}\]\*:*");
+        assert_eq!(KeyTemplate::joined("items:", &["a", "b"]).glob(), "items:*:*");
     }
 
     #[test]

@@ -34,14 +34,38 @@ pub(crate) fn command<const N: usize>(parts: [&str; N]) -> Cmd {
 /// `HDEL`s: only the unit's final membership of each row is ever written.
 #[derive(Default)]
 pub(crate) struct Unit {
-    commands: Vec<Cmd>,
+    commands: Vec<Step>,
     members: BTreeMap<String, bool>,
+}
+
+/// One step of a unit's script.
+enum Step {
+    /// A command.
+    Command(Cmd),
+    /// The next `commands` steps run only if `key` exists when the script reaches them
+    /// (a cached key refreshed in place; encoded as an argument count of 0).
+    IfExists { key: String, commands: usize },
 }
 
 impl Unit {
     /// Adds a command, run after the ones added before it.
     pub(crate) fn push(&mut self, command: Cmd) {
-        self.commands.push(command);
+        self.commands.push(Step::Command(command));
+    }
+
+    /// Adds `commands`, run only if `key` exists when the script reaches them: one
+    /// atomic check-and-write, since Redis runs the script alone.
+    pub(crate) fn push_if_exists(&mut self, key: &str, commands: Vec<Cmd>) {
+        if commands.is_empty() {
+            return;
+        }
+        self.commands.push(Step::IfExists { key: key.to_owned(), commands: commands.len() });
+        self.commands.extend(commands.into_iter().map(Step::Command));
+    }
+
+    /// Whether the unit has no command and no membership change.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.commands.is_empty() && self.members.is_empty()
     }
 
     fn set_member(&mut self, id: &str, current: bool) {
@@ -70,19 +94,26 @@ impl Unit {
             None => invocation.arg("").arg(0).arg(0).arg(0),
         };
         invocation.arg(if checkpoint.is_some() { "1" } else { "0" }).arg(generation);
-        for cmd in &ordered {
-            invocation.arg(cmd.args_iter().len());
-            for arg in cmd.args_iter() {
-                if let Arg::Simple(bytes) = arg {
-                    invocation.arg(bytes);
+        for step in &ordered {
+            match step {
+                Step::Command(cmd) => {
+                    invocation.arg(cmd.args_iter().len());
+                    for arg in cmd.args_iter() {
+                        if let Arg::Simple(bytes) = arg {
+                            invocation.arg(bytes);
+                        }
+                    }
+                }
+                Step::IfExists { key, commands } => {
+                    invocation.arg(0).arg(key).arg(*commands);
                 }
             }
         }
         Some(invocation)
     }
 
-    /// The unit's commands in the order the script runs them.
-    fn into_commands(self, keys: &KeyNames, generation: &str, checkpoint: Option<&str>) -> Vec<Cmd> {
+    /// The unit's steps in the order the script runs them.
+    fn into_commands(self, keys: &KeyNames, generation: &str, checkpoint: Option<&str>) -> Vec<Step> {
         let Unit { commands, members } = self;
         let (joined, left): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, current)| *current);
         let mut ordered = Vec::with_capacity(commands.len() + 4);
@@ -91,7 +122,7 @@ impl Unit {
             for (id, _) in chunk {
                 hset.arg(id).arg(generation);
             }
-            ordered.push(hset);
+            ordered.push(Step::Command(hset));
         }
         ordered.extend(commands);
         for chunk in left.chunks(MEMBERS_PER_COMMAND) {
@@ -99,9 +130,9 @@ impl Unit {
             for (id, _) in chunk {
                 hdel.arg(id);
             }
-            ordered.push(hdel);
+            ordered.push(Step::Command(hdel));
         }
-        ordered.extend(checkpoint.map(|json| command(["SET", &keys.checkpoint, json])));
+        ordered.extend(checkpoint.map(|json| Step::Command(command(["SET", &keys.checkpoint, json]))));
         ordered
     }
 }

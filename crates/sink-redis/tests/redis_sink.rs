@@ -101,7 +101,7 @@ impl Setup {
         config.prefix = prefix.clone();
         let ctx = SinkContext {
             pipeline: "p".into(),
-            shape: ShapeInfo { table: "items".into(), columns: None, full_rows: false },
+            shape: ShapeInfo { table: "items".into(), ..Default::default() },
         };
         Setup { prefix, config, ctx }
     }
@@ -949,7 +949,7 @@ struct ShapeOnlySource {
 #[shapesync_core::async_trait]
 impl shapesync_core::SourceConfig for ShapeOnlySource {
     fn shape(&self) -> ShapeInfo {
-        ShapeInfo { table: self.table.clone(), columns: None, full_rows: self.full_rows }
+        ShapeInfo { table: self.table.clone(), full_rows: self.full_rows, ..Default::default() }
     }
     async fn build(
         self,

@@ -76,6 +76,7 @@ impl SinkConfig for SqliteSinkConfig {
             store: file.display().to_string(),
             space: Space::Exact(self.table_name(&ctx.shape.table)),
             key: "table".into(),
+            shared: false,
         }]
     }
 

@@ -32,6 +32,25 @@ pub(super) fn http_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error>
     Ok(url)
 }
 
+/// `offset`: where a stream without a stored checkpoint starts: `-1` (the whole shape,
+/// snapshot first) or `now` (only changes from now on). A YAML `-1` may be a number.
+pub(super) fn start<'de, D: Deserializer<'de>>(d: D) -> Result<super::StartFrom, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Number(i64),
+        Text(String),
+    }
+    match Text::deserialize(d)? {
+        Text::Number(-1) => Ok(super::StartFrom::Beginning),
+        Text::Text(t) if t == "-1" => Ok(super::StartFrom::Beginning),
+        Text::Text(t) if t == "now" => Ok(super::StartFrom::Now),
+        _ => Err(de::Error::custom(
+            "expected `-1` (the whole shape, snapshot first) or `now` (only changes from now on); a pipeline resumes from its sink's checkpoint, so other offsets are not set here",
+        )),
+    }
+}
+
 /// `table`: not blank.
 pub(super) fn table<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let table = String::deserialize(d)?;

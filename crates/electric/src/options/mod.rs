@@ -151,7 +151,8 @@ pub struct ShapeOptions {
     /// `replica` mode.
     #[serde(default)]
     pub replica: Replica,
-    /// `log` mode. Pipelines accept only `full` (see [`crate::ElectricSourceConfig`]).
+    /// `log` mode. A pipeline whose sink mirrors the shape needs `full`; one that keeps an
+    /// existing cache honest (Redis `mode: invalidate` / `refresh`) may use `changes_only`.
     #[serde(default)]
     pub log: LogMode,
     /// API secret (`secret` parameter). Never logged.
@@ -174,9 +175,9 @@ pub struct ShapeOptions {
     /// [`ShapeError::Rejected`] (or [`ShapeError::InvalidOptions`] for a file).
     #[serde(default = "keys::default_auth_retries", deserialize_with = "keys::auth_retries")]
     pub auth_retries: u32,
-    /// Where to start when not resuming. Not a YAML key: pipelines resume from their
-    /// sink's checkpoint.
-    #[serde(skip)]
+    /// Where to start when not resuming (a pipeline resumes from its sink's checkpoint,
+    /// so this applies to its first sync). YAML: `offset`, `-1` (default) or `now`.
+    #[serde(default, rename = "offset", deserialize_with = "keys::start")]
     pub start: StartFrom,
     /// Bounds a live long-poll (headers and body; keep it above the server's 20 s
     /// hold) and the wait for a non-live response's headers. For SSE it bounds the wait
@@ -363,7 +364,8 @@ impl ShapeOptions {
     }
 
     /// Stable hash of the shape's identity (table, where, params, columns, replica,
-    /// log): a stored resume point only holds for the same hash.
+    /// log): a stored resume point only holds for the same hash. Where a fresh stream
+    /// starts (`start`) is not identity: it only matters without a resume point.
     pub fn definition_hash(&self) -> String {
         let params: Vec<String> = self.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
         let params = serde_json::to_string(&params).expect("strings serialize");
@@ -376,6 +378,13 @@ impl ShapeOptions {
             ("replica", self.replica.as_str()),
             ("log", self.log.as_str()),
         ])
+    }
+
+    /// The stream sends no snapshot of existing rows: `log: changes_only`, or a fresh
+    /// start at `offset: now` (after a must-refetch a `changes_only` stream again skips
+    /// the snapshot; a `full` one starting at `now` gets it).
+    pub fn changes_only(&self) -> bool {
+        self.log == LogMode::ChangesOnly || self.start == StartFrom::Now
     }
 
     /// Where a fresh stream starts, as a request offset.
