@@ -324,6 +324,13 @@ async fn validate_connect_catches_what_the_first_batch_would_refuse() {
             "replica: full",
         ),
         (
+            "invalidate_non_key",
+            format!(
+                "    source: {{type: electric, url: '{url}', table: dry_items, log: changes_only}}\n    sink: {{type: redis, url: '{REDIS}', prefix: '{prefix}i:', mode: invalidate, keys: ['item:{{id}}', 'title:{{title}}:items']}}\n"
+            ),
+            "template `title:{title}:items` uses `title`",
+        ),
+        (
             "pg_schema_missing",
             format!(
                 "    source: {source}\n    sink: {{type: postgres, url: '{POSTGRES}', schema: no_such_schema_{}}}\n",

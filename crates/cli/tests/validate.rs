@@ -267,6 +267,45 @@ fn a_key_template_that_could_render_the_sinks_own_keys_is_refused() {
 }
 
 #[test]
+fn a_source_without_a_snapshot_needs_a_sink_that_keeps_a_cache() {
+    let pipeline = |source: &str, sink: &str| {
+        format!(
+            "pipelines:\n  p:\n    source: {{type: electric, url: 'http://localhost:3000/v1/shape', table: projects{source}}}\n    sink: {sink}\n"
+        )
+    };
+    for source in [", log: changes_only", ", offset: now"] {
+        for sink in [
+            "{type: memory}",
+            "{type: redis, url: 'redis://127.0.0.1:6379'}",
+            "{type: sqlite, path: /tmp/x.db}",
+        ] {
+            assert_error(
+                "changes-only-mirror",
+                &pipeline(source, sink),
+                "pipelines.p.source",
+                "mirrors the shape",
+            );
+        }
+        let invalidate =
+            "{type: redis, url: 'redis://127.0.0.1:6379', mode: invalidate, keys: ['project:{id}']}";
+        let (code, stderr, _) = validate("changes-only-invalidate", &pipeline(source, invalidate), &[]);
+        assert_eq!(code, 0, "{source}: {stderr}");
+    }
+    // A template over a column outside the primary key needs `replica: full`, and says which.
+    let sink = "{type: redis, url: 'redis://127.0.0.1:6379', mode: invalidate, primary_key: [id], keys: ['project:{id}', 'org:{org_id}:projects']}";
+    let stderr = assert_error(
+        "invalidate-non-key",
+        &pipeline(", log: changes_only", sink),
+        "pipelines.p.sink.keys.1",
+        "replica: full",
+    );
+    assert!(stderr.contains("`org:{org_id}:projects`") && stderr.contains("`org_id`"), "{stderr}");
+    let (code, stderr, _) =
+        validate("invalidate-full", &pipeline(", log: changes_only, replica: full", sink), &[]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
 fn a_missing_ca_file_is_refused_by_validate() {
     assert_error(
         "missing-ca",

@@ -16,8 +16,9 @@ use tracing::{Instrument, debug, info, warn};
 use crate::config::RetrySpec;
 use crate::registry::PreparedPipeline;
 use crate::{
-    Acquisition, Batch, Change, Checkpoint, Fence, Fleet, LeaseRequest, LeaseTiming, ResumePoint, ResyncReason, Schema,
-    Sink, SinkError, SinkErrorKind, Source, SourceError, SourceEvent, Transform, TransformError,
+    Acquisition, Batch, Change, Checkpoint, Fence, Fleet, LeaseRequest, LeaseTiming, ResumePoint,
+    ResyncReason, Schema, Sink, SinkError, SinkErrorKind, Source, SourceError, SourceEvent, Transform,
+    TransformError,
 };
 
 /// How long an in-flight sink commit may run on after shutdown is requested before
@@ -703,7 +704,11 @@ impl Committer {
                     info!(pipeline = %self.id, "shape definition changed since the stored checkpoint; resyncing (old rows stay until the new snapshot is complete)");
                 }
                 pos.generation = cp.generation;
-                pos.start_resync(if resync { ResyncReason::StateLost } else { ResyncReason::DefinitionChanged });
+                pos.start_resync(if resync {
+                    ResyncReason::StateLost
+                } else {
+                    ResyncReason::DefinitionChanged
+                });
                 source.resume(None);
             }
             None => {

@@ -58,7 +58,8 @@ const fn histogram_of(name: &'static str, unit: Option<Unit>, help: &'static str
 pub const REQUEST_CLASSES: &[&str] = &["2xx", "3xx", "409", "4xx", "5xx", "error"];
 
 /// Why a resync began ([`crate::ResyncReason::as_str`]): the `reason` label.
-pub const RESYNC_REASONS: &[&str] = &["first_sync", "must_refetch", "definition_changed", "state_lost", "resumed"];
+pub const RESYNC_REASONS: &[&str] =
+    &["first_sync", "must_refetch", "definition_changed", "state_lost", "resumed"];
 
 /// Every metric shapesync exports.
 pub const CATALOGUE: &[Metric] = &[

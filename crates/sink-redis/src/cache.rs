@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use shapesync_core::{Change, Operation, ResyncReason, Row, Schema, SinkError};
 
 use crate::config::{Layout, Mode};
-use crate::guard::{FLUSH_KEY, NAMESPACE, tombstone_key};
+use crate::guard::{NAMESPACE, flush_key, tombstone_key};
 use crate::template::{KeyError, KeyTemplate};
 use crate::unit::{Unit, command};
 
@@ -226,7 +226,12 @@ impl CacheKeeper {
     /// The key `template` names for `row` (under `prefix`); `None` when a column of it is
     /// NULL. A column the change does not carry is `Rejected` (the schema check keeps
     /// that from happening).
-    fn render(&self, template: &KeyTemplate, row: &Row, change: &Change) -> Result<Option<String>, SinkError> {
+    fn render(
+        &self,
+        template: &KeyTemplate,
+        row: &Row,
+        change: &Change,
+    ) -> Result<Option<String>, SinkError> {
         match template.render(row) {
             Ok(key) => Ok(Some(format!("{}{key}", self.base))),
             Err(KeyError::Null(_)) => Ok(None),
@@ -255,7 +260,7 @@ impl CacheKeeper {
     /// database before it is refused), and its notice.
     pub(crate) fn flush_unit(&self, patterns: &[String], stamp: u64, reason: Option<ResyncReason>) -> Unit {
         let mut unit = Unit::default();
-        unit.push(command(["SET", FLUSH_KEY, &stamp.to_string(), "PX", &self.tombstone_ms]));
+        unit.push(command(["SET", &flush_key(&self.base), &stamp.to_string(), "PX", &self.tombstone_ms]));
         if let Some(channel) = &self.notify {
             let notice = serde_json::json!({
                 "op": "invalidate_all",
@@ -273,7 +278,10 @@ impl CacheKeeper {
     pub(crate) fn scan_step(&self, page: &[String]) -> (Unit, u64) {
         let keys: Vec<String> = page
             .iter()
-            .filter(|k| !k.starts_with(NAMESPACE) && !k.starts_with(&self.internal))
+            .filter(|k| {
+                let own = k.strip_prefix(&self.base).is_some_and(|rest| rest.starts_with(NAMESPACE));
+                !own && !k.starts_with(NAMESPACE) && !k.starts_with(&self.internal)
+            })
             .cloned()
             .collect();
         let mut unit = Unit::default();
@@ -313,7 +321,17 @@ mod tests {
     fn keeper(mode: Mode, keys: &[&str], full_rows: bool) -> CacheKeeper {
         let texts: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         let templates = texts.iter().map(|t| KeyTemplate::parse(t).unwrap()).collect();
-        CacheKeeper::new(mode, Layout::Hash, &texts, templates, "", "shapesync:p:".into(), 5000, None, full_rows)
+        CacheKeeper::new(
+            mode,
+            Layout::Hash,
+            &texts,
+            templates,
+            "",
+            "shapesync:p:".into(),
+            5000,
+            None,
+            full_rows,
+        )
     }
 
     fn row(pairs: &[(&str, Value)]) -> Row {
@@ -323,7 +341,8 @@ mod tests {
     #[test]
     fn an_update_that_moves_a_row_names_the_old_and_the_new_keys() {
         let k = keeper(Mode::Invalidate, &["project:{id}", "org:{org_id}:projects"], true);
-        let mut change = Change::update("\"p\"/\"7\"", row(&[("id", Value::Int(7)), ("org_id", Value::Int(2))]));
+        let mut change =
+            Change::update("\"p\"/\"7\"", row(&[("id", Value::Int(7)), ("org_id", Value::Int(2))]));
         change.old_value = Some(row(&[("org_id", Value::Int(1))]));
         let (_, counts) = k.unit(&[change], None, 1).unwrap();
         assert_eq!(counts.invalidated, 3, "project:7, org:2:projects and org:1:projects");

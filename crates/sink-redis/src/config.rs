@@ -342,13 +342,17 @@ impl RedisSinkConfig {
         if self.layout == Layout::Table {
             return Err(ConfigError::new(
                 "layout",
-                format!("`mode: {mode}` keeps keys of your own cache; `layout: table` keeps a mirror in one hash, use `hash` or `json`"),
+                format!(
+                    "`mode: {mode}` keeps keys of your own cache; `layout: table` keeps a mirror in one hash, use `hash` or `json`"
+                ),
             ));
         }
         if self.cluster || self.hash_tag {
             return Err(ConfigError::new(
                 if self.cluster { "cluster" } else { "hash_tag" },
-                format!("`mode: {mode}` is not supported on Redis Cluster yet: the keys one change names live in different slots, which one script cannot reach; use a single Redis (or mode: mirror)"),
+                format!(
+                    "`mode: {mode}` is not supported on Redis Cluster yet: the keys one change names live in different slots, which one script cannot reach; use a single Redis (or mode: mirror)"
+                ),
             ));
         }
         if self.tombstone_ms == 0 {
@@ -358,12 +362,15 @@ impl RedisSinkConfig {
             ));
         }
         let (_, internal) = self.key_spaces(ctx);
-        let guard = Space::Prefix(crate::guard::NAMESPACE.to_owned());
         let names = KeyNames::new(&self.prefix, false, &ctx.pipeline, &ctx.shape.table);
+        let guards = [
+            Space::Prefix(crate::guard::NAMESPACE.to_owned()),
+            Space::Prefix(format!("{}{}", names.base, crate::guard::NAMESPACE)),
+        ];
         for (i, template) in self.cache_templates()?.iter().enumerate() {
             let key = format!("keys.{i}");
             let space = Space::Prefix(format!("{}{}", names.base, template.literal_prefix()));
-            if space.overlaps(&internal) || space.overlaps(&guard) {
+            if space.overlaps(&internal) || guards.iter().any(|g| space.overlaps(g)) {
                 return Err(ConfigError::new(
                     key,
                     format!(
@@ -451,7 +458,8 @@ impl SinkConfig for RedisSinkConfig {
         let store = format!("redis://{}/{db}", info.addr());
         let (rows, internal) = self.key_spaces(ctx);
         let key = if self.key.is_some() { "key" } else { "prefix" };
-        let mut claims = vec![Claim { store: store.clone(), space: internal, key: "prefix".into(), shared: false }];
+        let mut claims =
+            vec![Claim { store: store.clone(), space: internal, key: "prefix".into(), shared: false }];
         if self.mode != Mode::Invalidate {
             claims.push(Claim { store: store.clone(), space: rows, key: key.into(), shared: false });
         }
@@ -548,6 +556,49 @@ mod tests {
         assert_eq!(c.check(&ctx(true)).unwrap_err().key, "key");
         let c = config(r#"{"url":"redis://h","key":"p:{id"}"#);
         assert!(c.check(&ctx(true)).unwrap_err().message.contains("unclosed"));
+    }
+
+    #[test]
+    fn cache_modes_check_their_keys() {
+        let c = config(
+            r#"{"url":"redis://h","mode":"invalidate","keys":["p:{id}","org:{org}:projects"],"primary_key":["id"]}"#,
+        );
+        let e = c.check(&ctx(false)).unwrap_err();
+        assert_eq!(e.key, "keys.1");
+        assert!(e.message.contains("`org:{org}:projects`") && e.message.contains("`org`"), "{e}");
+        assert!(e.message.contains("replica: full"), "{e}");
+        assert!(c.check(&ctx(true)).is_ok());
+        assert!(c.accepts_changes_only());
+        assert!(!config(r#"{"url":"redis://h"}"#).accepts_changes_only(), "a mirror needs the snapshot");
+
+        let bad = [
+            (r#"{"url":"redis://h","mode":"invalidate"}"#, "keys"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{id}"],"key":"p:{id}"}"#, "key"),
+            (r#"{"url":"redis://h","keys":["p:{id}"]}"#, "keys"),
+            (r#"{"url":"redis://h","mode":"refresh","layout":"table"}"#, "layout"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{id}"],"hash_tag":true}"#, "hash_tag"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{id}"],"tombstone_ms":0}"#, "tombstone_ms"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["{id}"]}"#, "keys.0"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["shapesync.{id}"]}"#, "keys.0"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{missing}"]}"#, "keys.0"),
+            (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{id"]}"#, "keys.0"),
+        ];
+        for (yaml, key) in bad {
+            assert_eq!(config(yaml).check(&ctx(true)).unwrap_err().key, key, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn keys_several_cache_pipelines_invalidate_are_shared_but_a_mirror_is_not() {
+        let invalidate = config(r#"{"url":"redis://h","mode":"invalidate","keys":["org:{org}:projects"]}"#);
+        let other = config(r#"{"url":"redis://h","mode":"invalidate","keys":["org:{id}:projects"]}"#);
+        let mirror = config(r#"{"url":"redis://h","key":"org:{id}"}"#);
+        let ctx_of = |pipeline: &str| SinkContext { pipeline: pipeline.into(), ..ctx(true) };
+        let (a, b, m) =
+            (invalidate.claims(&ctx_of("a")), other.claims(&ctx_of("b")), mirror.claims(&ctx_of("m")));
+        let clash = |x: &[Claim], y: &[Claim]| x.iter().any(|c| y.iter().any(|d| c.overlaps(d)));
+        assert!(!clash(&a, &b), "two invalidating pipelines may name the same keys");
+        assert!(clash(&a, &m), "a mirror's rows are its own");
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //! - The sink, for every key it invalidates or refreshes, writes a **tombstone**
 //!   `shapesync.tomb:<key>` holding Redis' clock (µs) at the time, living `tombstone_ms`
 //!   (default [`DEFAULT_WINDOW_MS`]), in the same atomic unit as the invalidation. A
-//!   full invalidation (continuity with the shape lost) writes one stamp for every key,
-//!   [`FLUSH_KEY`].
+//!   full invalidation (continuity with the shape lost) writes one stamp for every key
+//!   under the sink's `prefix`, `<prefix>shapesync.flush` ([`flush_key`]).
 //! - A reader takes a **ticket** before it reads the database: Redis' clock, `TIME`, in
 //!   µs ([`ticket`]).
 //! - The reader fills with [`FILL_SCRIPT`] ([`fill`]), which refuses the write when the
@@ -34,9 +34,10 @@
 //! t = TIME                                 # before the database read
 //! ticket = t[0] * 1000000 + t[1]
 //! row = SELECT … FROM projects WHERE id = …
-//! EVALSHA <sha1 of FILL_SCRIPT> 3 key "shapesync.tomb:"..key "shapesync.flush"
+//! EVALSHA <sha1 of FILL_SCRIPT> 3 key "shapesync.tomb:"..key <prefix>.."shapesync.flush"
 //!         ticket 10000 string 0 <row as stored>
 //! ```
+//! (`<prefix>` is the sink's `prefix`, empty by default.)
 //! (`hash` instead of `string`, followed by field/value pairs, for a hash; the `0`
 //! is an expiry in ms for the filled key, 0 for none.)
 
@@ -50,8 +51,9 @@ pub const NAMESPACE: &str = "shapesync.";
 /// The prefix of a key's tombstone: `shapesync.tomb:<key>`.
 pub const TOMBSTONE_PREFIX: &str = "shapesync.tomb:";
 
-/// The stamp of the last full invalidation (a string of µs, living the window).
-pub const FLUSH_KEY: &str = "shapesync.flush";
+/// The stamp of the last full invalidation, after the sink's `prefix` (a string of µs,
+/// living the window).
+pub const FLUSH_SUFFIX: &str = "shapesync.flush";
 
 /// The default window, in ms: how long tombstones live, and the oldest ticket a fill
 /// accepts.
@@ -81,9 +83,14 @@ if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return 1
 ";
 
-/// The tombstone of `key`.
+/// The tombstone of `key` (the whole key, with any prefix).
 pub fn tombstone_key(key: &str) -> String {
     format!("{TOMBSTONE_PREFIX}{key}")
+}
+
+/// The flush stamp of the sinks writing under `prefix` (their `prefix` setting).
+pub fn flush_key(prefix: &str) -> String {
+    format!("{prefix}{FLUSH_SUFFIX}")
 }
 
 /// A ticket: Redis' clock now, in µs. Take it before reading the database.
@@ -103,17 +110,20 @@ pub enum FillValue<'a> {
 
 /// How a fill is made.
 #[derive(Clone, Copy, Debug)]
-pub struct FillOptions {
+pub struct FillOptions<'a> {
     /// The oldest ticket accepted, in ms: at most the sink's `tombstone_ms`.
     pub window_ms: u64,
     /// An expiry for the filled key in ms (a memory bound, not a staleness bound); 0
     /// for none.
     pub expire_ms: u64,
+    /// The `prefix` of the sinks that invalidate the key (empty by default): where
+    /// their flush stamp lives.
+    pub prefix: &'a str,
 }
 
-impl Default for FillOptions {
+impl Default for FillOptions<'_> {
     fn default() -> Self {
-        FillOptions { window_ms: DEFAULT_WINDOW_MS, expire_ms: 0 }
+        FillOptions { window_ms: DEFAULT_WINDOW_MS, expire_ms: 0, prefix: "" }
     }
 }
 
@@ -126,10 +136,10 @@ pub async fn fill<C: ConnectionLike>(
     key: &str,
     ticket: u64,
     value: FillValue<'_>,
-    options: FillOptions,
+    options: FillOptions<'_>,
 ) -> RedisResult<bool> {
     let mut call = script.key(key);
-    call.key(tombstone_key(key)).key(FLUSH_KEY).arg(ticket).arg(options.window_ms);
+    call.key(tombstone_key(key)).key(flush_key(options.prefix)).arg(ticket).arg(options.window_ms);
     match value {
         FillValue::String(text) => {
             call.arg("string").arg(options.expire_ms).arg(text);

@@ -379,7 +379,9 @@ impl RedisSink {
                     .await
                     .map_err(classify)?;
                 let (unit, keys) = cache.scan_step(&page);
-                if !unit.is_empty() && self.run(&mut conn, unit, "", None, fence).await? == UnitOutcome::AlreadyCommitted {
+                if !unit.is_empty()
+                    && self.run(&mut conn, unit, "", None, fence).await? == UnitOutcome::AlreadyCommitted
+                {
                     return Ok(());
                 }
                 removed += keys;
