@@ -14,7 +14,7 @@
 //! resync (the one with `sweep`) invalidates every key the templates can name: a flush
 //! stamp first (fills that read the database before it are refused), then `SCAN` with
 //! each template's pattern and `UNLINK` of what it finds, `part_size` keys per fenced
-//! unit, the checkpoint with the last.
+//! unit, then the `invalidate_all` notice with the checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -256,11 +256,18 @@ impl CacheKeeper {
         patterns
     }
 
-    /// The first unit of a full invalidation: the flush stamp (every fill that read the
-    /// database before it is refused), and its notice.
-    pub(crate) fn flush_unit(&self, patterns: &[String], stamp: u64, reason: Option<ResyncReason>) -> Unit {
+    /// The first unit of a full invalidation: the flush stamp, so every fill that read
+    /// the database before it is refused.
+    pub(crate) fn flush_unit(&self, stamp: u64) -> Unit {
         let mut unit = Unit::default();
         unit.push(command(["SET", &flush_key(&self.base), &stamp.to_string(), "PX", &self.tombstone_ms]));
+        unit
+    }
+
+    /// The last unit of a full invalidation: its notice, sent once every key is gone (an
+    /// L1 cache that drops its entries then refills from a clean Redis).
+    pub(crate) fn flushed_unit(&self, patterns: &[String], reason: Option<ResyncReason>) -> Unit {
+        let mut unit = Unit::default();
         if let Some(channel) = &self.notify {
             let notice = serde_json::json!({
                 "op": "invalidate_all",

@@ -343,7 +343,7 @@ impl RedisSink {
 
     /// Invalidates every key the templates can name: the flush stamp first, then each
     /// pattern `SCAN`ned and what it finds `UNLINK`ed, one fenced unit per page; the
-    /// checkpoint, if given, with a last unit once all are gone.
+    /// notice and the checkpoint (if given) with a last unit once all are gone.
     async fn invalidate_all(
         &self,
         cache: &CacheKeeper,
@@ -360,7 +360,7 @@ impl RedisSink {
             ("reason", reason.map_or("reset", shapesync_core::ResyncReason::as_str).to_owned()),
         ];
         tracing::info!(pipeline = %self.pipeline, reason = %labels[1].1, ?patterns, "continuity with the shape was lost, so the changes in between are unknown: invalidating every key the templates can name");
-        if self.run(&mut conn, cache.flush_unit(&patterns, stamp, reason), "", None, fence).await?
+        if self.run(&mut conn, cache.flush_unit(stamp), "", None, fence).await?
             == UnitOutcome::AlreadyCommitted
         {
             return Ok(());
@@ -391,9 +391,7 @@ impl RedisSink {
                 cursor = next;
             }
         }
-        if let Some(checkpoint) = checkpoint {
-            self.run(&mut conn, Unit::default(), "", Some(checkpoint), fence).await?;
-        }
+        self.run(&mut conn, cache.flushed_unit(&patterns, reason), "", checkpoint, fence).await?;
         self.count_cache(removed, 0);
         metrics::counter!("shapesync_sink_full_invalidations_total", &labels).increment(1);
         tracing::info!(pipeline = %self.pipeline, keys = removed, "full invalidation done");
