@@ -182,3 +182,14 @@ pub fn register_pipeline(pipeline: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_reasons_are_the_labels_of_full_invalidations() {
+        let names: Vec<&str> = crate::ResyncReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names, RESYNC_REASONS);
+    }
+}

@@ -797,3 +797,54 @@ async fn a_transaction_that_never_ends_stops_the_pipeline_at_the_limit_instead_o
     assert!(matches!(result, Err(PipelineError::TransactionTooLarge { max: 10 })), "{result:?}");
     assert_eq!(store.len(), 1, "nothing of the unfinished transaction was written");
 }
+
+/// A memory sink that records why each sweep's resync began.
+struct SweepReasons {
+    inner: MemorySink,
+    reasons: Mutex<Vec<Option<shapesync_core::ResyncReason>>>,
+}
+
+#[async_trait]
+impl Sink for SweepReasons {
+    async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {
+        self.inner.checkpoint().await
+    }
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.sweep {
+            self.reasons.lock().unwrap().push(batch.resync_reason);
+        } else {
+            assert_eq!(batch.resync_reason, None, "only a sweep carries a reason");
+        }
+        self.inner.apply(batch).await
+    }
+    async fn reset(&self) -> Result<(), SinkError> {
+        self.inner.reset().await
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_says_why_its_resync_began() {
+    use shapesync_core::ResyncReason;
+    let store = MemoryStore::new();
+    let sink = Arc::new(SweepReasons { inner: MemorySink::new(store.clone()), reasons: Mutex::default() });
+    let mut h = harness("h");
+    let p = pipeline(&mut h, sink.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(p.run(RunMode::Follow, stop.clone()));
+    h.script.send(response("H1", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    wait_until(|| sink.reasons.lock().unwrap().len() == 1).await;
+    h.script.send(Ok(SourceEvent::MustRefetch)).unwrap();
+    h.script.send(response("H2", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    wait_until(|| sink.reasons.lock().unwrap().len() == 2).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        *sink.reasons.lock().unwrap(),
+        [Some(ResyncReason::FirstSync), Some(ResyncReason::MustRefetch)]
+    );
+    // A definition change (a new hash over the stored checkpoint) is its own reason.
+    let mut h = harness("new-hash");
+    h.script.send(response("H3", "0_inf", vec![ins(1, "a")], true)).unwrap();
+    pipeline(&mut h, sink.clone()).run(RunMode::UntilUpToDate, CancellationToken::new()).await.unwrap();
+    assert_eq!(sink.reasons.lock().unwrap().last(), Some(&Some(ResyncReason::DefinitionChanged)));
+}

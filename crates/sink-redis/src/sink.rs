@@ -355,11 +355,8 @@ impl RedisSink {
     ) -> Result<(), SinkError> {
         let mut conn = self.conn.clone();
         let patterns = cache.patterns(own);
-        let labels = [
-            ("pipeline", self.pipeline.clone()),
-            ("reason", reason.map_or("reset", shapesync_core::ResyncReason::as_str).to_owned()),
-        ];
-        tracing::info!(pipeline = %self.pipeline, reason = %labels[1].1, ?patterns, "continuity with the shape was lost, so the changes in between are unknown: invalidating every key the templates can name");
+        let why = reason.map_or("reset", shapesync_core::ResyncReason::as_str);
+        tracing::info!(pipeline = %self.pipeline, reason = why, ?patterns, "continuity with the shape was lost, so the changes in between are unknown: invalidating every key the templates can name");
         if self.run(&mut conn, cache.flush_unit(stamp), "", None, fence).await?
             == UnitOutcome::AlreadyCommitted
         {
@@ -393,7 +390,10 @@ impl RedisSink {
         }
         self.run(&mut conn, cache.flushed_unit(&patterns, reason), "", checkpoint, fence).await?;
         self.count_cache(removed, 0);
-        metrics::counter!("shapesync_sink_full_invalidations_total", &labels).increment(1);
+        if let Some(reason) = reason {
+            let labels = [("pipeline", self.pipeline.clone()), ("reason", reason.as_str().to_owned())];
+            metrics::counter!("shapesync_sink_full_invalidations_total", &labels).increment(1);
+        }
         tracing::info!(pipeline = %self.pipeline, keys = removed, "full invalidation done");
         Ok(())
     }
