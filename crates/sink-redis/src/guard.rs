@@ -59,29 +59,13 @@ pub const FLUSH_SUFFIX: &str = "shapesync.flush";
 /// accepts.
 pub const DEFAULT_WINDOW_MS: u64 = 10_000;
 
-/// Fills one cache key unless an invalidation came in after the ticket. KEYS: the key,
+/// Fills one cache key unless an invalidation came in after the ticket (the text of
+/// `crates/sink-redis/src/fill.lua`, for applications in any language). KEYS: the key,
 /// its tombstone, the flush stamp. ARGV: the ticket (µs of Redis' clock, taken before
 /// the database read), the window in ms, `string` or `hash`, an expiry in ms for the key
 /// (0: none), then the value (`string`) or field/value pairs (`hash`). Answers 1 when
 /// it wrote the key, 0 when it refused.
-pub const FILL_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local ticket = tonumber(ARGV[1])
-if not ticket or now - ticket > tonumber(ARGV[2]) * 1000 then return 0 end
-for _, k in ipairs({KEYS[2], KEYS[3]}) do
-  local stamp = tonumber(redis.call('GET', k) or '')
-  if stamp and stamp >= ticket then return 0 end
-end
-if ARGV[3] == 'hash' then
-  redis.call('DEL', KEYS[1])
-  if #ARGV >= 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
-else
-  redis.call('SET', KEYS[1], ARGV[5])
-end
-if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-return 1
-";
+pub const FILL_SCRIPT: &str = include_str!("fill.lua");
 
 /// The tombstone of `key` (the whole key, with any prefix).
 pub fn tombstone_key(key: &str) -> String {

@@ -94,6 +94,15 @@
 //! `"field":"<row key>"` in the `table` layout (where `key` is the shape's hash). Rows
 //! removed by a sweep or a reset are published as `delete`.
 //!
+//! # Keeping an application's cache: `mode: invalidate` and `mode: refresh`
+//! Instead of a mirror, the sink keeps the keys an application caches honest: every
+//! committed change removes the keys its `keys` templates name for the row (rendered
+//! with its new and, for updates, its old values), and `refresh` rewrites the row's own
+//! key (`key`) in place when it exists; each such key gets a tombstone, and a full
+//! invalidation (continuity lost) scans the templates' patterns. Readers fill through
+//! [`guard`], which refuses a fill that read the database before an invalidation. See
+//! the `cache` module for the units, and docs/CONFIG.md.
+//!
 //! # Redis Cluster
 //! With `cluster: true`, `url` is one node of a cluster; the sink discovers the others and
 //! follows slot moves. It needs `hash_tag: true`: every key of a pipeline then lives in
