@@ -361,12 +361,18 @@ impl RedisSinkConfig {
                 "expected at least 1 ms; tombstones are what refuses a cache fill that read the database before the change",
             ));
         }
-        let (_, internal) = self.key_spaces(ctx);
+        let (rows, internal) = self.key_spaces(ctx);
         let names = KeyNames::new(&self.prefix, false, &ctx.pipeline, &ctx.shape.table);
         let guards = [
             Space::Prefix(crate::guard::NAMESPACE.to_owned()),
             Space::Prefix(format!("{}{}", names.base, crate::guard::NAMESPACE)),
         ];
+        if self.mode == Mode::Refresh && guards.iter().any(|g| rows.overlaps(g)) {
+            return Err(ConfigError::new(
+                if self.key.is_some() { "key" } else { "prefix" },
+                format!("the refreshed keys could be the guard's own (`{}*`: tombstones, the flush stamp); start `key` with other fixed text", crate::guard::NAMESPACE),
+            ));
+        }
         for (i, template) in self.cache_templates()?.iter().enumerate() {
             let key = format!("keys.{i}");
             let space = Space::Prefix(format!("{}{}", names.base, template.literal_prefix()));
@@ -582,6 +588,7 @@ mod tests {
             (r#"{"url":"redis://h","mode":"invalidate","keys":["shapesync.{id}"]}"#, "keys.0"),
             (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{missing}"]}"#, "keys.0"),
             (r#"{"url":"redis://h","mode":"invalidate","keys":["p:{id"]}"#, "keys.0"),
+            (r#"{"url":"redis://h","mode":"refresh","key":"shapesync.tomb:{id}"}"#, "key"),
         ];
         for (yaml, key) in bad {
             assert_eq!(config(yaml).check(&ctx(true)).unwrap_err().key, key, "{yaml}");
