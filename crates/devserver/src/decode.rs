@@ -4,8 +4,8 @@
 /// One line of `test_decoding` output.
 #[derive(Debug, PartialEq)]
 pub enum Line {
-    /// `BEGIN <xid>`.
-    Begin,
+    /// `BEGIN <xid>` (the 32-bit transaction id; `None` when the plugin leaves it out).
+    Begin(Option<u32>),
     /// `COMMIT <xid>`.
     Commit,
     /// A row change of table `schema.table`.
@@ -48,8 +48,8 @@ pub struct DecodeError {
 /// Parses one line.
 pub fn parse_line(line: &str) -> Result<Line, DecodeError> {
     let err = |reason| DecodeError { line: line.to_owned(), reason };
-    if line.starts_with("BEGIN") {
-        return Ok(Line::Begin);
+    if let Some(rest) = line.strip_prefix("BEGIN") {
+        return Ok(Line::Begin(rest.trim().parse().ok()));
     }
     if line.starts_with("COMMIT") {
         return Ok(Line::Commit);
@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn reads_every_line_test_decoding_writes() {
-        assert_eq!(parse_line("BEGIN 123").unwrap(), Line::Begin);
+        assert_eq!(parse_line("BEGIN 123").unwrap(), Line::Begin(Some(123)));
         assert_eq!(parse_line("COMMIT 123").unwrap(), Line::Commit);
         let line = r#"table public.items: INSERT: id[bigint]:1 title[text]:'it''s a [b]: c' tags[text[]]:'{a,"b c"}' n[numeric]:null ok[boolean]:true at[timestamp with time zone]:'2026-11-26 10:00:00+00'"#;
         let Line::Change { schema, table, change } = parse_line(line).unwrap() else { panic!() };

@@ -10,9 +10,17 @@
 //!
 //! Not Electric: one process, rows kept in memory, no `where`, no persistence across
 //! restarts (a restarted devserver is a new shape handle, so clients resync — which is
-//! also how the pipeline's must-refetch path gets exercised). Transactions that
-//! committed before the snapshot are skipped by their commit LSN; one racing the
-//! snapshot may be applied twice, which converges (inserts and updates write whole rows).
+//! also how the pipeline's must-refetch path gets exercised).
+//!
+//! The snapshot and the slot meet exactly: the slot is created first (it decodes every
+//! transaction that commits after its consistent point, and creating it waits for the
+//! transactions running then), the rows are read in one REPEATABLE READ transaction that
+//! records its snapshot (`pg_current_snapshot()`), and a decoded transaction is skipped
+//! exactly when that snapshot sees it (its xid below `xmin`, or below `xmax` and not in
+//! progress) — the visibility rule Postgres itself applies, so no transaction is lost
+//! and none is applied twice, whatever commits while the devserver starts. (A commit
+//! LSN compared with `pg_current_wal_lsn()` would skip a transaction that committed
+//! after the snapshot was taken but before the LSN was read.)
 
 mod decode;
 
@@ -75,6 +83,13 @@ pub enum DevServerError {
     /// The replication stream held a line the devserver cannot read.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// Postgres described its snapshot in a way the devserver cannot read.
+    #[error("cannot read the snapshot `{0}` Postgres gave; the devserver needs PostgreSQL 13 or newer")]
+    Snapshot(String),
+    /// The replication stream gave a transaction without its id (test_decoding's
+    /// `include-xids` off), so it cannot be matched with the snapshot.
+    #[error("a decoded transaction carries no xid; the devserver needs test_decoding's `include-xids`")]
+    NoXid,
 }
 
 /// A served table: the shape server's handle, its key columns, and the keys it holds.
@@ -121,9 +136,11 @@ impl DevServer {
         let mut conn = PgConnection::connect(&options.database_url).await?;
         let mut tx = conn.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
-        let snapshot_lsn: String =
-            sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut *tx).await?;
-        let snapshot_lsn = parse_lsn(&snapshot_lsn);
+        // The first statement takes the transaction's snapshot; it says which transactions
+        // the rows below include.
+        let snapshot: String =
+            sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *tx).await?;
+        let snapshot = Snapshot::parse(&snapshot).ok_or(DevServerError::Snapshot(snapshot))?;
         let mut served = BTreeMap::new();
         for name in &options.tables {
             let (schema, table) = name.split_once('.').unwrap_or(("public", name));
@@ -199,7 +216,7 @@ impl DevServer {
             slot_conn,
             slot.clone(),
             served,
-            snapshot_lsn,
+            snapshot,
             options.poll_interval,
             cancel.clone(),
         ));
@@ -245,10 +262,49 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// `X/Y` (hex) → a number that orders like the LSN.
-fn parse_lsn(text: &str) -> u64 {
-    let (hi, lo) = text.split_once('/').unwrap_or(("0", "0"));
-    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+/// A transaction snapshot as `pg_current_snapshot()` prints it, `xmin:xmax:xip,…` (64-bit
+/// xids): which transactions the rows read under it include.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    in_progress: HashSet<u64>,
+}
+
+impl Snapshot {
+    fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.trim().split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let in_progress = match parts.next()? {
+            "" => HashSet::new(),
+            list => list.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?,
+        };
+        Some(Snapshot { xmin, xmax, in_progress })
+    }
+
+    /// The 64-bit xid of a decoded transaction's 32-bit one: the one nearest `xmax`
+    /// (decoded transactions are recent), as Postgres widens xids.
+    fn widen(&self, xid: u32) -> u64 {
+        let epoch = self.xmax >> 32;
+        let candidate = (epoch << 32) | u64::from(xid);
+        let half = 1u64 << 31;
+        if candidate > self.xmax.saturating_add(half) && epoch > 0 {
+            candidate - (1 << 32)
+        } else if candidate.saturating_add(half) < self.xmax {
+            candidate + (1 << 32)
+        } else {
+            candidate
+        }
+    }
+
+    /// Whether the rows read under this snapshot include transaction `xid`'s effects
+    /// (Postgres' `pg_visible_in_snapshot`; the transaction committed, since it was
+    /// decoded).
+    fn sees(&self, xid: u32) -> bool {
+        let xid = self.widen(xid);
+        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
+    }
 }
 
 /// Reads committed changes from the slot and applies them, a transaction at a time.
@@ -256,29 +312,32 @@ async fn follow(
     mut conn: PgConnection,
     slot: String,
     mut served: BTreeMap<(String, String), Served>,
-    snapshot_lsn: u64,
+    snapshot: Snapshot,
     poll: Duration,
     cancel: CancellationToken,
 ) -> Result<(), DevServerError> {
     let mut pending: Vec<(String, String, Option<RowChange>)> = Vec::new();
+    let mut in_snapshot = false;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             () = tokio::time::sleep(poll) => {}
         }
-        let rows = sqlx::query("SELECT lsn::text, data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
+        let rows = sqlx::query("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
             .bind(&slot)
             .fetch_all(&mut conn)
             .await?;
         for row in rows {
-            let lsn: String = row.get(0);
-            let data: String = row.get(1);
+            let data: String = row.get(0);
             match decode::parse_line(&data)? {
-                Line::Begin => pending.clear(),
+                Line::Begin(xid) => {
+                    pending.clear();
+                    in_snapshot = snapshot.sees(xid.ok_or(DevServerError::NoXid)?);
+                }
                 Line::Change { schema, table, change } => pending.push((schema, table, Some(change))),
                 Line::Truncate(tables) => pending.extend(tables.into_iter().map(|(s, t)| (s, t, None))),
-                // Already in the snapshot when it committed before the snapshot began.
-                Line::Commit if parse_lsn(&lsn) < snapshot_lsn => pending.clear(),
+                // Its rows were read with the snapshot already.
+                Line::Commit if in_snapshot => pending.clear(),
                 Line::Commit => apply(&mut served, std::mem::take(&mut pending)),
             }
         }
@@ -340,4 +399,24 @@ fn apply(served: &mut BTreeMap<(String, String), Served>, changes: Vec<(String, 
         current = Some((id, tx));
     }
     flush(&mut current, &mut ops);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_sees_what_committed_before_it_and_nothing_in_progress() {
+        let s = Snapshot::parse("100:105:101,103").unwrap();
+        assert!(s.sees(99) && s.sees(100 - 1));
+        assert!(s.sees(102) && s.sees(104), "committed before the snapshot");
+        assert!(!s.sees(101) && !s.sees(103), "in progress when it was taken");
+        assert!(!s.sees(105) && !s.sees(200), "started after it");
+        assert_eq!(Snapshot::parse("7:7:").unwrap().in_progress.len(), 0);
+        assert!(Snapshot::parse("x").is_none());
+        // Xids are widened to the epoch nearest xmax.
+        let wrapped = Snapshot::parse(&format!("{0}:{0}:", (1u64 << 32) + 10)).unwrap();
+        assert!(wrapped.sees(u32::MAX - 5), "an xid just before the epoch turned");
+        assert!(!wrapped.sees(11));
+    }
 }

@@ -131,3 +131,87 @@ async fn a_pipeline_follows_a_real_postgres_table_through_the_devserver() {
     }
     sql(&pool, format!("DROP SCHEMA {schema} CASCADE")).await;
 }
+
+/// Rows inserted by writers that run throughout the devserver's start-up each reach a
+/// client exactly once: as a snapshot row or as one live insert, never both, never
+/// neither (the snapshot and the replication slot meet exactly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_racing_the_start_reach_the_client_exactly_once() {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use shapesync_core::Operation;
+    use shapesync_electric::ShapeEvent;
+
+    let pool = PgPool::connect(URL).await.expect("local Postgres on 5432, database `test`");
+    let schema = format!("shapesync_race_{}", std::process::id());
+    sql(&pool, format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")).await;
+    sql(&pool, format!("CREATE TABLE {schema}.items (id int8 PRIMARY KEY, title text)")).await;
+    let table = format!("{schema}.items");
+
+    // Four writers, each inserting rows of its own in transactions of their own.
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let writers: Vec<_> = (0..4i64)
+        .map(|w| {
+            let (pool, stop, committed, table) =
+                (pool.clone(), stop.clone(), committed.clone(), table.clone());
+            tokio::spawn(async move {
+                let mut id = w;
+                while !stop.load(Ordering::SeqCst) {
+                    let insert = format!("INSERT INTO {table} VALUES ({id}, 'row {id}')");
+                    sqlx::raw_sql(AssertSqlSafe(insert)).execute(&pool).await.unwrap();
+                    committed.lock().unwrap().push(id);
+                    id += 4;
+                }
+            })
+        })
+        .collect();
+    let count = || committed.lock().unwrap().len();
+    while count() < 50 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut options = DevServerOptions::new(URL, vec![table.clone()]);
+    options.server =
+        ServerOptions { long_poll_timeout: Duration::from_millis(200), ..ServerOptions::default() };
+    let server = DevServer::start(options).await.unwrap();
+    let started_at = count();
+    while count() < started_at + 200 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let want: Vec<i64> = {
+        let mut ids = committed.lock().unwrap().clone();
+        ids.sort();
+        ids
+    };
+
+    // Every change the client gets, by row.
+    let mut stream =
+        ShapeStream::new(ShapeOptions::new(server.url().parse().unwrap(), table.clone())).unwrap();
+    let mut seen: BTreeMap<i64, Vec<Operation>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let event =
+            tokio::time::timeout(Duration::from_secs(10), stream.next_event()).await.unwrap().unwrap();
+        let ShapeEvent::Response(response) = event else { panic!("unexpected refetch") };
+        for change in response.changes {
+            let Some(Value::Int(id)) = change.value.get("id").cloned() else { panic!("no id: {change:?}") };
+            seen.entry(id).or_default().push(change.op);
+        }
+        if response.up_to_date && seen.len() >= want.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client saw {} of {} rows", seen.len(), want.len());
+    }
+    let ids: Vec<i64> = seen.keys().copied().collect();
+    assert_eq!(ids, want, "exactly the committed rows");
+    let twice: Vec<_> = seen.iter().filter(|(_, ops)| ops.as_slice() != [Operation::Insert]).collect();
+    assert!(twice.is_empty(), "rows not delivered as exactly one insert: {twice:?}");
+    server.stop().await.unwrap();
+    sql(&pool, format!("DROP SCHEMA {schema} CASCADE")).await;
+}

@@ -370,7 +370,10 @@ impl RedisSinkConfig {
         if self.mode == Mode::Refresh && guards.iter().any(|g| rows.overlaps(g)) {
             return Err(ConfigError::new(
                 if self.key.is_some() { "key" } else { "prefix" },
-                format!("the refreshed keys could be the guard's own (`{}*`: tombstones, the flush stamp); start `key` with other fixed text", crate::guard::NAMESPACE),
+                format!(
+                    "the refreshed keys could be the guard's own (`{}*`: tombstones, the flush stamp); start `key` with other fixed text",
+                    crate::guard::NAMESPACE
+                ),
             ));
         }
         for (i, template) in self.cache_templates()?.iter().enumerate() {
