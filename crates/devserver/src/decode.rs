@@ -31,8 +31,9 @@ pub enum RowChange {
     /// A new row, every column.
     Insert(Columns),
     /// The new row; `old_key` holds the old key columns when the key changed (or, under
-    /// `REPLICA IDENTITY FULL`, the old row).
-    Update { old_key: Option<Columns>, new: Columns },
+    /// `REPLICA IDENTITY FULL`, the old row); `unchanged` names the columns left out of
+    /// `new` because their TOASTed value did not change.
+    Update { old_key: Option<Columns>, new: Columns, unchanged: Vec<String> },
     /// The key columns of the removed row (`None`: the table has no replica identity).
     Delete(Option<Columns>),
 }
@@ -70,13 +71,12 @@ pub fn parse_line(line: &str) -> Result<Line, DecodeError> {
     let change = if cursor.eat("INSERT: ") {
         RowChange::Insert(cursor.columns().ok_or_else(|| err("bad columns"))?)
     } else if cursor.eat("UPDATE: ") {
-        if cursor.eat("old-key: ") {
-            let old = cursor.columns_until("new-tuple: ").ok_or_else(|| err("bad old key"))?;
-            let new = cursor.columns().ok_or_else(|| err("bad new tuple"))?;
-            RowChange::Update { old_key: Some(old), new }
-        } else {
-            RowChange::Update { old_key: None, new: cursor.columns().ok_or_else(|| err("bad columns"))? }
-        }
+        let old_key = match cursor.eat("old-key: ") {
+            true => Some(cursor.columns_until("new-tuple: ").ok_or_else(|| err("bad old key"))?.0),
+            false => None,
+        };
+        let (new, unchanged) = cursor.tuple().ok_or_else(|| err("bad new tuple"))?;
+        RowChange::Update { old_key, new, unchanged }
     } else if cursor.eat("DELETE: ") {
         if cursor.eat("(no-tuple-data)") {
             RowChange::Delete(None)
@@ -144,41 +144,61 @@ impl Cursor<'_> {
         Some((schema, table))
     }
 
-    /// `name[type]:value` pairs separated by spaces, to the end of the line.
+    /// `name[type]:value` pairs separated by spaces, to the end of the line (without
+    /// the unchanged TOASTed ones, which only updates have).
     fn columns(&mut self) -> Option<Columns> {
+        self.tuple().map(|(columns, _)| columns)
+    }
+
+    /// The pairs to the end of the line, and the names of the unchanged TOASTed ones.
+    fn tuple(&mut self) -> Option<(Columns, Vec<String>)> {
         self.columns_until("\u{0}")
     }
 
-    /// Pairs up to (and past) `end`, or to the end of the line.
-    fn columns_until(&mut self, end: &str) -> Option<Columns> {
-        let mut columns = Vec::new();
+    /// Pairs up to (and past) `end`, or to the end of the line, and the names of those
+    /// whose value is test_decoding's bare `unchanged-toast-datum`.
+    fn columns_until(&mut self, end: &str) -> Option<(Columns, Vec<String>)> {
+        let (mut columns, mut unchanged) = (Vec::new(), Vec::new());
         loop {
             self.eat(" ");
             if self.text.is_empty() || self.eat(end) {
-                return Some(columns);
+                return Some((columns, unchanged));
             }
             let name = self.identifier(&['['])?;
             // The type, in brackets; it may hold spaces and brackets of its own (`text[]`).
             let rest = self.text.strip_prefix('[')?;
             let close = rest.find("]:")?;
             self.text = &rest[close + 2..];
-            let value = self.value()?;
-            if value.as_deref() != Some(UNCHANGED_TOAST) {
-                columns.push((name, value));
+            match self.value()? {
+                Value::Unchanged => unchanged.push(name),
+                Value::Given(value) => columns.push((name, value)),
             }
         }
     }
 
-    /// `null`, a quoted literal (`'it''s'`), or a bare token (numbers, booleans).
-    fn value(&mut self) -> Option<Option<String>> {
+    /// `null`, a quoted literal (`'it''s'`), a bare token (numbers, booleans), or the
+    /// bare marker of an unchanged TOASTed value (a quoted one is text like any other).
+    fn value(&mut self) -> Option<Value> {
         if self.text.starts_with('\'') {
-            return self.quoted('\'').map(Some);
+            return self.quoted('\'').map(|text| Value::Given(Some(text)));
         }
         let end = self.text.find(' ').unwrap_or(self.text.len());
         let (token, rest) = self.text.split_at(end);
         self.text = rest;
-        Some((token != "null").then(|| token.to_owned()))
+        Some(match token {
+            UNCHANGED_TOAST => Value::Unchanged,
+            "null" => Value::Given(None),
+            _ => Value::Given(Some(token.to_owned())),
+        })
     }
+}
+
+/// One column's value in a tuple.
+enum Value {
+    /// A value (`None`: NULL).
+    Given(Option<String>),
+    /// A TOASTed value the update did not change, so not logged.
+    Unchanged,
 }
 
 /// What test_decoding prints for a TOASTed value an update did not change.
@@ -215,7 +235,21 @@ mod tests {
         assert_eq!((schema.as_str(), table.as_str()), ("my schema", "we\"ird"));
         assert_eq!(
             change,
-            RowChange::Update { old_key: Some(cols(&[("id", Some("1"))])), new: cols(&[("id", Some("2"))]) }
+            RowChange::Update {
+                old_key: Some(cols(&[("id", Some("1"))])),
+                new: cols(&[("id", Some("2"))]),
+                unchanged: vec!["a b".into()]
+            }
+        );
+        // Only the bare marker means unchanged; quoted, it is a text like any other.
+        let line = "table public.t: UPDATE: id[integer]:1 note[text]:'unchanged-toast-datum'";
+        let Line::Change { change: RowChange::Update { new, unchanged, .. }, .. } = parse_line(line).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (new, unchanged),
+            (cols(&[("id", Some("1")), ("note", Some("unchanged-toast-datum"))]), vec![])
         );
         assert_eq!(
             parse_line("table public.items: DELETE: id[bigint]:7").unwrap(),

@@ -12,6 +12,16 @@
 //! restarts (a restarted devserver is a new shape handle, so clients resync — which is
 //! also how the pipeline's must-refetch path gets exercised).
 //!
+//! Tables that change under it: a table without a primary key is keyed by all its
+//! columns, as Electric keys it, and needs `REPLICA IDENTITY FULL` (refused at start
+//! otherwise, saying so); a change whose columns differ from the served ones (`ALTER
+//! TABLE … ADD/DROP COLUMN`) reloads the table as a new shape, so clients refetch it
+//! (a column added without any row changing after it shows once a row changes);
+//! `TRUNCATE` empties it; a dropped table stops being served (its clients get 409, then
+//! the 400 of a table that does not exist). If following the database fails, or its task
+//! panics, every request gets a 503 naming why, [`DevServer::failed`] returns it, and it
+//! is logged: the server never serves stale rows silently.
+//!
 //! The snapshot and the slot meet exactly: the slot is created first (it decodes every
 //! transaction that commits after its consistent point, and creating it waits for the
 //! transactions running then), the rows are read in one REPEATABLE READ transaction that
@@ -29,14 +39,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value as Json;
-use shapesync_shape_server::{Column, ServerOptions, ShapeServer, TableDef, TableHandle};
+use shapesync_shape_server::{Column, ServerOptions, ShapeServer, TableDef, TableHandle, Tables};
 use shapesync_sql_table::quote;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::{Line, RowChange};
+use crate::decode::{Columns, Line, RowChange};
 
 pub use decode::DecodeError;
 
@@ -90,13 +100,27 @@ pub enum DevServerError {
     /// `include-xids` off), so it cannot be matched with the snapshot.
     #[error("a decoded transaction carries no xid; the devserver needs test_decoding's `include-xids`")]
     NoXid,
+    /// A table without a primary key whose updates and deletes do not carry the old row.
+    #[error(
+        "table `{0}` has no primary key, so its rows are keyed by all their columns (as Electric does), which needs the old values of every update and delete: run `ALTER TABLE {0} REPLICA IDENTITY FULL` (or add a primary key)"
+    )]
+    NoReplicaIdentity(String),
+    /// The task following the database panicked (a bug: please report it).
+    #[error("the task following the database panicked: {0}; this is a bug, please report it")]
+    Panicked(String),
 }
 
-/// A served table: the shape server's handle, its key columns, and the keys it holds.
+/// A served table: the shape server's handle, its columns and key columns, the keys it
+/// holds, and the snapshot its rows were read under.
 struct Served {
+    /// `schema.table`, as given.
+    name: String,
     handle: TableHandle,
+    columns: HashSet<String>,
     key_columns: Vec<String>,
     keys: HashSet<Vec<Option<String>>>,
+    /// The snapshot the rows were read under: a decoded transaction it sees is in them.
+    snapshot: Snapshot,
 }
 
 impl Served {
@@ -106,6 +130,23 @@ impl Served {
             .map(|k| columns.iter().find(|(c, _)| c == k).and_then(|(_, v)| v.clone()))
             .collect()
     }
+
+    /// Whether `change` has columns the served schema lacks, or (a new row, an updated
+    /// one with its unchanged TOASTed columns) lacks some it has: the table was altered
+    /// (`ADD` / `DROP COLUMN`).
+    fn altered_by(&self, change: &RowChange) -> bool {
+        let unknown = |columns: &Columns| columns.iter().any(|(c, _)| !self.columns.contains(c));
+        match change {
+            RowChange::Insert(new) => unknown(new) || new.len() != self.columns.len(),
+            RowChange::Update { old_key, new, unchanged } => {
+                unknown(new)
+                    || old_key.as_ref().is_some_and(unknown)
+                    || unchanged.iter().any(|c| !self.columns.contains(c))
+                    || new.len() + unchanged.len() != self.columns.len()
+            }
+            RowChange::Delete(old) => old.as_ref().is_some_and(unknown),
+        }
+    }
 }
 
 fn json(columns: &[(String, Option<String>)]) -> Json {
@@ -114,11 +155,104 @@ fn json(columns: &[(String, Option<String>)]) -> Json {
     )
 }
 
+/// Reads table `name`'s schema and rows in a REPEATABLE READ transaction of its own, and
+/// serves them as a new shape (a table served before is replaced: its clients refetch).
+async fn load(conn: &mut PgConnection, tables: &Tables, name: &str) -> Result<Served, DevServerError> {
+    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
+    // The first statement takes the transaction's snapshot; it says which transactions
+    // the rows below include.
+    let snapshot: String =
+        sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *tx).await?;
+    let snapshot = Snapshot::parse(&snapshot).ok_or(DevServerError::Snapshot(snapshot))?;
+    let columns = sqlx::query(
+        "SELECT a.attname::text,
+                (CASE WHEN t.typcategory = 'A' THEN et.typname ELSE t.typname END)::text,
+                (CASE WHEN t.typcategory = 'A' THEN greatest(a.attndims, 1) ELSE 0 END)::int4,
+                a.attnotnull,
+                coalesce(array_position(i.indkey::int2[], a.attnum), -1)::int4,
+                c.relreplident::text
+         FROM pg_attribute a
+         JOIN pg_class c ON c.oid = a.attrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         JOIN pg_type t ON t.oid = a.atttypid
+         LEFT JOIN pg_type et ON et.oid = t.typelem
+         LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+         WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(&mut *tx)
+    .await?;
+    if columns.is_empty() {
+        return Err(DevServerError::NoSuchTable(name.to_owned()));
+    }
+    let identity_full = columns.first().is_some_and(|r| r.get::<String, _>(5) == "f");
+    let mut columns: Vec<(String, String, i32, bool, i32)> =
+        columns.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    // Key columns first, in key order: the shape server numbers the key by position.
+    columns.sort_by_key(|c| if c.4 >= 0 { c.4 } else { i32::MAX });
+    let mut def = TableDef::new(table).in_schema(schema);
+    let mut key_columns = Vec::new();
+    for (column, ty, dims, not_null, pk) in &columns {
+        let mut c = Column::new(column.clone(), ty.clone()).dims(*dims as u32);
+        if *pk >= 0 {
+            c = c.primary_key();
+            key_columns.push(column.clone());
+        }
+        if *not_null {
+            c = c.not_null();
+        }
+        def = def.column(c);
+    }
+    if key_columns.is_empty() {
+        // Keyed by every column, as the shape server (and Electric) key such rows.
+        if !identity_full {
+            return Err(DevServerError::NoReplicaIdentity(name.to_owned()));
+        }
+        key_columns = columns.iter().map(|c| c.0.clone()).collect();
+    }
+    let select: Vec<String> = columns.iter().map(|c| format!("{0}::text AS {0}", quote(&c.0))).collect();
+    let sql = format!(
+        "SELECT row_to_json(t)::text FROM (SELECT {} FROM {}.{}) t",
+        select.join(", "),
+        quote(schema),
+        quote(table)
+    );
+    let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    let rows: Vec<Json> =
+        rows.iter().map(|r| serde_json::from_str(r).expect("Postgres writes JSON")).collect();
+    let mut served = Served {
+        name: name.to_owned(),
+        handle: tables.create_seeded_table(def, rows.iter().cloned()),
+        columns: columns.iter().map(|c| c.0.clone()).collect(),
+        key_columns,
+        keys: HashSet::new(),
+        snapshot,
+    };
+    served.handle.refuse_unregistered_where();
+    for row in &rows {
+        let pairs: Vec<(String, Option<String>)> = row
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned)))
+            .collect();
+        served.keys.insert(served.key(&pairs));
+    }
+    Ok(served)
+}
+
 /// A running devserver; dropping it stops following the database.
 pub struct DevServer {
     server: ShapeServer,
     slot: String,
     cancel: CancellationToken,
+    /// Follows the database; when that fails (or panics) it takes the server out of
+    /// service and returns why.
     tail: JoinHandle<Result<(), DevServerError>>,
 }
 
@@ -127,99 +261,36 @@ impl DevServer {
     pub async fn start(options: DevServerOptions) -> Result<DevServer, DevServerError> {
         let mut slot_conn = PgConnection::connect(&options.database_url).await?;
         let slot = format!("shapesync_dev_{}_{}", std::process::id(), unique());
+        // First the slot: it decodes every transaction that commits after its consistent
+        // point; the rows are read after, each table under a snapshot that says which
+        // decoded transactions it already holds.
         sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding', true)")
             .bind(&slot)
             .execute(&mut slot_conn)
             .await?;
-
         let server = ShapeServer::start_on(options.listen, options.server.clone()).await?;
         let mut conn = PgConnection::connect(&options.database_url).await?;
-        let mut tx = conn.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
-        // The first statement takes the transaction's snapshot; it says which transactions
-        // the rows below include.
-        let snapshot: String =
-            sqlx::query_scalar("SELECT pg_current_snapshot()::text").fetch_one(&mut *tx).await?;
-        let snapshot = Snapshot::parse(&snapshot).ok_or(DevServerError::Snapshot(snapshot))?;
         let mut served = BTreeMap::new();
         for name in &options.tables {
-            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-            let columns = sqlx::query(
-                "SELECT a.attname::text,
-                        (CASE WHEN t.typcategory = 'A' THEN et.typname ELSE t.typname END)::text,
-                        (CASE WHEN t.typcategory = 'A' THEN greatest(a.attndims, 1) ELSE 0 END)::int4,
-                        a.attnotnull,
-                        coalesce(array_position(i.indkey::int2[], a.attnum), -1)::int4
-                 FROM pg_attribute a
-                 JOIN pg_class c ON c.oid = a.attrelid
-                 JOIN pg_namespace n ON n.oid = c.relnamespace
-                 JOIN pg_type t ON t.oid = a.atttypid
-                 LEFT JOIN pg_type et ON et.oid = t.typelem
-                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
-                 ORDER BY a.attnum",
-            )
-            .bind(schema)
-            .bind(table)
-            .fetch_all(&mut *tx)
-            .await?;
-            if columns.is_empty() {
-                return Err(DevServerError::NoSuchTable(name.clone()));
-            }
-            let mut columns: Vec<(String, String, i32, bool, i32)> =
-                columns.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
-            // Key columns first, in key order: the shape server numbers the key by position.
-            columns.sort_by_key(|c| if c.4 >= 0 { c.4 } else { i32::MAX });
-            let mut def = TableDef::new(table).in_schema(schema);
-            let mut key_columns = Vec::new();
-            for (column, ty, dims, not_null, pk) in &columns {
-                let mut c = Column::new(column.clone(), ty.clone()).dims(*dims as u32);
-                if *pk >= 0 {
-                    c = c.primary_key();
-                    key_columns.push(column.clone());
-                }
-                if *not_null {
-                    c = c.not_null();
-                }
-                def = def.column(c);
-            }
-            let select: Vec<String> =
-                columns.iter().map(|c| format!("{0}::text AS {0}", quote(&c.0))).collect();
-            let sql = format!(
-                "SELECT row_to_json(t)::text FROM (SELECT {} FROM {}.{}) t",
-                select.join(", "),
-                quote(schema),
-                quote(table)
-            );
-            let rows: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?;
-            let rows: Vec<Json> =
-                rows.iter().map(|r| serde_json::from_str(r).expect("Postgres writes JSON")).collect();
-            let handle = server.create_table(def);
-            handle.refuse_unregistered_where();
-            let mut served_table = Served { handle, key_columns, keys: HashSet::new() };
-            for row in &rows {
-                let pairs: Vec<(String, Option<String>)> = row
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned)))
-                    .collect();
-                served_table.keys.insert(served_table.key(&pairs));
-            }
-            served_table.handle.seed(rows);
-            served.insert((schema.to_owned(), table.to_owned()), served_table);
+            let table = load(&mut conn, &server.tables(), name).await?;
+            let (schema, table_name) = name.split_once('.').unwrap_or(("public", name));
+            served.insert((schema.to_owned(), table_name.to_owned()), table);
         }
-        tx.commit().await?;
-
         let cancel = CancellationToken::new();
-        let tail = tokio::spawn(follow(
-            slot_conn,
-            slot.clone(),
-            served,
-            snapshot,
-            options.poll_interval,
-            cancel.clone(),
-        ));
+        let follower = Follower { conn, tables: server.tables(), served, poll: options.poll_interval };
+        let inner = tokio::spawn(follower.run(slot_conn, slot.clone(), cancel.clone()));
+        let availability = server.availability();
+        let tail = tokio::spawn(async move {
+            let result = match inner.await {
+                Ok(result) => result,
+                Err(e) => Err(DevServerError::Panicked(panic_message(e))),
+            };
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "the devserver stopped following the database; every request now gets a 503");
+                availability.fail(format!("the devserver stopped following the database: {e}; restart it"));
+            }
+            result
+        });
         Ok(DevServer { server, slot, cancel, tail })
     }
 
@@ -238,14 +309,16 @@ impl DevServer {
     /// whether following failed.
     pub async fn stop(mut self) -> Result<(), DevServerError> {
         self.cancel.cancel();
-        (&mut self.tail).await.unwrap_or(Ok(()))
+        (&mut self.tail).await.unwrap_or_else(|e| Err(DevServerError::Panicked(panic_message(e))))
     }
 
-    /// Waits until following the database fails (it never ends otherwise).
+    /// Waits until following the database fails (or its task panics); it never ends
+    /// otherwise. The server answers every request with a 503 from then on.
     pub async fn failed(&mut self) -> DevServerError {
         match (&mut self.tail).await {
             Ok(Err(e)) => e,
-            _ => std::future::pending().await,
+            Err(e) => DevServerError::Panicked(panic_message(e)),
+            Ok(Ok(())) => std::future::pending().await,
         }
     }
 }
@@ -253,6 +326,18 @@ impl DevServer {
 impl Drop for DevServer {
     fn drop(&mut self) {
         self.cancel.cancel();
+    }
+}
+
+/// What a panicked task said.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "a panic without a message".to_owned()),
+        Err(e) => e.to_string(),
     }
 }
 
@@ -307,79 +392,142 @@ impl Snapshot {
     }
 }
 
-/// Reads committed changes from the slot and applies them, a transaction at a time.
-async fn follow(
-    mut conn: PgConnection,
-    slot: String,
-    mut served: BTreeMap<(String, String), Served>,
-    snapshot: Snapshot,
+/// A served table's schema and name.
+type TableId = (String, String);
+
+/// Polls between checks that the served tables still exist.
+const POLLS_PER_EXISTENCE_CHECK: u32 = 25;
+
+/// Follows the slot: reads committed changes and applies them, a transaction at a time.
+struct Follower {
+    /// For reloading a table whose columns changed, and checking tables still exist.
+    conn: PgConnection,
+    tables: Tables,
+    served: BTreeMap<TableId, Served>,
     poll: Duration,
-    cancel: CancellationToken,
-) -> Result<(), DevServerError> {
-    let mut pending: Vec<(String, String, Option<RowChange>)> = Vec::new();
-    let mut in_snapshot = false;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
-            () = tokio::time::sleep(poll) => {}
-        }
-        let rows = sqlx::query("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
-            .bind(&slot)
-            .fetch_all(&mut conn)
-            .await?;
-        for row in rows {
-            let data: String = row.get(0);
-            match decode::parse_line(&data)? {
-                Line::Begin(xid) => {
-                    pending.clear();
-                    in_snapshot = snapshot.sees(xid.ok_or(DevServerError::NoXid)?);
+}
+
+impl Follower {
+    async fn run(
+        mut self,
+        mut slot_conn: PgConnection,
+        slot: String,
+        cancel: CancellationToken,
+    ) -> Result<(), DevServerError> {
+        let mut pending: Vec<(String, String, Option<RowChange>)> = Vec::new();
+        let mut xid = None;
+        let mut polls = 0u32;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(self.poll) => {}
+            }
+            let rows = sqlx::query("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
+                .bind(&slot)
+                .fetch_all(&mut slot_conn)
+                .await?;
+            for row in rows {
+                let data: String = row.get(0);
+                match decode::parse_line(&data)? {
+                    Line::Begin(id) => {
+                        pending.clear();
+                        xid = Some(id.ok_or(DevServerError::NoXid)?);
+                    }
+                    Line::Change { schema, table, change } => pending.push((schema, table, Some(change))),
+                    Line::Truncate(tables) => pending.extend(tables.into_iter().map(|(s, t)| (s, t, None))),
+                    Line::Commit => {
+                        let xid = xid.take().ok_or(DevServerError::NoXid)?;
+                        self.apply(xid, std::mem::take(&mut pending)).await?;
+                    }
                 }
-                Line::Change { schema, table, change } => pending.push((schema, table, Some(change))),
-                Line::Truncate(tables) => pending.extend(tables.into_iter().map(|(s, t)| (s, t, None))),
-                // Its rows were read with the snapshot already.
-                Line::Commit if in_snapshot => pending.clear(),
-                Line::Commit => apply(&mut served, std::mem::take(&mut pending)),
+            }
+            polls += 1;
+            if polls.is_multiple_of(POLLS_PER_EXISTENCE_CHECK) {
+                self.forget_dropped_tables().await?;
             }
         }
     }
+
+    /// Stops serving tables that no longer exist (`DROP TABLE` is not decoded): their
+    /// clients get 409, then the 400 of a table that does not exist.
+    async fn forget_dropped_tables(&mut self) -> Result<(), DevServerError> {
+        let mut gone = Vec::new();
+        for (id, table) in &self.served {
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text))::text")
+                    .bind(&id.0)
+                    .bind(&id.1)
+                    .fetch_one(&mut self.conn)
+                    .await?;
+            if exists.is_none() {
+                tracing::warn!(table = %table.name, "the table was dropped; it is no longer served");
+                table.handle.remove();
+                gone.push(id.clone());
+            }
+        }
+        for id in gone {
+            self.served.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Applies source transaction `xid` to each table it touched (one shape server
+    /// transaction per table), but to tables whose rows were read under a snapshot that
+    /// already holds it. A change whose columns the served schema does not have (the
+    /// table was altered) reloads that table as a new shape instead.
+    async fn apply(
+        &mut self,
+        xid: u32,
+        changes: Vec<(String, String, Option<RowChange>)>,
+    ) -> Result<(), DevServerError> {
+        let mut by_table: Vec<(TableId, Vec<Option<RowChange>>)> = Vec::new();
+        for (schema, table, change) in changes {
+            let id = (schema, table);
+            match by_table.last_mut() {
+                Some((last, list)) if *last == id => list.push(change),
+                _ => by_table.push((id, vec![change])),
+            }
+        }
+        for (id, changes) in by_table {
+            let Some(t) = self.served.get_mut(&id) else { continue };
+            if t.snapshot.sees(xid) {
+                continue;
+            }
+            if changes.iter().flatten().any(|c| t.altered_by(c)) {
+                tracing::info!(table = %t.name, "the table's columns changed; serving it as a new shape (clients refetch)");
+                let name = t.name.clone();
+                let reloaded = load(&mut self.conn, &self.tables, &name).await?;
+                self.served.insert(id, reloaded); // its snapshot holds this transaction
+                continue;
+            }
+            apply_to(t, changes);
+        }
+        Ok(())
+    }
 }
 
-/// Applies one source transaction: one shape server transaction per table it touched.
-fn apply(served: &mut BTreeMap<(String, String), Served>, changes: Vec<(String, String, Option<RowChange>)>) {
-    let mut current: Option<((String, String), shapesync_shape_server::Transaction)> = None;
+/// Applies one transaction's changes of table `t` as one shape server transaction.
+fn apply_to(t: &mut Served, changes: Vec<Option<RowChange>>) {
+    let mut tx = t.handle.transaction();
     let mut ops = 0;
-    let flush = |current: &mut Option<((String, String), shapesync_shape_server::Transaction)>,
-                 ops: &mut usize| {
-        if let Some((_, tx)) = current.take()
-            && *ops > 0
-        {
-            tx.commit();
-        }
-        *ops = 0;
-    };
-    for (schema, table, change) in changes {
-        let id = (schema, table);
-        let Some(t) = served.get_mut(&id) else { continue };
-        if current.as_ref().is_some_and(|(c, _)| *c != id) {
-            flush(&mut current, &mut ops);
-        }
+    for change in changes {
         let Some(change) = change else {
-            flush(&mut current, &mut ops);
+            if ops > 0 {
+                tx.commit();
+            }
             t.handle.truncate();
             t.keys.clear();
+            tx = t.handle.transaction();
+            ops = 0;
             continue;
         };
-        let mut tx = match current.take() {
-            Some((_, tx)) => tx,
-            None => t.handle.transaction(),
-        };
         match change {
-            RowChange::Insert(new) | RowChange::Update { old_key: None, new } => {
+            RowChange::Insert(new) | RowChange::Update { old_key: None, new, .. } => {
                 let key = t.key(&new);
                 tx = if t.keys.insert(key) { tx.insert(json(&new)) } else { tx.update(json(&new)) };
                 ops += 1;
             }
-            RowChange::Update { old_key: Some(old), new } => {
+            RowChange::Update { old_key: Some(old), new, .. } => {
                 let (old_key, new_key) = (t.key(&old), t.key(&new));
                 if old_key != new_key && t.keys.remove(&old_key) {
                     tx = tx.delete(json(&old));
@@ -396,9 +544,10 @@ fn apply(served: &mut BTreeMap<(String, String), Served>, changes: Vec<(String, 
             }
             RowChange::Delete(None) => {}
         }
-        current = Some((id, tx));
     }
-    flush(&mut current, &mut ops);
+    if ops > 0 {
+        tx.commit();
+    }
 }
 
 #[cfg(test)]

@@ -20,11 +20,55 @@ impl ShapeServer {
         self.add_table(def, data)
     }
 
+    /// Creates (or replaces) a table holding `rows` from the start (see
+    /// [`Tables::create_seeded_table`]).
+    pub fn create_seeded_table(&self, def: TableDef, rows: impl IntoIterator<Item = Json>) -> TableHandle {
+        self.tables().create_seeded_table(def, rows)
+    }
+
+    /// A handle that creates tables, usable apart from the server (cheap to clone).
+    pub fn tables(&self) -> Tables {
+        Tables { shared: self.shared.clone() }
+    }
+
     /// Creates a synthetic benchmark table of `rows` generated rows (ids `1..=rows`, columns
     /// `id int8, title text, amount numeric, flag bool, tags text[], data jsonb`). Its snapshot
     /// chunks are generated on demand, so memory does not grow with `rows`.
     pub fn create_synthetic_table(&self, name: &str, rows: u64) -> TableHandle {
         self.add_table(synthetic_table_def(name), Data::Synthetic { count: rows })
+    }
+
+    fn add_table(&self, def: TableDef, data: Data) -> TableHandle {
+        self.tables().add_table(def, data)
+    }
+}
+
+/// Creates tables of a [`ShapeServer`] from anywhere (the devserver's follower reloads a
+/// table whose columns changed); cheap to clone.
+#[derive(Clone)]
+pub struct Tables {
+    shared: Arc<Shared>,
+}
+
+impl Tables {
+    /// Creates (or replaces) a table holding `rows` from the start, in one step, so no
+    /// request ever sees it empty: a new shape handle whose snapshot is those rows
+    /// (requests with an older handle of a replaced table get 409). Rows with the key of
+    /// an earlier one (identical rows of a table without a primary key, keyed by all
+    /// columns as Electric does) are kept once.
+    pub fn create_seeded_table(&self, def: TableDef, rows: impl IntoIterator<Item = Json>) -> TableHandle {
+        let (mut stored, mut by_key, mut next_seq) = (BTreeMap::new(), HashMap::new(), 0u64);
+        for values in rows {
+            let row = def.row_from_json(&values);
+            let key = def.key_of(&row);
+            if by_key.contains_key(&key) {
+                continue;
+            }
+            by_key.insert(key.clone(), next_seq);
+            stored.insert(next_seq, (key, row));
+            next_seq += 1;
+        }
+        self.add_table(def, Data::Stored { rows: stored, by_key, next_seq })
     }
 
     fn add_table(&self, def: TableDef, data: Data) -> TableHandle {
@@ -119,6 +163,13 @@ impl TableHandle {
     /// old handle and pending live requests get 409 with the new handle.
     pub fn rotate(&self) {
         self.shared.state().new_generation(&self.key);
+        self.shared.notify();
+    }
+
+    /// The table is gone (dropped in Postgres): pending live requests end, and every
+    /// request for it gets the 400 of a table that does not exist.
+    pub fn remove(&self) {
+        self.shared.state().tables.remove(&self.key);
         self.shared.notify();
     }
 

@@ -108,8 +108,8 @@ mod synthetic;
 mod table;
 
 pub use fault::{ElectricHeader, Fault};
-pub use handle::{TableHandle, Transaction};
-pub use server::{RequestRecord, ServerOptions, ShapeServer, ShapeServerError};
+pub use handle::{TableHandle, Tables, Transaction};
+pub use server::{Availability, RequestRecord, ServerOptions, ShapeServer, ShapeServerError};
 pub use shapesync_core::Offset;
 pub use subquery::tag_hash;
 pub use synthetic::{SYNTHETIC_COLUMNS, synthetic_row, synthetic_table_def};

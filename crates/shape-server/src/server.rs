@@ -122,6 +122,8 @@ pub(crate) struct Shared {
     requests: Mutex<Vec<RequestRecord>>,
     requests_changed: watch::Sender<u64>,
     empty_etag_counter: AtomicU64,
+    /// Why the server cannot serve (see [`Availability`]); every request gets a 503 then.
+    outage: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -167,6 +169,7 @@ impl ShapeServer {
             options,
             cancel: CancellationToken::new(),
             empty_etag_counter: AtomicU64::new(0),
+            outage: Mutex::new(None),
         });
         let app =
             Router::new().route("/v1/shape", get(handle_get).post(handle_post)).with_state(shared.clone());
@@ -185,6 +188,11 @@ impl ShapeServer {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The switch that takes the whole server out of service (see [`Availability`]).
+    pub fn availability(&self) -> Availability {
+        Availability { shared: self.shared.clone() }
     }
 
     /// Queues `fault` for the next request (faults are consumed first-in first-out, one per request).
@@ -248,6 +256,28 @@ impl ShapeServer {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+}
+
+/// Takes a [`ShapeServer`] out of service and back, from anywhere (cheap to clone): a
+/// server whose data can no longer be trusted (the devserver lost its replication
+/// stream) answers every request with a 503 naming why, instead of serving stale rows.
+#[derive(Clone)]
+pub struct Availability {
+    shared: Arc<Shared>,
+}
+
+impl Availability {
+    /// Answers every request from now on with a 503 whose message is `why`, and ends the
+    /// pending long-polls.
+    pub fn fail(&self, why: impl Into<String>) {
+        *self.shared.outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+        self.shared.notify();
+    }
+
+    /// Why the server is out of service, if it is.
+    pub fn outage(&self) -> Option<String> {
+        self.shared.outage.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -393,6 +423,11 @@ async fn respond(
                 serde_json::json!({"message": "Unauthorized - Invalid API secret"}),
             );
         }
+    }
+    if let Some(why) = shared.outage.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"message": why}));
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return r;
     }
     match fault {
         Some(Fault::ServiceUnavailable { retry_after }) => {

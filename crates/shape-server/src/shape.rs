@@ -333,7 +333,10 @@ pub(crate) fn latest_offset(state: &State, def: &ShapeDef) -> Option<(String, Of
 /// Decides the response for `req` (creating a shape generation for `-1`/`now` if needed).
 pub(crate) fn evaluate(state: &mut State, req: &ShapeRequest, flags: &EvalFlags) -> Eval {
     let key = &req.def.table;
-    let has_generation = state.tables.get(key).is_some_and(|t| t.generation.is_some());
+    let Some(table) = state.tables.get(key) else {
+        return Eval::Conflict(None); // removed since the request was read: its shape is gone
+    };
+    let has_generation = table.generation.is_some();
     if !has_generation {
         if matches!(req.offset, RequestOffset::At(_)) {
             return Eval::Conflict(None);
@@ -437,6 +440,9 @@ pub(crate) fn subset_snapshot(
     subset: &Subset,
 ) -> Result<SubsetReply, Option<String>> {
     let key = &req.def.table;
+    if !state.tables.contains_key(key) {
+        return Err(None);
+    }
     if state.tables.get(key).is_some_and(|t| t.generation.is_none()) {
         if req.handle.is_some() {
             return Err(None);
