@@ -155,6 +155,63 @@ fn json(columns: &[(String, Option<String>)]) -> Json {
     )
 }
 
+/// Sets the session settings Electric's own connections use (`lib/electric/postgres.ex`),
+/// on which the text of dates, times, intervals and floats depends: values read here
+/// and decoded from the slot then come out as Electric sends them.
+async fn electric_session(conn: &mut PgConnection) -> Result<(), DevServerError> {
+    sqlx::raw_sql(
+        "SET DateStyle = 'ISO, DMY'; SET TimeZone = 'UTC'; SET extra_float_digits = 1; SET IntervalStyle = 'iso_8601'",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The schema fields Electric derives from a column's type modifier (`schema.ex`
+/// `add_modifier`): `max_length`, `length`, `precision`, `scale`, `fields`, or the raw
+/// `type_mod` of a type it does not know.
+fn modifier_fields(ty: &str, typmod: i32) -> Vec<(&'static str, Json)> {
+    const TIME_TYPES: &[&str] = &["date", "time", "timetz", "timestamp", "timestamptz"];
+    match ty {
+        "varchar" | "text" if typmod > 0 => vec![("max_length", (typmod - 4).into())],
+        "bpchar" if typmod > 0 => vec![("length", (typmod - 4).into())],
+        "bit" | "varbit" => vec![("length", typmod.into())],
+        "interval" if typmod > -1 => {
+            let (range, precision) = ((typmod >> 16) as i16, typmod as i16);
+            let mut out = Vec::new();
+            const MASKS: [(&str, i32); 6] = [
+                ("YEAR", 1 << 2),
+                ("MONTH", 1 << 1),
+                ("DAY", 1 << 3),
+                ("HOUR", 1 << 10),
+                ("MINUTE", 1 << 11),
+                ("SECOND", 1 << 12),
+            ];
+            if range != 0x7fff {
+                let units: Vec<&str> =
+                    MASKS.iter().filter(|(_, m)| i32::from(range) & m > 0).map(|(u, _)| *u).collect();
+                let fields = match units.as_slice() {
+                    [one] => (*one).to_owned(),
+                    [first, .., last] => format!("{first} TO {last}"),
+                    [] => String::new(),
+                };
+                out.push(("fields", fields.into()));
+            }
+            if precision != -1 {
+                out.push(("precision", precision.into()));
+            }
+            out
+        }
+        t if typmod > 0 && TIME_TYPES.contains(&t) => vec![("precision", typmod.into())],
+        "numeric" if typmod > -1 => {
+            let packed = typmod - 4;
+            vec![("precision", ((packed >> 16) as i16).into()), ("scale", (packed as i16).into())]
+        }
+        _ if typmod > -1 => vec![("type_mod", typmod.into())],
+        _ => Vec::new(),
+    }
+}
+
 /// Reads table `name`'s schema and rows in a REPEATABLE READ transaction of its own, and
 /// serves them as a new shape (a table served before is replaced: its clients refetch).
 async fn load(conn: &mut PgConnection, tables: &Tables, name: &str) -> Result<Served, DevServerError> {
@@ -172,7 +229,8 @@ async fn load(conn: &mut PgConnection, tables: &Tables, name: &str) -> Result<Se
                 (CASE WHEN t.typcategory = 'A' THEN greatest(a.attndims, 1) ELSE 0 END)::int4,
                 a.attnotnull,
                 coalesce(array_position(i.indkey::int2[], a.attnum), -1)::int4,
-                c.relreplident::text
+                c.relreplident::text,
+                a.atttypmod
          FROM pg_attribute a
          JOIN pg_class c ON c.oid = a.attrelid
          JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -190,14 +248,17 @@ async fn load(conn: &mut PgConnection, tables: &Tables, name: &str) -> Result<Se
         return Err(DevServerError::NoSuchTable(name.to_owned()));
     }
     let identity_full = columns.first().is_some_and(|r| r.get::<String, _>(5) == "f");
-    let mut columns: Vec<(String, String, i32, bool, i32)> =
-        columns.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    let mut columns: Vec<(String, String, i32, bool, i32, i32)> =
+        columns.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(6))).collect();
     // Key columns first, in key order: the shape server numbers the key by position.
     columns.sort_by_key(|c| if c.4 >= 0 { c.4 } else { i32::MAX });
     let mut def = TableDef::new(table).in_schema(schema);
     let mut key_columns = Vec::new();
-    for (column, ty, dims, not_null, pk) in &columns {
+    for (column, ty, dims, not_null, pk, typmod) in &columns {
         let mut c = Column::new(column.clone(), ty.clone()).dims(*dims as u32);
+        for (field, value) in modifier_fields(ty, *typmod) {
+            c = c.schema_field(field, value);
+        }
         if *pk >= 0 {
             c = c.primary_key();
             key_columns.push(column.clone());
@@ -214,7 +275,17 @@ async fn load(conn: &mut PgConnection, tables: &Tables, name: &str) -> Result<Se
         }
         key_columns = columns.iter().map(|c| c.0.clone()).collect();
     }
-    let select: Vec<String> = columns.iter().map(|c| format!("{0}::text AS {0}", quote(&c.0))).collect();
+    // Each value's text as Electric reads it (`shapes/querying.ex`): `::text`, but
+    // `concat` for a `char(n)`, whose cast to text would strip its padding.
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| match (c.1.as_str(), c.2) {
+            ("bpchar", 0) => {
+                format!("CASE WHEN {0} IS NULL THEN NULL ELSE concat({0}, '') END AS {0}", quote(&c.0))
+            }
+            _ => format!("{0}::text AS {0}", quote(&c.0)),
+        })
+        .collect();
     let sql = format!(
         "SELECT row_to_json(t)::text FROM (SELECT {} FROM {}.{}) t",
         select.join(", "),
@@ -268,8 +339,10 @@ impl DevServer {
             .bind(&slot)
             .execute(&mut slot_conn)
             .await?;
+        electric_session(&mut slot_conn).await?;
         let server = ShapeServer::start_on(options.listen, options.server.clone()).await?;
         let mut conn = PgConnection::connect(&options.database_url).await?;
+        electric_session(&mut conn).await?;
         let mut served = BTreeMap::new();
         for name in &options.tables {
             let table = load(&mut conn, &server.tables(), name).await?;

@@ -171,8 +171,10 @@ impl ShapeServer {
             empty_etag_counter: AtomicU64::new(0),
             outage: Mutex::new(None),
         });
-        let app =
-            Router::new().route("/v1/shape", get(handle_get).post(handle_post)).with_state(shared.clone());
+        let app = Router::new()
+            .route("/v1/shape", get(handle_get).post(handle_post).options(handle_options))
+            .layer(axum::middleware::from_fn(cors))
+            .with_state(shared.clone());
         let cancel = shared.cancel.clone();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
@@ -285,6 +287,52 @@ impl Drop for ShapeServer {
     fn drop(&mut self) {
         self.shared.cancel.cancel();
     }
+}
+
+/// The headers a browser may read from a response: Electric's own and `retry-after`
+/// (`shapes/api/response.ex` `electric_headers`).
+const EXPOSED_HEADERS: &str = "electric-cursor,electric-handle,electric-has-data,electric-offset,electric-schema,electric-up-to-date,electric-internal-known-error,retry-after";
+
+/// CORS on every answer, as Electric's `plug/utils.ex` `CORSHeaderPlug` (which the router
+/// plugs after `authenticate`, so a 401 goes without): the request's `Origin` (or `*`)
+/// is allowed, Electric's headers exposed, the shape route's methods listed. Without
+/// them the official client in a browser cannot read `electric-offset` and fails with
+/// `MissingHeadersError`.
+async fn cors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned().unwrap_or(HeaderValue::from_static("*"));
+    let mut response = next.run(request).await;
+    if response.status() != StatusCode::UNAUTHORIZED {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSED_HEADERS));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, HEAD, DELETE, OPTIONS"),
+        );
+    }
+    response
+}
+
+/// A CORS preflight, as Electric's `shapes/api/options.ex`: 204, cached for a day, and of
+/// the request headers asked for, the ones the shape API reads (`if-none-match`,
+/// `traceparent`).
+async fn handle_options(headers: HeaderMap) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let out = response.headers_mut();
+    out.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+    out.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    let asked =
+        headers.get_all(header::ACCESS_CONTROL_REQUEST_HEADERS).iter().filter_map(|v| v.to_str().ok());
+    let allowed: Vec<String> = asked
+        .flat_map(|v| v.split(','))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| matches!(h.as_str(), "if-none-match" | "traceparent"))
+        .collect();
+    if !allowed.is_empty() {
+        out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, header_value(&allowed.join(",")));
+    }
+    response
 }
 
 async fn handle_get(

@@ -603,3 +603,47 @@ async fn last_marks_the_last_change_of_the_transaction_in_this_shape() {
     assert_eq!(changes[1]["key"], r#""public"."items"/"2""#);
     assert_eq!(changes[1]["headers"]["last"], json!(true));
 }
+
+/// A browser can use the server: every answer allows the request's origin and exposes
+/// Electric's headers, and a preflight gets a 204 (`plug/utils.ex` `CORSHeaderPlug`,
+/// `shapes/api/options.ex`).
+#[tokio::test]
+async fn answers_carry_cors_headers_and_preflights_get_a_204() {
+    let server = ShapeServer::start(fast_options()).await.unwrap();
+    server.create_table(TableDef::new("items").column(Column::new("id", "int8").primary_key()));
+    let http = reqwest::Client::new();
+    let response = http
+        .get(server.url())
+        .query(&[("table", "items"), ("offset", "-1")])
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://app.example");
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    for name in
+        ["electric-offset", "electric-handle", "electric-schema", "electric-cursor", "electric-up-to-date"]
+    {
+        assert!(exposed.split(',').any(|e| e == name), "{name} is exposed: {exposed}");
+    }
+    // Without an Origin, any; errors carry them too.
+    let response = http.get(server.url()).query(&[("offset", "-1")]).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, server.url())
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "if-none-match, x-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    let h = preflight.headers();
+    assert_eq!(h["access-control-max-age"], "86400");
+    assert_eq!(h["access-control-allow-headers"], "if-none-match");
+    assert!(h["access-control-allow-methods"].to_str().unwrap().contains("GET"));
+}
