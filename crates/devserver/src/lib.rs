@@ -495,12 +495,12 @@ impl Follower {
                 () = cancel.cancelled() => return Ok(()),
                 () = tokio::time::sleep(self.poll) => {}
             }
-            let rows = sqlx::query("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
+            let rows = sqlx::query("SELECT lsn::text, data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
                 .bind(&slot)
                 .fetch_all(&mut slot_conn)
                 .await?;
             for row in rows {
-                let data: String = row.get(0);
+                let (lsn, data): (String, String) = (row.get(0), row.get(1));
                 match decode::parse_line(&data)? {
                     Line::Begin(id) => {
                         pending.clear();
@@ -510,7 +510,7 @@ impl Follower {
                     Line::Truncate(tables) => pending.extend(tables.into_iter().map(|(s, t)| (s, t, None))),
                     Line::Commit => {
                         let xid = xid.take().ok_or(DevServerError::NoXid)?;
-                        self.apply(xid, std::mem::take(&mut pending)).await?;
+                        self.apply(xid, parse_lsn(&lsn), std::mem::take(&mut pending)).await?;
                     }
                 }
             }
@@ -544,13 +544,15 @@ impl Follower {
         Ok(())
     }
 
-    /// Applies source transaction `xid` to each table it touched (one shape server
-    /// transaction per table), but to tables whose rows were read under a snapshot that
-    /// already holds it. A change whose columns the served schema does not have (the
-    /// table was altered) reloads that table as a new shape instead.
+    /// Applies source transaction `xid`, committed at `lsn`, to each table it touched
+    /// (one shape server transaction per table, each at the commit's LSN and with its xid
+    /// in `txids`, as Electric gives them), but to tables whose rows were read under a
+    /// snapshot that already holds it. A change whose columns the served schema does not
+    /// have (the table was altered) reloads that table as a new shape instead.
     async fn apply(
         &mut self,
         xid: u32,
+        lsn: u64,
         changes: Vec<(String, String, Option<RowChange>)>,
     ) -> Result<(), DevServerError> {
         let mut by_table: Vec<(TableId, Vec<Option<RowChange>>)> = Vec::new();
@@ -573,15 +575,23 @@ impl Follower {
                 self.served.insert(id, reloaded); // its snapshot holds this transaction
                 continue;
             }
-            apply_to(t, changes);
+            apply_to(t, changes, lsn, xid);
         }
         Ok(())
     }
 }
 
-/// Applies one transaction's changes of table `t` as one shape server transaction.
-fn apply_to(t: &mut Served, changes: Vec<Option<RowChange>>) {
-    let mut tx = t.handle.transaction();
+/// `X/Y` (hex) → the number Electric's offsets carry for that LSN.
+fn parse_lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap_or(("0", "0"));
+    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+}
+
+/// Applies one transaction's changes of table `t` as one shape server transaction at
+/// `lsn` with txid `xid` (after a `TRUNCATE` inside it, the rest as another at the next
+/// LSN the server picks).
+fn apply_to(t: &mut Served, changes: Vec<Option<RowChange>>, lsn: u64, xid: u32) {
+    let mut tx = t.handle.transaction().lsn(lsn).txid(u64::from(xid));
     let mut ops = 0;
     for change in changes {
         let Some(change) = change else {
@@ -590,7 +600,7 @@ fn apply_to(t: &mut Served, changes: Vec<Option<RowChange>>) {
             }
             t.handle.truncate();
             t.keys.clear();
-            tx = t.handle.transaction();
+            tx = t.handle.transaction().txid(u64::from(xid));
             ops = 0;
             continue;
         };

@@ -102,3 +102,70 @@ async fn values_and_schema_fields_are_electrics() {
     server.stop().await.unwrap();
     sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await.unwrap();
 }
+
+/// A transaction over two tables reaches both shapes at its commit LSN, with its xid in
+/// `txids` (what a client waiting for its own write's transaction matches on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_two_tables_shares_its_lsn_and_xid() {
+    let pool = PgPool::connect(URL).await.expect("local Postgres, database `test`");
+    let schema = format!("shapesync_dev_twotables_{}", std::process::id());
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.a (id int8 PRIMARY KEY); CREATE TABLE {schema}.b (id int8 PRIMARY KEY);"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (a, b) = (format!("{schema}.a"), format!("{schema}.b"));
+    let mut options = DevServerOptions::new(URL, vec![a.clone(), b.clone()]);
+    options.server =
+        ServerOptions { long_poll_timeout: Duration::from_millis(200), ..ServerOptions::default() };
+    let server = DevServer::start(options).await.unwrap();
+    let http = reqwest::Client::new();
+    let mut positions = Vec::new();
+    for table in [&a, &b] {
+        let r = http
+            .get(server.url())
+            .query(&[("table", table.as_str()), ("offset", "-1")])
+            .send()
+            .await
+            .unwrap();
+        let h = |n: &str| r.headers()[n].to_str().unwrap().to_owned();
+        positions.push((table.clone(), h("electric-handle"), h("electric-offset")));
+    }
+    let mut tx = pool.begin().await.unwrap();
+    let xid: String =
+        sqlx::query_scalar("SELECT pg_current_xact_id()::xid::text").fetch_one(&mut *tx).await.unwrap();
+    for table in [&a, &b] {
+        sqlx::raw_sql(AssertSqlSafe(format!("INSERT INTO {table} VALUES (1)")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut seen = Vec::new();
+    for (table, handle, mut offset) in positions {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let change = loop {
+            let r = http
+                .get(server.url())
+                .query(&[("table", table.as_str()), ("offset", offset.as_str()), ("handle", handle.as_str())])
+                .send()
+                .await
+                .unwrap();
+            offset = r.headers()["electric-offset"].to_str().unwrap().to_owned();
+            let body: Json = r.json().await.unwrap();
+            if let Some(change) = body.as_array().unwrap().iter().find(|m| m.get("value").is_some()) {
+                break change.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "the insert into {table} arrives");
+        };
+        let headers = &change["headers"];
+        assert_eq!(headers["txids"], json!([xid.parse::<u64>().unwrap()]), "{table}: {change}");
+        seen.push(headers["lsn"].clone());
+    }
+    assert_eq!(seen[0], seen[1], "both parts carry the commit's LSN");
+    server.stop().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await.unwrap();
+}
