@@ -153,6 +153,13 @@ pub(crate) fn parse_request(state: &State, query: &[(String, String)]) -> Result
     params.sort();
     let cursor = get("cursor").and_then(|c| c.parse().ok());
     let subset = parse_subset(&table.def, query)?;
+    if let Some(w) = subset.as_ref().and_then(|s| s.where_clause.as_ref())
+        && table.strict_where
+        && !table.predicates.contains_key(w)
+    {
+        // Ignoring it would answer every row of the shape: refuse, as for `where`.
+        return Err(("subset.where", "is not supported by this server, which serves whole tables".into()));
+    }
     let def = ShapeDef { table: key, where_clause, params, columns, replica_full, changes_only };
     Ok(ShapeRequest { offset, handle, live, sse: live_sse, cursor, def, subset })
 }

@@ -526,6 +526,20 @@ async fn subset_limit_without_order_by_is_400() {
     assert_eq!(ok.json()["data"].as_array().unwrap().len(), 2);
 }
 
+/// A server that cannot evaluate SQL refuses a subset `where` it has no predicate for,
+/// instead of answering every row.
+#[tokio::test]
+async fn an_unregistered_subset_where_is_refused_by_a_strict_server() {
+    let (server, items) = items_server(fast_options(), 3).await;
+    items.refuse_unregistered_where();
+    let r = get(&server, &[("table", "items"), ("offset", "-1"), ("subset__where", "id = 1")]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["errors"],
+        json!({"subset": {"where": ["is not supported by this server, which serves whole tables"]}})
+    );
+}
+
 #[tokio::test]
 async fn seeding_again_refreshes_the_snapshot_under_the_same_handle() {
     let (server, items) = items_server(ServerOptions { chunk_bytes: 300, ..fast_options() }, 3).await;
