@@ -18,6 +18,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod invalidate_bench;
 mod postgres_bench;
 mod procfs;
 mod redis_bench;
@@ -114,6 +115,22 @@ enum Cmd {
         #[arg(long, default_value_t = 10 * 1024 * 1024)]
         chunk_bytes: usize,
     },
+    /// Apply live transactions to the Redis sink in `mode: invalidate`, `refresh` and
+    /// `mirror`, beside the same keys' UNLINKs pipelined raw; print changes/s.
+    Invalidate {
+        /// Redis URL.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        url: String,
+        /// Rows cached (and changed).
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Transactions applied.
+        #[arg(long, default_value_t = 2_000)]
+        txs: u64,
+        /// Changes per transaction.
+        #[arg(long, default_value_t = 10)]
+        tx_size: u64,
+    },
     /// (internal) the cache reader process of `redis`.
     #[command(hide = true)]
     ReadLoop {
@@ -190,6 +207,15 @@ fn main() -> anyhow::Result<()> {
                 sqlite_bench::run(rows, chunk_bytes, &sqlite_bench::directory(dir)?).await
             }
             Cmd::Postgres { url, rows, chunk_bytes } => postgres_bench::run(&url, rows, chunk_bytes).await,
+            Cmd::Invalidate { url, rows, txs, tx_size } => {
+                invalidate_bench::run(invalidate_bench::InvalidateBench {
+                    url,
+                    rows,
+                    txs,
+                    tx_size: tx_size.max(1),
+                })
+                .await
+            }
             Cmd::Serve(args) => Ok(shapesync_shape_server::cli::run_synthetic_server(args).await?),
             Cmd::ReadLoop { .. } => unreachable!("handled before the runtime starts"),
         }

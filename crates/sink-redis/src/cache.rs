@@ -44,7 +44,7 @@ pub(crate) struct CacheKeeper {
     base: String,
     /// What every key the sink keeps for itself starts with (never removed by a scan).
     internal: String,
-    tombstone_ms: String,
+    tombstone_ms: u64,
     notify: Option<String>,
     full_rows: bool,
 }
@@ -81,7 +81,7 @@ impl CacheKeeper {
             invalidated,
             base: base.to_owned(),
             internal,
-            tombstone_ms: tombstone_ms.to_string(),
+            tombstone_ms,
             notify,
             full_rows,
         }
@@ -119,13 +119,12 @@ impl CacheKeeper {
 
     /// The unit for a transaction's `changes`: every key they name removed (or, the
     /// row's own key under `refresh`, rewritten if it exists), each with a tombstone
-    /// stamped `stamp` (µs of Redis' clock). `own` is the row's own key template under
-    /// `refresh`.
+    /// stamped with Redis' clock as the unit runs. `own` is the row's own key template
+    /// under `refresh`.
     pub(crate) fn unit(
         &self,
         changes: &[Change],
         own: Option<&KeyTemplate>,
-        stamp: u64,
     ) -> Result<(Unit, Counts), SinkError> {
         let mut unit = Unit::default();
         // Key → the last operation that touched it (for notices), in key order.
@@ -149,9 +148,9 @@ impl CacheKeeper {
         }
         counts.invalidated += removed.len() as u64;
         unlink(&mut unit, &removed.into_iter().collect::<Vec<_>>());
-        for (key, op) in &touched {
-            unit.push(command(["SET", &tombstone_key(key), &stamp.to_string(), "PX", &self.tombstone_ms]));
-            if let Some(channel) = &self.notify {
+        unit.push_stamps(touched.keys().map(|key| tombstone_key(key)).collect(), self.tombstone_ms);
+        if let Some(channel) = &self.notify {
+            for (key, op) in &touched {
                 let notice = serde_json::json!({ "op": op.as_str(), "key": key });
                 unit.push(command(["PUBLISH", channel, &notice.to_string()]));
             }
@@ -258,9 +257,9 @@ impl CacheKeeper {
 
     /// The first unit of a full invalidation: the flush stamp, so every fill that read
     /// the database before it is refused.
-    pub(crate) fn flush_unit(&self, stamp: u64) -> Unit {
+    pub(crate) fn flush_unit(&self) -> Unit {
         let mut unit = Unit::default();
-        unit.push(command(["SET", &flush_key(&self.base), &stamp.to_string(), "PX", &self.tombstone_ms]));
+        unit.push_stamps(vec![flush_key(&self.base)], self.tombstone_ms);
         unit
     }
 
@@ -351,7 +350,7 @@ mod tests {
         let mut change =
             Change::update("\"p\"/\"7\"", row(&[("id", Value::Int(7)), ("org_id", Value::Int(2))]));
         change.old_value = Some(row(&[("org_id", Value::Int(1))]));
-        let (_, counts) = k.unit(&[change], None, 1).unwrap();
+        let (_, counts) = k.unit(&[change], None).unwrap();
         assert_eq!(counts.invalidated, 3, "project:7, org:2:projects and org:1:projects");
     }
 
@@ -359,7 +358,7 @@ mod tests {
     fn a_null_column_names_no_key() {
         let k = keeper(Mode::Invalidate, &["project:{id}", "org:{org_id}:projects"], true);
         let change = Change::insert("k", row(&[("id", Value::Int(7)), ("org_id", Value::Null)]));
-        let (_, counts) = k.unit(&[change], None, 1).unwrap();
+        let (_, counts) = k.unit(&[change], None).unwrap();
         assert_eq!(counts.invalidated, 1);
     }
 

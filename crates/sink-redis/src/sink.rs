@@ -323,11 +323,7 @@ impl RedisSink {
             false => None,
         };
         let changes: &[Change] = if batch.is_snapshot() { &[] } else { &batch.changes };
-        let stamp = match changes.is_empty() && !batch.sweep {
-            true => 0,
-            false => crate::guard::ticket(&mut conn).await.map_err(classify)?,
-        };
-        let (unit, counts) = cache.unit(changes, own.as_ref(), stamp)?;
+        let (unit, counts) = cache.unit(changes, own.as_ref())?;
         let with_checkpoint = (!batch.sweep).then_some(checkpoint);
         let (outcome, refreshed) = self.run_counted(&mut conn, unit, "", with_checkpoint, fence).await?;
         if outcome == UnitOutcome::AlreadyCommitted {
@@ -336,7 +332,7 @@ impl RedisSink {
         self.count_cache(counts.invalidated, refreshed);
         if batch.sweep {
             let reason = batch.resync_reason;
-            self.invalidate_all(cache, own.as_ref(), stamp, Some(checkpoint), fence, reason).await?;
+            self.invalidate_all(cache, own.as_ref(), Some(checkpoint), fence, reason).await?;
         }
         Ok(())
     }
@@ -348,7 +344,6 @@ impl RedisSink {
         &self,
         cache: &CacheKeeper,
         own: Option<&KeyTemplate>,
-        stamp: u64,
         checkpoint: Option<&str>,
         fence: Option<&Fence>,
         reason: Option<shapesync_core::ResyncReason>,
@@ -357,9 +352,7 @@ impl RedisSink {
         let patterns = cache.patterns(own);
         let why = reason.map_or("reset", shapesync_core::ResyncReason::as_str);
         tracing::info!(pipeline = %self.pipeline, reason = why, ?patterns, "continuity with the shape was lost, so the changes in between are unknown: invalidating every key the templates can name");
-        if self.run(&mut conn, cache.flush_unit(stamp), "", None, fence).await?
-            == UnitOutcome::AlreadyCommitted
-        {
+        if self.run(&mut conn, cache.flush_unit(), "", None, fence).await? == UnitOutcome::AlreadyCommitted {
             return Ok(());
         }
         let mut removed = 0;
@@ -638,8 +631,7 @@ impl Sink for RedisSink {
             // Nothing of the cache can be vouched for any more. (The row's own key under
             // `refresh` is the default `<table>:…` one unless `key` is set.)
             let own = self.cache_own_template()?;
-            let stamp = crate::guard::ticket(&mut conn).await.map_err(classify)?;
-            self.invalidate_all(cache, own.as_ref(), stamp, None, Some(&fence), None).await?;
+            self.invalidate_all(cache, own.as_ref(), None, Some(&fence), None).await?;
             return self.release(&fence).await;
         }
         self.sweep(&mut conn, u64::MAX, None, Some(&fence)).await?;

@@ -87,16 +87,34 @@ async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn spawn_shapesync(file: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_cache-aside-shapesync"))
-        .args(["run"])
-        .arg(file)
-        .env("SHAPESYNC_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+/// A shapesync process, SIGKILLed when dropped (a failing test leaves none behind).
+struct Shapesync(Child);
+
+impl Shapesync {
+    fn spawn(file: &Path, log: &Path) -> Shapesync {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cache-aside-shapesync"))
+            .args(["run"])
+            .arg(file)
+            .env("SHAPESYNC_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Shapesync(child)
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Shapesync {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 fn log_tail(log: &Path) -> String {
@@ -294,7 +312,7 @@ async fn scenario(mode: &str) {
     let file = dir.path().join("pipeline.yaml");
     std::fs::write(&file, pipeline(&dev_url, &table, &prefix, mode)).unwrap();
     let log: PathBuf = dir.path().join("shapesync.log");
-    let mut shapesync = spawn_shapesync(&file, &log);
+    let mut shapesync = Shapesync::spawn(&file, &log);
     // The first sync has no checkpoint: it invalidates everything, then follows changes.
     until("shapesync's first sync (a full invalidation)", Duration::from_secs(60), || {
         rows.flushes.load(Ordering::SeqCst) >= 1
@@ -334,9 +352,8 @@ async fn scenario(mode: &str) {
     // SIGKILL shapesync mid-stream, and start it again: it resumes from its checkpoint
     // (after the dead instance's lease expires) and commits what it had not.
     until("the first third of the changes", Duration::from_secs(120), written(CHANGES / 3)).await;
-    shapesync.kill().unwrap();
-    shapesync.wait().unwrap();
-    shapesync = spawn_shapesync(&file, &log);
+    shapesync.kill();
+    shapesync = Shapesync::spawn(&file, &log);
 
     // Restart the devserver after changes it never streamed: its new handle makes shapesync
     // refetch (a 409), and only a full invalidation can cover those changes.
@@ -374,8 +391,7 @@ async fn scenario(mode: &str) {
     for r in readers {
         r.await.unwrap();
     }
-    shapesync.kill().unwrap();
-    shapesync.wait().unwrap();
+    shapesync.kill();
     notices.abort();
     drop(dev);
 
