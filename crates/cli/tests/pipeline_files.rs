@@ -372,3 +372,75 @@ async fn validate_connect_catches_what_the_first_batch_would_refuse() {
     let out = shapesync(&["validate", "--connect", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// One templated pipeline expanded over three tenants syncs each tenant's rows (its
+/// `where` with the tenant as a parameter) into a prefix of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_syncs_each_tenant_into_its_own_prefix() {
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let projects = server.create_table(
+        TableDef::new("tenant_projects")
+            .column(Column::new("id", "int8").primary_key().not_null())
+            .column(Column::new("tenant", "text"))
+            .column(Column::new("name", "text")),
+    );
+    projects.register_where("tenant = $1", |row| {
+        row.get("tenant").is_some() && row.get("tenant") == row.param("1")
+    });
+    projects.seed((1..=9).map(|i| {
+        let tenant = ["acme", "globex", "initech"][i % 3];
+        json!({"id": i.to_string(), "tenant": tenant, "name": format!("p{i}")})
+    }));
+    let base = format!("test:{}:tenants:", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "templates:
+  tenant_projects:
+    for_each: {{tenant: [acme, globex, initech]}}
+    pipeline:
+      source: {{type: electric, url: '{}', table: tenant_projects, where: 'tenant = $1', params: {{1: '${{tenant}}'}}}}
+      sink: {{type: redis, url: '{REDIS}', prefix: '{base}${{tenant}}:', key: 'project:{{id}}'}}
+",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = shapesync(&["validate", path], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("tenant_projects.acme, tenant_projects.globex, tenant_projects.initech"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = shapesync(&["run", "--once", path], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut con = redis();
+    for (t, tenant) in ["acme", "globex", "initech"].iter().enumerate() {
+        let prefix = format!("{base}{tenant}:");
+        let rows: Vec<String> = keys(&mut con, &format!("{prefix}project:"))
+            .into_iter()
+            .filter(|k| !k.contains("shapesync:"))
+            .collect();
+        let want: Vec<String> =
+            (1..=9).filter(|i| i % 3 == t).map(|i| format!("{prefix}project:{i}")).collect();
+        assert_eq!(rows, want, "{tenant}'s rows, and only them, under its prefix");
+        let owner: String = redis::cmd("HGET").arg(&want[0]).arg("tenant").query(&mut con).unwrap();
+        assert_eq!(owner, *tenant);
+    }
+    let _: () = redis::cmd("EVAL")
+        .arg("for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('UNLINK', k) end")
+        .arg(0)
+        .arg(format!("{base}*"))
+        .query(&mut con)
+        .unwrap();
+}

@@ -78,12 +78,34 @@ pub struct Config {
 struct FileSpec {
     #[serde(default)]
     pipelines: BTreeMap<String, PipelineFileSpec>,
+    /// Taken out (and expanded) before the rest of the file is read; named here so that
+    /// an unknown top-level key's error lists it.
+    #[serde(default, rename = "templates")]
+    _templates: Option<Node>,
     #[serde(default)]
     metrics: Option<MetricsSpec>,
     #[serde(default)]
     fail_fast: bool,
     #[serde(default)]
     lease: Option<LeaseSpec>,
+}
+
+/// One entry of `templates:`: a pipeline written once, expanded over values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateSpec {
+    /// Variable → its values: a list, or `{file: path}` (one value a line; blank lines
+    /// and `#` comments skipped; relative to the pipeline file).
+    for_each: BTreeMap<String, Node>,
+    /// The pipeline, with `${variable}` where a value goes.
+    pipeline: Node,
+}
+
+/// `for_each: {var: {file: …}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValuesFile {
+    file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -267,10 +289,19 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        let spec: FileSpec = parse_file(text, env).map_err(|e| e.in_file(file))?;
-        for (id, p) in spec.pipelines {
-            let key = format!("pipelines.{id}");
-            if !valid_id(&id) {
+        let (mut spec, templates): (FileSpec, Vec<Expanded>) =
+            parse_file(text, env, file).map_err(|e| e.in_file(file))?;
+        let mut pipelines: Vec<(String, String, PipelineFileSpec)> = std::mem::take(&mut spec.pipelines)
+            .into_iter()
+            .map(|(id, p)| (format!("pipelines.{id}"), id, p))
+            .collect();
+        for (key, id, node) in templates {
+            let p: PipelineFileSpec = extract_node(&node, &key).map_err(|e| e.in_file(file))?;
+            pipelines.push((key, id, p));
+        }
+        for (key, id, p) in pipelines {
+            let generated = key.starts_with("templates.");
+            if !generated && !valid_id(&id) {
                 return Err(ConfigError::new(
                     key,
                     "a pipeline id may only hold letters, digits, '_' and '-' (it names keys and metrics)",
@@ -339,19 +370,175 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Reads a file: `T` from everything but `templates:`, interpolated with `env`; and each
+/// template's pipelines — (key path, pipeline id, pipeline node), one per combination of
+/// its values, interpolated with those values first, then `env`.
 fn parse_file<T: DeserializeOwned>(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<T, ConfigError> {
+    file: &Path,
+) -> Result<(T, Vec<Expanded>), ConfigError> {
     let raw: Node =
         Figment::from(Yaml::string(text)).extract::<Node>().map_err(|e| describe_figment_error(&e, ""))?;
-    let raw = match raw {
+    let mut raw = match raw {
         // An empty file parses as nothing; treat it as an empty mapping.
         Node::Empty(..) => Node::from(figment::value::Dict::new()),
         other => other,
     };
+    let templates = match &mut raw {
+        Node::Dict(_, dict) => dict.remove("templates"),
+        _ => None,
+    };
     let node = interpolate_node(raw, "", env)?;
-    extract_node(&node, "")
+    let spec = extract_node(&node, "")?;
+    let expanded = match templates {
+        Some(templates) => expand_templates(templates, env, file)?,
+        None => Vec::new(),
+    };
+    Ok((spec, expanded))
+}
+
+/// A pipeline a template expanded to: its key path, its id and its mapping.
+type Expanded = (String, String, Node);
+
+/// The most pipelines one template may expand to.
+const MAX_TEMPLATE_PIPELINES: usize = 10_000;
+
+/// Expands `templates:` into pipelines `<template>.<value>[.<value>…]` (one per
+/// combination of the variables' values, in the variables' name order). Errors name the
+/// template and, for a pipeline, the values (`templates.t[tenant=acme].pipeline.sink`).
+fn expand_templates(
+    templates: Node,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &Path,
+) -> Result<Vec<Expanded>, ConfigError> {
+    let templates: BTreeMap<String, Node> = match templates {
+        Node::Dict(_, dict) => dict.into_iter().collect(),
+        other => {
+            return Err(ConfigError::new(
+                "templates",
+                format!("expected a mapping, found {}", node_kind(&other)),
+            ));
+        }
+    };
+    let mut out = Vec::new();
+    for (name, node) in templates {
+        let key = format!("templates.{name}");
+        if !valid_id(&name) {
+            return Err(ConfigError::new(
+                key,
+                "a template name may only hold letters, digits, '_' and '-' (it starts its pipelines' ids)",
+            ));
+        }
+        let spec: TemplateSpec = extract_node(&node, &key)?;
+        if spec.for_each.is_empty() {
+            return Err(ConfigError::new(
+                join_key(&key, "for_each"),
+                "name at least one variable and its values",
+            ));
+        }
+        let mut combinations: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for (var, values) in &spec.for_each {
+            let values_key = join_key(&join_key(&key, "for_each"), var);
+            let values = template_values(values, &values_key, env, file)?;
+            if values.is_empty() {
+                return Err(ConfigError::new(values_key, "expected at least one value"));
+            }
+            combinations = combinations
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((var.clone(), v.clone()));
+                        c
+                    })
+                })
+                .collect();
+            if combinations.len() > MAX_TEMPLATE_PIPELINES {
+                return Err(ConfigError::new(
+                    join_key(&key, "for_each"),
+                    format!("expands to more than {MAX_TEMPLATE_PIPELINES} pipelines"),
+                ));
+            }
+        }
+        for values in combinations {
+            let id = std::iter::once(name.as_str())
+                .chain(values.iter().map(|(_, v)| v.as_str()))
+                .collect::<Vec<_>>()
+                .join(".");
+            let named: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let pipeline_key = format!("{key}[{}].pipeline", named.join(","));
+            let lookup = |var: &str| {
+                values.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()).or_else(|| env(var))
+            };
+            let node = interpolate_node(spec.pipeline.clone(), &pipeline_key, &lookup)?;
+            out.push((pipeline_key, id, node));
+        }
+    }
+    Ok(out)
+}
+
+/// A variable's values: a list of strings or numbers, or `{file: path}`. Each must be
+/// usable in a pipeline id.
+fn template_values(
+    node: &Node,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &Path,
+) -> Result<Vec<String>, ConfigError> {
+    let values: Vec<String> = match node {
+        Node::Array(_, items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Node::String(_, s) => {
+                    interpolate(s, env).map_err(|m| ConfigError::new(join_key(key, &i.to_string()), m))
+                }
+                Node::Num(_, n) => Ok(match n.to_u128() {
+                    Some(u) => u.to_string(),
+                    None => n.to_i128().map_or_else(|| format!("{:?}", n.to_f64()), |i| i.to_string()),
+                }),
+                other => Err(ConfigError::new(
+                    join_key(key, &i.to_string()),
+                    format!("expected a string or a number, found {}", node_kind(other)),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Node::Dict(..) => {
+            let spec: ValuesFile = extract_node(node, key)?;
+            let path = match spec.file.is_absolute() {
+                true => spec.file.clone(),
+                false => file.parent().unwrap_or(Path::new(".")).join(&spec.file),
+            };
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::new(join_key(key, "file"), format!("cannot read {}: {e}", path.display()))
+            })?;
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        }
+        other => {
+            return Err(ConfigError::new(
+                key,
+                format!("expected a list of values or `{{file: path}}`, found {}", node_kind(other)),
+            ));
+        }
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for value in &values {
+        if !valid_id(value) {
+            return Err(ConfigError::new(
+                key,
+                format!("value `{value}` cannot be part of a pipeline id: use letters, digits, '_' and '-'"),
+            ));
+        }
+        if !seen.insert(value) {
+            return Err(ConfigError::new(key, format!("value `{value}` is given twice")));
+        }
+    }
+    Ok(values)
 }
 
 /// Deserializes a configuration node into `T`, reporting errors under `key`.
@@ -513,6 +700,77 @@ mod tests {
     fn load(text: &str) -> Result<Config, ConfigError> {
         let mut c = Config::default();
         c.merge(Path::new("p.yaml"), text, &env).map(|_| c)
+    }
+
+    const TEMPLATE: &str = "
+templates:
+  tenant_projects:
+    for_each: {tenant: [acme, globex, initech]}
+    pipeline:
+      source: {type: electric, url: 'http://${HOST}/v1/shape', table: projects, where: 'tenant = $1', params: {1: '${tenant}'}}
+      sink: {type: redis, url: 'redis://h', prefix: '${tenant}:'}
+pipelines:
+  plain: {source: {type: electric}, sink: {type: memory}}
+";
+
+    #[test]
+    fn a_template_expands_over_its_values() {
+        let c = load(TEMPLATE).unwrap();
+        let ids: Vec<&str> = c.pipelines.keys().map(String::as_str).collect();
+        assert_eq!(
+            ids,
+            ["plain", "tenant_projects.acme", "tenant_projects.globex", "tenant_projects.initech"]
+        );
+        let globex = &c.pipelines["tenant_projects.globex"];
+        assert_eq!(globex.key, "templates.tenant_projects[tenant=globex].pipeline");
+        let text = format!("{:?} {:?}", globex.source, globex.sink);
+        assert!(
+            text.contains("globex:") && text.contains("db.internal"),
+            "values, then the environment: {text}"
+        );
+        assert!(!text.contains("acme"), "{text}");
+        // Two variables: every combination, named in the variables' order.
+        let two = "templates:\n  t:\n    for_each: {region: [eu, us], tenant: [a, b]}\n    pipeline: {source: {x: '${region}-${tenant}'}, sink: {y: 1}}\n";
+        let ids: Vec<String> = load(two).unwrap().pipelines.into_keys().collect();
+        assert_eq!(ids, ["t.eu.a", "t.eu.b", "t.us.a", "t.us.b"]);
+    }
+
+    #[test]
+    fn template_values_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("shapesync-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tenants.txt"), "# tenants\nacme\n\nglobex\n").unwrap();
+        let text = "templates:\n  t:\n    for_each: {tenant: {file: tenants.txt}}\n    pipeline: {source: {x: '${tenant}'}, sink: {y: 1}}\n";
+        let mut c = Config::default();
+        c.merge(&dir.join("p.yaml"), text, &env).unwrap();
+        assert_eq!(c.pipelines.into_keys().collect::<Vec<_>>(), ["t.acme", "t.globex"]);
+        let mut c = Config::default();
+        let e = c.merge(&dir.join("p.yaml"), &text.replace("tenants.txt", "missing.txt"), &env).unwrap_err();
+        assert_eq!(e.key, "templates.t.for_each.tenant.file", "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn template_errors_name_the_template_and_the_value() {
+        let bad = |text: &str| load(text).unwrap_err();
+        let e = bad(&TEMPLATE.replace("'${tenant}:'", "'${tenant}:${NOPE}'"));
+        assert!(e.key.starts_with("templates.tenant_projects[tenant=acme].pipeline.sink.prefix"), "{e}");
+        assert!(e.message.contains("NOPE"), "{e}");
+        let e = bad(&TEMPLATE.replace("[acme, globex, initech]", "[acme, 'glo bex']"));
+        assert_eq!(e.key, "templates.tenant_projects.for_each.tenant");
+        assert!(e.message.contains("`glo bex`"), "{e}");
+        let e = bad(&TEMPLATE.replace("[acme, globex, initech]", "[acme, acme]"));
+        assert!(e.message.contains("twice"), "{e}");
+        let e = bad(&TEMPLATE.replace("[acme, globex, initech]", "[]"));
+        assert!(e.message.contains("at least one value"), "{e}");
+        let e = bad(&TEMPLATE.replace("for_each", "for_all"));
+        assert_eq!(e.key, "templates.tenant_projects.for_all", "{e}");
+        let e =
+            bad(&TEMPLATE.replace("      sink: {type: redis, url: 'redis://h', prefix: '${tenant}:'}\n", ""));
+        assert_eq!(e.key, "templates.tenant_projects[tenant=acme].pipeline.sink", "{e}");
+        // A generated id may not clash with a written one.
+        let e = bad(&format!("{TEMPLATE}  tenant_projects.acme: {{source: {{}}, sink: {{}}}}\n"));
+        assert!(e.key.contains("tenant_projects"), "{e}");
     }
 
     #[test]
