@@ -7,6 +7,7 @@
 //! it enables.
 
 mod serve;
+mod status;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -116,6 +117,19 @@ enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+    /// Print what a running instance is doing: each pipeline's state, rows/s, lag, last
+    /// commit and last error (from its `/status` on `metrics.listen`). Exits 1 when a
+    /// pipeline is not ready, 2 when the instance cannot be reached.
+    Status {
+        /// Pipeline files whose `metrics.listen` names the instance (or give `--url`).
+        files: Vec<PathBuf>,
+        /// The instance's metrics listener, e.g. `http://127.0.0.1:9464`.
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the instance's `/status` JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve a synthetic shape over the Electric protocol (for trying pipelines and benchmarks without Postgres).
     TestkitServer(shapesync_shape_server::cli::SyntheticServerArgs),
@@ -364,6 +378,7 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
             shapesync_shape_server::cli::run_synthetic_server(args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { files, url, json } => status::print(&files, url, json).await,
         Command::Checkpoints { files, json } => {
             let (config, _) = match load(&files, &registry) {
                 Ok(x) => x,

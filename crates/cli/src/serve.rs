@@ -1,4 +1,4 @@
-//! `/metrics`, `/healthz` and `/readyz` on the `metrics.listen` address.
+//! `/metrics`, `/healthz`, `/readyz` and `/status` on the `metrics.listen` address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,8 +51,9 @@ pub async fn start(
         .route("/metrics", get(move || std::future::ready(render(&handle))))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/status", get(status))
         .with_state((statuses, ready_grace));
-    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%listen, "serving /metrics, /healthz, /readyz and /status");
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -97,4 +98,31 @@ async fn ready(
         .collect();
     let code = if all_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(serde_json::json!({ "ready": all_ready, "pipelines": pipelines })))
+}
+
+/// Every pipeline of this instance, always 200 (what `shapesync status` prints): its
+/// state and readiness as `/readyz` judges them, whether this instance owns it (else who
+/// does), changes committed since start, seconds since the last commit, its lag (0 while
+/// at the shape's head, else seconds since it last was) and the last error.
+async fn status(State((statuses, grace)): State<(Statuses, Duration)>) -> Json<serde_json::Value> {
+    let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+    let pipelines: Vec<serde_json::Value> = statuses
+        .iter()
+        .map(|(id, s)| {
+            let health = s.health(grace);
+            serde_json::json!({
+                "pipeline": id,
+                "state": health.state.as_str(),
+                "ready": health.state.is_ready(),
+                "owned": s.is_owned(),
+                "lease_holder": if s.is_owned() { None } else { s.holder() },
+                "changes_committed": s.changes_committed(),
+                "last_commit_secs_ago": secs(s.since_last_commit()),
+                "lag_secs": secs(s.lag()),
+                "fault_for_secs": health.for_secs,
+                "last_error": health.last_error,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "pipelines": pipelines }))
 }

@@ -240,3 +240,65 @@ async fn readiness_follows_a_dead_source_and_a_dead_sink_and_their_recovery() {
     state_is(200, "up to date").await;
     drop(server);
 }
+
+/// `shapesync status` against a running instance prints every pipeline's state, rows/s,
+/// lag and last commit (from its `/status`), and says so when nothing runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_every_pipelines_state() {
+    let server = TestServer::start(ServerOptions {
+        long_poll_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for table in ["status_a", "status_b"] {
+        let t = server.create_table(TableDef::new(table).column(Column::new("id", "int8").primary_key()));
+        t.seed((1..=5).map(|i| json!({"id": i.to_string()})));
+    }
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("status.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "pipelines:\n  alpha: {{source: {{type: electric, url: '{0}', table: status_a}}, sink: {{type: memory}}}}\n  beta: {{source: {{type: electric, url: '{0}', table: status_b}}, sink: {{type: memory}}}}\nmetrics:\n  listen: 127.0.0.1:{port}\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_shapesync"))
+        .args(["run", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _running = Running(child);
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("/readyz 200", async || get(&format!("{base}/readyz")).await.filter(|(code, _)| *code == 200))
+        .await;
+
+    let status = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shapesync")).arg("status").args(args).output().unwrap()
+    };
+    let out = status(&[file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("PIPELINE") && lines[0].contains("ROWS/S") && lines[0].contains("LAG"),
+        "{stdout}"
+    );
+    for id in ["alpha", "beta"] {
+        let line = lines.iter().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} in {stdout}"));
+        assert!(line.contains("up to date") && line.contains("yes") && line.contains("s ago"), "{line}");
+    }
+    let out = status(&["--url", &base, "--json"]);
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["pipelines"].as_array().unwrap().len(), 2);
+    assert_eq!(body["pipelines"][0]["changes_committed"], 5);
+    assert_eq!(body["pipelines"][0]["lag_secs"], 0.0);
+    // Nothing listening: a clear error, exit 2.
+    let out = status(&["--url", &format!("http://127.0.0.1:{}", free_port())]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is shapesync running there"));
+}

@@ -83,6 +83,10 @@ pub struct PipelineStatus {
     last_response: Mutex<Option<Instant>>,
     /// Since when the sink has been failing (commits, lease), with the last error.
     sink_failing: Mutex<Option<(Instant, String)>>,
+    /// When the last batch committed.
+    last_commit: Mutex<Option<Instant>>,
+    /// When the pipeline was last at its shape's head.
+    last_up_to_date: Mutex<Option<Instant>>,
 }
 
 /// What a pipeline is doing.
@@ -166,6 +170,18 @@ impl PipelineStatus {
     pub fn changes_committed(&self) -> u64 {
         self.changes_committed.load(Ordering::Relaxed)
     }
+    /// How long ago the last batch committed (`None`: none yet).
+    pub fn since_last_commit(&self) -> Option<Duration> {
+        self.last_commit.lock().unwrap_or_else(|e| e.into_inner()).map(|at| at.elapsed())
+    }
+    /// How far behind its shape's head the pipeline is, as time: zero while it is up to
+    /// date, else how long ago it last was (`None`: never yet).
+    pub fn lag(&self) -> Option<Duration> {
+        if self.is_up_to_date() {
+            return Some(Duration::ZERO);
+        }
+        self.last_up_to_date.lock().unwrap_or_else(|e| e.into_inner()).map(|at| at.elapsed())
+    }
     /// Why the pipeline stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -232,7 +248,11 @@ impl PipelineStatus {
         }
     }
     fn set_up_to_date(&self, pipeline: &str, up: bool) {
-        self.up_to_date.store(up, Ordering::Relaxed);
+        let was = self.up_to_date.swap(up, Ordering::Relaxed);
+        if up || was {
+            // Up to date now, or until now: the lag counts from here.
+            *self.last_up_to_date.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
         if up {
             self.reached_up_to_date.store(true, Ordering::Relaxed);
         }
@@ -889,6 +909,7 @@ impl Committer {
                         .increment(batch.changes.len() as u64);
                     gauge!("shapesync_last_commit_timestamp_seconds", &labels).set(unix_now());
                     self.status.changes_committed.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
+                    *self.status.last_commit.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                     debug!(pipeline = %self.id, changes = batch.changes.len(), offset = %batch.checkpoint.offset, sweep = batch.sweep, "committed");
                     return Ok(true);
                 }
