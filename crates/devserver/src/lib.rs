@@ -340,7 +340,11 @@ impl DevServer {
             .execute(&mut slot_conn)
             .await?;
         electric_session(&mut slot_conn).await?;
-        let server = ShapeServer::start_on(options.listen, options.server.clone()).await?;
+        // Listening at once (the address is taken, and reported, before the tables load),
+        // but answering 503 until they are: a client arriving early retries.
+        let starting = Some("the devserver is starting: loading its tables".to_owned());
+        let server =
+            ShapeServer::start_out_of_service(options.listen, options.server.clone(), starting).await?;
         let mut conn = PgConnection::connect(&options.database_url).await?;
         electric_session(&mut conn).await?;
         let mut served = BTreeMap::new();
@@ -353,6 +357,7 @@ impl DevServer {
         let follower = Follower { conn, tables: server.tables(), served, poll: options.poll_interval };
         let inner = tokio::spawn(follower.run(slot_conn, slot.clone(), cancel.clone()));
         let availability = server.availability();
+        availability.restore();
         let tail = tokio::spawn(async move {
             let result = match inner.await {
                 Ok(result) => result,

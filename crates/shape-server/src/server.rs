@@ -156,6 +156,18 @@ impl ShapeServer {
 
     /// Starts a server on `addr` (port 0 = ephemeral).
     pub async fn start_on(addr: SocketAddr, options: ServerOptions) -> Result<ShapeServer, ShapeServerError> {
+        ShapeServer::start_out_of_service(addr, options, None).await
+    }
+
+    /// Starts a server on `addr` that answers every request with a 503 naming `why` until
+    /// [`Availability::restore`] (`None`: in service at once): a server still loading
+    /// its tables is starting, not missing them (Electric answers 503 while its stack
+    /// starts, `plug/router.ex`), so clients retry instead of giving up on a 400.
+    pub async fn start_out_of_service(
+        addr: SocketAddr,
+        options: ServerOptions,
+        why: Option<String>,
+    ) -> Result<ShapeServer, ShapeServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ShapeServerError::Bind { addr, source })?;
@@ -169,7 +181,7 @@ impl ShapeServer {
             options,
             cancel: CancellationToken::new(),
             empty_etag_counter: AtomicU64::new(0),
-            outage: Mutex::new(None),
+            outage: Mutex::new(why),
         });
         let app = Router::new()
             .route("/v1/shape", get(handle_get).post(handle_post).options(handle_options))
@@ -274,6 +286,12 @@ impl Availability {
     /// pending long-polls.
     pub fn fail(&self, why: impl Into<String>) {
         *self.shared.outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+        self.shared.notify();
+    }
+
+    /// Serves again.
+    pub fn restore(&self) {
+        *self.shared.outage.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.shared.notify();
     }
 

@@ -661,3 +661,20 @@ async fn answers_carry_cors_headers_and_preflights_get_a_204() {
     assert_eq!(h["access-control-allow-headers"], "if-none-match");
     assert!(h["access-control-allow-methods"].to_str().unwrap().contains("GET"));
 }
+
+/// A server started out of service (the devserver while it loads its tables) answers
+/// 503 naming why, which clients retry, and serves once restored.
+#[tokio::test]
+async fn a_server_out_of_service_answers_503_until_restored() {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = ShapeServer::start_out_of_service(addr, fast_options(), Some("loading its tables".into()))
+        .await
+        .unwrap();
+    server.create_table(TableDef::new("items").column(Column::new("id", "int8").primary_key()));
+    let r = get(&server, &[("table", "items"), ("offset", "-1")]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert_eq!(r.json()["message"], "loading its tables");
+    server.availability().restore();
+    assert_eq!(get(&server, &[("table", "items"), ("offset", "-1")]).await.status, 200);
+}

@@ -79,12 +79,29 @@ impl Rows {
 }
 
 /// Waits for `done` with a deadline, failing with `what`.
-async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+async fn until(what: &str, within: Duration, done: impl FnMut() -> bool) {
+    if !wait(within, done).await {
+        panic!("timed out waiting for {what}");
+    }
+}
+
+/// Waits for `done` with a deadline, failing with `what` and the end of shapesync's log.
+async fn until_logged(what: &str, within: Duration, log: &Path, done: impl FnMut() -> bool) {
+    if !wait(within, done).await {
+        panic!("timed out waiting for {what}; shapesync's log:\n{}", log_tail(log));
+    }
+}
+
+/// Whether `done` came true within `within`.
+async fn wait(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    true
 }
 
 /// A shapesync process, SIGKILLed when dropped (a failing test leaves none behind).
@@ -314,7 +331,7 @@ async fn scenario(mode: &str) {
     let log: PathBuf = dir.path().join("shapesync.log");
     let mut shapesync = Shapesync::spawn(&file, &log);
     // The first sync has no checkpoint: it invalidates everything, then follows changes.
-    until("shapesync's first sync (a full invalidation)", Duration::from_secs(60), || {
+    until_logged("shapesync's first sync (a full invalidation)", Duration::from_secs(60), &log, || {
         rows.flushes.load(Ordering::SeqCst) >= 1
     })
     .await;
@@ -373,7 +390,7 @@ async fn scenario(mode: &str) {
     }
     rows.written.fetch_add(gap.len() as u64, Ordering::SeqCst);
     dev = Some(start_devserver(&table, listen).await);
-    until("the full invalidation after the 409", CONFIRM_WITHIN, || {
+    until_logged("the full invalidation after the 409", CONFIRM_WITHIN, &log, || {
         rows.flushes.load(Ordering::SeqCst) > flushes
     })
     .await;
