@@ -197,24 +197,7 @@ impl CacheKeeper {
             (_, Layout::Hash, _) => {
                 // The given columns set, the NULL ones removed; with the whole row that is
                 // the row (no DEL, so the key's expiry stays).
-                let mut commands = Vec::new();
-                let (nulls, set): (Vec<_>, Vec<_>) = row.iter().partition(|(_, v)| v.is_null());
-                if !set.is_empty() {
-                    let mut hset = command(["HSET", &key]);
-                    for (column, value) in set {
-                        if let Some(text) = value.render() {
-                            hset.arg(column).arg(&*text);
-                        }
-                    }
-                    commands.push(hset);
-                }
-                if !nulls.is_empty() {
-                    let mut hdel = command(["HDEL", &key]);
-                    for (column, _) in nulls {
-                        hdel.arg(column);
-                    }
-                    commands.push(hdel);
-                }
+                let commands = crate::layout::merge_commands(&key, row);
                 unit.push_if_exists(&key, commands);
             }
         }

@@ -2,6 +2,7 @@
 //! column, rendered by `Value::render`. Updates merge inside Redis (`HSET` of the given
 //! columns, `HDEL` of the ones set to NULL), so nothing is read first.
 
+use redis::Cmd;
 use shapesync_core::{Operation, Row, SinkError, Space};
 
 use super::{RowLayout, StoredRows, own_keys_space};
@@ -59,23 +60,8 @@ impl RowLayout for HashRows {
     }
 
     fn merge(&self, unit: &mut Unit, id: &str, columns: &Row, _: &mut StoredRows) -> Result<(), SinkError> {
-        let key = self.key(id);
-        let (nulls, set): (Vec<_>, Vec<_>) = columns.iter().partition(|(_, v)| v.is_null());
-        if !set.is_empty() {
-            let mut hset = command(["HSET", &key]);
-            for (column, value) in set {
-                if let Some(text) = value.render() {
-                    hset.arg(column).arg(&*text);
-                }
-            }
-            unit.push(hset);
-        }
-        if !nulls.is_empty() {
-            let mut hdel = command(["HDEL", &key]);
-            for (column, _) in nulls {
-                hdel.arg(column);
-            }
-            unit.push(hdel);
+        for cmd in merge_commands(&self.key(id), columns) {
+            unit.push(cmd);
         }
         Ok(())
     }
@@ -83,4 +69,29 @@ impl RowLayout for HashRows {
     fn delete(&self, unit: &mut Unit, id: &str, _: &mut StoredRows) {
         unit.push(command(["UNLINK", &self.key(id)]));
     }
+}
+
+/// The commands that merge `columns` into the hash at `key`: an `HSET` of the non-NULL
+/// ones (rendered by `Value::render`) and an `HDEL` of the NULL ones (either left out
+/// when empty). With every column of a row, the hash becomes that row.
+pub(crate) fn merge_commands(key: &str, columns: &Row) -> Vec<Cmd> {
+    let mut commands = Vec::new();
+    let (nulls, set): (Vec<_>, Vec<_>) = columns.iter().partition(|(_, v)| v.is_null());
+    if !set.is_empty() {
+        let mut hset = command(["HSET", key]);
+        for (column, value) in set {
+            if let Some(text) = value.render() {
+                hset.arg(column).arg(&*text);
+            }
+        }
+        commands.push(hset);
+    }
+    if !nulls.is_empty() {
+        let mut hdel = command(["HDEL", key]);
+        for (column, _) in nulls {
+            hdel.arg(column);
+        }
+        commands.push(hdel);
+    }
+    commands
 }

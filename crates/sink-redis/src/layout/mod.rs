@@ -28,6 +28,7 @@ use crate::sink::KeyNames;
 use crate::template::KeyTemplate;
 use crate::unit::Unit;
 
+pub(crate) use hash::merge_commands;
 #[cfg(test)]
 pub(crate) use json::merge_json;
 
