@@ -132,7 +132,7 @@ pub struct MetricsSpec {
     /// How long a fault may last before `/readyz` reports it (a silent source, a failing
     /// sink): shorter retries leave a pipeline ready. The default covers Electric's
     /// slowest quiet-table heartbeat (an SSE stream's 60 s timeout, then a 20 s hold).
-    #[serde(default = "defaults::ready_grace_ms")]
+    #[serde(default = "defaults::ready_grace_ms", deserialize_with = "duration::ms")]
     pub ready_grace_ms: u64,
 }
 
@@ -145,8 +145,10 @@ pub struct LeaseSpec {
     /// The lease's time to live in milliseconds: a standby takes over this long after
     /// the owner dies (at once when it stops cleanly). The owner renews it three times
     /// per TTL.
+    #[serde(deserialize_with = "duration::ms")]
     pub ttl_ms: u64,
     /// How often a standby asks for a lease, in milliseconds.
+    #[serde(deserialize_with = "duration::ms")]
     pub poll_ms: u64,
     /// This instance's id in leases; default `<hostname>-<pid>-<random>`.
     pub instance: Option<String>,
@@ -197,8 +199,10 @@ impl LeaseSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct RetrySpec {
     /// First backoff ceiling in milliseconds.
+    #[serde(deserialize_with = "duration::ms")]
     pub initial_ms: u64,
     /// Largest backoff ceiling in milliseconds.
+    #[serde(deserialize_with = "duration::ms")]
     pub max_ms: u64,
 }
 
@@ -213,6 +217,83 @@ impl RetrySpec {
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let ms = self.initial_ms.saturating_mul(1u64 << attempt.min(32)).min(self.max_ms);
         Duration::from_millis(ms)
+    }
+}
+
+/// Duration keys: a whole number in the key's own unit (`ttl_ms: 5000`,
+/// `timeout_secs: 45`), or text with a unit — `250ms`, `5s`, `2m`, `1h` (`1m30s` too).
+/// Use with `#[serde(deserialize_with = …)]` on a `u64` field named for its unit.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Number(u64),
+        Text(String),
+    }
+
+    /// Parses `250ms`, `5s`, `2m`, `1h`, `1m30s` (or a bare number, in `unit`).
+    pub fn parse(text: &str, unit: Duration) -> Result<Duration, String> {
+        let text = text.trim();
+        if let Ok(n) = text.parse::<u64>() {
+            return unit
+                .checked_mul(u32::try_from(n).map_err(|_| "is too large".to_owned())?)
+                .ok_or_else(|| "is too large".to_owned());
+        }
+        let bad = || {
+            format!("expected a whole number or a duration such as `250ms`, `5s`, `2m`, `1h`, found `{text}`")
+        };
+        let (mut total, mut rest) = (Duration::ZERO, text);
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = &rest[digits..];
+            let (scale, len) = if rest.starts_with("ms") {
+                (Duration::from_millis(1), 2)
+            } else if rest.starts_with('s') {
+                (Duration::from_secs(1), 1)
+            } else if rest.starts_with('m') {
+                (Duration::from_secs(60), 1)
+            } else if rest.starts_with('h') {
+                (Duration::from_secs(3600), 1)
+            } else {
+                return Err(bad());
+            };
+            rest = &rest[len..];
+            let part = scale.checked_mul(u32::try_from(n).map_err(|_| bad())?).ok_or_else(bad)?;
+            total = total.checked_add(part).ok_or_else(bad)?;
+        }
+        Ok(total)
+    }
+
+    fn read<'de, D: Deserializer<'de>>(d: D, unit: Duration) -> Result<Duration, D::Error> {
+        match Given::deserialize(d)? {
+            Given::Number(n) => parse(&n.to_string(), unit),
+            Given::Text(text) => parse(&text, unit),
+        }
+        .map_err(de::Error::custom)
+    }
+
+    /// A key in milliseconds (`…_ms`).
+    pub fn ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let value = read(d, Duration::from_millis(1))?;
+        u64::try_from(value.as_millis()).map_err(|_| de::Error::custom("is too large"))
+    }
+
+    /// A key in whole seconds (`…_secs`): text with a unit must come to whole seconds.
+    pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let value = read(d, Duration::from_secs(1))?;
+        if value.subsec_nanos() != 0 {
+            return Err(de::Error::custom("expected whole seconds (this key counts seconds)"));
+        }
+        Ok(value.as_secs())
     }
 }
 
@@ -771,6 +852,35 @@ pipelines:
         // A generated id may not clash with a written one.
         let e = bad(&format!("{TEMPLATE}  tenant_projects.acme: {{source: {{}}, sink: {{}}}}\n"));
         assert!(e.key.contains("tenant_projects"), "{e}");
+    }
+
+    #[test]
+    fn durations_take_units() {
+        use std::time::Duration;
+        let ms = Duration::from_millis(1);
+        assert_eq!(duration::parse("250ms", ms).unwrap(), Duration::from_millis(250));
+        assert_eq!(duration::parse("5s", ms).unwrap(), Duration::from_secs(5));
+        assert_eq!(duration::parse("1m30s", ms).unwrap(), Duration::from_secs(90));
+        assert_eq!(duration::parse("2h", ms).unwrap(), Duration::from_secs(7200));
+        assert_eq!(
+            duration::parse("700", ms).unwrap(),
+            Duration::from_millis(700),
+            "a bare number is in the key's unit"
+        );
+        for bad in ["", "5 s", "5x", "s", "-1s", "1.5s", "ms"] {
+            assert!(duration::parse(bad, ms).is_err(), "{bad}");
+        }
+        let c = load(
+            "lease: {ttl_ms: 2s, poll_ms: 250ms}\nmetrics: {listen: '127.0.0.1:1', ready_grace_ms: 1m}\n",
+        )
+        .unwrap();
+        assert_eq!((c.lease.ttl_ms, c.lease.poll_ms), (2000, 250));
+        assert_eq!(c.metrics.unwrap().ready_grace_ms, 60_000);
+        let c = load("lease: {ttl_ms: 3000}\n").unwrap();
+        assert_eq!(c.lease.ttl_ms, 3000, "integers as before");
+        let e = load("lease: {ttl_ms: soon}\n").unwrap_err();
+        assert_eq!(e.key, "lease.ttl_ms", "{e}");
+        assert!(e.message.contains("`250ms`"), "{e}");
     }
 
     #[test]

@@ -219,6 +219,19 @@ max_response_bytes: 1048576
     const MINIMAL: &str = "url: http://h/v1/shape\ntable: t\n";
 
     #[test]
+    fn timeouts_take_units() {
+        let o = from_yaml("url: http://h/v1/shape\ntable: t\ntimeout_secs: 2m\nidle_timeout_secs: 90s\n")
+            .unwrap()
+            .to_options()
+            .unwrap();
+        assert_eq!(o.request_timeout, Duration::from_secs(120));
+        assert_eq!(o.idle_timeout, Duration::from_secs(90));
+        let e = from_yaml("url: http://h/v1/shape\ntable: t\ntimeout_secs: 1500ms\n").unwrap_err();
+        assert_eq!(e.key, "timeout_secs", "{e}");
+        assert!(e.message.contains("whole seconds"), "{e}");
+    }
+
+    #[test]
     fn max_response_bytes_defaults_to_64_mib() {
         let o = from_yaml(MINIMAL).unwrap().to_options().unwrap();
         assert_eq!(o.max_response_bytes, crate::defaults::MAX_RESPONSE_BYTES);

@@ -46,7 +46,10 @@ pub struct PostgresSinkConfig {
     #[serde(default)]
     pub table: Option<String>,
     /// How long to wait for a connection, in milliseconds, before the batch is retried.
-    #[serde(default = "defaults::connect_timeout_ms")]
+    #[serde(
+        default = "defaults::connect_timeout_ms",
+        deserialize_with = "shapesync_core::config::duration::ms"
+    )]
     pub connect_timeout_ms: u64,
 }
 

@@ -96,7 +96,7 @@ pub struct RedisSinkConfig {
     pub keys: Vec<String>,
     /// `mode: invalidate` / `refresh`: how long each invalidated key's tombstone lives,
     /// in ms; a fill whose ticket is older than this is refused (see [`crate::guard`]).
-    #[serde(default = "defaults::tombstone_ms")]
+    #[serde(default = "defaults::tombstone_ms", deserialize_with = "shapesync_core::config::duration::ms")]
     pub tombstone_ms: u64,
     /// Row layout; `hash` by default.
     #[serde(default)]
@@ -129,7 +129,7 @@ pub struct RedisSinkConfig {
     #[serde(default = "defaults::part_size")]
     pub part_size: usize,
     /// Response timeout of one Redis command, in milliseconds.
-    #[serde(default = "defaults::timeout_ms")]
+    #[serde(default = "defaults::timeout_ms", deserialize_with = "shapesync_core::config::duration::ms")]
     pub timeout_ms: u64,
     /// `url` is one node of a Redis Cluster: the sink discovers the others and follows
     /// slot moves. Needs `hash_tag: true`, so each unit's keys share one slot.
@@ -615,6 +615,15 @@ mod tests {
     fn hash_tag_rejects_braces_in_prefix() {
         let c = config(r#"{"url":"redis://h","prefix":"a{b}:","hash_tag":true}"#);
         assert_eq!(c.check(&ctx(false)).unwrap_err().key, "prefix");
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let c = config(r#"{"url":"redis://h","timeout_ms":"2s","tombstone_ms":"1m"}"#);
+        assert_eq!((c.timeout_ms, c.tombstone_ms), (2000, 60_000));
+        assert!(
+            serde_json::from_str::<RedisSinkConfig>(r#"{"url":"redis://h","timeout_ms":"soon"}"#).is_err()
+        );
     }
 
     #[test]

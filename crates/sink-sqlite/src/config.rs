@@ -34,7 +34,10 @@ pub struct SqliteSinkConfig {
     pub table: Option<String>,
     /// How long a write waits for a lock another connection holds, in milliseconds,
     /// before the batch is retried.
-    #[serde(default = "defaults::busy_timeout_ms")]
+    #[serde(
+        default = "defaults::busy_timeout_ms",
+        deserialize_with = "shapesync_core::config::duration::ms"
+    )]
     pub busy_timeout_ms: u64,
 }
 

@@ -207,11 +207,16 @@ impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
     }
 }
 
-/// A whole number of seconds, at least 1; absent (or null): `default`.
+/// A whole number of seconds (or a duration with a unit that comes to whole seconds,
+/// `2m`: [`shapesync_core::config::duration`]), at least 1; absent (or null): `default`.
 fn positive_secs<'de, D: Deserializer<'de>>(d: D, default: Duration) -> Result<Duration, D::Error> {
-    match Option::<u64>::deserialize(d)? {
-        Some(0) => Err(de::Error::custom(format!("must be at least 1 (default {})", default.as_secs()))),
-        Some(secs) => Ok(Duration::from_secs(secs)),
+    #[derive(Deserialize)]
+    struct Secs(#[serde(deserialize_with = "shapesync_core::config::duration::secs")] u64);
+    match Option::<Secs>::deserialize(d)? {
+        Some(Secs(0)) => {
+            Err(de::Error::custom(format!("must be at least 1 (default {})", default.as_secs())))
+        }
+        Some(Secs(secs)) => Ok(Duration::from_secs(secs)),
         None => Ok(default),
     }
 }
