@@ -131,6 +131,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script, e.g. `shapesync completions bash > /etc/bash_completion.d/shapesync`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `shapesync man > /usr/local/share/man/man1/shapesync.1`.
+    Man,
     /// Serve a synthetic shape over the Electric protocol (for trying pipelines and benchmarks without Postgres).
     TestkitServer(shapesync_shape_server::cli::SyntheticServerArgs),
 }
@@ -379,6 +386,18 @@ async fn dispatch(command: Command, registry: Registry) -> anyhow::Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { files, url, json } => status::print(&files, url, json).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "shapesync", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("cannot write the man page")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Checkpoints { files, json } => {
             let (config, _) = match load(&files, &registry) {
                 Ok(x) => x,

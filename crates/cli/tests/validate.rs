@@ -327,3 +327,23 @@ fn an_invalid_log_filter_and_an_unknown_pipeline_to_reset_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no pipeline `nope`") && stderr.contains("known: projects"), "{stderr}");
 }
+
+#[test]
+fn shell_completions_and_the_man_page_cover_every_verb() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = shapesync(&["completions", shell], &[]);
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for verb in ["run", "validate", "checkpoints", "status", "reset"] {
+            assert!(script.contains(verb), "{shell} completes `{verb}`");
+        }
+    }
+    let out = shapesync(&["man"], &[]);
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && page.contains(".TH shapesync 1") && page.contains("status"), "{page}");
+    assert_eq!(
+        shapesync(&["completions", "tcsh"], &[]).status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
