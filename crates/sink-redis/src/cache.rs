@@ -18,9 +18,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shapesync_core::{Change, Operation, ResyncReason, Row, Schema, SinkError};
+use shapesync_core::{Change, ConfigError, Operation, ResyncReason, Row, Schema, SinkError};
 
-use crate::config::{Layout, Mode};
+use crate::config::{Layout, Mode, RedisSinkConfig};
 use crate::guard::{NAMESPACE, flush_key, tombstone_key};
 use crate::template::{KeyError, KeyTemplate};
 use crate::unit::{Unit, command};
@@ -49,42 +49,31 @@ pub(crate) struct CacheKeeper {
     full_rows: bool,
 }
 
-/// What one unit did, for the metrics.
-#[derive(Default, Debug)]
-pub(crate) struct Counts {
-    /// Keys removed.
-    pub(crate) invalidated: u64,
-}
-
 impl CacheKeeper {
-    /// A keeper for `mode` (not `mirror`), writing under `base`.
-    #[allow(clippy::too_many_arguments)] // the settings of one mode, each used once
+    /// The keeper `config` describes (its mode is not `mirror`), writing under `base`,
+    /// for a shape whose updates carry whole rows when `full_rows`.
     pub(crate) fn new(
-        mode: Mode,
-        layout: Layout,
-        keys: &[String],
-        templates: Vec<KeyTemplate>,
+        config: &RedisSinkConfig,
         base: &str,
         internal: String,
-        tombstone_ms: u64,
-        notify: Option<String>,
         full_rows: bool,
-    ) -> Self {
-        let invalidated = keys
+    ) -> Result<Self, ConfigError> {
+        let invalidated = config
+            .keys
             .iter()
-            .zip(templates)
+            .zip(config.cache_templates()?)
             .map(|(text, template)| Named { text: text.clone(), template })
             .collect();
-        CacheKeeper {
-            mode,
-            layout,
+        Ok(CacheKeeper {
+            mode: config.mode,
+            layout: config.layout,
             invalidated,
             base: base.to_owned(),
             internal,
-            tombstone_ms,
-            notify,
+            tombstone_ms: config.tombstone_ms,
+            notify: config.notify.clone(),
             full_rows,
-        }
+        })
     }
 
     /// Whether the row's own key is rewritten in place (`mode: refresh`).
@@ -120,22 +109,22 @@ impl CacheKeeper {
     /// The unit for a transaction's `changes`: every key they name removed (or, the
     /// row's own key under `refresh`, rewritten if it exists), each with a tombstone
     /// stamped with Redis' clock as the unit runs. `own` is the row's own key template
-    /// under `refresh`.
+    /// under `refresh`. Also says how many keys it removes.
     pub(crate) fn unit(
         &self,
         changes: &[Change],
         own: Option<&KeyTemplate>,
-    ) -> Result<(Unit, Counts), SinkError> {
+    ) -> Result<(Unit, u64), SinkError> {
         let mut unit = Unit::default();
         // Key → the last operation that touched it (for notices), in key order.
         let mut touched: BTreeMap<String, Operation> = BTreeMap::new();
         // Keys of `keys` templates: removed once, after the row keys' commands.
         let mut removed: BTreeSet<String> = BTreeSet::new();
-        let mut counts = Counts::default();
+        let mut removed_own = 0;
         for change in changes {
             let (row, old) = rows_of(change);
             if let Some(own) = own {
-                self.refresh(&mut unit, own, change, &row, old.as_ref(), &mut touched, &mut counts)?;
+                removed_own += self.refresh(&mut unit, own, change, &row, old.as_ref(), &mut touched)?;
             }
             for named in &self.invalidated {
                 for r in std::iter::once(&row).chain(old.as_ref()) {
@@ -146,7 +135,7 @@ impl CacheKeeper {
                 }
             }
         }
-        counts.invalidated += removed.len() as u64;
+        let count = removed_own + removed.len() as u64;
         unlink(&mut unit, &removed.into_iter().collect::<Vec<_>>());
         unit.push_stamps(touched.keys().map(|key| tombstone_key(key)).collect(), self.tombstone_ms);
         if let Some(channel) = &self.notify {
@@ -155,14 +144,14 @@ impl CacheKeeper {
                 unit.push(command(["PUBLISH", channel, &notice.to_string()]));
             }
         }
-        Ok((unit, counts))
+        Ok((unit, count))
     }
 
     /// Adds the commands for the row's own key under `refresh`: removed when the row
     /// is deleted or moves away from it (a key column changed), rewritten in place if
     /// it exists when the change carries the whole row, removed when it carries only
-    /// some columns of a JSON row (which cannot be merged without reading it).
-    #[allow(clippy::too_many_arguments)] // one change's inputs and the unit's accounts
+    /// some columns of a JSON row (which cannot be merged without reading it). Says how
+    /// many keys it removes.
     fn refresh(
         &self,
         unit: &mut Unit,
@@ -171,23 +160,23 @@ impl CacheKeeper {
         row: &Row,
         old: Option<&Row>,
         touched: &mut BTreeMap<String, Operation>,
-        counts: &mut Counts,
-    ) -> Result<(), SinkError> {
+    ) -> Result<u64, SinkError> {
+        let mut removed = 0;
         let key = self.render(own, row, change)?;
         if let Some(old) = old
             && let Some(old_key) = self.render(own, old, change)?
             && Some(&old_key) != key.as_ref()
         {
             unit.push(command(["UNLINK", &old_key]));
-            counts.invalidated += 1;
+            removed += 1;
             touched.insert(old_key, Operation::Delete);
         }
-        let Some(key) = key else { return Ok(()) };
+        let Some(key) = key else { return Ok(removed) };
         let whole = change.op == Operation::Insert || self.full_rows;
         match (change.op, self.layout, whole) {
             (Operation::Delete, ..) | (_, Layout::Json | Layout::Table, false) => {
                 unit.push(command(["UNLINK", &key]));
-                counts.invalidated += 1;
+                removed += 1;
             }
             (_, Layout::Json | Layout::Table, true) => {
                 let json = serde_json::to_string(row).expect("rows always serialize");
@@ -202,7 +191,7 @@ impl CacheKeeper {
             }
         }
         touched.insert(key, change.op);
-        Ok(())
+        Ok(removed)
     }
 
     /// The key `template` names for `row` (under `prefix`); `None` when a column of it is
@@ -308,19 +297,10 @@ mod tests {
     use super::*;
 
     fn keeper(mode: Mode, keys: &[&str], full_rows: bool) -> CacheKeeper {
-        let texts: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        let templates = texts.iter().map(|t| KeyTemplate::parse(t).unwrap()).collect();
-        CacheKeeper::new(
-            mode,
-            Layout::Hash,
-            &texts,
-            templates,
-            "",
-            "shapesync:p:".into(),
-            5000,
-            None,
-            full_rows,
-        )
+        let mut config = RedisSinkConfig::new("redis://h");
+        config.mode = mode;
+        config.keys = keys.iter().map(|k| (*k).to_owned()).collect();
+        CacheKeeper::new(&config, "", "shapesync:p:".into(), full_rows).unwrap()
     }
 
     fn row(pairs: &[(&str, Value)]) -> Row {
@@ -333,16 +313,16 @@ mod tests {
         let mut change =
             Change::update("\"p\"/\"7\"", row(&[("id", Value::Int(7)), ("org_id", Value::Int(2))]));
         change.old_value = Some(row(&[("org_id", Value::Int(1))]));
-        let (_, counts) = k.unit(&[change], None).unwrap();
-        assert_eq!(counts.invalidated, 3, "project:7, org:2:projects and org:1:projects");
+        let (_, removed) = k.unit(&[change], None).unwrap();
+        assert_eq!(removed, 3, "project:7, org:2:projects and org:1:projects");
     }
 
     #[test]
     fn a_null_column_names_no_key() {
         let k = keeper(Mode::Invalidate, &["project:{id}", "org:{org_id}:projects"], true);
         let change = Change::insert("k", row(&[("id", Value::Int(7)), ("org_id", Value::Null)]));
-        let (_, counts) = k.unit(&[change], None).unwrap();
-        assert_eq!(counts.invalidated, 1);
+        let (_, removed) = k.unit(&[change], None).unwrap();
+        assert_eq!(removed, 1);
     }
 
     #[test]

@@ -123,17 +123,10 @@ impl RedisSink {
     ) -> Result<Self, SinkError> {
         let keys = KeyNames::new(&config.prefix, config.hash_tag, &ctx.pipeline, &ctx.shape.table);
         let cache = match config.mode.keeps_a_cache() {
-            true => Some(CacheKeeper::new(
-                config.mode,
-                config.layout,
-                &config.keys,
-                config.cache_templates().map_err(rejected)?,
-                &keys.base,
-                format!("{}{}", keys.base, internal_prefix(&ctx.pipeline)),
-                config.tombstone_ms,
-                config.notify.clone(),
-                ctx.shape.full_rows,
-            )),
+            true => {
+                let internal = format!("{}{}", keys.base, internal_prefix(&ctx.pipeline));
+                Some(CacheKeeper::new(&config, &keys.base, internal, ctx.shape.full_rows).map_err(rejected)?)
+            }
             false => None,
         };
         Ok(RedisSink {
@@ -323,13 +316,13 @@ impl RedisSink {
             false => None,
         };
         let changes: &[Change] = if batch.is_snapshot() { &[] } else { &batch.changes };
-        let (unit, counts) = cache.unit(changes, own.as_ref())?;
+        let (unit, removed) = cache.unit(changes, own.as_ref())?;
         let with_checkpoint = (!batch.sweep).then_some(checkpoint);
         let (outcome, refreshed) = self.run_counted(&mut conn, unit, "", with_checkpoint, fence).await?;
         if outcome == UnitOutcome::AlreadyCommitted {
             return Ok(());
         }
-        self.count_cache(counts.invalidated, refreshed);
+        self.count_cache(removed, refreshed);
         if batch.sweep {
             let reason = batch.resync_reason;
             self.invalidate_all(cache, own.as_ref(), Some(checkpoint), fence, reason).await?;
