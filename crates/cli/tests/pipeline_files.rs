@@ -31,13 +31,15 @@ fn keys(con: &mut redis::Connection, prefix: &str) -> Vec<String> {
 
 /// The `projects` table the shipped pipeline files read (`where: archived = false`):
 /// projects 1 and 3 are open, project 1 has no owner.
+/// A testkit server whose live requests answer within 200 ms.
+async fn fast_server() -> TestServer {
+    TestServer::start(ServerOptions { long_poll_timeout: Duration::from_millis(200), ..Default::default() })
+        .await
+        .unwrap()
+}
+
 async fn projects_server() -> (TestServer, TableHandle) {
-    let server = TestServer::start(ServerOptions {
-        long_poll_timeout: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let server = fast_server().await;
     let projects = server.create_table(
         TableDef::new("projects")
             .column(Column::new("id", "int8").primary_key().not_null())
@@ -377,12 +379,7 @@ async fn validate_connect_catches_what_the_first_batch_would_refuse() {
 /// `where` with the tenant as a parameter) into a prefix of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_syncs_each_tenant_into_its_own_prefix() {
-    let server = TestServer::start(ServerOptions {
-        long_poll_timeout: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let server = fast_server().await;
     let projects = server.create_table(
         TableDef::new("tenant_projects")
             .column(Column::new("id", "int8").primary_key().not_null())

@@ -3,9 +3,6 @@
 //! and the full invalidation when continuity with the shape is lost. Each test owns a
 //! unique key prefix.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use shapesync_core::{
@@ -15,13 +12,8 @@ use shapesync_core::{
 use shapesync_sink_redis::guard::{self, FillOptions, FillValue};
 use shapesync_sink_redis::{Layout, Mode, RedisSink, RedisSinkConfig};
 
-const URL: &str = "redis://127.0.0.1:6379";
-
-fn unique(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("sstest-{name}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
+mod common;
+use common::{URL, unique};
 
 fn schema() -> Schema {
     serde_json::from_str(

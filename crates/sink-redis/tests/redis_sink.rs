@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -16,13 +16,8 @@ use shapesync_core::{
 };
 use shapesync_sink_redis::{Layout, RedisSink, RedisSinkConfig};
 
-const URL: &str = "redis://127.0.0.1:6379";
-
-fn unique(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("sstest-{name}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
+mod common;
+use common::{URL, unique};
 
 fn schema() -> Schema {
     serde_json::from_str(
