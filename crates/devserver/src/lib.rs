@@ -50,6 +50,11 @@ use crate::decode::{Columns, Line, RowChange};
 
 pub use decode::DecodeError;
 
+/// The most changes a served shape keeps in memory by default: past it, the shape is
+/// rotated (a new handle over the current rows; clients refetch), so a long-running
+/// devserver holds its tables' rows and a bounded log.
+pub const DEFAULT_MAX_LOG_ENTRIES: usize = 100_000;
+
 /// Settings of a [`DevServer`].
 #[derive(Clone, Debug)]
 pub struct DevServerOptions {
@@ -73,7 +78,10 @@ impl DevServerOptions {
             tables,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             poll_interval: Duration::from_millis(20),
-            server: ServerOptions::default(),
+            server: ServerOptions {
+                max_log_entries: Some(DEFAULT_MAX_LOG_ENTRIES),
+                ..ServerOptions::default()
+            },
         }
     }
 }

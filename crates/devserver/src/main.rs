@@ -23,6 +23,10 @@ struct Args {
     /// How often to read new changes, in milliseconds.
     #[arg(long, default_value_t = 20)]
     poll_ms: u64,
+    /// The most changes a shape keeps in memory; past it the shape gets a new handle over
+    /// the current rows, and its clients refetch.
+    #[arg(long, default_value_t = shapesync_devserver::DEFAULT_MAX_LOG_ENTRIES)]
+    max_log_entries: usize,
 }
 
 #[tokio::main]
@@ -32,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let mut options = DevServerOptions::new(args.database_url, args.tables);
     options.listen = args.listen;
     options.poll_interval = Duration::from_millis(args.poll_ms);
+    options.server.max_log_entries = Some(args.max_log_entries.max(1));
     let mut server = DevServer::start(options).await?;
     println!("serving the Electric shape protocol at {}", server.url());
     tokio::select! {

@@ -44,6 +44,10 @@ pub struct ServerOptions {
     pub sse_timeout: Duration,
     /// SSE: a `: keep-alive` comment is sent after this much silence (Electric: 21 s).
     pub sse_keepalive: Duration,
+    /// The most log entries a shape keeps before it is rotated to a new handle whose
+    /// snapshot holds the current rows (its clients refetch); `None`: no bound. The
+    /// devserver sets one, so a long-running one does not grow without bound.
+    pub max_log_entries: Option<usize>,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +59,7 @@ impl Default for ServerOptions {
             secret: None,
             sse_timeout: Duration::from_secs(60),
             sse_keepalive: Duration::from_secs(21),
+            max_log_entries: None,
         }
     }
 }
@@ -173,7 +178,7 @@ impl ShapeServer {
             .map_err(|source| ShapeServerError::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| ShapeServerError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new()),
+            state: Mutex::new(State::new().with_max_log_entries(options.max_log_entries)),
             changed: watch::channel(0).0,
             faults: Mutex::default(),
             requests: Mutex::default(),

@@ -28,11 +28,19 @@ pub(crate) struct State {
     pub last_lsn: u64,
     pub next_txid: u64,
     last_generation_id: u64,
+    /// The most log entries a shape keeps (see `ServerOptions::max_log_entries`).
+    pub max_log_entries: Option<usize>,
 }
 
 impl State {
     pub fn new() -> Self {
-        State { tables: HashMap::new(), last_lsn: 24_008_176, next_txid: 751, last_generation_id: 0 }
+        State {
+            tables: HashMap::new(),
+            last_lsn: 24_008_176,
+            next_txid: 751,
+            last_generation_id: 0,
+            max_log_entries: None,
+        }
     }
 
     /// A fresh generation id: unix µs, strictly increasing, so handles are never reused.
@@ -43,6 +51,24 @@ impl State {
     }
 
     /// Starts a new generation of `table` whose snapshot is its current rows.
+    /// Bounds every shape's log (see [`State::bound_log`]).
+    pub fn with_max_log_entries(mut self, max: Option<usize>) -> Self {
+        self.max_log_entries = max;
+        self
+    }
+
+    /// A shape whose log has grown past `max_log_entries` is rotated: a new handle whose
+    /// snapshot is the current rows, so memory holds the rows and a bounded log (clients
+    /// on the old handle get a 409 and refetch, as when Electric rotates a shape).
+    fn bound_log(&mut self, key: &TableKey) {
+        let Some(max) = self.max_log_entries else { return };
+        let long =
+            self.tables.get(key).and_then(|t| t.generation.as_ref()).is_some_and(|g| g.log.len() > max);
+        if long {
+            self.new_generation(key);
+        }
+    }
+
     pub fn new_generation(&mut self, key: &TableKey) {
         let id = self.next_generation_id();
         let xmin = self.next_txid;
@@ -169,6 +195,7 @@ impl State {
         if let Some(generation) = &mut table.generation {
             generation.log.extend(entries);
         }
+        self.bound_log(key);
         last
     }
 
@@ -257,6 +284,7 @@ impl State {
         if let Some(generation) = &mut table.generation {
             generation.log.extend(entries);
         }
+        self.bound_log(key);
         last
     }
 }

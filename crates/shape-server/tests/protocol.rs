@@ -678,3 +678,30 @@ async fn a_server_out_of_service_answers_503_until_restored() {
     server.availability().restore();
     assert_eq!(get(&server, &[("table", "items"), ("offset", "-1")]).await.status, 200);
 }
+
+/// With `max_log_entries`, a shape whose log grows past it is rotated: a new handle whose
+/// snapshot holds every current row, and a 409 for clients of the old one — memory holds
+/// the rows and a bounded log.
+#[tokio::test]
+async fn a_bounded_log_rotates_the_shape_and_clients_refetch() {
+    let (server, items) = items_server(ServerOptions { max_log_entries: Some(5), ..fast_options() }, 2).await;
+    let head = sync_to_head(&server, &[]).await.pop().unwrap();
+    let (old_handle, offset) = (head.handle().to_owned(), head.offset().to_owned());
+    for i in 3..=8 {
+        items.insert(json!({"id": i.to_string(), "title": format!("title {i}"), "n": "1"}));
+    }
+    let r = get(&server, &[("table", "items"), ("offset", &offset), ("handle", &old_handle)]).await;
+    assert_eq!(r.status, 409, "the old handle is gone");
+    let rows: usize = sync_to_head(&server, &[]).await.iter().map(|r| r.changes().len()).sum();
+    let new_head = sync_to_head(&server, &[]).await.pop().unwrap();
+    assert_ne!(new_head.handle(), old_handle);
+    assert_eq!(rows, 8, "the new shape's snapshot holds every row");
+    // Unbounded (the default), the same writes keep the handle.
+    let (server, items) = items_server(fast_options(), 2).await;
+    let head = sync_to_head(&server, &[]).await.pop().unwrap();
+    for i in 3..=8 {
+        items.insert(json!({"id": i.to_string(), "title": format!("title {i}"), "n": "1"}));
+    }
+    let r = get(&server, &[("table", "items"), ("offset", head.offset()), ("handle", head.handle())]).await;
+    assert_eq!(r.status, 200);
+}
