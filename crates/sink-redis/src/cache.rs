@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use shapesync_core::{Change, ConfigError, Operation, ResyncReason, Row, Schema, SinkError};
 
 use crate::config::{Layout, Mode, RedisSinkConfig};
-use crate::guard::{NAMESPACE, flush_key, tombstone_key};
+use crate::guard::{flush_key, tombstone_key};
 use crate::template::{KeyError, KeyTemplate};
 use crate::unit::{Unit, command};
 
@@ -42,22 +42,15 @@ pub(crate) struct CacheKeeper {
     invalidated: Vec<Named>,
     /// `prefix`: the start of every key.
     base: String,
-    /// What every key the sink keeps for itself starts with (never removed by a scan).
-    internal: String,
     tombstone_ms: u64,
     notify: Option<String>,
     full_rows: bool,
 }
 
 impl CacheKeeper {
-    /// The keeper `config` describes (its mode is not `mirror`), writing under `base`,
-    /// for a shape whose updates carry whole rows when `full_rows`.
-    pub(crate) fn new(
-        config: &RedisSinkConfig,
-        base: &str,
-        internal: String,
-        full_rows: bool,
-    ) -> Result<Self, ConfigError> {
+    /// The keeper `config` describes (its mode is not `mirror`, so there is no hash tag
+    /// and every key starts with `prefix`), for a shape whose updates carry whole rows when `full_rows`.
+    pub(crate) fn new(config: &RedisSinkConfig, full_rows: bool) -> Result<Self, ConfigError> {
         let invalidated = config
             .keys
             .iter()
@@ -68,8 +61,7 @@ impl CacheKeeper {
             mode: config.mode,
             layout: config.layout,
             invalidated,
-            base: base.to_owned(),
-            internal,
+            base: config.prefix.clone(),
             tombstone_ms: config.tombstone_ms,
             notify: config.notify.clone(),
             full_rows,
@@ -96,10 +88,7 @@ impl CacheKeeper {
                     )));
                 }
                 if !self.full_rows && !pk.contains(&c) {
-                    return Err(SinkError::rejected(format!(
-                        "key template `{}` uses `{c}`, which is not a primary-key column (the primary key is {pk:?}); an update carries only the primary key and the changed columns, and a delete only the key, so the old and new keys cannot be rendered: set `replica: full` on the source, or name keys by primary-key columns only",
-                        named.text
-                    )));
+                    return Err(SinkError::rejected(needs_full_rows(&named.text, c)));
                 }
             }
         }
@@ -250,22 +239,22 @@ impl CacheKeeper {
         unit
     }
 
-    /// One step of a full invalidation: removes the keys a `SCAN` page found, but for
-    /// the sink's own (checkpoint, lease, tombstones), which a pattern starting with a
-    /// column could match.
-    pub(crate) fn scan_step(&self, page: &[String]) -> (Unit, u64) {
-        let keys: Vec<String> = page
-            .iter()
-            .filter(|k| {
-                let own = k.strip_prefix(&self.base).is_some_and(|rest| rest.starts_with(NAMESPACE));
-                !own && !k.starts_with(NAMESPACE) && !k.starts_with(&self.internal)
-            })
-            .cloned()
-            .collect();
+    /// One step of a full invalidation: removes the keys a `SCAN` page found. (No
+    /// pattern can match the sink's own keys or the guard's: `check` refuses templates
+    /// that could render them.)
+    pub(crate) fn scan_step(&self, page: &[String]) -> Unit {
         let mut unit = Unit::default();
-        unlink(&mut unit, &keys);
-        (unit, keys.len() as u64)
+        unlink(&mut unit, page);
+        unit
     }
+}
+
+/// Why template `template` cannot render keys without `replica: full`: it uses `column`,
+/// outside the primary key (said by `validate` and by the first batch alike).
+pub(crate) fn needs_full_rows(template: &str, column: &str) -> String {
+    format!(
+        "key template `{template}` uses `{column}`, which is not a primary-key column; an update carries only the primary key and the changed columns, and a delete only the key, so its old and new keys cannot be rendered: set `replica: full` on the source, or name keys by primary-key columns only"
+    )
 }
 
 /// The row a change names keys by, and for an update under `replica: full` the row as
@@ -300,7 +289,7 @@ mod tests {
         let mut config = RedisSinkConfig::new("redis://h");
         config.mode = mode;
         config.keys = keys.iter().map(|k| (*k).to_owned()).collect();
-        CacheKeeper::new(&config, "", "shapesync:p:".into(), full_rows).unwrap()
+        CacheKeeper::new(&config, full_rows).unwrap()
     }
 
     fn row(pairs: &[(&str, Value)]) -> Row {

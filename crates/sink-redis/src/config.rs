@@ -362,10 +362,10 @@ impl RedisSinkConfig {
             ));
         }
         let (rows, internal) = self.key_spaces(ctx);
-        let names = KeyNames::new(&self.prefix, false, &ctx.pipeline, &ctx.shape.table);
+        // No hash tag in these modes (refused above): every key starts with `prefix`.
         let guards = [
             Space::Prefix(crate::guard::NAMESPACE.to_owned()),
-            Space::Prefix(format!("{}{}", names.base, crate::guard::NAMESPACE)),
+            Space::Prefix(format!("{}{}", self.prefix, crate::guard::NAMESPACE)),
         ];
         if self.mode == Mode::Refresh && guards.iter().any(|g| rows.overlaps(g)) {
             return Err(ConfigError::new(
@@ -378,7 +378,7 @@ impl RedisSinkConfig {
         }
         for (i, template) in self.cache_templates()?.iter().enumerate() {
             let key = format!("keys.{i}");
-            let space = Space::Prefix(format!("{}{}", names.base, template.literal_prefix()));
+            let space = Space::Prefix(format!("{}{}", self.prefix, template.literal_prefix()));
             if space.overlaps(&internal) || guards.iter().any(|g| space.overlaps(g)) {
                 return Err(ConfigError::new(
                     key,
@@ -396,13 +396,7 @@ impl RedisSinkConfig {
             if let (false, Some(pk)) = (ctx.shape.full_rows, &self.primary_key)
                 && let Some(c) = template.columns().find(|c| !pk.iter().any(|k| k == c))
             {
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "template `{}` uses `{c}`, which is not a primary-key column; an update carries only the primary key and the changed columns, and a delete only the key, so the old and new keys could not be rendered: set `replica: full` on the source, or name keys by primary-key columns only",
-                        self.keys[i]
-                    ),
-                ));
+                return Err(ConfigError::new(key, crate::cache::needs_full_rows(&self.keys[i], c)));
             }
         }
         Ok(())
@@ -472,11 +466,10 @@ impl SinkConfig for RedisSinkConfig {
         if self.mode != Mode::Invalidate {
             claims.push(Claim { store: store.clone(), space: rows, key: key.into(), shared: false });
         }
-        let base = KeyNames::new(&self.prefix, false, &ctx.pipeline, &ctx.shape.table).base;
         for (i, template) in self.cache_templates().unwrap_or_default().iter().enumerate() {
             claims.push(Claim {
                 store: store.clone(),
-                space: Space::Prefix(format!("{base}{}", template.literal_prefix())),
+                space: Space::Prefix(format!("{}{}", self.prefix, template.literal_prefix())),
                 key: format!("keys.{i}"),
                 shared: true,
             });

@@ -15,12 +15,12 @@ use shapesync_core::{Acquisition, Fence, LeaseInfo, SinkError};
 /// One unit of writes, fenced. KEYS[1] is the lease hash. ARGV: owner (empty: no
 /// fence), epoch, seq, TTL in ms, `1` when the unit stores the checkpoint (it then
 /// counts a commit: `seq + 1`, after every command succeeded), the generation its rows
-/// carry (empty: none), the lifetime in ms of the unit's stamps (empty: none), then per
-/// command its argument count and its arguments. An argument count of 0 is a guard
-/// instead: a key and a number `m`, and the next `m` commands run only if the key exists
-/// (a cached key refreshed in place). A negative count `-m` stamps the `m` keys after it:
-/// each is set to Redis' clock in µs when the script runs, living the stamps' lifetime
-/// (tombstones, taken inside the unit so that they are never older than it).
+/// carry (empty: none), then per command its argument count and its arguments. An
+/// argument count of 0 is a guard instead: a key and a number `m`, and the next `m`
+/// commands run only if the key exists (a cached key refreshed in place). A negative
+/// count `-m` is a stamp: a lifetime in ms, then `m` keys, each set to Redis' clock in µs
+/// when the script runs, living that long (tombstones, taken inside the unit so that
+/// they are never older than it).
 ///
 /// Answers `{'ok', guards that passed}`; `{'done'}` when the store already holds `seq + 1` under this lease
 /// (the batch was committed by an attempt whose answer was lost: nothing is written);
@@ -46,7 +46,7 @@ if ARGV[1] ~= '' then
     redis.call('HSET', KEYS[1], 'gen', ARGV[6])
   end
 end
-local i, n, skip, passed, stamp = 8, #ARGV, 0, 0, nil
+local i, n, skip, passed, stamp = 7, #ARGV, 0, 0, nil
 while i <= n do
   local argc = tonumber(ARGV[i])
   if argc == 0 then
@@ -57,8 +57,8 @@ while i <= n do
       local t = redis.call('TIME')
       stamp = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
     end
-    for k = i + 1, i - argc do redis.call('SET', ARGV[k], stamp, 'PX', ARGV[7]) end
-    i = i + 1 - argc
+    for k = i + 2, i + 1 - argc do redis.call('SET', ARGV[k], stamp, 'PX', ARGV[i + 1]) end
+    i = i + 2 - argc
   else
     if skip > 0 then skip = skip - 1 else redis.call(unpack(ARGV, i + 1, i + argc)) end
     i = i + 1 + argc

@@ -123,10 +123,7 @@ impl RedisSink {
     ) -> Result<Self, SinkError> {
         let keys = KeyNames::new(&config.prefix, config.hash_tag, &ctx.pipeline, &ctx.shape.table);
         let cache = match config.mode.keeps_a_cache() {
-            true => {
-                let internal = format!("{}{}", keys.base, internal_prefix(&ctx.pipeline));
-                Some(CacheKeeper::new(&config, &keys.base, internal, ctx.shape.full_rows).map_err(rejected)?)
-            }
+            true => Some(CacheKeeper::new(&config, ctx.shape.full_rows).map_err(rejected)?),
             false => None,
         };
         Ok(RedisSink {
@@ -361,13 +358,13 @@ impl RedisSink {
                     .query_async(&mut conn)
                     .await
                     .map_err(classify)?;
-                let (unit, keys) = cache.scan_step(&page);
-                if !unit.is_empty()
-                    && self.run(&mut conn, unit, "", None, fence).await? == UnitOutcome::AlreadyCommitted
+                if !page.is_empty()
+                    && self.run(&mut conn, cache.scan_step(&page), "", None, fence).await?
+                        == UnitOutcome::AlreadyCommitted
                 {
                     return Ok(());
                 }
-                removed += keys;
+                removed += page.len() as u64;
                 if next == "0" {
                     break;
                 }
@@ -563,11 +560,13 @@ fn evicting_policy(info: &Value) -> Option<String> {
 impl Sink for RedisSink {
     /// The key template can key rows of `schema` (its columns, `replica`, NOT NULL).
     async fn check_rows(&self, schema: &Schema) -> Result<(), SinkError> {
-        match &self.cache {
-            Some(cache) if !cache.refreshes() => cache.check_schema(schema),
-            Some(cache) => cache.check_schema(schema).and_then(|()| self.key_template(schema).map(drop)),
-            None => self.key_template(schema).map(drop),
+        if let Some(cache) = &self.cache {
+            cache.check_schema(schema)?;
+            if !cache.refreshes() {
+                return Ok(()); // no row key of its own
+            }
         }
+        self.key_template(schema).map(drop)
     }
 
     async fn checkpoint(&self) -> Result<Option<Checkpoint>, SinkError> {

@@ -36,8 +36,6 @@ pub(crate) fn command<const N: usize>(parts: [&str; N]) -> Cmd {
 pub(crate) struct Unit {
     commands: Vec<Step>,
     members: BTreeMap<String, bool>,
-    /// How long the unit's stamps live, in ms (see [`Unit::push_stamps`]).
-    stamp_ms: Option<u64>,
 }
 
 /// One step of a unit's script.
@@ -47,9 +45,9 @@ enum Step {
     /// The next `commands` steps run only if `key` exists when the script reaches them
     /// (a cached key refreshed in place; encoded as an argument count of 0).
     IfExists { key: String, commands: usize },
-    /// Sets each key to Redis' clock (µs) when the script runs (encoded as a negative
-    /// argument count).
-    Stamp(Vec<String>),
+    /// Sets each key to Redis' clock (µs) when the script runs, living `ms` (encoded as
+    /// a negative argument count).
+    Stamp { keys: Vec<String>, ms: u64 },
 }
 
 impl Unit {
@@ -74,13 +72,7 @@ impl Unit {
         if keys.is_empty() {
             return;
         }
-        self.stamp_ms = Some(ms);
-        self.commands.push(Step::Stamp(keys));
-    }
-
-    /// Whether the unit has no command and no membership change.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.commands.is_empty() && self.members.is_empty()
+        self.commands.push(Step::Stamp { keys, ms });
     }
 
     fn set_member(&mut self, id: &str, current: bool) {
@@ -99,7 +91,6 @@ impl Unit {
         checkpoint: Option<&str>,
         fence: Option<&Fence>,
     ) -> Option<ScriptInvocation<'s>> {
-        let stamp_ms = self.stamp_ms.map(|ms| ms.to_string()).unwrap_or_default();
         let ordered = self.into_commands(keys, generation, checkpoint);
         if ordered.is_empty() && fence.is_none() {
             return None;
@@ -109,7 +100,7 @@ impl Unit {
             Some(f) => invocation.arg(&f.owner).arg(f.epoch).arg(f.seq).arg(f.ttl_ms),
             None => invocation.arg("").arg(0).arg(0).arg(0),
         };
-        invocation.arg(if checkpoint.is_some() { "1" } else { "0" }).arg(generation).arg(stamp_ms);
+        invocation.arg(if checkpoint.is_some() { "1" } else { "0" }).arg(generation);
         for step in &ordered {
             match step {
                 Step::Command(cmd) => {
@@ -123,8 +114,8 @@ impl Unit {
                 Step::IfExists { key, commands } => {
                     invocation.arg(0).arg(key).arg(*commands);
                 }
-                Step::Stamp(keys) => {
-                    invocation.arg(-(keys.len() as i64)).arg(keys);
+                Step::Stamp { keys, ms } => {
+                    invocation.arg(-(keys.len() as i64)).arg(*ms).arg(keys);
                 }
             }
         }
@@ -133,7 +124,7 @@ impl Unit {
 
     /// The unit's steps in the order the script runs them.
     fn into_commands(self, keys: &KeyNames, generation: &str, checkpoint: Option<&str>) -> Vec<Step> {
-        let Unit { commands, members, .. } = self;
+        let Unit { commands, members } = self;
         let (joined, left): (Vec<_>, Vec<_>) = members.into_iter().partition(|(_, current)| *current);
         let mut ordered = Vec::with_capacity(commands.len() + 4);
         for chunk in joined.chunks(MEMBERS_PER_COMMAND) {
