@@ -78,51 +78,40 @@ async fn ready(
     let pipelines: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
         .map(|(id, s)| {
-            let health = s.health(grace);
-            let ready = health.state.is_ready();
-            all_ready &= ready;
-            let owned = s.is_owned();
-            (
-                id.clone(),
-                serde_json::json!({
-                    "ready": ready,
-                    "state": health.state.as_str(),
-                    "for_secs": health.for_secs,
-                    "last_error": health.last_error,
-                    "owned": owned,
-                    "lease_holder": if owned { None } else { s.holder() },
-                    "changes_committed": s.changes_committed(),
-                }),
-            )
+            let view = pipeline_view(id, s, grace);
+            all_ready &= view["ready"] == true;
+            (id.clone(), view)
         })
         .collect();
     let code = if all_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(serde_json::json!({ "ready": all_ready, "pipelines": pipelines })))
 }
 
-/// Every pipeline of this instance, always 200 (what `shapesync status` prints): its
-/// state and readiness as `/readyz` judges them, whether this instance owns it (else who
-/// does), changes committed since start, seconds since the last commit, its lag (0 while
-/// at the shape's head, else seconds since it last was) and the last error.
+/// Every pipeline of this instance, always 200 (what `shapesync status` prints).
 async fn status(State((statuses, grace)): State<(Statuses, Duration)>) -> Json<serde_json::Value> {
-    let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
-    let pipelines: Vec<serde_json::Value> = statuses
-        .iter()
-        .map(|(id, s)| {
-            let health = s.health(grace);
-            serde_json::json!({
-                "pipeline": id,
-                "state": health.state.as_str(),
-                "ready": health.state.is_ready(),
-                "owned": s.is_owned(),
-                "lease_holder": if s.is_owned() { None } else { s.holder() },
-                "changes_committed": s.changes_committed(),
-                "last_commit_secs_ago": secs(s.since_last_commit()),
-                "lag_secs": secs(s.lag()),
-                "fault_for_secs": health.for_secs,
-                "last_error": health.last_error,
-            })
-        })
-        .collect();
+    let pipelines: Vec<serde_json::Value> =
+        statuses.iter().map(|(id, s)| pipeline_view(id, s, grace)).collect();
     Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "pipelines": pipelines }))
+}
+
+/// One pipeline as `/readyz` and `/status` show it: its state and readiness, for how long
+/// a fault has lasted and the last error, whether this instance owns it (else who
+/// does), changes committed since start, seconds since the last commit, and its lag (0
+/// while at the shape's head, else seconds since it last was).
+fn pipeline_view(id: &str, s: &PipelineStatus, grace: Duration) -> serde_json::Value {
+    let secs = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0);
+    let health = s.health(grace);
+    let owned = s.is_owned();
+    serde_json::json!({
+        "pipeline": id,
+        "ready": health.state.is_ready(),
+        "state": health.state.as_str(),
+        "for_secs": health.for_secs,
+        "last_error": health.last_error,
+        "owned": owned,
+        "lease_holder": if owned { None } else { s.holder() },
+        "changes_committed": s.changes_committed(),
+        "last_commit_secs_ago": secs(s.since_last_commit()),
+        "lag_secs": secs(s.lag()),
+    })
 }

@@ -179,8 +179,8 @@ impl App {
         let ticket = guard::ticket(&mut redis).await?; // before the database read
         let Some(value) = load().await? else { return Ok(None) };
         if !self.settings.fill_delay.is_zero() {
-            let nanos = self.settings.fill_delay.as_nanos() as u64;
-            tokio::time::sleep(Duration::from_nanos(rand_below(nanos))).await;
+            let delay = rand::Rng::random_range(&mut rand::rng(), Duration::ZERO..=self.settings.fill_delay);
+            tokio::time::sleep(delay).await;
         }
         let json = serde_json::to_string(&value)?;
         let options = FillOptions {
@@ -193,13 +193,6 @@ impl App {
         }
         Ok(Some(value))
     }
-}
-
-/// A number below `n` (0 for 0), from the clock: enough to spread a test's delays.
-fn rand_below(n: u64) -> u64 {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    if n == 0 { 0 } else { u64::from(nanos).wrapping_mul(2_654_435_761) % n }
 }
 
 async fn project(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Result<Response, AppError> {
