@@ -568,12 +568,14 @@ impl Follower {
         lsn: u64,
         changes: Vec<(String, String, Option<RowChange>)>,
     ) -> Result<(), DevServerError> {
+        // Each table's changes in order, as one part (however they interleave): every part
+        // carries the commit's LSN, so a table must get one, or two would share offsets.
         let mut by_table: Vec<(TableId, Vec<Option<RowChange>>)> = Vec::new();
         for (schema, table, change) in changes {
             let id = (schema, table);
-            match by_table.last_mut() {
-                Some((last, list)) if *last == id => list.push(change),
-                _ => by_table.push((id, vec![change])),
+            match by_table.iter_mut().find(|(t, _)| *t == id) {
+                Some((_, list)) => list.push(change),
+                None => by_table.push((id, vec![change])),
             }
         }
         for (id, changes) in by_table {

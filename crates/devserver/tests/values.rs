@@ -136,8 +136,9 @@ async fn a_transaction_over_two_tables_shares_its_lsn_and_xid() {
     let mut tx = pool.begin().await.unwrap();
     let xid: String =
         sqlx::query_scalar("SELECT pg_current_xact_id()::xid::text").fetch_one(&mut *tx).await.unwrap();
-    for table in [&a, &b] {
-        sqlx::raw_sql(AssertSqlSafe(format!("INSERT INTO {table} VALUES (1)")))
+    // Interleaved: a, b, a — each table's part still holds its rows at offsets of their own.
+    for (table, id) in [(&a, 1), (&b, 1), (&a, 2)] {
+        sqlx::raw_sql(AssertSqlSafe(format!("INSERT INTO {table} VALUES ({id})")))
             .execute(&mut *tx)
             .await
             .unwrap();
@@ -145,9 +146,10 @@ async fn a_transaction_over_two_tables_shares_its_lsn_and_xid() {
     tx.commit().await.unwrap();
 
     let mut seen = Vec::new();
-    for (table, handle, mut offset) in positions {
+    for ((table, handle, mut offset), rows) in positions.into_iter().zip([2, 1]) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let change = loop {
+        let mut changes = Vec::new();
+        while changes.len() < rows {
             let r = http
                 .get(server.url())
                 .query(&[("table", table.as_str()), ("offset", offset.as_str()), ("handle", handle.as_str())])
@@ -156,16 +158,21 @@ async fn a_transaction_over_two_tables_shares_its_lsn_and_xid() {
                 .unwrap();
             offset = r.headers()["electric-offset"].to_str().unwrap().to_owned();
             let body: Json = r.json().await.unwrap();
-            if let Some(change) = body.as_array().unwrap().iter().find(|m| m.get("value").is_some()) {
-                break change.clone();
-            }
-            assert!(std::time::Instant::now() < deadline, "the insert into {table} arrives");
-        };
-        let headers = &change["headers"];
-        assert_eq!(headers["txids"], json!([xid.parse::<u64>().unwrap()]), "{table}: {change}");
-        seen.push(headers["lsn"].clone());
+            changes.extend(body.as_array().unwrap().iter().filter(|m| m.get("value").is_some()).cloned());
+            assert!(std::time::Instant::now() < deadline, "the inserts into {table} arrive");
+        }
+        assert_eq!(changes.len(), rows, "{table}: {changes:?}");
+        let mut positions: Vec<String> =
+            changes.iter().map(|c| c["headers"]["op_position"].to_string()).collect();
+        positions.dedup();
+        assert_eq!(positions.len(), rows, "{table}: each change at an offset of its own: {changes:?}");
+        for change in &changes {
+            let headers = &change["headers"];
+            assert_eq!(headers["txids"], json!([xid.parse::<u64>().unwrap()]), "{table}: {change}");
+            seen.push(headers["lsn"].clone());
+        }
     }
-    assert_eq!(seen[0], seen[1], "both parts carry the commit's LSN");
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "every part carries the commit's LSN: {seen:?}");
     server.stop().await.unwrap();
     sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await.unwrap();
 }

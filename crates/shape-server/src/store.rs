@@ -211,6 +211,15 @@ impl State {
         assert!(!ops.is_empty(), "a transaction needs at least one operation");
         let (lsn, txid) = self.next_tx(lsn, txid);
         let table = self.tables.get_mut(key).expect("table exists");
+        if let Some(last) = table.generation.as_ref().and_then(|g| g.log.last()) {
+            // Tables may share an LSN (one transaction's parts), one table's log may not.
+            assert!(
+                last.lsn < lsn,
+                "LSN {lsn} must be above table {}'s last LSN {}",
+                table.def.name,
+                last.lsn
+            );
+        }
         let mut entries = Vec::new();
         for (i, op) in ops.into_iter().enumerate() {
             let pos = 2 * i as u64;
