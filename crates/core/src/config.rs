@@ -575,9 +575,11 @@ fn template_values(
                 Node::String(_, s) => {
                     interpolate(s, env).map_err(|m| ConfigError::new(join_key(key, &i.to_string()), m))
                 }
-                Node::Num(_, n) => Ok(match n.to_u128() {
-                    Some(u) => u.to_string(),
-                    None => n.to_i128().map_or_else(|| format!("{:?}", n.to_f64()), |i| i.to_string()),
+                Node::Num(_, n) => n.to_u128().map(|u| u.to_string()).ok_or_else(|| {
+                    ConfigError::new(
+                        join_key(key, &i.to_string()),
+                        "expected a string or a whole number of 0 or more",
+                    )
                 }),
                 other => Err(ConfigError::new(
                     join_key(key, &i.to_string()),
@@ -842,6 +844,8 @@ pipelines:
         assert!(e.message.contains("`glo bex`"), "{e}");
         let e = bad(&TEMPLATE.replace("[acme, globex, initech]", "[acme, acme]"));
         assert!(e.message.contains("twice"), "{e}");
+        let e = bad(&TEMPLATE.replace("[acme, globex, initech]", "[acme, 1.5]"));
+        assert_eq!(e.key, "templates.tenant_projects.for_each.tenant.1", "{e}");
         let e = bad(&TEMPLATE.replace("[acme, globex, initech]", "[]"));
         assert!(e.message.contains("at least one value"), "{e}");
         let e = bad(&TEMPLATE.replace("for_each", "for_all"));
